@@ -1,0 +1,32 @@
+//! The actor system of agentgate.
+//!
+//! # Layout
+//!
+//! | actor | file | role |
+//! |---|---|---|
+//! | `RunRegistry` | [`run_registry`] | supervisor of chat runs: seq numbering, replay buffer, subscribers, complete/abort dedupe, pending permissions |
+//! | `ProviderRun` | [`provider_run`] | one live provider CLI process: spawn, stdin, stdout parsing, abort, exit |
+//! | `ChatSocket` | [`chat_socket`] | one `/ws` connection: parses frames, dispatches to the registry, writes frames |
+//!
+//! Everything else is plain data or functions: [`protocol`] (wire types),
+//! [`provider`] (the adapter trait and the adapters), [`store`] (the database
+//! seam the binary implements), [`config`], [`heartbeat`].
+//!
+//! Invariants: only the RunRegistry assigns `seq`; each piece of mutable state
+//! has exactly one owning actor and others reach it with typed messages; every
+//! queue between actors is bounded (see each actor's module doc for what
+//! happens when it is full).
+
+pub mod config;
+pub mod heartbeat;
+pub mod protocol;
+pub mod provider;
+pub mod store;
+
+/// The authenticated user of a connection, established by the binary before
+/// any upgrade.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuthUser {
+    pub id: i64,
+    pub username: String,
+}

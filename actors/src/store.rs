@@ -1,0 +1,69 @@
+//! The actors' view of the database, injected by the binary.
+//!
+//! The actors crate does not depend on diesel: `src/` implements
+//! [`SessionStore`] over its SQLite pool and hands an `Arc<dyn SessionStore>`
+//! to the actors. Every method blocks, so actors call it through
+//! [`blocking`], which runs it on tokio's blocking pool and never on an actor
+//! thread.
+
+use std::sync::Arc;
+
+/// A row of the `sessions` table as the actors need it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionRow {
+    /// The app session id (UUID) clients use.
+    pub id: String,
+    /// The owning user.
+    pub user_id: i64,
+    pub provider: String,
+    /// The provider-native id; never sent to a client except in `session_upserted`.
+    pub provider_session_id: Option<String>,
+    pub project_path: String,
+    pub custom_name: Option<String>,
+    pub archived: bool,
+    /// Highest `seq` sent for this session (persisted so seq keeps increasing across restarts).
+    pub last_seq: u64,
+    pub created_at: String,
+    pub updated_at: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("database error: {0}")]
+pub struct StoreError(pub String);
+
+/// Session persistence the actors depend on.
+pub trait SessionStore: Send + Sync + 'static {
+    /// The session row by app id, whoever owns it.
+    fn session(&self, id: &str) -> Result<Option<SessionRow>, StoreError>;
+    /// Records the provider-native id captured from a run.
+    fn set_provider_session_id(&self, id: &str, provider_session_id: &str)
+        -> Result<(), StoreError>;
+    /// Records the session's highest seq.
+    fn set_last_seq(&self, id: &str, last_seq: u64) -> Result<(), StoreError>;
+}
+
+pub type Store = Arc<dyn SessionStore>;
+
+/// Runs a blocking store call on the blocking pool.
+pub async fn blocking<T, F>(store: &Store, f: F) -> Result<T, StoreError>
+where
+    T: Send + 'static,
+    F: FnOnce(&dyn SessionStore) -> Result<T, StoreError> + Send + 'static,
+{
+    let store = store.clone();
+    match tokio::task::spawn_blocking(move || f(store.as_ref())).await {
+        Ok(result) => result,
+        Err(err) => Err(StoreError(format!("database task failed: {err}"))),
+    }
+}
+
+/// Looks up a session the user may see: another user's session is "not found" (E3).
+pub async fn owned_session(
+    store: &Store,
+    session_id: &str,
+    user_id: i64,
+) -> Result<Option<SessionRow>, StoreError> {
+    let id = session_id.to_string();
+    let row = blocking(store, move |s| s.session(&id)).await?;
+    Ok(row.filter(|r| r.user_id == user_id))
+}
