@@ -172,6 +172,19 @@ pub trait LineParser: Send {
 
     /// Called once at stdout EOF, e.g. to close an open text stream.
     fn finish(&mut self, _out: &mut Vec<ProviderEvent>) {}
+
+    /// Called for each stderr line (after the run has logged it). Providers
+    /// that report failures only on stderr (Cursor, CLI start-up errors)
+    /// keep a bounded tail here to name the cause in `exited`. Default: nothing.
+    fn stderr_line(&mut self, _line: &str, _out: &mut Vec<ProviderEvent>) {}
+
+    /// Called once after the process exited and stdout reached EOF (after
+    /// `finish`), with its exit code (`None` when killed by a signal). The
+    /// events are handled like parsed ones, before the registry synthesizes a
+    /// failed `complete` for a run without `TurnComplete`. Providers whose
+    /// turn ends with the process (OpenCode has no final line; Cursor may end
+    /// without `result`) report `TurnComplete` here. Default: nothing.
+    fn exited(&mut self, _exit_code: Option<i32>, _out: &mut Vec<ProviderEvent>) {}
 }
 
 /// A provider CLI adapter.
