@@ -1,1 +1,111 @@
-fn main() {}
+//! `agentgate`: a WebSocket gateway that lets browser and terminal clients
+//! drive AI coding agent CLIs (Claude Code, Codex, Cursor, Gemini, OpenCode).
+//!
+//! # Layout
+//! - [`config`]: the CLI (`serve`, `token`, `migrate`) and its env variables.
+//! - [`server`]: startup, the HTTP server, the shutdown sequence.
+//! - [`routes`]: REST routes and WebSocket upgrades (auth first).
+//! - [`auth`]: JWTs, the secret, password hashes.
+//! - [`db`]: SQLite through diesel, off the actor threads.
+//! - the actors live in the `agentgate-actors` crate (`actors/`): RunRegistry,
+//!   ProviderRun, ChatSocket, the shell and plugin actors.
+//!
+//! Panic policy: a panic inside an actor unwinds only that actor's task
+//! (tokio catches it); the actor's drop guards report the crash to its
+//! supervisor (e.g. a ProviderRun's run gets its failed `complete`) and kill
+//! its child process group. The panic hook below logs every panic as a
+//! structured event so operators see it.
+
+mod api;
+mod auth;
+mod config;
+mod db;
+mod routes;
+mod server;
+mod state;
+
+use std::path::Path;
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use config::{Cli, Command, LogFormat};
+
+fn init_logging(format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // Logs go to stderr: stdout carries the `listening on` line and tokens.
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let thread = std::thread::current();
+        tracing::error!(
+            event = "panic",
+            thread = thread.name().unwrap_or("unnamed"),
+            location = info.location().map(|l| l.to_string()).unwrap_or_default(),
+            payload = info.payload().downcast_ref::<&str>().copied()
+                .or_else(|| info.payload().downcast_ref::<String>().map(String::as_str))
+                .unwrap_or("non-string panic payload"),
+            "panic caught; the actor that panicked is stopped, others continue"
+        );
+        default_hook(info);
+    }));
+}
+
+/// Creates the data directory (mode 0700: it holds the JWT secret and the database).
+pub fn ensure_data_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.common.log_format);
+    let result = match cli.command {
+        Command::Serve(args) => {
+            actix_web::rt::System::new().block_on(server::serve(cli.common, args))
+        }
+        Command::Token { user } => token(&cli.common, &user),
+        Command::Migrate => migrate(&cli.common),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("agentgate: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn token(common: &config::Common, user: &str) -> std::io::Result<()> {
+    let user = user.trim();
+    if user.is_empty() {
+        return Err(std::io::Error::other("--user must not be empty"));
+    }
+    let data_dir = common.data_dir();
+    ensure_data_dir(&data_dir)?;
+    let db = db::Db::open(&common.database_url()).map_err(std::io::Error::other)?;
+    let keys = auth::Keys::load(&data_dir)?;
+    let mut conn = db.conn().map_err(std::io::Error::other)?;
+    let row = db::ensure_user(&mut conn, user).map_err(std::io::Error::other)?;
+    println!("{}", keys.issue(i64::from(row.id), &row.username));
+    Ok(())
+}
+
+fn migrate(common: &config::Common) -> std::io::Result<()> {
+    ensure_data_dir(&common.data_dir())?;
+    // Db::open applies pending migrations; report how many were left.
+    let db = db::Db::open(&common.database_url()).map_err(std::io::Error::other)?;
+    let pending = db.migrate().map_err(std::io::Error::other)?;
+    eprintln!("migrations up to date ({pending} pending after open)");
+    Ok(())
+}

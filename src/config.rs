@@ -1,0 +1,97 @@
+//! Command line and configuration (PROTOCOL.md section 1). Every flag has an
+//! environment variable; the flag wins.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(name = "agentgate", version, about = "WebSocket gateway for AI coding agent CLIs")]
+pub struct Cli {
+    #[command(flatten)]
+    pub common: Common,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Start the gateway (HTTP + WebSocket).
+    Serve(ServeArgs),
+    /// Print a signed JWT for a user on stdout (the user is created if missing).
+    Token {
+        #[arg(long)]
+        user: String,
+    },
+    /// Apply the embedded database migrations and exit.
+    Migrate,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Options shared by every subcommand (they all open the database).
+#[derive(Debug, Args)]
+pub struct Common {
+    /// Data directory (database, JWT secret, plugins).
+    #[arg(long, env = "AGENTGATE_DATA_DIR", global = true)]
+    pub data_dir: Option<PathBuf>,
+    /// Database URL; defaults to sqlite://<data-dir>/agentgate.db.
+    #[arg(long, env = "AGENTGATE_DATABASE_URL", global = true)]
+    pub database_url: Option<String>,
+    #[arg(long, env = "AGENTGATE_LOG_FORMAT", value_enum, default_value = "text", global = true)]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// Address to listen on; port 0 picks a free port (printed on stdout).
+    #[arg(long, env = "AGENTGATE_LISTEN", default_value = "127.0.0.1:3001")]
+    pub listen: SocketAddr,
+    /// No token needed: every connection is the first user in the database.
+    #[arg(long, env = "AGENTGATE_PLATFORM", value_parser = clap::builder::BoolishValueParser::new(), default_value = "false", num_args = 0..=1, default_missing_value = "true")]
+    pub platform: bool,
+    /// WebSocket ping interval; a socket that missed the previous ping is dropped.
+    #[arg(long, env = "AGENTGATE_HEARTBEAT_SECS", default_value = "30", value_parser = clap::value_parser!(u64).range(1..))]
+    pub heartbeat_secs: u64,
+    /// A detached PTY is killed after this many seconds.
+    #[arg(long, env = "AGENTGATE_SHELL_DETACH_SECS", default_value = "1800", value_parser = clap::value_parser!(u64).range(1..))]
+    pub shell_detach_secs: u64,
+    /// A pending tool permission is denied after this many seconds.
+    #[arg(long, env = "AGENTGATE_PERMISSION_TIMEOUT_SECS", default_value = "300", value_parser = clap::value_parser!(u64).range(1..))]
+    pub permission_timeout_secs: u64,
+    #[arg(long, env = "AGENTGATE_CLAUDE_BIN")]
+    pub claude_bin: Option<PathBuf>,
+    #[arg(long, env = "AGENTGATE_CODEX_BIN")]
+    pub codex_bin: Option<PathBuf>,
+    #[arg(long, env = "AGENTGATE_CURSOR_BIN")]
+    pub cursor_bin: Option<PathBuf>,
+    #[arg(long, env = "AGENTGATE_GEMINI_BIN")]
+    pub gemini_bin: Option<PathBuf>,
+    #[arg(long, env = "AGENTGATE_OPENCODE_BIN")]
+    pub opencode_bin: Option<PathBuf>,
+}
+
+impl Common {
+    /// `--data-dir`, else `$XDG_DATA_HOME/agentgate`, else `~/.local/share/agentgate`.
+    pub fn data_dir(&self) -> PathBuf {
+        if let Some(dir) = &self.data_dir {
+            return dir.clone();
+        }
+        if let Some(xdg) = std::env::var_os("XDG_DATA_HOME").filter(|v| !v.is_empty()) {
+            return PathBuf::from(xdg).join("agentgate");
+        }
+        let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
+        home.join(".local/share/agentgate")
+    }
+
+    pub fn database_url(&self) -> String {
+        self.database_url.clone().unwrap_or_else(|| {
+            format!("sqlite://{}", self.data_dir().join("agentgate.db").display())
+        })
+    }
+}

@@ -1,0 +1,319 @@
+//! SQLite through diesel.
+//!
+//! Diesel is blocking, so nothing here runs on an actor or request thread:
+//! HTTP handlers call these functions inside `web::block`, and the actors
+//! reach the database through the [`SessionStore`] implementation below,
+//! which they call on tokio's blocking pool. Queries are plain functions over
+//! `&mut SqliteConnection` so they can be tested without HTTP.
+
+pub mod schema;
+
+use std::time::Duration;
+
+use agentgate_actors::store::{SessionRow, SessionStore, StoreError};
+use diesel::connection::SimpleConnection;
+use diesel::prelude::*;
+use diesel::r2d2::{ConnectionManager, CustomizeConnection, Pool, PooledConnection};
+use diesel::sqlite::SqliteConnection;
+use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
+
+use schema::{projects, sessions, users};
+
+pub const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
+
+/// How long a writer waits for SQLite's lock before failing.
+const BUSY_TIMEOUT_MS: u32 = 5_000;
+/// Connections in the pool: SQLite has one writer; a few readers suffice.
+const POOL_SIZE: u32 = 4;
+
+pub type Conn = PooledConnection<ConnectionManager<SqliteConnection>>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("database: {0}")]
+    Query(#[from] diesel::result::Error),
+    #[error("database pool: {0}")]
+    Pool(String),
+    #[error("migrations: {0}")]
+    Migration(String),
+}
+
+#[derive(Debug)]
+struct Pragmas;
+
+impl CustomizeConnection<SqliteConnection, diesel::r2d2::Error> for Pragmas {
+    fn on_acquire(&self, conn: &mut SqliteConnection) -> Result<(), diesel::r2d2::Error> {
+        // WAL lets readers run beside the writer; the busy timeout makes a
+        // concurrent writer wait instead of failing with SQLITE_BUSY.
+        conn.batch_execute(&format!(
+            "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; \
+             PRAGMA foreign_keys = ON; PRAGMA busy_timeout = {BUSY_TIMEOUT_MS};"
+        ))
+        .map_err(diesel::r2d2::Error::QueryError)
+    }
+}
+
+/// The connection pool. Cloning shares it.
+#[derive(Clone)]
+pub struct Db {
+    pool: Pool<ConnectionManager<SqliteConnection>>,
+}
+
+impl Db {
+    /// Opens (creating if missing) the database at `url` (`sqlite://path` or a
+    /// plain path) and applies pending migrations.
+    pub fn open(url: &str) -> Result<Db, DbError> {
+        let path = url.strip_prefix("sqlite://").unwrap_or(url);
+        let manager = ConnectionManager::<SqliteConnection>::new(path);
+        let pool = Pool::builder()
+            .max_size(POOL_SIZE)
+            .connection_timeout(Duration::from_secs(10))
+            .connection_customizer(Box::new(Pragmas))
+            .build(manager)
+            .map_err(|e| DbError::Pool(e.to_string()))?;
+        let db = Db { pool };
+        db.migrate()?;
+        Ok(db)
+    }
+
+    /// Applies the embedded migrations; returns how many ran.
+    pub fn migrate(&self) -> Result<usize, DbError> {
+        let mut conn = self.conn()?;
+        let applied = conn
+            .run_pending_migrations(MIGRATIONS)
+            .map_err(|e| DbError::Migration(e.to_string()))?;
+        Ok(applied.len())
+    }
+
+    pub fn conn(&self) -> Result<Conn, DbError> {
+        self.pool.get().map_err(|e| DbError::Pool(e.to_string()))
+    }
+}
+
+fn now() -> String {
+    agentgate_actors::protocol::now_iso()
+}
+
+#[derive(Debug, Clone, Queryable, Selectable)]
+#[diesel(table_name = users)]
+pub struct User {
+    pub id: i32,
+    pub username: String,
+    pub password_hash: Option<String>,
+    pub created_at: String,
+}
+
+pub fn user_by_name(conn: &mut SqliteConnection, name: &str) -> Result<Option<User>, DbError> {
+    Ok(users::table
+        .filter(users::username.eq(name))
+        .select(User::as_select())
+        .first(conn)
+        .optional()?)
+}
+
+pub fn user_by_id(conn: &mut SqliteConnection, id: i64) -> Result<Option<User>, DbError> {
+    let Ok(id) = i32::try_from(id) else {
+        return Ok(None);
+    };
+    Ok(users::table
+        .find(id)
+        .select(User::as_select())
+        .first(conn)
+        .optional()?)
+}
+
+pub fn first_user(conn: &mut SqliteConnection) -> Result<Option<User>, DbError> {
+    Ok(users::table
+        .order(users::id.asc())
+        .select(User::as_select())
+        .first(conn)
+        .optional()?)
+}
+
+pub fn user_count(conn: &mut SqliteConnection) -> Result<i64, DbError> {
+    Ok(users::table.count().get_result(conn)?)
+}
+
+pub fn create_user(
+    conn: &mut SqliteConnection,
+    name: &str,
+    password_hash: Option<&str>,
+) -> Result<User, DbError> {
+    Ok(diesel::insert_into(users::table)
+        .values((
+            users::username.eq(name),
+            users::password_hash.eq(password_hash),
+            users::created_at.eq(now()),
+        ))
+        .returning(User::as_returning())
+        .get_result(conn)?)
+}
+
+/// The user named `name`, created without a password if missing.
+pub fn ensure_user(conn: &mut SqliteConnection, name: &str) -> Result<User, DbError> {
+    conn.immediate_transaction(|conn| match user_by_name(conn, name)? {
+        Some(user) => Ok(user),
+        None => create_user(conn, name, None),
+    })
+}
+
+/// Creates the first user; `None` when a user already exists (registration is closed).
+pub fn register_first_user(
+    conn: &mut SqliteConnection,
+    name: &str,
+    password_hash: &str,
+) -> Result<Option<User>, DbError> {
+    // IMMEDIATE takes the write lock first, so two racing registrations cannot both win.
+    conn.immediate_transaction(|conn| {
+        if user_count(conn)? > 0 {
+            return Ok(None);
+        }
+        create_user(conn, name, Some(password_hash)).map(Some)
+    })
+}
+
+#[derive(Debug, Clone, Queryable, Selectable)]
+#[diesel(table_name = sessions)]
+pub struct Session {
+    pub id: String,
+    pub user_id: i32,
+    pub provider: String,
+    pub provider_session_id: Option<String>,
+    pub project_path: String,
+    pub custom_name: Option<String>,
+    pub archived: bool,
+    pub last_seq: i64,
+    pub created_at: String,
+    pub updated_at: String,
+}
+
+impl From<Session> for SessionRow {
+    fn from(s: Session) -> Self {
+        SessionRow {
+            id: s.id,
+            user_id: i64::from(s.user_id),
+            provider: s.provider,
+            provider_session_id: s.provider_session_id,
+            project_path: s.project_path,
+            custom_name: s.custom_name,
+            archived: s.archived,
+            last_seq: u64::try_from(s.last_seq).unwrap_or(0),
+            created_at: s.created_at,
+            updated_at: s.updated_at,
+        }
+    }
+}
+
+pub fn create_session(
+    conn: &mut SqliteConnection,
+    user_id: i32,
+    provider: &str,
+    project_path: &str,
+    name: Option<&str>,
+) -> Result<Session, DbError> {
+    let now = now();
+    conn.immediate_transaction(|conn| {
+        diesel::insert_into(projects::table)
+            .values((
+                projects::user_id.eq(user_id),
+                projects::path.eq(project_path),
+                projects::created_at.eq(&now),
+            ))
+            .on_conflict((projects::user_id, projects::path))
+            .do_nothing()
+            .execute(conn)?;
+        Ok(diesel::insert_into(sessions::table)
+            .values((
+                sessions::id.eq(uuid::Uuid::new_v4().to_string()),
+                sessions::user_id.eq(user_id),
+                sessions::provider.eq(provider),
+                sessions::project_path.eq(project_path),
+                sessions::custom_name.eq(name),
+                sessions::created_at.eq(&now),
+                sessions::updated_at.eq(&now),
+            ))
+            .returning(Session::as_returning())
+            .get_result(conn)?)
+    })
+}
+
+pub fn session_by_id(conn: &mut SqliteConnection, id: &str) -> Result<Option<Session>, DbError> {
+    Ok(sessions::table
+        .find(id)
+        .select(Session::as_select())
+        .first(conn)
+        .optional()?)
+}
+
+/// The [`SessionStore`] the actors use.
+pub struct DbStore(pub Db);
+
+fn store_err(e: DbError) -> StoreError {
+    StoreError(e.to_string())
+}
+
+impl SessionStore for DbStore {
+    fn session(&self, id: &str) -> Result<Option<SessionRow>, StoreError> {
+        let mut conn = self.0.conn().map_err(store_err)?;
+        session_by_id(&mut conn, id)
+            .map(|s| s.map(SessionRow::from))
+            .map_err(store_err)
+    }
+
+    fn set_provider_session_id(&self, id: &str, psid: &str) -> Result<(), StoreError> {
+        let mut conn = self.0.conn().map_err(store_err)?;
+        diesel::update(sessions::table.find(id))
+            .set((
+                sessions::provider_session_id.eq(psid),
+                sessions::updated_at.eq(now()),
+            ))
+            .execute(&mut conn)
+            .map_err(|e| store_err(e.into()))?;
+        Ok(())
+    }
+
+    fn set_last_seq(&self, id: &str, last_seq: u64) -> Result<(), StoreError> {
+        let mut conn = self.0.conn().map_err(store_err)?;
+        let seq = i64::try_from(last_seq).unwrap_or(i64::MAX);
+        // max() so a late, smaller write never moves the counter back.
+        diesel::update(sessions::table.find(id))
+            .filter(sessions::last_seq.lt(seq))
+            .set((sessions::last_seq.eq(seq), sessions::updated_at.eq(now())))
+            .execute(&mut conn)
+            .map_err(|e| store_err(e.into()))?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp_db() -> (tempfile::TempDir, Db) {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(dir.path().join("t.db").to_str().unwrap()).unwrap();
+        (dir, db)
+    }
+
+    #[test]
+    fn registration_closes_after_the_first_user() {
+        let (_dir, db) = temp_db();
+        let mut conn = db.conn().unwrap();
+        assert!(register_first_user(&mut conn, "a", "h").unwrap().is_some());
+        assert!(register_first_user(&mut conn, "b", "h").unwrap().is_none());
+        assert_eq!(ensure_user(&mut conn, "b").unwrap().username, "b");
+        assert_eq!(ensure_user(&mut conn, "b").unwrap().id, 2);
+    }
+
+    #[test]
+    fn last_seq_never_moves_back() {
+        let (_dir, db) = temp_db();
+        let mut conn = db.conn().unwrap();
+        let user = ensure_user(&mut conn, "a").unwrap();
+        let s = create_session(&mut conn, user.id, "claude", "/tmp", None).unwrap();
+        let store = DbStore(db.clone());
+        store.set_last_seq(&s.id, 10).unwrap();
+        store.set_last_seq(&s.id, 4).unwrap();
+        assert_eq!(store.session(&s.id).unwrap().unwrap().last_seq, 10);
+    }
+}

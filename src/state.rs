@@ -1,0 +1,55 @@
+//! Shared application state handed to every HTTP handler: handles to the
+//! actors and the database pool (the only shared mutable thing, behind r2d2).
+
+use std::sync::Arc;
+
+use actix_web::{web, HttpRequest};
+use agentgate_actors::config::GatewayConfig;
+use agentgate_actors::store::Store;
+use agentgate_actors::AuthUser;
+
+use crate::api::ApiError;
+use crate::auth::{request_token, Keys};
+use crate::db::{self, Db};
+
+pub struct AppState {
+    pub config: Arc<GatewayConfig>,
+    pub db: Db,
+    /// The same database seen through the actors' seam.
+    pub store: Store,
+    pub keys: Keys,
+    /// Platform mode: no token, every request is the first user.
+    pub platform: bool,
+}
+
+impl AppState {
+    /// The user of a request, or 401. Runs before any upgrade or spawn.
+    pub async fn authenticate(&self, req: &HttpRequest) -> Result<AuthUser, ApiError> {
+        let db = self.db.clone();
+        if self.platform {
+            let user = web::block(move || db.conn().and_then(|mut c| db::first_user(&mut c)))
+                .await??
+                .ok_or_else(|| ApiError::unauthorized("Platform mode: no user exists yet"))?;
+            return Ok(AuthUser {
+                id: i64::from(user.id),
+                username: user.username,
+            });
+        }
+        let token =
+            request_token(req).ok_or_else(|| ApiError::unauthorized("Missing token"))?;
+        let claims = self
+            .keys
+            .verify(&token)
+            .ok_or_else(|| ApiError::unauthorized("Invalid or expired token"))?;
+        // A token of a user that no longer exists (e.g. a reset database) is refused.
+        let uid = claims.uid;
+        let user = web::block(move || db.conn().and_then(|mut c| db::user_by_id(&mut c, uid)))
+            .await??
+            .filter(|u| u.username == claims.sub)
+            .ok_or_else(|| ApiError::unauthorized("Unknown user"))?;
+        Ok(AuthUser {
+            id: i64::from(user.id),
+            username: user.username,
+        })
+    }
+}
