@@ -1,1 +1,9 @@
+//! The one integration-test binary (`autotests = false`): each module is one
+//! area, all of them against a real `agentgate serve` process.
+//!
+//! - `util`: start a server, tokens, WebSocket and REST clients.
+//! - `foundation`: CLI, auth refusals, REST routes, bad frames, heartbeat, restart, SIGTERM.
 
+mod util;
+
+mod foundation;

@@ -1,0 +1,404 @@
+//! Shared helpers for the integration tests: a real `agentgate serve`
+//! process on an ephemeral port with its own data dir, tokens from the real
+//! `agentgate token` command, a WebSocket client (awc) and REST helpers.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use actix_codec::Framed;
+use awc::ws::{CloseCode, Codec, Frame, Message};
+use awc::BoxedSocket;
+use futures_util::{SinkExt, StreamExt};
+use serde_json::Value;
+
+/// Upper bound for any single wait in a test (an event that does not arrive fails the test).
+pub const WAIT: Duration = Duration::from_secs(20);
+
+pub fn agentgate_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_agentgate")
+}
+
+/// A running gateway. Killed when dropped.
+pub struct TestServer {
+    child: Child,
+    pub addr: SocketAddr,
+    data: tempfile::TempDir,
+    logs: Arc<Mutex<String>>,
+}
+
+impl TestServer {
+    pub fn start() -> TestServer {
+        TestServer::start_with(|_| {})
+    }
+
+    /// Starts `agentgate serve --listen 127.0.0.1:0 --data-dir <temp>`; `f`
+    /// may add flags or env before the spawn.
+    pub fn start_with(f: impl FnOnce(&mut Command)) -> TestServer {
+        TestServer::start_in(tempfile::tempdir().expect("temp dir"), f)
+    }
+
+    /// Same, with a data dir prepared by the caller (e.g. plugins written into it,
+    /// or a restart on the data dir of a previous server).
+    pub fn start_in(data: tempfile::TempDir, f: impl FnOnce(&mut Command)) -> TestServer {
+        let mut cmd = Command::new(agentgate_bin());
+        cmd.arg("serve")
+            .arg("--listen")
+            .arg("127.0.0.1:0")
+            .arg("--data-dir")
+            .arg(data.path())
+            .env_remove("AGENTGATE_JWT_SECRET")
+            .env_remove("AGENTGATE_PLATFORM")
+            .env("RUST_LOG", std::env::var("TEST_RUST_LOG").unwrap_or_else(|_| "info".into()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        f(&mut cmd);
+        let mut child = cmd.spawn().expect("spawn agentgate serve");
+        let logs = Arc::new(Mutex::new(String::new()));
+        let stderr = child.stderr.take().expect("stderr piped");
+        let sink = logs.clone();
+        let echo = std::env::var_os("TEST_ECHO_LOGS").is_some();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if echo {
+                    eprintln!("[gateway] {line}");
+                }
+                if let Ok(mut l) = sink.lock() {
+                    l.push_str(&line);
+                    l.push('\n');
+                }
+            }
+        });
+        let stdout = child.stdout.take().expect("stdout piped");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut reader = BufReader::new(stdout);
+            let mut line = String::new();
+            let _ = reader.read_line(&mut line);
+            let _ = tx.send(line);
+            // Keep draining so the gateway never blocks on a full stdout pipe.
+            let mut rest = Vec::new();
+            let _ = reader.read_to_end(&mut rest);
+        });
+        let line = rx
+            .recv_timeout(WAIT)
+            .expect("gateway printed no `listening on` line in time");
+        let addr = line
+            .trim()
+            .strip_prefix("listening on http://")
+            .unwrap_or_else(|| panic!("unexpected first stdout line: {line:?}"))
+            .parse()
+            .expect("listen address");
+        TestServer {
+            child,
+            addr,
+            data,
+            logs,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        self.data.path()
+    }
+
+    /// Stops the server with SIGKILL and hands back its data dir (for restart tests).
+    pub fn kill_keep_data(mut self) -> tempfile::TempDir {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let data = std::mem::replace(&mut self.data, tempfile::tempdir().expect("temp dir"));
+        data
+    }
+
+    /// Waits (bounded) for the server to exit.
+    pub fn wait_exit(&mut self) -> std::process::ExitStatus {
+        let deadline = std::time::Instant::now() + WAIT;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status;
+            }
+            assert!(std::time::Instant::now() < deadline, "gateway did not exit");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Everything the gateway logged so far.
+    pub fn logs(&self) -> String {
+        self.logs.lock().map(|l| l.clone()).unwrap_or_default()
+    }
+
+    /// A token from the real `agentgate token --user NAME`.
+    pub fn token(&self, user: &str) -> String {
+        let out = Command::new(agentgate_bin())
+            .arg("token")
+            .arg("--user")
+            .arg(user)
+            .arg("--data-dir")
+            .arg(self.data.path())
+            .env_remove("AGENTGATE_JWT_SECRET")
+            .output()
+            .expect("run agentgate token");
+        assert!(out.status.success(), "agentgate token failed: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).expect("utf8 token").trim().to_string()
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub fn ws_url(&self, path: &str) -> String {
+        format!("ws://{}{}", self.addr, path)
+    }
+
+    /// Opens a WebSocket; panics if the upgrade fails.
+    pub async fn ws(&self, path: &str) -> WsClient {
+        self.try_ws(path).await.unwrap_or_else(|e| panic!("upgrade of {path} failed: {e}"))
+    }
+
+    /// Opens a WebSocket; the error carries the HTTP status when refused.
+    pub async fn try_ws(&self, path: &str) -> Result<WsClient, String> {
+        connect_ws(&self.ws_url(path), None).await
+    }
+
+    /// `/ws` with a fresh token for `user`.
+    pub async fn chat(&self, user: &str) -> WsClient {
+        let token = self.token(user);
+        self.ws(&format!("/ws?token={token}")).await
+    }
+
+    pub async fn get(&self, path: &str, token: Option<&str>) -> (u16, Value) {
+        let mut req = awc::Client::new().get(self.url(path));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        read_json(req.send().await.expect("GET")).await
+    }
+
+    pub async fn post(&self, path: &str, token: Option<&str>, body: Value) -> (u16, Value) {
+        let mut req = awc::Client::new().post(self.url(path));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        read_json(req.send_json(&body).await.expect("POST")).await
+    }
+
+    /// Creates a session over REST and returns its id.
+    pub async fn create_session(&self, token: &str, provider: &str, project: &Path) -> String {
+        let (status, body) = self
+            .post(
+                "/api/providers/sessions",
+                Some(token),
+                serde_json::json!({"provider": provider, "projectPath": project}),
+            )
+            .await;
+        assert_eq!(status, 201, "create session: {body}");
+        body["data"]["sessionId"].as_str().expect("sessionId").to_string()
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn read_json(
+    mut res: awc::ClientResponse<
+        impl futures_util::Stream<Item = Result<actix_web::web::Bytes, awc::error::PayloadError>> + Unpin,
+    >,
+) -> (u16, Value) {
+    let status = res.status().as_u16();
+    let body = res.body().limit(16 * 1024 * 1024).await.expect("body");
+    let value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    (status, value)
+}
+
+pub async fn connect_ws(url: &str, bearer: Option<&str>) -> Result<WsClient, String> {
+    let client = awc::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .max_http_version(awc::http::Version::HTTP_11)
+        .finish();
+    let mut req = client.ws(url).max_frame_size(64 * 1024 * 1024);
+    if let Some(t) = bearer {
+        req = req.bearer_auth(t);
+    }
+    match req.connect().await {
+        Ok((_res, framed)) => Ok(WsClient {
+            framed,
+            auto_pong: true,
+        }),
+        Err(awc::error::WsClientError::InvalidResponseStatus(status)) => {
+            Err(format!("status {}", status.as_u16()))
+        }
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// What `recv` can yield.
+#[derive(Debug)]
+pub enum WsEvent {
+    Text(String),
+    Binary(Vec<u8>),
+    Close(Option<u16>, String),
+    Ping,
+    /// The connection ended without a close frame.
+    Ended,
+}
+
+pub struct WsClient {
+    framed: Framed<BoxedSocket, Codec>,
+    /// Answer pings automatically (off for the heartbeat test).
+    pub auto_pong: bool,
+}
+
+impl WsClient {
+    pub async fn send_text(&mut self, text: impl Into<String>) {
+        let text: String = text.into();
+        self.framed
+            .send(Message::Text(text.into()))
+            .await
+            .expect("send text");
+    }
+
+    pub async fn send_json(&mut self, value: Value) {
+        self.send_text(value.to_string()).await
+    }
+
+    pub async fn send_binary(&mut self, data: Vec<u8>) {
+        self.framed
+            .send(Message::Binary(data.into()))
+            .await
+            .expect("send binary");
+    }
+
+    pub async fn close(&mut self, code: u16) {
+        let _ = self
+            .framed
+            .send(Message::Close(Some(awc::ws::CloseReason {
+                code: CloseCode::from(code),
+                description: None,
+            })))
+            .await;
+    }
+
+    /// The next frame (pings answered and skipped when `auto_pong`), or panics after `WAIT`.
+    pub async fn recv(&mut self) -> WsEvent {
+        self.recv_within(WAIT).await.expect("no WebSocket frame within the wait limit")
+    }
+
+    /// The next frame within `limit`, or `None`.
+    pub async fn recv_within(&mut self, limit: Duration) -> Option<WsEvent> {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let frame = match tokio::time::timeout_at(deadline, self.framed.next()).await {
+                Err(_) => return None,
+                Ok(None) => return Some(WsEvent::Ended),
+                Ok(Some(Err(e))) => return Some(WsEvent::Close(None, format!("protocol error: {e}"))),
+                Ok(Some(Ok(frame))) => frame,
+            };
+            match frame {
+                Frame::Text(b) => return Some(WsEvent::Text(String::from_utf8(b.to_vec()).expect("text frame is UTF-8"))),
+                Frame::Binary(b) => return Some(WsEvent::Binary(b.to_vec())),
+                Frame::Close(reason) => {
+                    return Some(WsEvent::Close(
+                        reason.as_ref().map(|r| u16::from(r.code)),
+                        reason.and_then(|r| r.description).unwrap_or_default(),
+                    ))
+                }
+                Frame::Ping(payload) => {
+                    if self.auto_pong {
+                        let _ = self.framed.send(Message::Pong(payload)).await;
+                    } else {
+                        return Some(WsEvent::Ping);
+                    }
+                }
+                Frame::Pong(_) | Frame::Continuation(_) => {}
+            }
+        }
+    }
+
+    /// The next text frame parsed as JSON; panics on anything else.
+    pub async fn recv_json(&mut self) -> Value {
+        match self.recv().await {
+            WsEvent::Text(t) => serde_json::from_str(&t).unwrap_or_else(|e| panic!("frame is not JSON ({e}): {t}")),
+            other => panic!("expected a text frame, got {other:?}"),
+        }
+    }
+
+    /// Reads JSON frames until one has `kind == kind`; returns it and everything before it.
+    pub async fn recv_until_kind(&mut self, kind: &str) -> (Value, Vec<Value>) {
+        let mut seen = Vec::new();
+        loop {
+            let v = self.recv_json().await;
+            if v["kind"] == kind {
+                return (v, seen);
+            }
+            seen.push(v);
+        }
+    }
+
+    /// Waits for the close frame (or the end of the connection) and returns its code.
+    pub async fn recv_close(&mut self) -> Option<u16> {
+        loop {
+            match self.recv().await {
+                WsEvent::Close(code, _) => return code,
+                WsEvent::Ended => return None,
+                _ => {}
+            }
+        }
+    }
+}
+
+/// A project directory for a test.
+pub fn project_dir() -> tempfile::TempDir {
+    tempfile::tempdir().expect("temp project dir")
+}
+
+/// Path of a binary in the same target dir as `agentgate`.
+pub fn sibling_bin(name: &str) -> PathBuf {
+    Path::new(agentgate_bin()).with_file_name(name)
+}
+
+/// Whether a process exists.
+pub fn pid_alive(pid: i32) -> bool {
+    // kill(pid, 0) checks existence; a zombie still "exists", so also check /proc state.
+    if unsafe { libc::kill(pid, 0) } != 0 {
+        return false;
+    }
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'),
+        Err(_) => false,
+    }
+}
+
+/// Polls `cond` every 20 ms until it holds or `WAIT` passes (for state outside any event stream, e.g. a pid).
+pub async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !cond() {
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// VmRSS of a process in KiB.
+pub fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
