@@ -9,6 +9,8 @@
 //! type, so a new provider is one module plus one arm in [`provider_for`].
 
 pub mod claude;
+mod cli_support;
+pub mod codex;
 
 use std::ffi::OsString;
 use std::fmt;
@@ -218,6 +220,7 @@ pub trait Provider: Send + Sync + 'static {
 pub fn provider_for(kind: ProviderKind) -> Option<&'static dyn Provider> {
     match kind {
         ProviderKind::Claude => Some(&claude::Claude),
+        ProviderKind::Codex => Some(&codex::Codex),
         _ => None,
     }
 }
