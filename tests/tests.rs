@@ -6,4 +6,7 @@
 
 mod util;
 
+// Real provider CLIs (installed from npm on first use) and model API stand-ins.
+mod support;
+
 mod foundation;

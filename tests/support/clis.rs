@@ -1,0 +1,207 @@
+//! Installs pinned provider CLIs from npm into `<repo>/.cache/agent-clis/` on first use, so
+//! integration tests can run the REAL binaries offline (only the npm registry is needed, once).
+//!
+//! Safe under concurrency: threads of one test process share one `OnceLock` per CLI; several test
+//! processes each install into a private temp dir beside the target and `rename` it into place
+//! (atomic on one filesystem); the loser of that race deletes its copy and uses the winner's.
+//! Failures panic with a clear message: a test that needs a CLI never silently skips.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant, SystemTime};
+
+/// Pinned Claude Code version (npm `@anthropic-ai/claude-code`); its linux-x64 native binary comes
+/// as an optional dependency and runs without node.
+pub const CLAUDE_CODE_VERSION: &str = "2.1.330";
+
+/// Longest an `npm install` may take before we kill it and fail (the Claude package is ~360 MB).
+const NPM_INSTALL_TIMEOUT: Duration = Duration::from_secs(600);
+/// How often we check whether npm has finished.
+const NPM_POLL_INTERVAL: Duration = Duration::from_millis(100);
+/// Temp install dirs older than this are leftovers of killed test runs and are deleted.
+const STALE_TEMP_AGE: Duration = Duration::from_secs(3600);
+/// File written into a finished install before it is renamed into place.
+const COMPLETE_MARKER: &str = ".install-complete";
+
+/// Path of the pinned real `claude` executable, installing it on first use.
+pub fn claude_bin() -> PathBuf {
+    npm_cli("@anthropic-ai/claude-code", CLAUDE_CODE_VERSION, "claude")
+}
+
+/// Root of the CLI cache: `<repo>/.cache/agent-clis` (gitignored).
+pub fn cache_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join(".cache")
+        .join("agent-clis")
+}
+
+/// Installs `package@version` with npm into `<repo>/.cache/agent-clis/<bin_name>-<version>/` (once
+/// per machine) and returns `<that dir>/node_modules/.bin/<bin_name>`.
+///
+/// Quick when already installed (one `stat`). Examples: `npm_cli("@openai/codex", "0.169.0", "codex")`,
+/// `npm_cli("@google/gemini-cli", "0.61.0", "gemini")`, `npm_cli("opencode-ai", "1.18.33", "opencode")`.
+///
+/// # Panics
+/// When npm is missing, the install fails or times out, or the package has no such bin.
+pub fn npm_cli(package: &str, version: &str, bin_name: &str) -> PathBuf {
+    static CELLS: OnceLock<Mutex<HashMap<String, Arc<OnceLock<PathBuf>>>>> = OnceLock::new();
+    let key = format!("{package}@{version}#{bin_name}");
+    let cell = {
+        let mut cells = CELLS
+            .get_or_init(Default::default)
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        Arc::clone(cells.entry(key).or_default())
+    };
+    // get_or_init blocks the other threads until the first one finished; if it panics the cell
+    // stays empty and the next caller tries again (and fails loudly in its own test).
+    cell.get_or_init(|| install_once(package, version, bin_name))
+        .clone()
+}
+
+fn install_once(package: &str, version: &str, bin_name: &str) -> PathBuf {
+    let root = cache_root();
+    let dir_name = format!("{bin_name}-{version}");
+    let target = root.join(&dir_name);
+    let bin = bin_path(&target, bin_name);
+    if is_complete(&target, &bin) {
+        return bin;
+    }
+    std::fs::create_dir_all(&root)
+        .unwrap_or_else(|e| panic!("cannot create CLI cache dir {}: {e}", root.display()));
+    remove_stale_temps(&root, &dir_name);
+
+    let nanos = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    let tmp = root.join(format!(".tmp-{dir_name}-{}-{nanos}", std::process::id()));
+    std::fs::create_dir_all(&tmp)
+        .unwrap_or_else(|e| panic!("cannot create temp install dir {}: {e}", tmp.display()));
+    let manifest = serde_json::json!({
+        "name": format!("agent-cli-{bin_name}"),
+        "private": true,
+        "dependencies": { package: version },
+    });
+    std::fs::write(tmp.join("package.json"), manifest.to_string())
+        .unwrap_or_else(|e| panic!("cannot write package.json in {}: {e}", tmp.display()));
+
+    run_npm_install(&tmp, package, version);
+
+    let tmp_bin = bin_path(&tmp, bin_name);
+    if !tmp_bin.exists() {
+        let _ = std::fs::remove_dir_all(&tmp);
+        panic!(
+            "npm installed {package}@{version} but {} does not exist (wrong bin name, or the \
+             platform's optional native package was not installed)",
+            tmp_bin.display()
+        );
+    }
+    std::fs::write(tmp.join(COMPLETE_MARKER), format!("{package}@{version}\n"))
+        .unwrap_or_else(|e| panic!("cannot write install marker in {}: {e}", tmp.display()));
+
+    match std::fs::rename(&tmp, &target) {
+        Ok(()) => {}
+        Err(e) => {
+            // Another process won the race (target now exists and is complete): use its copy.
+            let _ = std::fs::remove_dir_all(&tmp);
+            if !is_complete(&target, &bin) {
+                panic!(
+                    "cannot move installed {package}@{version} into {}: {e} (an incomplete \
+                     directory is in the way? delete it and rerun)",
+                    target.display()
+                );
+            }
+        }
+    }
+    bin
+}
+
+fn bin_path(dir: &Path, bin_name: &str) -> PathBuf {
+    dir.join("node_modules").join(".bin").join(bin_name)
+}
+
+fn is_complete(dir: &Path, bin: &Path) -> bool {
+    dir.join(COMPLETE_MARKER).is_file() && bin.exists()
+}
+
+fn run_npm_install(dir: &Path, package: &str, version: &str) {
+    let mut child = Command::new("npm")
+        .args(["install", "--no-audit", "--no-fund", "--loglevel=error"])
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        // npm output is small; it goes to files so a full pipe can never block npm.
+        .stdout(log_file(dir, "npm-stdout.log"))
+        .stderr(log_file(dir, "npm-stderr.log"))
+        .spawn()
+        .unwrap_or_else(|e| {
+            let _ = std::fs::remove_dir_all(dir);
+            panic!(
+                "cannot run `npm` to install {package}@{version} for the integration tests: {e}. \
+                 Install Node.js + npm (node >= 20) and make sure `npm` is on PATH."
+            )
+        });
+    let started = Instant::now();
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break status,
+            Ok(None) if started.elapsed() > NPM_INSTALL_TIMEOUT => {
+                let _ = child.kill();
+                let _ = child.wait();
+                let log = read_logs(dir);
+                let _ = std::fs::remove_dir_all(dir);
+                panic!(
+                    "`npm install {package}@{version}` did not finish within {NPM_INSTALL_TIMEOUT:?} \
+                     (registry unreachable?)\n{log}"
+                );
+            }
+            Ok(None) => std::thread::sleep(NPM_POLL_INTERVAL),
+            Err(e) => panic!("waiting for npm failed: {e}"),
+        }
+    };
+    if !status.success() {
+        let log = read_logs(dir);
+        let _ = std::fs::remove_dir_all(dir);
+        panic!("`npm install {package}@{version}` failed ({status}):\n{log}");
+    }
+}
+
+fn log_file(dir: &Path, name: &str) -> Stdio {
+    match std::fs::File::create(dir.join(name)) {
+        Ok(f) => Stdio::from(f),
+        Err(_) => Stdio::null(),
+    }
+}
+
+fn read_logs(dir: &Path) -> String {
+    let read = |n: &str| std::fs::read_to_string(dir.join(n)).unwrap_or_default();
+    format!(
+        "--- npm stdout ---\n{}\n--- npm stderr ---\n{}",
+        read("npm-stdout.log"),
+        read("npm-stderr.log")
+    )
+}
+
+/// Deletes `.tmp-<dir_name>-*` dirs left by killed runs; young ones may belong to a live install.
+fn remove_stale_temps(root: &Path, dir_name: &str) {
+    let prefix = format!(".tmp-{dir_name}-");
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        if !entry.file_name().to_string_lossy().starts_with(&prefix) {
+            continue;
+        }
+        let old = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age > STALE_TEMP_AGE);
+        if old {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}

@@ -1,0 +1,16 @@
+//! Test support for running the REAL provider CLIs offline.
+//!
+//! - [`clis`]: `claude_bin()` / `npm_cli(package, version, bin)` install pinned npm CLIs into
+//!   `<repo>/.cache/agent-clis/` once and return the executable path.
+//! - [`anthropic`]: `AnthropicStub`, a scripted Anthropic Messages API on 127.0.0.1:0 with a log of
+//!   the requests it received; `stub.claude_env(home)` gives the env a Claude child needs.
+//!
+//! Facts about the Claude CLI stream: /work/notes/claude-cli.md and tests/fixtures/claude/*.jsonl.
+
+// Each test area uses a different subset of these helpers.
+#![allow(dead_code)]
+
+pub mod anthropic;
+pub mod clis;
+
+mod selftest;
