@@ -11,6 +11,7 @@
 pub mod claude;
 mod cli_support;
 pub mod codex;
+pub mod gemini;
 
 use std::ffi::OsString;
 use std::fmt;
@@ -221,6 +222,7 @@ pub fn provider_for(kind: ProviderKind) -> Option<&'static dyn Provider> {
     match kind {
         ProviderKind::Claude => Some(&claude::Claude),
         ProviderKind::Codex => Some(&codex::Codex),
+        ProviderKind::Gemini => Some(&gemini::Gemini),
         _ => None,
     }
 }
