@@ -11,7 +11,9 @@
 pub mod claude;
 mod cli_support;
 pub mod codex;
+pub mod cursor;
 pub mod gemini;
+pub mod opencode;
 
 use std::ffi::OsString;
 use std::fmt;
@@ -222,7 +224,9 @@ pub fn provider_for(kind: ProviderKind) -> Option<&'static dyn Provider> {
     match kind {
         ProviderKind::Claude => Some(&claude::Claude),
         ProviderKind::Codex => Some(&codex::Codex),
+        ProviderKind::Cursor => Some(&cursor::Cursor),
         ProviderKind::Gemini => Some(&gemini::Gemini),
+        ProviderKind::Opencode => Some(&opencode::Opencode),
         _ => None,
     }
 }
