@@ -7,7 +7,10 @@ use actix::{Actor, ActorContext, StreamHandler};
 use actix_web::http::StatusCode;
 use actix_web::{web, HttpRequest, HttpResponse};
 use actix_web_actors::ws;
+use agentgate_actors::chat_socket::ChatSocket;
+use agentgate_actors::config::MAX_INBOUND_FRAME;
 use agentgate_actors::provider::ProviderKind;
+use agentgate_actors::run_registry::ListRunning;
 use serde::Deserialize;
 use serde_json::json;
 
@@ -225,8 +228,13 @@ async fn running_sessions(
     req: HttpRequest,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
-    let _user = state.authenticate(&req).await?;
-    Ok(api::ok(json!({"sessions": []})))
+    let user = state.authenticate(&req).await?;
+    let sessions = state
+        .registry
+        .send(ListRunning { user_id: user.id })
+        .await
+        .map_err(ApiError::internal)?;
+    Ok(api::ok(json!({"sessions": sessions})))
 }
 
 async fn chat_ws(
@@ -234,8 +242,16 @@ async fn chat_ws(
     stream: web::Payload,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, actix_web::Error> {
-    let _user = state.authenticate(&req).await?;
-    placeholder(&req, stream, "chat is not available yet")
+    let user = state.authenticate(&req).await?;
+    let socket = ChatSocket::new(
+        user,
+        state.registry.clone(),
+        state.store.clone(),
+        state.config.heartbeat,
+    );
+    ws::WsResponseBuilder::new(socket, &req, stream)
+        .frame_size(MAX_INBOUND_FRAME)
+        .start()
 }
 
 async fn shell_ws(

@@ -12,7 +12,10 @@ use std::time::Duration;
 use actix_web::dev::Service;
 use actix_web::{web, App, HttpServer};
 use agentgate_actors::config::GatewayConfig;
+use actix::{Actor, Arbiter};
 use agentgate_actors::provider::ProviderKind;
+use agentgate_actors::run_registry::{RunRegistry, Shutdown as RunShutdown};
+use agentgate_actors::store::Store;
 use futures_util::FutureExt;
 
 use crate::auth::{redact_query, Keys};
@@ -53,12 +56,18 @@ pub async fn serve(common: Common, args: ServeArgs) -> std::io::Result<()> {
     let keys = Keys::load(&data_dir)?;
     let config = Arc::new(gateway_config(&common, &args));
 
+    let store: Store = Arc::new(DbStore(db.clone()));
+    // Provider runs parse stdout on their own thread, beside the registry's.
+    let runs_arbiter = Arbiter::new();
+    let registry = RunRegistry::new(config.clone(), store.clone(), runs_arbiter.handle()).start();
+
     let state = web::Data::new(AppState {
         config: config.clone(),
-        store: Arc::new(DbStore(db.clone())),
+        store,
         db,
         keys,
         platform: args.platform,
+        registry,
     });
 
     let app_state = state.clone();
@@ -108,7 +117,13 @@ pub async fn serve(common: Common, args: ServeArgs) -> std::io::Result<()> {
 }
 
 /// Tells each supervising actor to finish its children, and waits for it.
-async fn shutdown_actors(_state: &AppState) {}
+async fn shutdown_actors(state: &AppState) {
+    if state.registry.send(RunShutdown).await.is_err() {
+        tracing::error!("run registry did not answer the shutdown");
+    }
+    // Let the sockets flush their close frames before the server stops.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+}
 
 async fn wait_for_signal() {
     use tokio::signal::unix::{signal, SignalKind};

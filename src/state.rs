@@ -4,7 +4,9 @@
 use std::sync::Arc;
 
 use actix_web::{web, HttpRequest};
+use actix::Addr;
 use agentgate_actors::config::GatewayConfig;
+use agentgate_actors::run_registry::RunRegistry;
 use agentgate_actors::store::Store;
 use agentgate_actors::AuthUser;
 
@@ -20,6 +22,8 @@ pub struct AppState {
     pub keys: Keys,
     /// Platform mode: no token, every request is the first user.
     pub platform: bool,
+    /// The supervisor of chat runs.
+    pub registry: Addr<RunRegistry>,
 }
 
 impl AppState {

@@ -205,13 +205,17 @@ async fn heartbeat_drops_a_silent_client() {
     let mut silent = server.chat("alice").await;
     silent.auto_pong = false;
     let mut polite = server.chat("alice").await;
-    // The silent one sees a ping, ignores it, and the connection is then dropped.
+    // The silent one sees a ping, ignores it, and is dropped; meanwhile the
+    // polite one answers its pings (recv_within does) and must stay connected.
     let mut pings = 0;
     loop {
-        match silent.recv().await {
-            WsEvent::Ping => pings += 1,
-            WsEvent::Close(..) | WsEvent::Ended => break,
-            other => panic!("unexpected {other:?}"),
+        tokio::select! {
+            ev = silent.recv() => match ev {
+                WsEvent::Ping => pings += 1,
+                WsEvent::Close(..) | WsEvent::Ended => break,
+                other => panic!("unexpected {other:?}"),
+            },
+            ev = polite.recv_within(crate::util::WAIT) => panic!("the polite client was disconnected: {ev:?}"),
         }
     }
     assert!(pings >= 1);

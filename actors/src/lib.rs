@@ -17,10 +17,13 @@
 //! queue between actors is bounded (see each actor's module doc for what
 //! happens when it is full).
 
+pub mod chat_socket;
 pub mod config;
 pub mod heartbeat;
 pub mod protocol;
 pub mod provider;
+pub mod provider_run;
+pub mod run_registry;
 pub mod store;
 
 /// The authenticated user of a connection, established by the binary before

@@ -100,6 +100,7 @@ pub struct User {
     pub id: i32,
     pub username: String,
     pub password_hash: Option<String>,
+    #[allow(dead_code)] // selected with the row; kept for a future users listing
     pub created_at: String,
 }
 

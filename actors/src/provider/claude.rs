@@ -1,8 +1,663 @@
-//! Claude Code CLI adapter (stub, filled in below).
-use super::*;
+//! Claude Code CLI adapter (PROTOCOL.md 4.1, PROVIDERS.md section 2).
+//!
+//! The CLI runs with stream-json in and out and the stdio permission
+//! protocol. Text streams live as `stream_delta`/`stream_end` from the
+//! `stream_event` lines (`--include-partial-messages`); the `assistant` line
+//! that repeats a streamed text block is not sent again. The turn ends at
+//! the `result` line; `is_error` there (whatever the subtype says) makes it
+//! a failed turn.
+
+use std::collections::HashSet;
+
+use serde_json::{json, Map, Value};
+
+use super::{CommandSpec, LineParser, Provider, ProviderEvent, ProviderKind, Turn};
+use crate::protocol::{Event, EventBody, PermissionDecision, Role};
+
+/// Permission modes the CLI accepts from `options.permissionMode`.
+const PERMISSION_MODES: [&str; 5] = ["default", "acceptEdits", "bypassPermissions", "plan", "auto"];
+/// User text blocks that are CLI bookkeeping, not something the user wrote.
+const HIDDEN_USER_PREFIXES: [&str; 4] = [
+    "<system-reminder>",
+    "Caveat:",
+    "[Request interrupted",
+    "Base directory for this skill:",
+];
+/// Context window assumed for `token_budget` (the reference's default).
+const CONTEXT_WINDOW: u64 = 160_000;
+
 pub struct Claude;
+
+/// Whether an id is safe to pass as a CLI argument value.
+pub fn safe_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 256
+        && !id.starts_with('-')
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-' | ':'))
+}
+
+fn tool_list(options: &Value, key: &str) -> Option<String> {
+    let list: Vec<&str> = options
+        .get("toolsSettings")
+        .and_then(|t| t.get(key))
+        .and_then(Value::as_array)?
+        .iter()
+        .filter_map(Value::as_str)
+        .filter(|s| !s.trim().is_empty())
+        .collect();
+    (!list.is_empty()).then(|| list.join(","))
+}
+
 impl Provider for Claude {
-    fn kind(&self) -> ProviderKind { ProviderKind::Claude }
-    fn command(&self, turn: &Turn) -> CommandSpec { CommandSpec::new(&turn.bin) }
-    fn parser(&self, _turn: &Turn) -> Box<dyn LineParser> { unimplemented!() }
+    fn kind(&self) -> ProviderKind {
+        ProviderKind::Claude
+    }
+
+    fn command(&self, turn: &Turn) -> CommandSpec {
+        let mut spec = CommandSpec::new(&turn.bin);
+        for arg in [
+            "-p",
+            "--input-format",
+            "stream-json",
+            "--output-format",
+            "stream-json",
+            "--verbose",
+            "--include-partial-messages",
+            "--permission-prompt-tool",
+            "stdio",
+        ] {
+            spec.arg(arg);
+        }
+        if let Some(id) = turn.provider_session_id.as_deref() {
+            if safe_id(id) {
+                // The equals form keeps an id from being read as a flag.
+                spec.arg(format!("--resume={id}"));
+            } else {
+                tracing::warn!(session_id = %turn.app_session_id, "not resuming: stored provider id has unsafe characters");
+            }
+        }
+        if let Some(model) = turn.option_str("model").filter(|m| safe_id(m)) {
+            spec.arg("--model").arg(model);
+        }
+        let skip = turn
+            .options
+            .get("toolsSettings")
+            .and_then(|t| t.get("skipPermissions"))
+            .or_else(|| turn.options.get("skipPermissions"))
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
+        let mode = turn
+            .option_str("permissionMode")
+            .filter(|m| PERMISSION_MODES.contains(m));
+        let mode = match (mode, skip) {
+            (Some("plan"), _) => Some("plan"),
+            (_, true) => Some("bypassPermissions"),
+            (mode, false) => mode.filter(|m| *m != "default"),
+        };
+        if let Some(mode) = mode {
+            spec.arg("--permission-mode").arg(mode);
+        }
+        if let Some(allowed) = tool_list(&turn.options, "allowedTools") {
+            spec.arg("--allowedTools").arg(allowed);
+        }
+        if let Some(denied) = tool_list(&turn.options, "disallowedTools") {
+            spec.arg("--disallowedTools").arg(denied);
+        }
+        let mut line = json!({
+            "type": "user",
+            "message": {"role": "user", "content": turn.content},
+            "parent_tool_use_id": null,
+            "session_id": "default",
+        })
+        .to_string()
+        .into_bytes();
+        line.push(b'\n');
+        spec.stdin = Some(line);
+        // Stdin carries permission answers and the interrupt; closed after `result`.
+        spec.keep_stdin_open = true;
+        spec
+    }
+
+    fn parser(&self, turn: &Turn) -> Box<dyn LineParser> {
+        Box::new(ClaudeParser {
+            announced: turn.provider_session_id.clone(),
+            ..ClaudeParser::default()
+        })
+    }
+
+    fn permission_reply(
+        &self,
+        provider_request_id: &str,
+        decision: &PermissionDecision,
+        original_input: &Value,
+    ) -> Option<Vec<u8>> {
+        let response = if decision.allow {
+            json!({
+                "behavior": "allow",
+                "updatedInput": decision.updated_input.clone().unwrap_or_else(|| original_input.clone()),
+            })
+        } else {
+            json!({
+                "behavior": "deny",
+                "message": decision.message.clone().unwrap_or_else(|| "User denied tool use".into()),
+            })
+        };
+        Some(line(json!({
+            "type": "control_response",
+            "response": {"subtype": "success", "request_id": provider_request_id, "response": response},
+        })))
+    }
+
+    fn interrupt(&self) -> Option<Vec<u8>> {
+        Some(line(json!({
+            "type": "control_request",
+            "request_id": format!("interrupt-{}", uuid::Uuid::new_v4()),
+            "request": {"subtype": "interrupt"},
+        })))
+    }
+}
+
+fn line(value: Value) -> Vec<u8> {
+    let mut bytes = value.to_string().into_bytes();
+    bytes.push(b'\n');
+    bytes
+}
+
+/// Parsing state of one run.
+#[derive(Default)]
+pub struct ClaudeParser {
+    /// The native id already known (resumed or announced), so it is announced once.
+    announced: Option<String>,
+    /// API message ids whose text was streamed as deltas (their `assistant`
+    /// text blocks are not sent again). Cleared at each `result`.
+    streamed_messages: HashSet<String>,
+    /// The message id of the current stream (`message_start`).
+    current_message: Option<String>,
+    /// Content block indexes of the current message that are open text streams.
+    open_text_blocks: HashSet<u64>,
+    /// Messages whose token usage was already reported.
+    usage_reported: HashSet<String>,
+}
+
+fn text_of(value: &Value) -> String {
+    match value {
+        Value::String(s) => s.clone(),
+        Value::Array(items) => {
+            // Tool results may be a list of content blocks; keep their text.
+            let texts: Vec<&str> = items
+                .iter()
+                .filter_map(|b| b.get("text").and_then(Value::as_str))
+                .collect();
+            if texts.len() == items.len() {
+                texts.join("\n")
+            } else {
+                value.to_string()
+            }
+        }
+        Value::Null => String::new(),
+        other => other.to_string(),
+    }
+}
+
+fn token_budget(usage: &Map<String, Value>) -> EventBody {
+    let n = |k: &str| usage.get(k).and_then(Value::as_u64).unwrap_or(0);
+    let (input, output) = (n("input_tokens"), n("output_tokens"));
+    let (cache_read, cache_creation) = (n("cache_read_input_tokens"), n("cache_creation_input_tokens"));
+    let input_total = input + cache_read + cache_creation;
+    EventBody::Status {
+        text: Some("token_budget".into()),
+        status: None,
+        tokens: None,
+        token_budget: Some(json!({
+            "used": input_total + output,
+            "total": CONTEXT_WINDOW,
+            "inputTokens": input_total,
+            "outputTokens": output,
+            "cacheReadTokens": cache_read,
+            "cacheCreationTokens": cache_creation,
+            "cacheTokens": cache_read + cache_creation,
+            "breakdown": {"input": input_total, "output": output},
+        })),
+    }
+}
+
+impl ClaudeParser {
+    fn emit(out: &mut Vec<ProviderEvent>, body: EventBody, parent: &Option<String>) {
+        out.push(ProviderEvent::Emit(Event {
+            body,
+            parent_tool_use_id: parent.clone(),
+        }));
+    }
+
+    fn stream_event(&mut self, event: &Value, parent: &Option<String>, out: &mut Vec<ProviderEvent>) {
+        let index = event.get("index").and_then(Value::as_u64).unwrap_or(0);
+        match event.get("type").and_then(Value::as_str).unwrap_or_default() {
+            "message_start" => {
+                self.current_message = event
+                    .pointer("/message/id")
+                    .and_then(Value::as_str)
+                    .map(str::to_string);
+                self.open_text_blocks.clear();
+            }
+            "content_block_delta" => {
+                let delta = event.get("delta");
+                if delta.and_then(|d| d.get("type")).and_then(Value::as_str) != Some("text_delta") {
+                    return;
+                }
+                let text = delta.and_then(|d| d.get("text")).and_then(Value::as_str).unwrap_or_default();
+                if text.is_empty() {
+                    return;
+                }
+                self.open_text_blocks.insert(index);
+                if let Some(id) = &self.current_message {
+                    self.streamed_messages.insert(id.clone());
+                }
+                Self::emit(out, EventBody::StreamDelta { content: text.to_string() }, parent);
+            }
+            "content_block_stop" => {
+                if self.open_text_blocks.remove(&index) {
+                    Self::emit(out, EventBody::StreamEnd {}, parent);
+                }
+            }
+            "message_stop" => {
+                // An interrupted stream may never stop its blocks.
+                for _ in self.open_text_blocks.drain() {
+                    Self::emit(out, EventBody::StreamEnd {}, parent);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn assistant(&mut self, v: &Value, parent: &Option<String>, out: &mut Vec<ProviderEvent>) {
+        let Some(message) = v.get("message") else {
+            return;
+        };
+        let message_id = message.get("id").and_then(Value::as_str).unwrap_or_default();
+        let streamed = self.streamed_messages.contains(message_id);
+        match message.get("content") {
+            Some(Value::String(text)) if !text.is_empty() && !streamed => {
+                Self::emit(out, EventBody::text(Role::Assistant, text.clone()), parent);
+            }
+            Some(Value::Array(blocks)) => {
+                for block in blocks {
+                    match block.get("type").and_then(Value::as_str).unwrap_or_default() {
+                        "text" => {
+                            let text = block.get("text").and_then(Value::as_str).unwrap_or_default();
+                            if !text.is_empty() && !streamed {
+                                Self::emit(out, EventBody::text(Role::Assistant, text), parent);
+                            }
+                        }
+                        "thinking" => {
+                            let text = block.get("thinking").and_then(Value::as_str).unwrap_or_default();
+                            if !text.is_empty() {
+                                Self::emit(out, EventBody::Thinking { content: text.to_string() }, parent);
+                            }
+                        }
+                        "tool_use" => Self::emit(
+                            out,
+                            EventBody::ToolUse {
+                                tool_name: block.get("name").and_then(Value::as_str).unwrap_or("UnknownTool").to_string(),
+                                tool_input: block.get("input").cloned().unwrap_or(Value::Null),
+                                tool_id: block.get("id").and_then(Value::as_str).unwrap_or_default().to_string(),
+                            },
+                            parent,
+                        ),
+                        _ => {}
+                    }
+                }
+            }
+            _ => {}
+        }
+        if let Some(usage) = message.get("usage").and_then(Value::as_object) {
+            if self.usage_reported.insert(message_id.to_string()) {
+                Self::emit(out, token_budget(usage), parent);
+            }
+        }
+    }
+
+    fn user(&mut self, v: &Value, parent: &Option<String>, out: &mut Vec<ProviderEvent>) {
+        if v.get("isMeta").and_then(Value::as_bool) == Some(true) {
+            return;
+        }
+        let content = v.pointer("/message/content");
+        let blocks: Vec<Value> = match content {
+            Some(Value::Array(blocks)) => blocks.clone(),
+            Some(Value::String(s)) => vec![json!({"type": "text", "text": s})],
+            _ => return,
+        };
+        for block in blocks {
+            match block.get("type").and_then(Value::as_str).unwrap_or_default() {
+                "tool_result" => {
+                    let tool_id = block.get("tool_use_id").and_then(Value::as_str).unwrap_or_default();
+                    let content = text_of(block.get("content").unwrap_or(&Value::Null));
+                    let is_error = block.get("is_error").and_then(Value::as_bool).unwrap_or(false);
+                    Self::emit(out, EventBody::tool_result(tool_id, content, is_error), parent);
+                }
+                "text" => {
+                    let text = block.get("text").and_then(Value::as_str).unwrap_or_default();
+                    if !text.is_empty() && !HIDDEN_USER_PREFIXES.iter().any(|p| text.starts_with(p)) {
+                        Self::emit(out, EventBody::text(Role::User, text), parent);
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+
+    fn result(&mut self, v: &Value, out: &mut Vec<ProviderEvent>) {
+        self.streamed_messages.clear();
+        self.usage_reported.clear();
+        let subtype = v.get("subtype").and_then(Value::as_str).unwrap_or("success");
+        let is_error = v.get("is_error").and_then(Value::as_bool).unwrap_or(false) || subtype != "success";
+        if is_error {
+            let errors: Vec<String> = v
+                .get("errors")
+                .and_then(Value::as_array)
+                .map(|e| e.iter().map(text_of).collect())
+                .unwrap_or_default();
+            let message = v
+                .get("result")
+                .and_then(Value::as_str)
+                .filter(|r| !r.is_empty())
+                .map(str::to_string)
+                .or_else(|| (!errors.is_empty()).then(|| errors.join("; ")))
+                .unwrap_or_else(|| format!("Claude ended the turn with an error ({subtype})"));
+            Self::emit(out, EventBody::error(message), &None);
+        }
+        out.push(ProviderEvent::TurnComplete {
+            exit_code: if is_error { 1 } else { 0 },
+        });
+    }
+
+    fn control_request(&mut self, v: &Value, out: &mut Vec<ProviderEvent>) {
+        let request_id = v.get("request_id").and_then(Value::as_str).unwrap_or_default().to_string();
+        let request = v.get("request").cloned().unwrap_or(Value::Null);
+        match request.get("subtype").and_then(Value::as_str).unwrap_or_default() {
+            "can_use_tool" => {
+                let mut context = Map::new();
+                for (from, to) in [
+                    ("permission_suggestions", "suggestions"),
+                    ("blocked_path", "blockedPath"),
+                    ("tool_use_id", "toolUseId"),
+                    ("decision_reason", "decisionReason"),
+                    ("description", "description"),
+                    ("title", "title"),
+                ] {
+                    if let Some(value) = request.get(from).filter(|v| !v.is_null()) {
+                        context.insert(to.into(), value.clone());
+                    }
+                }
+                out.push(ProviderEvent::PermissionRequested {
+                    provider_request_id: request_id,
+                    tool_name: request.get("tool_name").and_then(Value::as_str).unwrap_or("UnknownTool").to_string(),
+                    input: request.get("input").cloned().unwrap_or_else(|| json!({})),
+                    context: (!context.is_empty()).then_some(Value::Object(context)),
+                });
+            }
+            "hook_callback" => out.push(ProviderEvent::Reply(line(json!({
+                "type": "control_response",
+                "response": {"subtype": "success", "request_id": request_id, "response": {}},
+            })))),
+            other => {
+                // Answer so the CLI never waits on us for something we do not support.
+                out.push(ProviderEvent::Reply(line(json!({
+                    "type": "control_response",
+                    "response": {"subtype": "error", "request_id": request_id, "error": format!("unsupported control request: {other}")},
+                }))))
+            }
+        }
+    }
+}
+
+impl LineParser for ClaudeParser {
+    fn parse_line(&mut self, line: &str, out: &mut Vec<ProviderEvent>) {
+        let v: Value = match serde_json::from_str(line) {
+            Ok(v @ Value::Object(_)) => v,
+            _ => {
+                let shown: String = line.chars().take(200).collect();
+                tracing::warn!(provider = "claude", line = %shown, "ignoring a stdout line that is not a JSON object");
+                return;
+            }
+        };
+        if let Some(id) = v.get("session_id").and_then(Value::as_str) {
+            if !id.is_empty() && self.announced.as_deref() != Some(id) && safe_id(id) {
+                self.announced = Some(id.to_string());
+                out.push(ProviderEvent::SessionCreated(id.to_string()));
+            }
+        }
+        let parent = v
+            .get("parent_tool_use_id")
+            .and_then(Value::as_str)
+            .map(str::to_string);
+        match v.get("type").and_then(Value::as_str).unwrap_or_default() {
+            "stream_event" => {
+                if let Some(event) = v.get("event") {
+                    self.stream_event(event, &parent, out);
+                }
+            }
+            "assistant" => self.assistant(&v, &parent, out),
+            "user" => self.user(&v, &parent, out),
+            "result" => self.result(&v, out),
+            "control_request" => self.control_request(&v, out),
+            "control_cancel_request" => {
+                if let Some(id) = v.get("request_id").and_then(Value::as_str) {
+                    out.push(ProviderEvent::PermissionWithdrawn {
+                        provider_request_id: id.to_string(),
+                    });
+                }
+            }
+            // system/init (id captured above), status, api_retry, control_response, rate limits...
+            _ => {}
+        }
+    }
+
+    fn finish(&mut self, out: &mut Vec<ProviderEvent>) {
+        for _ in self.open_text_blocks.drain() {
+            Self::emit(out, EventBody::StreamEnd {}, &None);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse_all(lines: &str) -> Vec<ProviderEvent> {
+        let mut parser = ClaudeParser::default();
+        let mut out = Vec::new();
+        for line in lines.lines() {
+            parser.parse_line(line, &mut out);
+        }
+        parser.finish(&mut out);
+        out
+    }
+
+    fn fixture(name: &str) -> String {
+        let path = format!("{}/../tests/fixtures/claude/{name}.jsonl", env!("CARGO_MANIFEST_DIR"));
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
+    }
+
+    fn kinds(events: &[ProviderEvent]) -> Vec<String> {
+        events
+            .iter()
+            .map(|e| match e {
+                ProviderEvent::Emit(ev) => ev.body.kind().to_string(),
+                ProviderEvent::SessionCreated(_) => "session_created".into(),
+                ProviderEvent::PermissionRequested { .. } => "permission_requested".into(),
+                ProviderEvent::PermissionWithdrawn { .. } => "permission_withdrawn".into(),
+                ProviderEvent::TurnComplete { exit_code } => format!("turn_complete:{exit_code}"),
+                ProviderEvent::Reply(_) => "reply".into(),
+            })
+            .collect()
+    }
+
+    /// The real CLI's plain answer: id once, live deltas, no repeated text, one successful end.
+    #[test]
+    fn streamed_text_is_not_sent_twice() {
+        let events = parse_all(&fixture("text"));
+        let k = kinds(&events);
+        assert_eq!(k.first().map(String::as_str), Some("session_created"));
+        assert_eq!(k.iter().filter(|k| *k == "session_created").count(), 1);
+        assert!(!k.contains(&"text".to_string()), "{k:?}");
+        let text: String = events
+            .iter()
+            .filter_map(|e| match e {
+                ProviderEvent::Emit(Event { body: EventBody::StreamDelta { content }, .. }) => Some(content.as_str()),
+                _ => None,
+            })
+            .collect();
+        let result: Value = fixture("text")
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .find(|v| v["type"] == "result")
+            .unwrap();
+        assert_eq!(text, result["result"].as_str().unwrap());
+        assert_eq!(k.iter().filter(|k| *k == "stream_end").count(), 1);
+        assert_eq!(k.last().map(String::as_str), Some("turn_complete:0"));
+    }
+
+    #[test]
+    fn tool_permission_request_and_result() {
+        let events = parse_all(&fixture("tool_allow"));
+        let k = kinds(&events);
+        assert!(k.contains(&"tool_use".into()), "{k:?}");
+        let perm = events.iter().find_map(|e| match e {
+            ProviderEvent::PermissionRequested { provider_request_id, tool_name, input, context } => {
+                Some((provider_request_id.clone(), tool_name.clone(), input.clone(), context.clone()))
+            }
+            _ => None,
+        });
+        let (rid, tool, input, context) = perm.expect("a permission request");
+        assert!(!rid.is_empty());
+        assert_eq!(tool, "Bash");
+        assert!(input["command"].as_str().unwrap().contains("made"));
+        assert!(context.unwrap().get("suggestions").is_some());
+        assert!(k.contains(&"tool_result".into()));
+        assert_eq!(k.last().map(String::as_str), Some("turn_complete:0"));
+    }
+
+    #[test]
+    fn denied_tool_result_is_an_error_result() {
+        let events = parse_all(&fixture("tool_deny"));
+        let denied = events.iter().any(|e| matches!(e, ProviderEvent::Emit(Event { body: EventBody::ToolResult { is_error: true, .. }, .. })));
+        assert!(denied);
+    }
+
+    #[test]
+    fn cancel_request_withdraws_the_permission() {
+        let k = kinds(&parse_all(&fixture("interrupt_pending_permission")));
+        let req = k.iter().position(|k| k == "permission_requested").unwrap();
+        let wd = k.iter().position(|k| k == "permission_withdrawn").unwrap();
+        assert!(req < wd);
+        assert_eq!(k.last().map(String::as_str), Some("turn_complete:1"));
+    }
+
+    #[test]
+    fn api_error_result_is_a_failed_turn_with_an_error_event() {
+        let events = parse_all(&fixture("api_error_500_no_retry"));
+        let k = kinds(&events);
+        assert_eq!(k.last().map(String::as_str), Some("turn_complete:1"));
+        let error = events.iter().find_map(|e| match e {
+            ProviderEvent::Emit(Event { body: EventBody::Error { content, .. }, .. }) => Some(content.clone()),
+            _ => None,
+        });
+        assert!(error.unwrap().contains("500"));
+    }
+
+    #[test]
+    fn unknown_resume_id_reports_the_cli_error() {
+        let events = parse_all(&fixture("resume_unknown_session"));
+        let error = events.iter().find_map(|e| match e {
+            ProviderEvent::Emit(Event { body: EventBody::Error { content, .. }, .. }) => Some(content.clone()),
+            _ => None,
+        });
+        assert!(error.unwrap().contains("No conversation found"));
+    }
+
+    /// Every documented line type (PROVIDERS.md 2.3), unknown types and garbage.
+    #[test]
+    fn documented_lines_unknown_types_and_garbage() {
+        let lines = r#"{"type":"system","subtype":"init","session_id":"0f6e2d1c","cwd":"/x"}
+{"type":"assistant","message":{"id":"msg_01","role":"assistant","content":[{"type":"thinking","thinking":"I should list."}],"usage":{"input_tokens":9,"cache_read_input_tokens":5100,"output_tokens":40}},"parent_tool_use_id":null,"session_id":"0f6e2d1c"}
+{"type":"assistant","message":{"id":"msg_01","role":"assistant","content":[{"type":"tool_use","id":"toolu_01","name":"Bash","input":{"command":"npm test"}}]},"parent_tool_use_id":"toolu_parent","session_id":"0f6e2d1c"}
+{"type":"control_request","request_id":"hookcb-3","request":{"subtype":"hook_callback","callback_id":"hook_0","input":{}}}
+{"type":"control_request","request_id":"weird-1","request":{"subtype":"mystery"}}
+{"type":"user","message":{"role":"user","content":[{"type":"tool_result","tool_use_id":"toolu_01","content":[{"type":"text","text":"4 passing"}],"is_error":false}]},"session_id":"0f6e2d1c"}
+{"type":"user","message":{"role":"user","content":[{"type":"text","text":"<system-reminder>x</system-reminder>"}]},"session_id":"0f6e2d1c"}
+{"type":"assistant","message":{"id":"msg_02","role":"assistant","content":[{"type":"text","text":"All 4 tests pass."}]},"session_id":"0f6e2d1c"}
+{"type":"rate_limit_event","whatever":1}
+{"type":"brand_new_thing","x":[1,2]}
+not json at all
+[1,2,3]
+{"type":"result","subtype":"error_max_turns","is_error":true,"session_id":"0f6e2d1c"}"#;
+        let events = parse_all(lines);
+        assert_eq!(
+            kinds(&events),
+            vec![
+                "session_created", "thinking", "status", "tool_use", "reply", "reply", "tool_result", "text", "error",
+                "turn_complete:1"
+            ]
+        );
+        match &events[3] {
+            ProviderEvent::Emit(ev) => assert_eq!(ev.parent_tool_use_id.as_deref(), Some("toolu_parent")),
+            other => panic!("{other:?}"),
+        }
+        match &events[6] {
+            ProviderEvent::Emit(Event { body: EventBody::ToolResult { content, .. }, .. }) => assert_eq!(content, "4 passing"),
+            other => panic!("{other:?}"),
+        }
+        match &events[5] {
+            ProviderEvent::Reply(bytes) => {
+                let v: Value = serde_json::from_slice(bytes).unwrap();
+                assert_eq!(v["response"]["subtype"], "error");
+                assert_eq!(v["response"]["request_id"], "weird-1");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn command_line_and_resume() {
+        let turn = Turn {
+            app_session_id: "app".into(),
+            provider_session_id: Some("0f6e2d1c-5b4a".into()),
+            content: "hi \"there\"".into(),
+            options: json!({"model": "sonnet", "permissionMode": "acceptEdits", "toolsSettings": {"allowedTools": ["Read", "Bash(git log:*)"]}}),
+            cwd: "/tmp".into(),
+            bin: "claude".into(),
+        };
+        let spec = Claude.command(&turn);
+        let args: Vec<String> = spec.args.iter().map(|a| a.to_string_lossy().into_owned()).collect();
+        assert!(args.contains(&"--resume=0f6e2d1c-5b4a".to_string()));
+        assert!(args.windows(2).any(|w| w == ["--permission-mode", "acceptEdits"]));
+        assert!(args.windows(2).any(|w| w == ["--model", "sonnet"]));
+        assert!(args.windows(2).any(|w| w == ["--allowedTools", "Read,Bash(git log:*)"]));
+        let stdin: Value = serde_json::from_slice(spec.stdin.as_ref().unwrap()).unwrap();
+        assert_eq!(stdin["message"]["content"], "hi \"there\"");
+        assert!(spec.keep_stdin_open);
+
+        let evil = Turn { provider_session_id: Some("--dangerously".into()), options: json!({"permissionMode": "yolo"}), ..turn };
+        let args: Vec<String> = Claude.command(&evil).args.iter().map(|a| a.to_string_lossy().into_owned()).collect();
+        assert!(!args.iter().any(|a| a.contains("dangerously") || a == "--permission-mode"));
+    }
+
+    #[test]
+    fn permission_replies_echo_the_cli_request_id() {
+        let allow = Claude
+            .permission_reply("perm-1", &PermissionDecision { allow: true, updated_input: None, message: None, remember_entry: None }, &json!({"command": "ls"}))
+            .unwrap();
+        let v: Value = serde_json::from_slice(&allow).unwrap();
+        assert_eq!(v["response"]["request_id"], "perm-1");
+        assert_eq!(v["response"]["response"]["behavior"], "allow");
+        assert_eq!(v["response"]["response"]["updatedInput"]["command"], "ls");
+        let deny = Claude
+            .permission_reply("perm-2", &PermissionDecision { allow: false, updated_input: None, message: None, remember_entry: None }, &json!({}))
+            .unwrap();
+        let v: Value = serde_json::from_slice(&deny).unwrap();
+        assert_eq!(v["response"]["response"]["behavior"], "deny");
+        assert_eq!(v["response"]["response"]["message"], "User denied tool use");
+    }
 }

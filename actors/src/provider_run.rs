@@ -1,0 +1,527 @@
+//! `ProviderRun`: one live provider CLI process.
+//!
+//! **Owns** the child process (in its own process group, cwd = the turn's
+//! project path, the gateway's environment minus its secrets), the writer
+//! side of its stdin (a task fed by a bounded channel), and the reader of
+//! its stdout with the provider's [`LineParser`].
+//!
+//! **Handles** [`Abort`] (interrupt, close stdin, then SIGTERM and SIGKILL to
+//! the group after grace periods) and [`AnswerPermission`] (writes the
+//! provider's permission reply), both from the RunRegistry.
+//!
+//! **Sends** [`RunEvents`] to the RunRegistry, awaited, so a busy registry
+//! slows the reading of stdout (backpressure) instead of queueing; and one
+//! [`RunExited`] when the process is gone (or, from `Drop`, when this actor
+//! died without reporting, e.g. a panic).
+//!
+//! **Stops** when stdout is closed and the process has exited; the process
+//! group is killed then, so nothing the CLI started outlives its run.
+
+use std::ffi::OsString;
+use std::process::Stdio;
+use std::time::Duration;
+
+use actix::prelude::*;
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWriteExt, BufReader};
+use tokio::sync::mpsc;
+
+use crate::protocol::PermissionDecision;
+use crate::provider::{LineParser, Provider, ProviderEvent, Turn};
+use crate::run_registry::{RunEvents, RunExited, RunRegistry};
+
+/// After an interrupt, how long the CLI gets to exit by itself before SIGTERM.
+pub const ABORT_GRACE: Duration = Duration::from_secs(2);
+/// After SIGTERM, how long before SIGKILL.
+pub const KILL_GRACE: Duration = Duration::from_secs(2);
+/// Stdin writes queued for the writer task. Writes are small and rare
+/// (a turn, permission answers, an interrupt); a full queue makes the
+/// sender wait.
+const STDIN_QUEUE: usize = 64;
+/// Most events sent to the registry in one batch.
+const BATCH_MAX_EVENTS: usize = 256;
+/// Most stdout bytes parsed into one batch (keeps every batch, and so every
+/// subscriber's queued batch, small).
+const BATCH_MAX_BYTES: usize = 64 * 1024;
+/// Longest stdout line accepted; a longer one is dropped (logged) rather
+/// than buffered without bound.
+pub const MAX_LINE_BYTES: usize = 32 * 1024 * 1024;
+/// stderr kept for the error message of a failed run.
+const STDERR_TAIL_BYTES: usize = 2048;
+
+/// Interrupt the run (from the RunRegistry on `chat.abort` or shutdown).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Abort;
+
+/// Answer a permission request (from the RunRegistry).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct AnswerPermission {
+    pub provider_request_id: String,
+    pub decision: PermissionDecision,
+    pub original_input: Value,
+}
+
+enum StdinCmd {
+    Write(Vec<u8>),
+    Close,
+}
+
+pub struct ProviderRun {
+    session_id: String,
+    run_id: String,
+    provider: &'static dyn Provider,
+    turn: Option<Turn>,
+    registry: Addr<RunRegistry>,
+    child_env: Vec<(OsString, OsString)>,
+    /// Process group id (= the child's pid) once spawned.
+    pgid: Option<i32>,
+    stdin: Option<mpsc::Sender<StdinCmd>>,
+    /// Set once RunExited was sent, so Drop does not report twice.
+    reported: bool,
+    aborting: bool,
+}
+
+impl ProviderRun {
+    pub fn new(
+        session_id: String,
+        run_id: String,
+        provider: &'static dyn Provider,
+        turn: Turn,
+        registry: Addr<RunRegistry>,
+        child_env: Vec<(OsString, OsString)>,
+    ) -> Self {
+        ProviderRun {
+            session_id,
+            run_id,
+            provider,
+            turn: Some(turn),
+            registry,
+            child_env,
+            pgid: None,
+            stdin: None,
+            reported: false,
+            aborting: false,
+        }
+    }
+
+    fn report_exit(&mut self, exit_code: Option<i32>, error: Option<String>) {
+        if self.reported {
+            return;
+        }
+        self.reported = true;
+        self.registry.do_send(RunExited {
+            session_id: self.session_id.clone(),
+            run_id: self.run_id.clone(),
+            exit_code,
+            error,
+        });
+    }
+
+    fn signal_group(&self, signal: i32) {
+        if let Some(pgid) = self.pgid {
+            // SAFETY: killpg has no memory-safety preconditions; ESRCH (group gone) is fine.
+            unsafe {
+                libc::killpg(pgid, signal);
+            }
+        }
+    }
+
+    fn write_stdin(&self, cmd: StdinCmd, ctx: &mut Context<Self>) {
+        let Some(tx) = &self.stdin else {
+            return;
+        };
+        if let Err(mpsc::error::TrySendError::Full(cmd)) = tx.try_send(cmd) {
+            let tx = tx.clone();
+            ctx.spawn(
+                async move {
+                    let _ = tx.send(cmd).await;
+                }
+                .into_actor(self),
+            );
+        }
+    }
+}
+
+impl Actor for ProviderRun {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        let Some(turn) = self.turn.take() else {
+            return;
+        };
+        let spec = self.provider.command(&turn);
+        let mut cmd = tokio::process::Command::new(&spec.program);
+        cmd.args(&spec.args)
+            .current_dir(&turn.cwd)
+            .env_clear()
+            .envs(self.child_env.iter().map(|(k, v)| (k, v)))
+            .envs(spec.env.iter().map(|(k, v)| (k, v)))
+            .stdin(if spec.stdin.is_some() || spec.keep_stdin_open {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            // Own process group: abort and exit kill everything the CLI started.
+            .process_group(0)
+            .kill_on_drop(true);
+        let mut child = match cmd.spawn() {
+            Ok(child) => child,
+            Err(err) => {
+                let error = if err.kind() == std::io::ErrorKind::NotFound {
+                    format!(
+                        "{} is not installed or not on PATH ({}); install it or set --{}-bin",
+                        self.provider.kind(),
+                        spec.program.display(),
+                        self.provider.kind()
+                    )
+                } else {
+                    format!("Failed to start {}: {err}", spec.program.display())
+                };
+                tracing::warn!(actor = "ProviderRun", session_id = %self.session_id, run_id = %self.run_id, reason = %error, "spawn failed");
+                self.report_exit(None, Some(error));
+                ctx.stop();
+                return;
+            }
+        };
+        self.pgid = child.id().and_then(|pid| i32::try_from(pid).ok());
+        tracing::info!(actor = "ProviderRun", session_id = %self.session_id, run_id = %self.run_id, pid = ?self.pgid, program = %spec.program.display(), "actor started");
+
+        if let Some(mut stdin) = child.stdin.take() {
+            let (tx, mut rx) = mpsc::channel::<StdinCmd>(STDIN_QUEUE);
+            if let Some(bytes) = spec.stdin {
+                let _ = tx.try_send(StdinCmd::Write(bytes));
+            }
+            if !spec.keep_stdin_open {
+                let _ = tx.try_send(StdinCmd::Close);
+            }
+            let run_id = self.run_id.clone();
+            actix::spawn(async move {
+                while let Some(cmd) = rx.recv().await {
+                    match cmd {
+                        StdinCmd::Write(bytes) => {
+                            if let Err(err) = stdin.write_all(&bytes).await {
+                                tracing::debug!(run_id = %run_id, %err, "stdin closed by the provider");
+                                break;
+                            }
+                            let _ = stdin.flush().await;
+                        }
+                        StdinCmd::Close => break,
+                    }
+                }
+                // Dropping stdin closes it: the CLI sees EOF.
+            });
+            self.stdin = Some(tx);
+        }
+
+        let stderr_tail = child.stderr.take().map(|stderr| {
+            let run_id = self.run_id.clone();
+            actix::spawn(read_stderr(stderr, run_id))
+        });
+
+        let Some(stdout) = child.stdout.take() else {
+            self.report_exit(None, Some("provider stdout unavailable".into()));
+            ctx.stop();
+            return;
+        };
+        let parser = self.provider.parser(&turn);
+        let reader = StdoutReader {
+            session_id: self.session_id.clone(),
+            run_id: self.run_id.clone(),
+            registry: self.registry.clone(),
+            stdin: self.stdin.clone(),
+            keep_stdin_open: spec.keep_stdin_open,
+            idle_timeout: spec.idle_timeout,
+        };
+        let pgid = self.pgid;
+        ctx.spawn(
+            async move {
+                let outcome = reader.run(stdout, parser).await;
+                if outcome == ReadOutcome::IdleTimeout {
+                    if let Some(pgid) = pgid {
+                        // SAFETY: see signal_group.
+                        unsafe {
+                            libc::killpg(pgid, libc::SIGKILL);
+                        }
+                    }
+                }
+                let status = child.wait().await;
+                let tail = match stderr_tail {
+                    Some(handle) => handle.await.unwrap_or_default(),
+                    None => String::new(),
+                };
+                (outcome, status, tail)
+            }
+            .into_actor(self)
+            .map(|(outcome, status, tail), act, ctx| {
+                // Whatever the CLI left running in its group goes with it.
+                act.signal_group(libc::SIGKILL);
+                let (code, signal) = match &status {
+                    Ok(s) => {
+                        use std::os::unix::process::ExitStatusExt;
+                        (s.code(), s.signal())
+                    }
+                    Err(_) => (None, None),
+                };
+                let error = match outcome {
+                    ReadOutcome::IdleTimeout => Some(format!(
+                        "{} produced no output for too long and was stopped",
+                        act.provider.kind()
+                    )),
+                    ReadOutcome::Eof => {
+                        let mut msg = match (code, signal) {
+                            (Some(code), _) => format!("{} exited with code {code} before finishing the turn", act.provider.kind()),
+                            (None, Some(sig)) => format!("{} was killed by signal {sig} before finishing the turn", act.provider.kind()),
+                            _ => format!("{} ended before finishing the turn", act.provider.kind()),
+                        };
+                        if !tail.trim().is_empty() {
+                            msg.push_str(": ");
+                            msg.push_str(tail.trim());
+                        }
+                        Some(msg)
+                    }
+                };
+                tracing::info!(actor = "ProviderRun", session_id = %act.session_id, run_id = %act.run_id, exit_code = ?code, signal = ?signal, aborted = act.aborting, "process exited");
+                act.report_exit(code, error);
+                ctx.stop();
+            }),
+        );
+    }
+
+    fn stopped(&mut self, _: &mut Self::Context) {
+        tracing::info!(actor = "ProviderRun", session_id = %self.session_id, run_id = %self.run_id, "actor stopped");
+    }
+}
+
+impl Drop for ProviderRun {
+    fn drop(&mut self) {
+        // Reached without a report only if the actor died (e.g. a panic):
+        // the run still gets its failed complete and its processes die.
+        if !self.reported {
+            tracing::error!(actor = "ProviderRun", session_id = %self.session_id, run_id = %self.run_id, reason = "actor died", "supervision: run actor crashed");
+            self.signal_group(libc::SIGKILL);
+            self.report_exit(None, Some("The provider run crashed inside the gateway".into()));
+        }
+    }
+}
+
+impl Handler<Abort> for ProviderRun {
+    type Result = ();
+
+    fn handle(&mut self, _: Abort, ctx: &mut Context<Self>) {
+        if self.aborting {
+            return;
+        }
+        self.aborting = true;
+        if let Some(bytes) = self.provider.interrupt() {
+            self.write_stdin(StdinCmd::Write(bytes), ctx);
+        }
+        self.write_stdin(StdinCmd::Close, ctx);
+        if self.provider.interrupt().is_none() {
+            // No interrupt protocol: terminate at once.
+            self.signal_group(libc::SIGTERM);
+        }
+        ctx.run_later(ABORT_GRACE, |act, ctx| {
+            act.signal_group(libc::SIGTERM);
+            ctx.run_later(KILL_GRACE, |act, _| act.signal_group(libc::SIGKILL));
+        });
+    }
+}
+
+impl Handler<AnswerPermission> for ProviderRun {
+    type Result = ();
+
+    fn handle(&mut self, msg: AnswerPermission, ctx: &mut Context<Self>) {
+        if let Some(bytes) =
+            self.provider
+                .permission_reply(&msg.provider_request_id, &msg.decision, &msg.original_input)
+        {
+            self.write_stdin(StdinCmd::Write(bytes), ctx);
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ReadOutcome {
+    Eof,
+    IdleTimeout,
+}
+
+/// The stdout loop: read lines, parse in batches, hand batches to the registry.
+struct StdoutReader {
+    session_id: String,
+    run_id: String,
+    registry: Addr<RunRegistry>,
+    stdin: Option<mpsc::Sender<StdinCmd>>,
+    keep_stdin_open: bool,
+    idle_timeout: Option<Duration>,
+}
+
+impl StdoutReader {
+    async fn run(
+        self,
+        stdout: impl AsyncRead + Unpin,
+        mut parser: Box<dyn LineParser>,
+    ) -> ReadOutcome {
+        let mut reader = BufReader::with_capacity(64 * 1024, stdout);
+        let mut line = Vec::with_capacity(4096);
+        let mut events = Vec::new();
+        let outcome = loop {
+            let mut batch_bytes = 0;
+            // Parse every complete line already buffered before awaiting the registry.
+            let eof = loop {
+                line.clear();
+                let read = match self.idle_timeout {
+                    Some(limit) => match tokio::time::timeout(limit, read_line(&mut reader, &mut line)).await {
+                        Ok(r) => r,
+                        Err(_) => {
+                            self.flush(&mut events).await;
+                            return ReadOutcome::IdleTimeout;
+                        }
+                    },
+                    None => read_line(&mut reader, &mut line).await,
+                };
+                match read {
+                    LineRead::Eof => break true,
+                    LineRead::TooLong => {
+                        tracing::warn!(run_id = %self.run_id, limit = MAX_LINE_BYTES, "dropping an over-long stdout line");
+                    }
+                    LineRead::Line => {
+                        batch_bytes += line.len();
+                        match std::str::from_utf8(&line) {
+                            Ok(text) => {
+                                let text = text.trim_end_matches(['\n', '\r']);
+                                if !text.trim().is_empty() {
+                                    parser.parse_line(text, &mut events);
+                                }
+                            }
+                            Err(_) => {
+                                let text = String::from_utf8_lossy(&line);
+                                parser.parse_line(text.trim_end_matches(['\n', '\r']), &mut events);
+                            }
+                        }
+                    }
+                }
+                let buffered_line = reader.buffer().contains(&b'\n');
+                if !buffered_line || events.len() >= BATCH_MAX_EVENTS || batch_bytes >= BATCH_MAX_BYTES {
+                    break false;
+                }
+            };
+            if eof {
+                parser.finish(&mut events);
+                self.flush(&mut events).await;
+                break ReadOutcome::Eof;
+            }
+            self.flush(&mut events).await;
+        };
+        outcome
+    }
+
+    /// Writes replies to stdin and sends the rest to the registry (awaited).
+    async fn flush(&self, events: &mut Vec<ProviderEvent>) {
+        if events.is_empty() {
+            return;
+        }
+        let mut batch = Vec::with_capacity(events.len());
+        for event in events.drain(..) {
+            match event {
+                ProviderEvent::Reply(bytes) => {
+                    if let Some(tx) = &self.stdin {
+                        let _ = tx.send(StdinCmd::Write(bytes)).await;
+                    }
+                }
+                ProviderEvent::TurnComplete { .. } => {
+                    // The turn is over: close stdin so the CLI exits.
+                    if self.keep_stdin_open {
+                        if let Some(tx) = &self.stdin {
+                            let _ = tx.send(StdinCmd::Close).await;
+                        }
+                    }
+                    batch.push(event);
+                }
+                other => batch.push(other),
+            }
+        }
+        if batch.is_empty() {
+            return;
+        }
+        let msg = RunEvents {
+            session_id: self.session_id.clone(),
+            run_id: self.run_id.clone(),
+            events: batch,
+        };
+        if self.registry.send(msg).await.is_err() {
+            tracing::error!(run_id = %self.run_id, "run registry is gone; dropping events");
+        }
+    }
+}
+
+enum LineRead {
+    Line,
+    TooLong,
+    Eof,
+}
+
+/// Reads one line into `line` (with its newline), refusing to grow past
+/// [`MAX_LINE_BYTES`]: the rest of an over-long line is skipped.
+async fn read_line<R: AsyncRead + Unpin>(reader: &mut BufReader<R>, line: &mut Vec<u8>) -> LineRead {
+    let mut too_long = false;
+    loop {
+        let available = match reader.fill_buf().await {
+            Ok(buf) => buf,
+            Err(_) => return LineRead::Eof,
+        };
+        if available.is_empty() {
+            return if line.is_empty() && !too_long {
+                LineRead::Eof
+            } else if too_long {
+                LineRead::TooLong
+            } else {
+                LineRead::Line
+            };
+        }
+        let (chunk, done) = match available.iter().position(|b| *b == b'\n') {
+            Some(i) => (&available[..=i], true),
+            None => (available, false),
+        };
+        let n = chunk.len();
+        if !too_long {
+            if line.len() + n > MAX_LINE_BYTES {
+                too_long = true;
+                line.clear();
+            } else {
+                line.extend_from_slice(chunk);
+            }
+        }
+        reader.consume(n);
+        if done {
+            return if too_long { LineRead::TooLong } else { LineRead::Line };
+        }
+    }
+}
+
+/// Logs stderr line by line and returns its tail for error messages.
+async fn read_stderr(stderr: impl AsyncRead + Unpin, run_id: String) -> String {
+    let mut lines = BufReader::new(stderr).lines();
+    let mut tail = String::new();
+    loop {
+        match lines.next_line().await {
+            Ok(Some(line)) => {
+                let line: String = line.chars().take(2000).collect();
+                tracing::debug!(run_id = %run_id, stderr = %line, "provider stderr");
+                tail.push_str(&line);
+                tail.push('\n');
+                if tail.len() > STDERR_TAIL_BYTES {
+                    let cut = tail.len() - STDERR_TAIL_BYTES;
+                    let cut = (cut..tail.len()).find(|i| tail.is_char_boundary(*i)).unwrap_or(tail.len());
+                    tail.drain(..cut);
+                }
+            }
+            Ok(None) | Err(_) => break,
+        }
+    }
+    tail
+}

@@ -1,0 +1,1061 @@
+//! `RunRegistry`: the one supervisor of chat runs.
+//!
+//! **Owns**, per app session: the current run (id, provider, status, start
+//! time, its `ProviderRun` address), the seq counter, the bounded replay
+//! buffer, the subscribed sockets, pending permission requests, the
+//! `clientRequestId` dedupe table; and the set of connected chat sockets
+//! (for `session_upserted`, which goes to every socket of the owner).
+//!
+//! **Handles**: [`Connect`], [`Disconnect`] (chat sockets); [`StartRun`],
+//! [`AbortRun`], [`Subscribe`], [`RespondPermission`], [`ListRunning`]
+//! (clients, through their socket or REST); [`RunEvents`], [`RunExited`]
+//! (from `ProviderRun`); [`Shutdown`] (the binary).
+//!
+//! **Sends**: [`Deliver`] and [`CloseSocket`] to chat sockets; [`Abort`] and
+//! [`AnswerPermission`] to `ProviderRun`s.
+//!
+//! **Invariants**:
+//! - `seq` is assigned only here, +1 per forwarded event, strictly increasing
+//!   per session across runs and restarts (persisted at run end and every
+//!   [`PERSIST_SEQ_EVERY`] events).
+//! - A run's terminal state is set exactly once (`Status::Completed`): the
+//!   first `complete` wins; later ones (a result after an abort, the exit of
+//!   a killed process) are dropped. Messages carry the run id, so a finished
+//!   run's late exit never completes the session's next run.
+//! - Each event is serialized once; the same bytes go to the replay buffer
+//!   and to every subscriber.
+//!
+//! **Bounds**: the replay buffer keeps the last [`REPLAY_MAX_EVENTS`] events
+//! and at most [`REPLAY_MAX_BYTES`] (oldest dropped first). A subscriber whose
+//! mailbox is full (it is not reading) is detached and closed with 4008; it
+//! resubscribes with its `lastSeq`. `ProviderRun`s deliver with `send().await`,
+//! so a busy registry slows the reading of provider stdout instead of queueing.
+//!
+//! **Stops** with the system; it never stops on a client's or run's error.
+
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use serde_json::{json, Value};
+
+use crate::config::GatewayConfig;
+use crate::protocol::{
+    frame_of, now_iso, ChatError, Envelope, ErrorCode, Event, EventBody, Frame,
+    PermissionDecision,
+};
+use crate::provider::{provider_for, ProviderEvent, ProviderKind, Turn};
+use crate::provider_run::{Abort, AnswerPermission, ProviderRun};
+use crate::store::{self, SessionRow, Store};
+
+/// Events kept for replay per session (PROTOCOL.md asks for at least 5000).
+pub const REPLAY_MAX_EVENTS: usize = 10_000;
+/// Bytes kept for replay per session.
+pub const REPLAY_MAX_BYTES: usize = 32 * 1024 * 1024;
+/// A completed run's buffer is kept this long for late subscribers.
+pub const COMPLETED_RUN_RETENTION: Duration = Duration::from_secs(300);
+/// A repeated `clientRequestId` within this window starts nothing (E6).
+pub const CLIENT_REQUEST_TTL: Duration = Duration::from_secs(600);
+/// Remembered `clientRequestId`s per session; the oldest is forgotten first.
+const CLIENT_REQUESTS_MAX: usize = 256;
+/// The seq counter is written to the database at least this often while a run streams.
+pub const PERSIST_SEQ_EVERY: u64 = 2_000;
+/// Tools that always wait for the user, without a timeout.
+const INTERACTIVE_TOOLS: [&str; 2] = ["AskUserQuestion", "ExitPlanMode"];
+
+/// Identifies a connected chat socket.
+pub type SocketId = u64;
+
+/// Frames for one socket, in order. Shared, not copied, across subscribers.
+#[derive(Message, Clone)]
+#[rtype(result = "()")]
+pub struct Deliver(pub Arc<[Frame]>);
+
+/// Asks a chat socket to close with a code (4008 slow consumer, 1001 shutdown).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct CloseSocket {
+    pub code: u16,
+    pub reason: &'static str,
+}
+
+/// A chat socket opened (sent by `ChatSocket::started`); returns its id.
+#[derive(Message)]
+#[rtype(result = "SocketId")]
+pub struct Connect {
+    pub user_id: i64,
+    pub deliver: Recipient<Deliver>,
+    pub close: Recipient<CloseSocket>,
+}
+
+/// A chat socket closed (sent by `ChatSocket::stopped`). Idempotent.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Disconnect {
+    pub socket: SocketId,
+}
+
+/// `chat.send` from a socket, after the socket checked the row belongs to the user.
+#[derive(Message)]
+#[rtype(result = "Result<(), ChatError>")]
+pub struct StartRun {
+    pub socket: SocketId,
+    pub user_id: i64,
+    pub session: SessionRow,
+    pub content: String,
+    pub options: Value,
+    pub client_request_id: Option<String>,
+}
+
+/// `chat.abort` from a socket.
+#[derive(Message)]
+#[rtype(result = "Result<(), ChatError>")]
+pub struct AbortRun {
+    pub user_id: i64,
+    pub session_id: String,
+}
+
+/// One `chat.subscribe` entry, after the socket checked the row belongs to the
+/// user. The registry answers on the socket itself (`chat_subscribed`, then
+/// replay), so the ack always precedes the replayed and live events.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Subscribe {
+    pub socket: SocketId,
+    pub session: SessionRow,
+    pub last_seq: Option<u64>,
+}
+
+/// `chat.permission-response` from a socket. Unknown ids are ignored.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct RespondPermission {
+    pub user_id: i64,
+    pub request_id: String,
+    pub decision: PermissionDecision,
+}
+
+/// `GET /api/providers/sessions/running`: the user's running runs.
+#[derive(Message)]
+#[rtype(result = "Vec<RunningSession>")]
+pub struct ListRunning {
+    pub user_id: i64,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RunningSession {
+    pub session_id: String,
+    pub provider: String,
+    pub started_at: String,
+    pub last_seq: u64,
+    pub run_id: String,
+}
+
+/// Parsed stdout of a run (from `ProviderRun`, awaited: this is its backpressure).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct RunEvents {
+    pub session_id: String,
+    pub run_id: String,
+    pub events: Vec<ProviderEvent>,
+}
+
+/// The provider process ended, or the run actor died (from `ProviderRun`).
+#[derive(Message, Debug)]
+#[rtype(result = "()")]
+pub struct RunExited {
+    pub session_id: String,
+    pub run_id: String,
+    /// Exit code, `None` when killed by a signal or never started.
+    pub exit_code: Option<i32>,
+    /// What went wrong, for the `error` event when the run had not completed.
+    pub error: Option<String>,
+}
+
+/// Gateway shutdown: complete every running run, kill their processes,
+/// close every chat socket with 1001. Answers when done.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Shutdown;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Status {
+    Running,
+    Completed,
+}
+
+struct Pending {
+    request_id: String,
+    provider_request_id: String,
+    tool_name: String,
+    input: Value,
+    context: Option<Value>,
+    received_at: String,
+    timer: Option<SpawnHandle>,
+}
+
+struct Run {
+    id: String,
+    status: Status,
+    started_at: String,
+    /// Seq of the run's first event (E2 `runFirstSeq`).
+    first_seq: u64,
+    addr: Option<Addr<ProviderRun>>,
+    pending: Vec<Pending>,
+    /// Tool patterns allowed for the rest of the run (`rememberEntry`).
+    remembered: Vec<String>,
+}
+
+struct SessionState {
+    owner: i64,
+    provider: ProviderKind,
+    project_path: String,
+    custom_name: Option<String>,
+    created_at: String,
+    provider_session_id: Option<String>,
+    last_seq: u64,
+    persisted_seq: u64,
+    /// Replay buffer of the current (or retained) run: `(seq, frame)`.
+    buffer: VecDeque<(u64, Frame)>,
+    buffer_bytes: usize,
+    subscribers: BTreeSet<SocketId>,
+    run: Option<Run>,
+    /// `clientRequestId` -> (run id, when).
+    client_requests: VecDeque<(String, String, Instant)>,
+}
+
+struct SocketEntry {
+    user_id: i64,
+    deliver: Recipient<Deliver>,
+    close: Recipient<CloseSocket>,
+}
+
+pub struct RunRegistry {
+    config: Arc<GatewayConfig>,
+    store: Store,
+    /// Where `ProviderRun`s live, off the registry's thread.
+    runs_arbiter: ArbiterHandle,
+    sockets: HashMap<SocketId, SocketEntry>,
+    next_socket: SocketId,
+    sessions: HashMap<String, SessionState>,
+    /// Gateway request id -> app session id, for pending permissions.
+    permissions: HashMap<String, String>,
+}
+
+impl RunRegistry {
+    pub fn new(config: Arc<GatewayConfig>, store: Store, runs_arbiter: ArbiterHandle) -> Self {
+        RunRegistry {
+            config,
+            store,
+            runs_arbiter,
+            sockets: HashMap::new(),
+            next_socket: 1,
+            sessions: HashMap::new(),
+            permissions: HashMap::new(),
+        }
+    }
+
+    /// Sends frames to one socket; a full mailbox marks it a slow consumer.
+    fn deliver_to(&mut self, socket: SocketId, frames: Arc<[Frame]>) {
+        let Some(entry) = self.sockets.get(&socket) else {
+            return;
+        };
+        match entry.deliver.try_send(Deliver(frames)) {
+            Ok(()) => {}
+            Err(SendError::Full(_)) => self.drop_slow_consumer(socket),
+            Err(SendError::Closed(_)) => self.forget_socket(socket),
+        }
+    }
+
+    fn drop_slow_consumer(&mut self, socket: SocketId) {
+        if let Some(entry) = self.sockets.remove(&socket) {
+            tracing::warn!(actor = "ChatSocket", socket, reason = "slow consumer", "closing socket with 4008");
+            // One message past capacity, once: do_send is bounded here by the removal above.
+            entry.close.do_send(CloseSocket {
+                code: 4008,
+                reason: "slow consumer",
+            });
+        }
+        self.forget_socket(socket);
+    }
+
+    fn forget_socket(&mut self, socket: SocketId) {
+        self.sockets.remove(&socket);
+        let mut empty = Vec::new();
+        for (id, s) in self.sessions.iter_mut() {
+            s.subscribers.remove(&socket);
+            if s.subscribers.is_empty() && s.run.is_none() {
+                empty.push(id.clone());
+            }
+        }
+        for id in empty {
+            self.sessions.remove(&id);
+        }
+    }
+
+    fn broadcast(&mut self, session_id: &str, frames: Vec<Frame>) {
+        if frames.is_empty() {
+            return;
+        }
+        let Some(state) = self.sessions.get(session_id) else {
+            return;
+        };
+        let frames: Arc<[Frame]> = frames.into();
+        let subscribers: Vec<SocketId> = state.subscribers.iter().copied().collect();
+        for socket in subscribers {
+            self.deliver_to(socket, frames.clone());
+        }
+    }
+
+    /// Sequences, serializes (once), buffers and returns the frame of one event.
+    fn sequence(&mut self, session_id: &str, event: &Event) -> Option<Frame> {
+        let state = self.sessions.get_mut(session_id)?;
+        let run_id = state.run.as_ref()?.id.clone();
+        state.last_seq += 1;
+        let seq = state.last_seq;
+        let id = format!("{run_id}:{seq}");
+        let timestamp = now_iso();
+        let frame = frame_of(&Envelope {
+            id: &id,
+            session_id,
+            timestamp: &timestamp,
+            provider: state.provider.as_str(),
+            seq,
+            run_id: &run_id,
+            parent_tool_use_id: event.parent_tool_use_id.as_deref(),
+            body: &event.body,
+        });
+        state.buffer_bytes += frame.len();
+        state.buffer.push_back((seq, frame.clone()));
+        while state.buffer.len() > REPLAY_MAX_EVENTS
+            || (state.buffer_bytes > REPLAY_MAX_BYTES && state.buffer.len() > 1)
+        {
+            if let Some((_, old)) = state.buffer.pop_front() {
+                state.buffer_bytes -= old.len();
+            }
+        }
+        if seq - state.persisted_seq >= PERSIST_SEQ_EVERY {
+            self.persist_seq(session_id);
+        }
+        Some(frame)
+    }
+
+    fn persist_seq(&mut self, session_id: &str) {
+        let Some(state) = self.sessions.get_mut(session_id) else {
+            return;
+        };
+        if state.last_seq == state.persisted_seq {
+            return;
+        }
+        state.persisted_seq = state.last_seq;
+        let (id, seq, store) = (session_id.to_string(), state.last_seq, self.store.clone());
+        actix::spawn(async move {
+            let sid = id.clone();
+            if let Err(err) = store::blocking(&store, move |s| s.set_last_seq(&sid, seq)).await {
+                tracing::error!(session_id = %id, %err, "failed to persist seq");
+            }
+        });
+    }
+
+    /// Emits one event to the session's subscribers.
+    fn emit(&mut self, session_id: &str, body: EventBody) {
+        if let Some(frame) = self.sequence(session_id, &Event::from(body)) {
+            self.broadcast(session_id, vec![frame]);
+        }
+    }
+
+    /// Ends the session's current run once; `false` if it had already ended.
+    fn complete(&mut self, session_id: &str, exit_code: i32, aborted: bool, ctx: &mut Context<Self>) -> bool {
+        let Some(state) = self.sessions.get_mut(session_id) else {
+            return false;
+        };
+        let Some(run) = state.run.as_mut().filter(|r| r.status == Status::Running) else {
+            return false;
+        };
+        run.status = Status::Completed;
+        let run_id = run.id.clone();
+        let pending = std::mem::take(&mut run.pending);
+        let reason = if aborted { "aborted" } else { "run_ended" };
+        let mut frames = Vec::with_capacity(pending.len() + 1);
+        for p in pending {
+            if let Some(timer) = p.timer {
+                ctx.cancel_future(timer);
+            }
+            self.permissions.remove(&p.request_id);
+            let body = EventBody::PermissionCancelled {
+                request_id: p.request_id,
+                reason: reason.to_string(),
+            };
+            frames.extend(self.sequence(session_id, &Event::from(body)));
+        }
+        let body = EventBody::Complete {
+            actual_session_id: session_id.to_string(),
+            exit_code,
+            success: exit_code == 0 && !aborted,
+            aborted,
+        };
+        frames.extend(self.sequence(session_id, &Event::from(body)));
+        self.broadcast(session_id, frames);
+        self.persist_seq(session_id);
+        tracing::info!(actor = "ProviderRun", session_id, run_id = %run_id, exit_code, aborted, "run completed");
+        // Keep the buffer for late subscribers, then forget the run.
+        let sid = session_id.to_string();
+        ctx.run_later(COMPLETED_RUN_RETENTION, move |act, _| act.evict(&sid, &run_id));
+        true
+    }
+
+    fn evict(&mut self, session_id: &str, run_id: &str) {
+        let Some(state) = self.sessions.get_mut(session_id) else {
+            return;
+        };
+        let finished_same_run = state
+            .run
+            .as_ref()
+            .is_some_and(|r| r.id == run_id && r.status == Status::Completed);
+        if !finished_same_run {
+            return;
+        }
+        state.run = None;
+        state.buffer.clear();
+        state.buffer_bytes = 0;
+        if state.subscribers.is_empty() {
+            self.sessions.remove(session_id);
+        }
+    }
+
+    fn state_for(&mut self, row: &SessionRow, provider: ProviderKind) -> &mut SessionState {
+        let state = self
+            .sessions
+            .entry(row.id.clone())
+            .or_insert_with(|| SessionState {
+                owner: row.user_id,
+                provider,
+                project_path: row.project_path.clone(),
+                custom_name: row.custom_name.clone(),
+                created_at: row.created_at.clone(),
+                provider_session_id: row.provider_session_id.clone(),
+                last_seq: row.last_seq,
+                persisted_seq: row.last_seq,
+                buffer: VecDeque::new(),
+                buffer_bytes: 0,
+                subscribers: BTreeSet::new(),
+                run: None,
+                client_requests: VecDeque::new(),
+            });
+        // The registry's own counters are newer than a row read earlier.
+        state.last_seq = state.last_seq.max(row.last_seq);
+        state
+    }
+
+    fn session_upserted(&mut self, session_id: &str) {
+        let Some(state) = self.sessions.get(session_id) else {
+            return;
+        };
+        let frame = frame_of(&json!({
+            "kind": "session_upserted",
+            "sessionId": session_id,
+            "providerSessionId": state.provider_session_id,
+            "provider": state.provider.as_str(),
+            "session": {
+                "id": session_id,
+                "summary": state.custom_name.clone().unwrap_or_default(),
+                "messageCount": 0,
+                "lastActivity": now_iso(),
+                "createdAt": state.created_at,
+            },
+            "project": {
+                "path": state.project_path,
+                "fullPath": state.project_path,
+                "displayName": Path::new(&state.project_path)
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_else(|| state.project_path.clone()),
+            },
+            "timestamp": now_iso(),
+        }));
+        let owner = state.owner;
+        let frames: Arc<[Frame]> = vec![frame].into();
+        let sockets: Vec<SocketId> = self
+            .sockets
+            .iter()
+            .filter(|(_, s)| s.user_id == owner)
+            .map(|(id, _)| *id)
+            .collect();
+        for socket in sockets {
+            self.deliver_to(socket, frames.clone());
+        }
+    }
+
+    fn handle_provider_event(
+        &mut self,
+        session_id: &str,
+        event: ProviderEvent,
+        frames: &mut Vec<Frame>,
+        ctx: &mut Context<Self>,
+    ) {
+        match event {
+            ProviderEvent::Emit(event) => frames.extend(self.sequence(session_id, &event)),
+            ProviderEvent::SessionCreated(native) => {
+                let Some(state) = self.sessions.get_mut(session_id) else {
+                    return;
+                };
+                if state.provider_session_id.as_deref() == Some(native.as_str()) {
+                    return;
+                }
+                state.provider_session_id = Some(native.clone());
+                let (store, sid) = (self.store.clone(), session_id.to_string());
+                actix::spawn(async move {
+                    let id = sid.clone();
+                    if let Err(err) = store::blocking(&store, move |s| s.set_provider_session_id(&id, &native)).await {
+                        tracing::error!(session_id = %sid, %err, "failed to persist provider session id");
+                    }
+                });
+                // Flush what is queued first so events stay in order for subscribers.
+                self.broadcast(session_id, std::mem::take(frames));
+                self.session_upserted(session_id);
+            }
+            ProviderEvent::PermissionRequested {
+                provider_request_id,
+                tool_name,
+                input,
+                context,
+            } => {
+                let Some(run) = self.sessions.get_mut(session_id).and_then(|s| s.run.as_mut()) else {
+                    return;
+                };
+                if run.status != Status::Running {
+                    return;
+                }
+                if run.remembered.iter().any(|p| tool_matches(p, &tool_name, &input)) {
+                    if let Some(addr) = &run.addr {
+                        addr.do_send(AnswerPermission {
+                            provider_request_id,
+                            decision: PermissionDecision {
+                                allow: true,
+                                updated_input: None,
+                                message: None,
+                                remember_entry: None,
+                            },
+                            original_input: input,
+                        });
+                    }
+                    return;
+                }
+                let request_id = uuid::Uuid::new_v4().to_string();
+                let timer = (!INTERACTIVE_TOOLS.contains(&tool_name.as_str())).then(|| {
+                    let (sid, rid) = (session_id.to_string(), request_id.clone());
+                    ctx.run_later(self.config.permission_timeout, move |act, ctx| {
+                        act.permission_timed_out(&sid, &rid, ctx)
+                    })
+                });
+                run.pending.push(Pending {
+                    request_id: request_id.clone(),
+                    provider_request_id,
+                    tool_name: tool_name.clone(),
+                    input: input.clone(),
+                    context: context.clone(),
+                    received_at: now_iso(),
+                    timer,
+                });
+                self.permissions.insert(request_id.clone(), session_id.to_string());
+                let body = EventBody::PermissionRequest {
+                    request_id,
+                    tool_name,
+                    input,
+                    context,
+                };
+                frames.extend(self.sequence(session_id, &Event::from(body)));
+            }
+            ProviderEvent::PermissionWithdrawn { provider_request_id } => {
+                let Some(run) = self.sessions.get_mut(session_id).and_then(|s| s.run.as_mut()) else {
+                    return;
+                };
+                let Some(pos) = run.pending.iter().position(|p| p.provider_request_id == provider_request_id) else {
+                    return;
+                };
+                let p = run.pending.remove(pos);
+                if let Some(timer) = p.timer {
+                    ctx.cancel_future(timer);
+                }
+                self.permissions.remove(&p.request_id);
+                let body = EventBody::PermissionCancelled {
+                    request_id: p.request_id,
+                    reason: "cancelled".into(),
+                };
+                frames.extend(self.sequence(session_id, &Event::from(body)));
+            }
+            ProviderEvent::TurnComplete { exit_code } => {
+                self.broadcast(session_id, std::mem::take(frames));
+                self.complete(session_id, exit_code, false, ctx);
+            }
+            // Stdin replies are the run's business; it never forwards them.
+            ProviderEvent::Reply(_) => {}
+        }
+    }
+
+    fn permission_timed_out(&mut self, session_id: &str, request_id: &str, _ctx: &mut Context<Self>) {
+        let Some(run) = self.sessions.get_mut(session_id).and_then(|s| s.run.as_mut()) else {
+            return;
+        };
+        let Some(pos) = run.pending.iter().position(|p| p.request_id == request_id) else {
+            return;
+        };
+        let p = run.pending.remove(pos);
+        self.permissions.remove(request_id);
+        if let Some(addr) = &run.addr {
+            addr.do_send(AnswerPermission {
+                provider_request_id: p.provider_request_id,
+                decision: PermissionDecision {
+                    allow: false,
+                    updated_input: None,
+                    message: Some("Permission request timed out".into()),
+                    remember_entry: None,
+                },
+                original_input: p.input,
+            });
+        }
+        tracing::info!(session_id, request_id, "permission request timed out");
+        self.emit(
+            session_id,
+            EventBody::PermissionCancelled {
+                request_id: request_id.to_string(),
+                reason: "timeout".into(),
+            },
+        );
+    }
+
+    fn subscribed_frame(&self, session_id: &str, row_last_seq: u64, last_seq: Option<u64>) -> (Frame, Vec<Frame>, bool) {
+        let state = self.sessions.get(session_id);
+        let run = state.and_then(|s| s.run.as_ref());
+        let running = run.is_some_and(|r| r.status == Status::Running);
+        let session_last = state.map(|s| s.last_seq).unwrap_or(row_last_seq);
+        let pending: Vec<Value> = run
+            .map(|r| {
+                r.pending
+                    .iter()
+                    .map(|p| {
+                        let mut v = json!({
+                            "requestId": p.request_id,
+                            "toolName": p.tool_name,
+                            "input": p.input,
+                            "sessionId": session_id,
+                            "receivedAt": p.received_at,
+                        });
+                        if let Some(c) = &p.context {
+                            v["context"] = c.clone();
+                        }
+                        v
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let oldest = state.and_then(|s| s.buffer.front().map(|(seq, _)| *seq));
+        let from = last_seq.unwrap_or(0);
+        let mut ack = json!({
+            "kind": "chat_subscribed",
+            "sessionId": session_id,
+            "isProcessing": running,
+            "lastSeq": session_last,
+            "pendingPermissions": pending,
+            "timestamp": now_iso(),
+        });
+        if let (Some(run), Some(state)) = (run, state) {
+            ack["runId"] = json!(run.id);
+            ack["runFirstSeq"] = json!(run.first_seq);
+            ack["oldestSeq"] = json!(oldest.unwrap_or(state.last_seq + 1));
+            let wanted = (from + 1).max(run.first_seq);
+            ack["replayTruncated"] = json!(oldest.is_some_and(|o| wanted < o));
+        }
+        let replay = match (running, state) {
+            (true, Some(state)) => state
+                .buffer
+                .iter()
+                .filter(|(seq, _)| *seq > from)
+                .map(|(_, f)| f.clone())
+                .collect(),
+            _ => Vec::new(),
+        };
+        (frame_of(&ack), replay, running)
+    }
+
+    fn start_run(&mut self, msg: StartRun, ctx: &mut Context<Self>) -> Result<(), ChatError> {
+        let row = msg.session;
+        let unsupported = || {
+            ChatError::new(
+                ErrorCode::UnsupportedProvider,
+                format!("Provider '{}' is not supported", row.provider),
+            )
+        };
+        let kind: ProviderKind = row.provider.parse().map_err(|_| unsupported())?;
+        let provider = provider_for(kind).ok_or_else(unsupported)?;
+        let session_id = row.id.clone();
+        let now = Instant::now();
+        let bin = self.config.bin(kind);
+        let state = self.state_for(&row, kind);
+
+        // E6: a repeated clientRequestId starts nothing and gets the original run id.
+        state.client_requests.retain(|(_, _, at)| now.duration_since(*at) < CLIENT_REQUEST_TTL);
+        if let Some(crid) = &msg.client_request_id {
+            if let Some((_, run_id, _)) = state.client_requests.iter().find(|(c, _, _)| c == crid) {
+                let frame = accepted_frame(&session_id, run_id, crid, true);
+                state.subscribers.insert(msg.socket);
+                self.deliver_to(msg.socket, vec![frame].into());
+                return Ok(());
+            }
+        }
+        if state.run.as_ref().is_some_and(|r| r.status == Status::Running) {
+            return Err(ChatError::new(
+                ErrorCode::RunInProgress,
+                "A run is already in progress for this session",
+            ));
+        }
+
+        let run_id = uuid::Uuid::new_v4().to_string();
+        let cwd = resolve_cwd(&row.project_path, &msg.options);
+        let turn = Turn {
+            app_session_id: session_id.clone(),
+            provider_session_id: state.provider_session_id.clone(),
+            content: msg.content,
+            options: msg.options,
+            cwd,
+            bin,
+        };
+        state.buffer.clear();
+        state.buffer_bytes = 0;
+        state.subscribers.insert(msg.socket);
+        if let Some(crid) = &msg.client_request_id {
+            if state.client_requests.len() >= CLIENT_REQUESTS_MAX {
+                state.client_requests.pop_front();
+            }
+            state.client_requests.push_back((crid.clone(), run_id.clone(), now));
+        }
+        let first_seq = state.last_seq + 1;
+        state.run = Some(Run {
+            id: run_id.clone(),
+            status: Status::Running,
+            started_at: now_iso(),
+            first_seq,
+            addr: None,
+            pending: Vec::new(),
+            remembered: Vec::new(),
+        });
+        if let Some(crid) = &msg.client_request_id {
+            let frame = accepted_frame(&session_id, &run_id, crid, false);
+            self.deliver_to(msg.socket, vec![frame].into());
+        }
+
+        let registry = ctx.address();
+        let child_env = self.config.child_env.clone();
+        let (sid, rid) = (session_id.clone(), run_id.clone());
+        let addr = ProviderRun::start_in_arbiter(&self.runs_arbiter, move |_| {
+            ProviderRun::new(sid, rid, provider, turn, registry, child_env)
+        });
+        if let Some(run) = self.sessions.get_mut(&session_id).and_then(|s| s.run.as_mut()) {
+            run.addr = Some(addr);
+        }
+        tracing::info!(actor = "ProviderRun", session_id = %session_id, run_id = %run_id, provider = %kind, "run started");
+        Ok(())
+    }
+}
+
+fn accepted_frame(session_id: &str, run_id: &str, client_request_id: &str, duplicate: bool) -> Frame {
+    frame_of(&json!({
+        "kind": "chat_accepted",
+        "sessionId": session_id,
+        "runId": run_id,
+        "clientRequestId": client_request_id,
+        "duplicate": duplicate,
+        "timestamp": now_iso(),
+    }))
+}
+
+/// The session's project path, or a client `options.cwd` inside it.
+fn resolve_cwd(project_path: &str, options: &Value) -> PathBuf {
+    let project = PathBuf::from(project_path);
+    let Some(cwd) = options.get("cwd").and_then(Value::as_str).filter(|c| !c.is_empty()) else {
+        return project;
+    };
+    let candidate = project.join(cwd);
+    match (candidate.canonicalize(), project.canonicalize()) {
+        (Ok(c), Ok(p)) if c.starts_with(&p) => c,
+        _ => {
+            tracing::warn!(cwd, project_path, "ignoring options.cwd outside the project");
+            project
+        }
+    }
+}
+
+/// `rememberEntry` matching as the reference: an exact tool name, or
+/// `Bash(<prefix>:*)` for commands starting with the prefix.
+fn tool_matches(pattern: &str, tool: &str, input: &Value) -> bool {
+    if pattern == tool {
+        return true;
+    }
+    let Some(inner) = pattern.strip_prefix(tool).and_then(|r| r.strip_prefix('(')).and_then(|r| r.strip_suffix(')')) else {
+        return false;
+    };
+    let command = input.get("command").and_then(Value::as_str).unwrap_or_default();
+    match inner.strip_suffix(":*") {
+        Some(prefix) => command.starts_with(prefix),
+        None => command == inner,
+    }
+}
+
+impl Actor for RunRegistry {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        // Runs deliver with send().await; this bounds how many batches wait here.
+        ctx.set_mailbox_capacity(1024);
+        tracing::info!(actor = "RunRegistry", "actor started");
+    }
+
+    fn stopped(&mut self, _: &mut Self::Context) {
+        tracing::info!(actor = "RunRegistry", "actor stopped");
+    }
+}
+
+impl Handler<Connect> for RunRegistry {
+    type Result = SocketId;
+
+    fn handle(&mut self, msg: Connect, _: &mut Context<Self>) -> SocketId {
+        let id = self.next_socket;
+        self.next_socket += 1;
+        self.sockets.insert(
+            id,
+            SocketEntry {
+                user_id: msg.user_id,
+                deliver: msg.deliver,
+                close: msg.close,
+            },
+        );
+        id
+    }
+}
+
+impl Handler<Disconnect> for RunRegistry {
+    type Result = ();
+
+    fn handle(&mut self, msg: Disconnect, _: &mut Context<Self>) {
+        self.forget_socket(msg.socket);
+    }
+}
+
+impl Handler<StartRun> for RunRegistry {
+    type Result = Result<(), ChatError>;
+
+    fn handle(&mut self, msg: StartRun, ctx: &mut Context<Self>) -> Self::Result {
+        self.start_run(msg, ctx)
+    }
+}
+
+impl Handler<AbortRun> for RunRegistry {
+    type Result = Result<(), ChatError>;
+
+    fn handle(&mut self, msg: AbortRun, ctx: &mut Context<Self>) -> Self::Result {
+        let no_run = || ChatError::new(ErrorCode::NoActiveRun, "No active run for this session");
+        let state = self.sessions.get(&msg.session_id).ok_or_else(no_run)?;
+        if state.owner != msg.user_id {
+            return Err(ChatError::new(ErrorCode::SessionNotFound, "Session not found"));
+        }
+        let run = state
+            .run
+            .as_ref()
+            .filter(|r| r.status == Status::Running)
+            .ok_or_else(no_run)?;
+        // exitCode 0 when the interrupt reached the run, as the reference.
+        let delivered = run.addr.as_ref().is_some_and(|a| {
+            a.do_send(Abort);
+            a.connected()
+        });
+        tracing::info!(session_id = %msg.session_id, run_id = %run.id, "abort requested");
+        self.complete(&msg.session_id, if delivered { 0 } else { 1 }, true, ctx);
+        Ok(())
+    }
+}
+
+impl Handler<Subscribe> for RunRegistry {
+    type Result = ();
+
+    fn handle(&mut self, msg: Subscribe, _: &mut Context<Self>) {
+        let session_id = msg.session.id.clone();
+        let (ack, replay, running) = self.subscribed_frame(&session_id, msg.session.last_seq, msg.last_seq);
+        if running {
+            if let Some(state) = self.sessions.get_mut(&session_id) {
+                state.subscribers.insert(msg.socket);
+            }
+        }
+        let mut frames = Vec::with_capacity(replay.len() + 1);
+        frames.push(ack);
+        frames.extend(replay);
+        self.deliver_to(msg.socket, frames.into());
+    }
+}
+
+impl Handler<RespondPermission> for RunRegistry {
+    type Result = ();
+
+    fn handle(&mut self, msg: RespondPermission, ctx: &mut Context<Self>) {
+        let Some(session_id) = self.permissions.get(&msg.request_id).cloned() else {
+            return;
+        };
+        let Some(state) = self.sessions.get_mut(&session_id) else {
+            return;
+        };
+        if state.owner != msg.user_id {
+            return;
+        }
+        let Some(run) = state.run.as_mut() else {
+            return;
+        };
+        let Some(pos) = run.pending.iter().position(|p| p.request_id == msg.request_id) else {
+            return;
+        };
+        let p = run.pending.remove(pos);
+        self.permissions.remove(&msg.request_id);
+        if let Some(timer) = p.timer {
+            ctx.cancel_future(timer);
+        }
+        if msg.decision.allow {
+            if let Some(entry) = &msg.decision.remember_entry {
+                run.remembered.push(entry.clone());
+            }
+        }
+        if let Some(addr) = &run.addr {
+            addr.do_send(AnswerPermission {
+                provider_request_id: p.provider_request_id,
+                decision: msg.decision,
+                original_input: p.input,
+            });
+        }
+    }
+}
+
+impl Handler<ListRunning> for RunRegistry {
+    type Result = Vec<RunningSession>;
+
+    fn handle(&mut self, msg: ListRunning, _: &mut Context<Self>) -> Self::Result {
+        let mut list: Vec<RunningSession> = self
+            .sessions
+            .iter()
+            .filter(|(_, s)| s.owner == msg.user_id)
+            .filter_map(|(id, s)| {
+                let run = s.run.as_ref().filter(|r| r.status == Status::Running)?;
+                Some(RunningSession {
+                    session_id: id.clone(),
+                    provider: s.provider.as_str().to_string(),
+                    started_at: run.started_at.clone(),
+                    last_seq: s.last_seq,
+                    run_id: run.id.clone(),
+                })
+            })
+            .collect();
+        list.sort_by(|a, b| a.started_at.cmp(&b.started_at));
+        list
+    }
+}
+
+impl Handler<RunEvents> for RunRegistry {
+    type Result = ();
+
+    fn handle(&mut self, msg: RunEvents, ctx: &mut Context<Self>) {
+        let current = self
+            .sessions
+            .get(&msg.session_id)
+            .and_then(|s| s.run.as_ref())
+            .is_some_and(|r| r.id == msg.run_id);
+        if !current {
+            // A previous run's process still winding down: its output belongs to nobody.
+            return;
+        }
+        let mut frames = Vec::with_capacity(msg.events.len());
+        for event in msg.events {
+            self.handle_provider_event(&msg.session_id, event, &mut frames, ctx);
+        }
+        self.broadcast(&msg.session_id, frames);
+    }
+}
+
+impl Handler<RunExited> for RunRegistry {
+    type Result = ();
+
+    fn handle(&mut self, msg: RunExited, ctx: &mut Context<Self>) {
+        let Some(run) = self
+            .sessions
+            .get_mut(&msg.session_id)
+            .and_then(|s| s.run.as_mut())
+            .filter(|r| r.id == msg.run_id)
+        else {
+            return;
+        };
+        run.addr = None;
+        if run.status != Status::Running {
+            return;
+        }
+        let error = msg.error.unwrap_or_else(|| match msg.exit_code {
+            Some(code) => format!("The provider exited with code {code} before finishing the turn"),
+            None => "The provider was killed before finishing the turn".to_string(),
+        });
+        tracing::warn!(actor = "ProviderRun", session_id = %msg.session_id, run_id = %msg.run_id, exit_code = ?msg.exit_code, reason = %error, "run ended without a result");
+        self.emit(&msg.session_id, EventBody::error(error));
+        let code = msg.exit_code.filter(|c| *c != 0).unwrap_or(1);
+        self.complete(&msg.session_id, code, false, ctx);
+    }
+}
+
+impl Handler<Shutdown> for RunRegistry {
+    type Result = ();
+
+    fn handle(&mut self, _: Shutdown, ctx: &mut Context<Self>) {
+        let running: Vec<String> = self
+            .sessions
+            .iter()
+            .filter(|(_, s)| s.run.as_ref().is_some_and(|r| r.status == Status::Running))
+            .map(|(id, _)| id.clone())
+            .collect();
+        for session_id in running {
+            if let Some(addr) = self.sessions.get(&session_id).and_then(|s| s.run.as_ref()).and_then(|r| r.addr.clone()) {
+                addr.do_send(Abort);
+            }
+            self.emit(&session_id, EventBody::error("The gateway is shutting down"));
+            self.complete(&session_id, 1, true, ctx);
+        }
+        for (_, socket) in self.sockets.drain() {
+            socket.close.do_send(CloseSocket {
+                code: 1001,
+                reason: "server shutting down",
+            });
+        }
+        tracing::info!(actor = "RunRegistry", reason = "shutdown", "runs completed and sockets closed");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn remember_entry_patterns() {
+        let input = json!({"command": "git log --oneline"});
+        assert!(tool_matches("Bash", "Bash", &input));
+        assert!(tool_matches("Bash(git log:*)", "Bash", &input));
+        assert!(!tool_matches("Bash(git push:*)", "Bash", &input));
+        assert!(!tool_matches("Read", "Bash", &input));
+        assert!(tool_matches("Bash(git log --oneline)", "Bash", &input));
+    }
+
+    #[test]
+    fn cwd_outside_the_project_is_ignored() {
+        let dir = std::env::temp_dir().join(format!("ag-cwd-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("sub")).unwrap();
+        let p = dir.to_str().unwrap();
+        assert_eq!(resolve_cwd(p, &json!({"cwd": "sub"})), dir.join("sub").canonicalize().unwrap());
+        assert_eq!(resolve_cwd(p, &json!({"cwd": "/etc"})), PathBuf::from(p));
+        assert_eq!(resolve_cwd(p, &json!({"cwd": "../.."})), PathBuf::from(p));
+        assert_eq!(resolve_cwd(p, &json!({})), PathBuf::from(p));
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
