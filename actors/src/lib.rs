@@ -7,6 +7,7 @@
 //! | `RunRegistry` | [`run_registry`] | supervisor of chat runs: seq numbering, replay buffer, subscribers, complete/abort dedupe, pending permissions |
 //! | `ProviderRun` | [`provider_run`] | one live provider CLI process: spawn, stdin, stdout parsing, abort, exit |
 //! | `ChatSocket` | [`chat_socket`] | one `/ws` connection: parses frames, dispatches to the registry, writes frames |
+//! | `PluginRegistry`, `PluginHost`, `PluginProxy` | [`plugin`] | plugin servers under supervision (one host each) and one proxy per `/plugin-ws/{name}` socket |
 //!
 //! Everything else is plain data or functions: [`protocol`] (wire types),
 //! [`provider`] (the adapter trait and the adapters), [`store`] (the database
@@ -20,6 +21,7 @@
 pub mod chat_socket;
 pub mod config;
 pub mod heartbeat;
+pub mod plugin;
 pub mod protocol;
 pub mod provider;
 pub mod provider_run;
