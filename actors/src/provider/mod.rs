@@ -227,6 +227,5 @@ pub fn provider_for(kind: ProviderKind) -> Option<&'static dyn Provider> {
         ProviderKind::Cursor => Some(&cursor::Cursor),
         ProviderKind::Gemini => Some(&gemini::Gemini),
         ProviderKind::Opencode => Some(&opencode::Opencode),
-        _ => None,
     }
 }

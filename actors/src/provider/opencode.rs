@@ -17,8 +17,11 @@
 //! `tool_use` (completed or failed tool parts) -> `tool_use` + `tool_result`
 //! from `part.state`; `step_finish` -> token `status`; `error` -> `error`
 //! with `error.data.message`. There is no final line: the turn ends with the
-//! process, so `exited` reports it: exit 0 without an `error` event is
-//! success, anything else a failure.
+//! process. At stdout EOF (`finish`) a turn whose last step finished with a
+//! final reason (`stop`, not `tool-calls`) and no `error` event is reported
+//! as a success; `exited` (when the run reports the exit code) decides the
+//! rest: exit 0 without an `error` event is success, anything else a
+//! failure. A run killed mid-step reports nothing (the registry fails it).
 
 use serde_json::{json, Value};
 
@@ -84,6 +87,8 @@ pub struct OpencodeParser {
     text: TextStream,
     /// An `error` event was seen: the turn failed even if the exit is 0.
     saw_error: bool,
+    /// `part.reason` of the last `step_finish` (`None` while a step runs).
+    last_step_reason: Option<String>,
     turn_ended: bool,
     stderr: StderrTail,
 }
@@ -94,6 +99,7 @@ impl OpencodeParser {
             known_id,
             text: TextStream::default(),
             saw_error: false,
+            last_step_reason: None,
             turn_ended: false,
             stderr: StderrTail::default(),
         }
@@ -196,8 +202,11 @@ impl LineParser for OpencodeParser {
                     _ => {}
                 }
             }
+            "step_start" => self.last_step_reason = None,
             "step_finish" => {
                 self.text.end(out);
+                self.last_step_reason =
+                    Some(part_str(&event, "reason").unwrap_or("stop").to_string());
                 if let Some(tokens) = part_field(&event, "tokens").filter(|t| t.is_object()) {
                     emit(out, token_status(tokens));
                 }
@@ -208,7 +217,7 @@ impl LineParser for OpencodeParser {
                 emit(out, EventBody::error(error_message(&event)));
             }
             other => {
-                // step_start, done and anything newer carry nothing to show.
+                // done and anything newer carry nothing to show.
                 tracing::debug!(provider = "opencode", event = other, "ignoring event");
             }
         }
@@ -216,6 +225,14 @@ impl LineParser for OpencodeParser {
 
     fn finish(&mut self, out: &mut Vec<ProviderEvent>) {
         self.text.end(out);
+        let final_step = self
+            .last_step_reason
+            .as_deref()
+            .is_some_and(|r| r != "tool-calls");
+        if final_step && !self.saw_error && !self.turn_ended {
+            self.turn_ended = true;
+            out.push(ProviderEvent::TurnComplete { exit_code: 0 });
+        }
     }
 
     fn stderr_line(&mut self, line: &str, _out: &mut Vec<ProviderEvent>) {
@@ -389,6 +406,23 @@ mod tests {
         let mut parser = OpencodeParser::new(None);
         let events = run_lines(&mut parser, FAILED, Some(Some(0)));
         assert_eq!(turn_ends(&events), [1]);
+    }
+
+    #[test]
+    fn stdout_eof_after_a_final_step_is_success_without_the_exit_code() {
+        // The run may not report the exit code: EOF after the final step ends the turn.
+        let mut parser = OpencodeParser::new(None);
+        let events = run_lines(&mut parser, FIXTURE, None);
+        assert_eq!(turn_ends(&events), [0]);
+        // Killed mid-step (after a tool step, before the final one): no turn end.
+        let cut: String = FIXTURE.lines().take(8).collect::<Vec<_>>().join("\n");
+        let mut parser = OpencodeParser::new(None);
+        let events = run_lines(&mut parser, &cut, Some(None));
+        assert!(turn_ends(&events).is_empty(), "{events:?}");
+        // An error event never ends as success.
+        let mut parser = OpencodeParser::new(None);
+        let events = run_lines(&mut parser, &format!("{FIXTURE}\n{FAILED}"), None);
+        assert!(turn_ends(&events).is_empty());
     }
 
     #[test]
