@@ -8,6 +8,7 @@
 //! | `ProviderRun` | [`provider_run`] | one live provider CLI process: spawn, stdin, stdout parsing, abort, exit |
 //! | `ChatSocket` | [`chat_socket`] | one `/ws` connection: parses frames, dispatches to the registry, writes frames |
 //! | `PluginRegistry`, `PluginHost`, `PluginProxy` | [`plugin`] | plugin servers under supervision (one host each) and one proxy per `/plugin-ws/{name}` socket |
+//! | `PtyHub`, `PtySession`, `ShellSocket` | [`shell`] | `/shell` terminals: the registry of live PTYs by (user, key), one actor per PTY (child, replay, screen, attached sockets), one per socket |
 //!
 //! Everything else is plain data or functions: [`protocol`] (wire types),
 //! [`provider`] (the adapter trait and the adapters), [`store`] (the database
@@ -26,6 +27,7 @@ pub mod protocol;
 pub mod provider;
 pub mod provider_run;
 pub mod run_registry;
+pub mod shell;
 pub mod store;
 
 /// The authenticated user of a connection, established by the binary before

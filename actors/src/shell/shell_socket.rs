@@ -1,0 +1,489 @@
+//! `ShellSocket`: one `/shell` WebSocket connection (PROTOCOL.md section 5).
+//!
+//! Owns: the connection (an actix-web-actors `WebsocketContext`), its
+//! heartbeat, the PTY it is attached to (by PTY id, so output of a PTY it
+//! left is ignored), the set of auth URLs it already announced (bounded by
+//! [`MAX_ANNOUNCED_URLS`]), and a fragmented message being reassembled
+//! (bounded by [`MAX_INBOUND_FRAME`]).
+//!
+//! Handles: client frames (`init`, `input`, `resize`; anything else gets an
+//! `error` frame and the socket stays open), [`PtyOutput`] (writes the
+//! shared output frame, preceded by `auth_url` frames for URLs new to this
+//! socket), [`PtyEnded`].
+//!
+//! Sends: [`LookupPty`] / [`LaunchPty`] to the hub; [`AttachSocket`],
+//! [`DetachSocket`], [`WriteInput`], [`ResizePty`] to its PtySession.
+//! `init`, `input` and `resize` wait for the PTY's answer before the next
+//! client frame is read (`ctx.wait`), which keeps their order and gives a
+//! client that floods input backpressure instead of a growing mailbox.
+//!
+//! Stops: when the client closes, the heartbeat fails, a frame is too large
+//! (close 1009), the PTY lets it go as a slow consumer (close 4008), or on
+//! shutdown (close 1001). Stopping detaches it from its PTY (by its own id),
+//! which keeps running.
+
+use std::collections::{HashSet, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use actix::prelude::*;
+use actix_http::ws::Item;
+use actix_web::{web, HttpRequest, HttpResponse};
+use actix_web_actors::ws::{self, CloseCode, CloseReason, WebsocketContext};
+use bytestring::ByteString;
+use serde_json::Value;
+
+use super::launch::{build_launch, check_project_dir, InitError, InitRequest, Mode};
+use super::pty_hub::{LaunchPty, Launched, LookupPty, PtyHub};
+use super::pty_session::{
+    AttachSocket, DetachSocket, InputRejected, PtySession, ResizePty, WriteInput,
+    SOCKET_MAILBOX_CAPACITY,
+};
+use super::url_detect::DetectedUrl;
+use super::{EndReason, ServerFrame, SocketHandle, TermSize, MAX_TERM_COLS, MAX_TERM_ROWS};
+use crate::config::{GatewayConfig, MAX_INBOUND_FRAME};
+use crate::heartbeat::Heartbeat;
+use crate::store::{self, Store};
+use crate::AuthUser;
+
+/// Auth URLs remembered per socket for "announce once"; beyond this the
+/// oldest is forgotten (it could then be announced again, which is harmless).
+pub const MAX_ANNOUNCED_URLS: usize = 256;
+/// How often `init` retries when the PTY it found ended or another socket
+/// started one at the same moment.
+const INIT_ATTEMPTS: usize = 3;
+/// Close code for a socket that fell too far behind (PROTOCOL.md section 7).
+const CLOSE_SLOW_CONSUMER: u16 = 4008;
+
+static NEXT_SOCKET_ID: AtomicU64 = AtomicU64::new(1);
+
+/// Sent by a PtySession: one output frame (already serialized, shared by
+/// every socket of the PTY) and the URLs detected around it.
+#[derive(Message, Debug)]
+#[rtype(result = "()")]
+pub struct PtyOutput {
+    pub pty: u64,
+    pub frame: ByteString,
+    pub urls: Arc<[DetectedUrl]>,
+}
+
+/// Sent by a PtySession when it lets go of this socket.
+#[derive(Message, Debug)]
+#[rtype(result = "()")]
+pub struct PtyEnded {
+    pub pty: u64,
+    pub reason: EndReason,
+}
+
+/// What a ShellSocket needs from the gateway.
+#[derive(Clone)]
+pub struct ShellDeps {
+    pub hub: Addr<PtyHub>,
+    pub store: Store,
+    pub config: Arc<GatewayConfig>,
+}
+
+/// URLs this socket announced, oldest first.
+#[derive(Debug, Default)]
+struct AnnouncedUrls {
+    order: VecDeque<String>,
+    set: HashSet<String>,
+}
+
+impl AnnouncedUrls {
+    /// `true` if the URL is new (and now remembered).
+    fn insert(&mut self, url: &str) -> bool {
+        if self.set.contains(url) {
+            return false;
+        }
+        if self.order.len() >= MAX_ANNOUNCED_URLS {
+            if let Some(old) = self.order.pop_front() {
+                self.set.remove(&old);
+            }
+        }
+        self.order.push_back(url.to_string());
+        self.set.insert(url.to_string());
+        true
+    }
+
+    fn clear(&mut self) {
+        self.order.clear();
+        self.set.clear();
+    }
+}
+
+pub struct ShellSocket {
+    id: u64,
+    user: AuthUser,
+    deps: ShellDeps,
+    hb: Heartbeat,
+    /// The PTY this socket is attached to.
+    attached: Option<(u64, Addr<PtySession>)>,
+    /// An `init` has succeeded at least once.
+    initialized: bool,
+    announced: AnnouncedUrls,
+    /// A fragmented message being reassembled.
+    fragment: Option<Vec<u8>>,
+}
+
+impl ShellSocket {
+    pub fn new(user: AuthUser, deps: ShellDeps) -> Self {
+        ShellSocket {
+            id: NEXT_SOCKET_ID.fetch_add(1, Ordering::Relaxed),
+            user,
+            deps,
+            hb: Heartbeat::default(),
+            attached: None,
+            initialized: false,
+            announced: AnnouncedUrls::default(),
+            fragment: None,
+        }
+    }
+
+    /// Completes the upgrade of an authenticated request and starts the actor.
+    pub fn start(
+        req: &HttpRequest,
+        stream: web::Payload,
+        user: AuthUser,
+        deps: ShellDeps,
+    ) -> Result<HttpResponse, actix_web::Error> {
+        ws::WsResponseBuilder::new(ShellSocket::new(user, deps), req, stream)
+            .frame_size(MAX_INBOUND_FRAME)
+            .start()
+    }
+
+    fn handle_for(&self, ctx: &mut WebsocketContext<Self>) -> SocketHandle {
+        let addr = ctx.address();
+        SocketHandle {
+            id: self.id,
+            output: addr.clone().recipient(),
+            ended: addr.recipient(),
+        }
+    }
+
+    fn send_error(ctx: &mut WebsocketContext<Self>, message: &str) {
+        ctx.text(ServerFrame::Error { message }.to_text());
+    }
+
+    fn detach(&mut self) {
+        if let Some((_, addr)) = self.attached.take() {
+            addr.do_send(DetachSocket { socket: self.id });
+        }
+    }
+
+    fn too_large(ctx: &mut WebsocketContext<Self>) {
+        Self::send_error(ctx, "Message too large");
+        ctx.close(Some(CloseReason {
+            code: CloseCode::Size,
+            description: Some("message too large".into()),
+        }));
+        ctx.stop();
+    }
+
+    /// One complete client message.
+    fn on_message(&mut self, bytes: &[u8], ctx: &mut WebsocketContext<Self>) {
+        let frame: Value = match serde_json::from_slice(bytes) {
+            Ok(v @ Value::Object(_)) => v,
+            _ => {
+                Self::send_error(
+                    ctx,
+                    "Invalid message: expected a JSON object with a \"type\"",
+                );
+                return;
+            }
+        };
+        match frame.get("type").and_then(Value::as_str) {
+            Some("init") => self.on_init(&frame, ctx),
+            Some("input") => self.on_input(&frame, ctx),
+            Some("resize") => self.on_resize(&frame, ctx),
+            Some(other) => Self::send_error(ctx, &format!("Unknown message type: {other}")),
+            None => Self::send_error(
+                ctx,
+                "Invalid message: expected a JSON object with a \"type\"",
+            ),
+        }
+    }
+
+    fn on_init(&mut self, frame: &Value, ctx: &mut WebsocketContext<Self>) {
+        let req = match InitRequest::parse(frame) {
+            Ok(req) => req,
+            Err(err) => {
+                Self::send_error(ctx, &err.to_string());
+                return;
+            }
+        };
+        // A socket watches one PTY at a time: leave the previous one.
+        self.detach();
+        self.announced.clear();
+        let socket = self.handle_for(ctx);
+        let open = open_terminal(self.deps.clone(), self.user.id, req, socket);
+        ctx.wait(open.into_actor(self).map(|result, act, ctx| match result {
+            Ok(attached) => {
+                act.attached = Some(attached);
+                act.initialized = true;
+            }
+            Err(message) => Self::send_error(ctx, &message),
+        }));
+    }
+
+    fn on_input(&mut self, frame: &Value, ctx: &mut WebsocketContext<Self>) {
+        let Some(data) = frame.get("data").and_then(Value::as_str) else {
+            Self::send_error(ctx, "Invalid input: \"data\" must be a string");
+            return;
+        };
+        let Some((_, addr)) = &self.attached else {
+            if !self.initialized {
+                Self::send_error(ctx, "No terminal session: send init first");
+            }
+            // After the process exited, keystrokes have nowhere to go (as in the reference).
+            return;
+        };
+        let write = addr.send(WriteInput {
+            data: data.to_string(),
+        });
+        ctx.wait(write.into_actor(self).map(|result, _act, ctx| {
+            if let Ok(Err(InputRejected::QueueFull)) = result {
+                Self::send_error(ctx, &InputRejected::QueueFull.to_string());
+            }
+        }));
+    }
+
+    fn on_resize(&mut self, frame: &Value, ctx: &mut WebsocketContext<Self>) {
+        let size = match (frame.get("cols"), frame.get("rows")) {
+            (Some(cols), Some(rows)) => TermSize::from_json(cols, rows),
+            _ => None,
+        };
+        let Some(size) = size else {
+            Self::send_error(
+                ctx,
+                &format!("Invalid terminal size: cols must be 1-{MAX_TERM_COLS} and rows 1-{MAX_TERM_ROWS}"),
+            );
+            return;
+        };
+        let Some((_, addr)) = &self.attached else {
+            if !self.initialized {
+                Self::send_error(ctx, "No terminal session: send init first");
+            }
+            return;
+        };
+        let resize = addr.send(ResizePty { size });
+        ctx.wait(resize.into_actor(self).map(|_, _, _| ()));
+    }
+}
+
+/// The `init` sequence: reattach to the key's live PTY, or validate and
+/// launch a new one. Returns the attached PTY or the `error` frame text.
+async fn open_terminal(
+    deps: ShellDeps,
+    owner: i64,
+    req: InitRequest,
+    socket: SocketHandle,
+) -> Result<(u64, Addr<PtySession>), String> {
+    let key = req.key();
+    let mut replace = req.replaces_existing();
+    let hub_gone = |_| "Terminal service unavailable".to_string();
+    for _ in 0..INIT_ATTEMPTS {
+        let lookup = LookupPty {
+            owner,
+            key: key.clone(),
+            replace,
+        };
+        if let Some((id, pty)) = deps.hub.send(lookup).await.map_err(hub_gone)? {
+            let attach = AttachSocket {
+                socket: socket.clone(),
+                size: req.size,
+            };
+            if let Ok(Ok(())) = pty.send(attach).await {
+                return Ok((id, pty));
+            }
+            // It ended between the lookup and the attach: start a new one.
+            continue;
+        }
+        // Never kill a PTY that another socket starts while this one validates.
+        replace = false;
+
+        let path = req.project_path.clone();
+        let cwd = tokio::task::spawn_blocking(move || check_project_dir(&path))
+            .await
+            .unwrap_or(Err(InitError::InvalidProjectPath))
+            .map_err(|e| e.to_string())?;
+        req.check_session_id().map_err(|e| e.to_string())?;
+        let mode = req.mode().map_err(|e| e.to_string())?;
+        let resume = match (mode, req.resume_lookup()) {
+            (Mode::Provider(kind), Some(app_id)) => {
+                let row = store::owned_session(&deps.store, app_id, owner).await.map_err(|err| {
+                    tracing::warn!(actor = "ShellSocket", error = %err, "session lookup failed");
+                    "Could not load the session".to_string()
+                })?;
+                row.filter(|r| r.provider == kind.as_str())
+                    .and_then(|r| r.provider_session_id)
+            }
+            _ => None,
+        };
+        let spec =
+            build_launch(&req, cwd, resume.as_deref(), &deps.config).map_err(|e| e.to_string())?;
+        let launch = LaunchPty {
+            owner,
+            key: key.clone(),
+            spec,
+            socket: socket.clone(),
+        };
+        match deps.hub.send(launch).await.map_err(hub_gone)?? {
+            Launched::Started(id, pty) => return Ok((id, pty)),
+            Launched::Existing => continue,
+        }
+    }
+    Err("Terminal session is busy; try again".to_string())
+}
+
+impl Actor for ShellSocket {
+    type Context = WebsocketContext<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        // PtySession's ordering argument relies on this capacity (see SOCKET_MAILBOX_CAPACITY).
+        ctx.set_mailbox_capacity(SOCKET_MAILBOX_CAPACITY);
+        Heartbeat::start(
+            ctx,
+            self.deps.config.heartbeat,
+            |a: &mut ShellSocket| &mut a.hb,
+            "ShellSocket",
+        );
+        tracing::info!(actor = "ShellSocket", socket = self.id, user = %self.user.username, "actor started");
+    }
+
+    fn stopped(&mut self, _ctx: &mut Self::Context) {
+        // Detaches only this socket; the PTY keeps running for its detach timeout.
+        self.detach();
+        tracing::info!(
+            actor = "ShellSocket",
+            socket = self.id,
+            reason = "connection closed",
+            "actor stopped"
+        );
+    }
+}
+
+impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for ShellSocket {
+    fn handle(&mut self, item: Result<ws::Message, ws::ProtocolError>, ctx: &mut Self::Context) {
+        let msg = match item {
+            Ok(msg) => msg,
+            Err(ws::ProtocolError::Overflow) => {
+                Self::too_large(ctx);
+                return;
+            }
+            Err(err) => {
+                tracing::debug!(actor = "ShellSocket", socket = self.id, error = %err, "protocol error");
+                ctx.stop();
+                return;
+            }
+        };
+        match msg {
+            ws::Message::Text(text) => self.on_message(text.as_bytes(), ctx),
+            ws::Message::Binary(bytes) => self.on_message(&bytes, ctx),
+            ws::Message::Continuation(item) => {
+                let (bytes, last) = match item {
+                    Item::FirstText(b) | Item::FirstBinary(b) => {
+                        self.fragment = Some(Vec::new());
+                        (b, false)
+                    }
+                    Item::Continue(b) => (b, false),
+                    Item::Last(b) => (b, true),
+                };
+                let Some(buf) = self.fragment.as_mut() else {
+                    Self::send_error(
+                        ctx,
+                        "Invalid message: continuation without a first fragment",
+                    );
+                    return;
+                };
+                if buf.len() + bytes.len() > MAX_INBOUND_FRAME {
+                    self.fragment = None;
+                    Self::too_large(ctx);
+                    return;
+                }
+                buf.extend_from_slice(&bytes);
+                if last {
+                    if let Some(whole) = self.fragment.take() {
+                        self.on_message(&whole, ctx);
+                    }
+                }
+            }
+            ws::Message::Ping(payload) => ctx.pong(&payload),
+            ws::Message::Pong(_) => self.hb.pong(),
+            ws::Message::Close(reason) => {
+                ctx.close(reason);
+                ctx.stop();
+            }
+            ws::Message::Nop => {}
+        }
+    }
+}
+
+impl Handler<PtyOutput> for ShellSocket {
+    type Result = ();
+
+    fn handle(&mut self, msg: PtyOutput, ctx: &mut Self::Context) {
+        if self.attached.as_ref().map(|(id, _)| *id) != Some(msg.pty) {
+            return;
+        }
+        for found in msg.urls.iter() {
+            if self.announced.insert(&found.url) {
+                ctx.text(
+                    ServerFrame::AuthUrl {
+                        url: &found.url,
+                        auto_open: found.auto_open,
+                    }
+                    .to_text(),
+                );
+            }
+        }
+        ctx.text(msg.frame);
+    }
+}
+
+impl Handler<PtyEnded> for ShellSocket {
+    type Result = ();
+
+    fn handle(&mut self, msg: PtyEnded, ctx: &mut Self::Context) {
+        if self.attached.as_ref().map(|(id, _)| *id) != Some(msg.pty) {
+            return;
+        }
+        self.attached = None;
+        match msg.reason {
+            // The exit line was the last output; the client may init again.
+            EndReason::Exited => {}
+            EndReason::SlowConsumer => {
+                ctx.close(Some(CloseReason {
+                    code: CloseCode::Other(CLOSE_SLOW_CONSUMER),
+                    description: Some("slow consumer".into()),
+                }));
+                ctx.stop();
+            }
+            EndReason::Shutdown => {
+                ctx.close(Some(CloseReason {
+                    code: CloseCode::Away,
+                    description: Some("server shutting down".into()),
+                }));
+                ctx.stop();
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn announced_urls_are_remembered_once_and_bounded() {
+        let mut a = AnnouncedUrls::default();
+        assert!(a.insert("https://x/"));
+        assert!(!a.insert("https://x/"));
+        for i in 0..(MAX_ANNOUNCED_URLS * 2) {
+            assert!(a.insert(&format!("https://h/{i}")));
+        }
+        assert!(a.order.len() <= MAX_ANNOUNCED_URLS && a.set.len() <= MAX_ANNOUNCED_URLS);
+        a.clear();
+        assert!(a.insert("https://x/"));
+    }
+}

@@ -1,0 +1,603 @@
+//! Auth URL detection in terminal output (PROTOCOL.md section 5).
+//!
+//! Login flows of the provider CLIs (`claude setup-token`, `gemini`, ...)
+//! print a URL the user must open. The gateway finds it and announces it as
+//! `{type:"auth_url", url, autoOpen}` so a browser client can show a button:
+//!
+//! 1. ANSI escape sequences are stripped ([`strip_ansi`]).
+//! 2. The stripped text goes into a rolling buffer of
+//!    [`URL_TEXT_BUFFER_BYTES`] (32 KiB), so a URL printed over several reads
+//!    is still found.
+//! 3. URLs are found directly and, when the terminal width wrapped one over
+//!    several lines, joined from the continuation lines ([`extract_urls`]).
+//! 4. Trailing punctuation is trimmed and only http(s) URLs are kept, in
+//!    WHATWG form like the reference's `new URL(..).toString()`
+//!    ([`normalize_url`]).
+//! 5. A URL that is a prefix of a longer one found at the same time is
+//!    dropped (the half-printed form of the same URL).
+//! 6. When the chunk says e.g. "continue in your browser", the longest URL
+//!    is flagged `autoOpen` ([`should_auto_open`]).
+//!
+//! Announcing each URL once per socket is the socket's job (it owns the set
+//! of URLs it announced). `OPEN_URL: <url>` in the output is rewritten to
+//! `[INFO] Opening in browser: <url>` ([`rewrite_open_url`]).
+//!
+//! Differences from the reference, all on inputs where it misbehaves: an OSC
+//! sequence (`ESC ] ... BEL`) is stripped whole (the reference strips only
+//! `ESC ]` and leaves the title text); continuation lines are joined only to
+//! a URL that runs to the end of its line (the reference also glued the next
+//! word-like line onto `see https://a.com for details`), and never when the
+//! next line starts a URL of its own; and the `autoOpen`
+//! URL really is announced with `autoOpen: true` (the reference announced
+//! every URL with `false` first and then deduplicated the `true` one away).
+
+use std::borrow::Cow;
+
+/// Size of the rolling text buffer URLs are searched in (PROTOCOL.md: 32 KiB).
+pub const URL_TEXT_BUFFER_BYTES: usize = 32 * 1024;
+
+/// How far before a new chunk a URL may start and still be completed by it.
+/// Older URLs were already found when their own chunks arrived; rescanning
+/// the whole 32 KiB for every chunk would cost O(buffer) per read during a
+/// large `cat`. Auth URLs are a few hundred bytes; 4 KiB leaves ample room.
+pub const URL_LOOKBACK_BYTES: usize = 4 * 1024;
+
+/// A URL found in the output.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DetectedUrl {
+    pub url: String,
+    /// The output asked for the URL to be opened in a browser.
+    pub auto_open: bool,
+}
+
+/// The rolling text buffer of one PTY.
+#[derive(Debug, Default)]
+pub struct UrlDetector {
+    text: String,
+}
+
+impl UrlDetector {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds one chunk of raw output and returns the URLs visible around it.
+    pub fn feed(&mut self, chunk: &str) -> Vec<DetectedUrl> {
+        let clean = strip_ansi(chunk);
+        self.text.push_str(&clean);
+        if self.text.len() > URL_TEXT_BUFFER_BYTES {
+            let cut = ceil_char_boundary(&self.text, self.text.len() - URL_TEXT_BUFFER_BYTES);
+            self.text.drain(..cut);
+        }
+
+        // Search from the start of the line where the lookback window begins,
+        // so a URL is never cut at its front.
+        let window = self
+            .text
+            .len()
+            .saturating_sub(clean.len() + URL_LOOKBACK_BYTES);
+        let window = floor_char_boundary(&self.text, window);
+        let start = self.text[..window].rfind('\n').map_or(0, |i| i + 1);
+        let region = &self.text[start..];
+        if !contains_ignore_ascii_case(region.as_bytes(), b"http") {
+            return Vec::new();
+        }
+
+        let urls = detect(region);
+        if urls.is_empty() {
+            return Vec::new();
+        }
+        let best = if should_auto_open(&clean) {
+            urls.iter()
+                .enumerate()
+                .max_by_key(|(i, u)| (u.len(), std::cmp::Reverse(*i)))
+                .map(|(i, _)| i)
+        } else {
+            None
+        };
+        urls.into_iter()
+            .enumerate()
+            .map(|(i, url)| DetectedUrl {
+                url,
+                auto_open: Some(i) == best,
+            })
+            .collect()
+    }
+}
+
+/// Every normalized http(s) URL in `text`, without duplicates and without
+/// URLs that are a prefix of a longer one, in order of appearance.
+pub fn detect(text: &str) -> Vec<String> {
+    let mut normalized: Vec<String> = Vec::new();
+    for raw in extract_urls(text) {
+        if let Some(url) = normalize_url(&raw) {
+            if !normalized.contains(&url) {
+                normalized.push(url);
+            }
+        }
+    }
+    normalized
+        .iter()
+        .filter(|url| {
+            !normalized
+                .iter()
+                .any(|other| other != *url && other.starts_with(url.as_str()))
+        })
+        .cloned()
+        .collect()
+}
+
+/// Removes ANSI escape sequences: CSI (`ESC [ ... final`), OSC (`ESC ] ...
+/// BEL` or `ESC ] ... ESC \`) and two-byte escapes (`ESC` + `@`..`Z`, `\`..`_`).
+/// An escape that is cut off (the rest comes in the next chunk) is left as is.
+pub fn strip_ansi(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = String::with_capacity(s.len());
+    let mut copied = 0;
+    let mut i = 0;
+    while let Some(off) = bytes[i..].iter().position(|&b| b == 0x1b) {
+        let esc = i + off;
+        let end = escape_end(bytes, esc);
+        match end {
+            Some(end) => {
+                out.push_str(&s[copied..esc]);
+                copied = end;
+                i = end;
+            }
+            None => i = esc + 1,
+        }
+    }
+    out.push_str(&s[copied..]);
+    out
+}
+
+/// End (exclusive) of the escape sequence starting at `esc`, if complete.
+/// Every byte inspected is ASCII, so the result is a char boundary.
+fn escape_end(bytes: &[u8], esc: usize) -> Option<usize> {
+    let kind = *bytes.get(esc + 1)?;
+    match kind {
+        b'[' => {
+            let mut j = esc + 2;
+            while matches!(bytes.get(j), Some(0x30..=0x3f)) {
+                j += 1;
+            }
+            while matches!(bytes.get(j), Some(0x20..=0x2f)) {
+                j += 1;
+            }
+            match bytes.get(j) {
+                Some(0x40..=0x7e) => Some(j + 1),
+                _ => None,
+            }
+        }
+        b']' => {
+            let mut j = esc + 2;
+            loop {
+                match bytes.get(j)? {
+                    0x07 => return Some(j + 1),
+                    0x1b if bytes.get(j + 1) == Some(&b'\\') => return Some(j + 2),
+                    _ => j += 1,
+                }
+            }
+        }
+        0x40..=0x5a | 0x5c..=0x5f => Some(esc + 2),
+        _ => None,
+    }
+}
+
+/// Characters that end a URL in the direct match (`[^\s<>"'`\\\x1b\x07]`).
+fn ends_url(c: char) -> bool {
+    c.is_whitespace() || matches!(c, '<' | '>' | '"' | '\'' | '`' | '\\' | '\x1b' | '\x07')
+}
+
+/// Characters a continuation line of a wrapped URL consists of.
+fn is_url_continuation_char(c: char) -> bool {
+    c.is_ascii_alphanumeric()
+        || matches!(
+            c,
+            '-' | '.'
+                | '_'
+                | '~'
+                | ':'
+                | '/'
+                | '?'
+                | '#'
+                | '['
+                | ']'
+                | '@'
+                | '!'
+                | '$'
+                | '&'
+                | '\''
+                | '('
+                | ')'
+                | '*'
+                | '+'
+                | ','
+                | ';'
+                | '='
+                | '%'
+        )
+}
+
+/// The first URL (`https?://` case-insensitively, then at least one URL
+/// character) at or after `from`: its byte range.
+fn find_url(text: &str, from: usize) -> Option<(usize, usize)> {
+    let bytes = text.as_bytes();
+    let mut i = from;
+    while i < bytes.len() {
+        let rest = &bytes[i..];
+        let scheme_len = if starts_with_ignore_ascii_case(rest, b"https://") {
+            8
+        } else if starts_with_ignore_ascii_case(rest, b"http://") {
+            7
+        } else {
+            0
+        };
+        if scheme_len > 0 {
+            let body = i + scheme_len;
+            let end = text[body..]
+                .char_indices()
+                .find(|&(_, c)| ends_url(c))
+                .map_or(text.len(), |(k, _)| body + k);
+            if end > body {
+                return Some((i, end));
+            }
+        }
+        i += 1;
+        // Only ASCII starts a match, so skipping continuation bytes is safe.
+        while i < bytes.len() && !text.is_char_boundary(i) {
+            i += 1;
+        }
+    }
+    None
+}
+
+/// Raw URL candidates: every direct match, plus URLs wrapped over lines
+/// joined with their continuation lines; duplicates removed.
+pub fn extract_urls(text: &str) -> Vec<String> {
+    let mut found: Vec<String> = Vec::new();
+    let mut push = |url: &str| {
+        if !found.iter().any(|u| u == url) {
+            found.push(url.to_string());
+        }
+    };
+
+    let mut from = 0;
+    while let Some((start, end)) = find_url(text, from) {
+        push(&text[start..end]);
+        from = end;
+    }
+
+    let lines: Vec<&str> = text.split('\n').map(str::trim).collect();
+    for (i, line) in lines.iter().enumerate() {
+        let Some((start, end)) = find_url(line, 0) else {
+            continue;
+        };
+        let mut combined = line[start..end].to_string();
+        if end == line.len() {
+            for next in lines.iter().skip(i + 1) {
+                if next.is_empty()
+                    || find_url(next, 0).is_some_and(|(start, _)| start == 0)
+                    || !next.chars().all(is_url_continuation_char)
+                {
+                    break;
+                }
+                combined.push_str(next);
+            }
+        }
+        push(&combined);
+    }
+    found
+}
+
+/// Trailing punctuation that is sentence text, not part of a URL.
+fn is_trailing_punctuation(c: char) -> bool {
+    matches!(c, ')' | ']' | '}' | '>' | '.' | ',' | ';' | ':' | '!' | '?')
+}
+
+/// Trims the URL and its trailing punctuation; `None` unless it parses as an
+/// http(s) URL. The result is the WHATWG serialization (lowercase scheme and
+/// host, `/` for an empty path), as `new URL(..).toString()` gives.
+pub fn normalize_url(raw: &str) -> Option<String> {
+    let cleaned = raw.trim().trim_end_matches(is_trailing_punctuation);
+    if cleaned.is_empty() {
+        return None;
+    }
+    let parsed = url::Url::parse(cleaned).ok()?;
+    match parsed.scheme() {
+        "http" | "https" => Some(parsed.into()),
+        _ => None,
+    }
+}
+
+/// Whether the chunk asks for its URL to be opened in a browser.
+pub fn should_auto_open(chunk: &str) -> bool {
+    let lower = chunk.to_lowercase();
+    [
+        "browser didn't open",
+        "open this url",
+        "continue in your browser",
+        "press enter to open",
+        "open_url:",
+    ]
+    .iter()
+    .any(|cue| lower.contains(cue))
+}
+
+/// Rewrites `OPEN_URL: <url>` to `[INFO] Opening in browser: <url>` (the
+/// marker some CLIs print when they cannot open a browser themselves).
+pub fn rewrite_open_url(chunk: &str) -> Cow<'_, str> {
+    const MARKER: &str = "OPEN_URL:";
+    if !chunk.contains(MARKER) {
+        return Cow::Borrowed(chunk);
+    }
+    let mut out = String::with_capacity(chunk.len() + 32);
+    let mut copied = 0;
+    let mut search = 0;
+    while let Some(off) = chunk[search..].find(MARKER) {
+        let at = search + off;
+        let after_marker = at + MARKER.len();
+        let url_start = chunk[after_marker..]
+            .char_indices()
+            .find(|&(_, c)| !c.is_whitespace())
+            .map_or(chunk.len(), |(k, _)| after_marker + k);
+        let rest = &chunk[url_start..];
+        let scheme_len = if rest.starts_with("https://") {
+            8
+        } else if rest.starts_with("http://") {
+            7
+        } else {
+            0
+        };
+        let url_end = if scheme_len > 0 {
+            let body = url_start + scheme_len;
+            chunk[body..]
+                .char_indices()
+                .find(|&(_, c)| c.is_whitespace() || c == '\x1b' || c == '\x07')
+                .map_or(chunk.len(), |(k, _)| body + k)
+                .max(body)
+        } else {
+            0
+        };
+        if scheme_len > 0 && url_end > url_start + scheme_len {
+            out.push_str(&chunk[copied..at]);
+            out.push_str("[INFO] Opening in browser: ");
+            out.push_str(&chunk[url_start..url_end]);
+            copied = url_end;
+            search = url_end;
+        } else {
+            search = after_marker;
+        }
+    }
+    out.push_str(&chunk[copied..]);
+    Cow::Owned(out)
+}
+
+fn starts_with_ignore_ascii_case(haystack: &[u8], prefix: &[u8]) -> bool {
+    haystack.len() >= prefix.len() && haystack[..prefix.len()].eq_ignore_ascii_case(prefix)
+}
+
+fn contains_ignore_ascii_case(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack
+        .windows(needle.len())
+        .any(|w| w.eq_ignore_ascii_case(needle))
+}
+
+fn floor_char_boundary(s: &str, mut i: usize) -> usize {
+    while i > 0 && !s.is_char_boundary(i) {
+        i -= 1;
+    }
+    i
+}
+
+fn ceil_char_boundary(s: &str, mut i: usize) -> usize {
+    while i < s.len() && !s.is_char_boundary(i) {
+        i += 1;
+    }
+    i
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn urls(out: &[DetectedUrl]) -> Vec<(&str, bool)> {
+        out.iter().map(|d| (d.url.as_str(), d.auto_open)).collect()
+    }
+
+    /// The reference's own case: a URL wrapped over two lines, with an ANSI
+    /// reset right after it, in a chunk that asks to continue in the browser.
+    #[test]
+    fn wrapped_url_with_ansi_reset_is_joined_and_auto_opened() {
+        let mut d = UrlDetector::new();
+        let out =
+            d.feed("Continue in your browser: https://example.com/authorize?\ncode=abc\x1b[0m");
+        assert_eq!(
+            urls(&out),
+            vec![("https://example.com/authorize?code=abc", true)]
+        );
+    }
+
+    #[test]
+    fn wrapped_url_without_a_cue_is_not_auto_opened() {
+        let mut d = UrlDetector::new();
+        let out = d.feed("Visit: https://example.com/authorize?\r\ncode=abc&state=x\x1b[0m\r\n");
+        assert_eq!(
+            urls(&out),
+            vec![("https://example.com/authorize?code=abc&state=x", false)]
+        );
+    }
+
+    #[test]
+    fn url_wrapped_over_three_lines_is_joined() {
+        let out = detect(
+            "https://claude.ai/oauth/authorize?cl\nient_id=123&redir\nect=x\n\nPaste code here",
+        );
+        assert_eq!(
+            out,
+            vec!["https://claude.ai/oauth/authorize?client_id=123&redirect=x"]
+        );
+    }
+
+    #[test]
+    fn ansi_is_stripped_before_searching() {
+        assert_eq!(
+            strip_ansi("\x1b[1;32mgreen\x1b[0m \x1b]0;title\x07x\x1b]8;;u\x1b\\y\x1bMz"),
+            "green xyz"
+        );
+        let out = detect("\x1b[4mhttps://example.com/login\x1b[24m\n");
+        assert_eq!(out, vec!["https://example.com/login"]);
+    }
+
+    #[test]
+    fn an_incomplete_escape_is_left_alone() {
+        assert_eq!(strip_ansi("a\x1b[3"), "a\x1b[3");
+        assert_eq!(strip_ansi("a\x1b"), "a\x1b");
+        assert_eq!(strip_ansi("é\x1b]0;t"), "é\x1b]0;t");
+    }
+
+    #[test]
+    fn trailing_punctuation_is_trimmed() {
+        assert_eq!(
+            normalize_url("https://example.com/a)."),
+            Some("https://example.com/a".into())
+        );
+        assert_eq!(
+            normalize_url("https://example.com/a?x=1!?"),
+            Some("https://example.com/a?x=1".into())
+        );
+        assert_eq!(
+            detect("(see https://example.com/path).\n"),
+            vec!["https://example.com/path"]
+        );
+    }
+
+    #[test]
+    fn only_http_and_https_are_kept() {
+        assert_eq!(normalize_url("ftp://example.com/x"), None);
+        assert_eq!(normalize_url("https://"), None);
+        assert_eq!(
+            normalize_url("HTTPS://Example.COM"),
+            Some("https://example.com/".into())
+        );
+        assert!(detect("file:///etc/passwd javascript:alert(1) ws://x.y/").is_empty());
+    }
+
+    #[test]
+    fn a_prefix_of_a_longer_url_is_dropped() {
+        let out = detect("https://example.com/auth\nhttps://example.com/auth?code=1\n");
+        assert_eq!(out, vec!["https://example.com/auth?code=1"]);
+    }
+
+    #[test]
+    fn distinct_urls_are_all_kept_in_order() {
+        let out = detect("first https://a.example/x then https://b.example/y done");
+        assert_eq!(out, vec!["https://a.example/x", "https://b.example/y"]);
+    }
+
+    #[test]
+    fn a_word_on_the_next_line_is_not_glued_to_a_finished_url() {
+        let out = detect("see https://a.example for details\nfoo\n");
+        assert_eq!(out, vec!["https://a.example/"]);
+    }
+
+    #[test]
+    fn each_auto_open_cue_is_recognised() {
+        for cue in [
+            "Browser didn't open? Use the url below",
+            "Please open this URL to sign in",
+            "Continue in your browser",
+            "Press Enter to open the login page",
+            "OPEN_URL: https://x.example",
+        ] {
+            assert!(should_auto_open(cue), "{cue}");
+        }
+        assert!(!should_auto_open("Login successful"));
+    }
+
+    #[test]
+    fn the_longest_url_gets_auto_open_when_there_are_several() {
+        let mut d = UrlDetector::new();
+        let out = d
+            .feed("Docs https://a.example/d. Open this URL: https://login.example/authorize?x=1\n");
+        assert_eq!(
+            urls(&out),
+            vec![
+                ("https://a.example/d", false),
+                ("https://login.example/authorize?x=1", true)
+            ]
+        );
+    }
+
+    #[test]
+    fn a_url_split_across_chunks_is_found_once_complete() {
+        let mut d = UrlDetector::new();
+        let first = d.feed("Visit https://example.com/auth");
+        assert_eq!(urls(&first), vec![("https://example.com/auth", false)]);
+        let second = d.feed("orize?code=42 to log in\r\n");
+        assert_eq!(
+            urls(&second),
+            vec![("https://example.com/authorize?code=42", false)]
+        );
+    }
+
+    #[test]
+    fn the_rolling_buffer_stays_bounded() {
+        let mut d = UrlDetector::new();
+        let line = "x".repeat(1000) + "\n";
+        for _ in 0..100 {
+            assert!(d.feed(&line).is_empty());
+        }
+        assert!(d.text.len() <= URL_TEXT_BUFFER_BYTES);
+        // Multibyte text is trimmed on a char boundary.
+        for _ in 0..40 {
+            d.feed(&"é".repeat(999));
+        }
+        assert!(d.text.len() <= URL_TEXT_BUFFER_BYTES);
+    }
+
+    #[test]
+    fn urls_far_behind_the_new_chunk_are_not_rescanned() {
+        let mut d = UrlDetector::new();
+        assert_eq!(d.feed("https://old.example/x\n").len(), 1);
+        d.feed(&("y".repeat(100) + "\n").repeat(60));
+        assert!(d.feed("no url here\n").is_empty());
+    }
+
+    #[test]
+    fn open_url_marker_is_rewritten() {
+        assert_eq!(
+            rewrite_open_url("OPEN_URL: https://example.com/a?b=1\r\nnext"),
+            "[INFO] Opening in browser: https://example.com/a?b=1\r\nnext"
+        );
+        assert_eq!(
+            rewrite_open_url("x OPEN_URL:http://h/p\x1b[0m y"),
+            "x [INFO] Opening in browser: http://h/p\x1b[0m y"
+        );
+        assert_eq!(
+            rewrite_open_url("OPEN_URL: not a url"),
+            "OPEN_URL: not a url"
+        );
+        assert_eq!(rewrite_open_url("OPEN_URL: https://"), "OPEN_URL: https://");
+        assert!(matches!(rewrite_open_url("plain text"), Cow::Borrowed(_)));
+    }
+
+    #[test]
+    fn garbage_never_panics() {
+        let mut d = UrlDetector::new();
+        for s in [
+            "\x1b",
+            "\x1b[",
+            "\x1b]",
+            "http",
+            "https://",
+            "h\u{e9}ttp://\u{1F600}",
+            "OPEN_URL:",
+            "\n\n\r",
+        ] {
+            d.feed(s);
+            let _ = rewrite_open_url(s);
+            let _ = detect(s);
+        }
+    }
+}
