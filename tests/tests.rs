@@ -2,11 +2,17 @@
 //! area, all of them against a real `agentgate serve` process.
 //!
 //! - `util`: start a server, tokens, WebSocket and REST clients.
+//! - `chat`: the `/ws` protocol with the scripted stand-in CLI `fake_claude`.
 //! - `foundation`: CLI, auth refusals, REST routes, bad frames, heartbeat, restart, SIGTERM.
+//! - `providers`: Codex, Gemini, OpenCode (real CLIs) and Cursor (fake CLI) end to end, one row each.
+//! - `plugins`: plugin servers (the `echo_plugin` example, shell scripts), `/plugin-ws/{name}`, plugin REST.
 
 mod util;
 
 // Real provider CLIs (installed from npm on first use) and model API stand-ins.
 mod support;
 
+mod chat;
 mod foundation;
+mod providers;
+mod plugins;

@@ -207,6 +207,8 @@ struct Run {
     pending: Vec<Pending>,
     /// Tool patterns allowed for the rest of the run (`rememberEntry`).
     remembered: Vec<String>,
+    /// Ended by an abort: what the process prints while winding down is dropped.
+    aborted: bool,
 }
 
 struct SessionState {
@@ -376,6 +378,7 @@ impl RunRegistry {
             return false;
         };
         run.status = Status::Completed;
+        run.aborted = aborted;
         let run_id = run.id.clone();
         let pending = std::mem::take(&mut run.pending);
         let reason = if aborted { "aborted" } else { "run_ended" };
@@ -741,6 +744,7 @@ impl RunRegistry {
             addr: None,
             pending: Vec::new(),
             remembered: Vec::new(),
+            aborted: false,
         });
         if let Some(crid) = &msg.client_request_id {
             let frame = accepted_frame(&session_id, &run_id, crid, false);
@@ -962,13 +966,15 @@ impl Handler<RunEvents> for RunRegistry {
     type Result = ();
 
     fn handle(&mut self, msg: RunEvents, ctx: &mut Context<Self>) {
+        // Output of a previous run's process, or of an aborted run winding
+        // down, belongs to nobody. A run that completed normally may still
+        // print (background work); that is forwarded, as the reference does.
         let current = self
             .sessions
             .get(&msg.session_id)
             .and_then(|s| s.run.as_ref())
-            .is_some_and(|r| r.id == msg.run_id);
+            .is_some_and(|r| r.id == msg.run_id && !r.aborted);
         if !current {
-            // A previous run's process still winding down: its output belongs to nobody.
             return;
         }
         let mut frames = Vec::with_capacity(msg.events.len());

@@ -1,0 +1,275 @@
+//! A stand-in for the Claude Code CLI that speaks its stream-json protocol
+//! (init, `stream_event` text deltas, `assistant`, `result`, `can_use_tool`
+//! control requests, interrupts) as fast as it can, scripted by the prompt.
+//! The gateway cannot tell it from the real CLI; the tests use it for cases
+//! the real CLI cannot be made to do on demand (crash, hang, garbage, a
+//! duplicate result), and the benchmarks use it as a full-speed provider.
+//!
+//! Run it with `--claude-bin target/release/fake_claude`. The prompt is a list
+//! of `key:value` words, e.g. `text:1000 size:64 ts`:
+//!
+//! | word | effect |
+//! |---|---|
+//! | `text:N` | stream N text deltas (default 3) |
+//! | `size:B` | each delta carries B bytes of payload (default 8) |
+//! | `delay_ms:D` | sleep D ms between deltas (an interrupt stops the stream) |
+//! | `ts` | each delta starts with `t=<unix nanos>;` (latency measurement) |
+//! | `permission:TOOL` | ask `can_use_tool` for TOOL first; the answer decides the tool result |
+//! | `exit:C` | exit with code C before the result |
+//! | `crash` | kill itself with SIGKILL mid-stream |
+//! | `hang` | stop writing and never exit by itself |
+//! | `garbage` | interleave lines that are not JSON |
+//! | `double_result` | print the result line twice |
+//! | `error_result` | end with an error result |
+//! | `args` | first delta is the argv (to check `--resume`) |
+//! | `session:ID` | announce ID as the session id (default: the resumed id or a new one) |
+//! | `stderr:TEXT` | write TEXT to stderr first |
+
+use std::io::{BufRead, BufWriter, Write};
+use std::sync::mpsc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde_json::{json, Value};
+
+struct Script {
+    deltas: usize,
+    size: usize,
+    delay: Duration,
+    timestamps: bool,
+    permission: Option<String>,
+    exit: Option<i32>,
+    crash: bool,
+    hang: bool,
+    garbage: bool,
+    double_result: bool,
+    error_result: bool,
+    args: bool,
+    session: Option<String>,
+    stderr: Option<String>,
+}
+
+impl Script {
+    fn parse(prompt: &str) -> Script {
+        let mut s = Script {
+            deltas: 3,
+            size: 8,
+            delay: Duration::ZERO,
+            timestamps: false,
+            permission: None,
+            exit: None,
+            crash: false,
+            hang: false,
+            garbage: false,
+            double_result: false,
+            error_result: false,
+            args: false,
+            session: None,
+            stderr: None,
+        };
+        for word in prompt.split_whitespace() {
+            let (key, value) = word.split_once(':').unwrap_or((word, ""));
+            match key {
+                "text" => s.deltas = value.parse().unwrap_or(3),
+                "size" => s.size = value.parse().unwrap_or(8),
+                "delay_ms" => s.delay = Duration::from_millis(value.parse().unwrap_or(0)),
+                "ts" => s.timestamps = true,
+                "permission" => s.permission = Some(value.to_string()),
+                "exit" => s.exit = value.parse().ok(),
+                "crash" => s.crash = true,
+                "hang" => s.hang = true,
+                "garbage" => s.garbage = true,
+                "double_result" => s.double_result = true,
+                "error_result" => s.error_result = true,
+                "args" => s.args = true,
+                "session" => s.session = Some(value.to_string()),
+                "stderr" => s.stderr = Some(value.to_string()),
+                _ => {}
+            }
+        }
+        s
+    }
+}
+
+fn nanos() -> u128 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0)
+}
+
+struct Out {
+    w: BufWriter<std::io::Stdout>,
+    session: String,
+    flush_each: bool,
+}
+
+impl Out {
+    fn line(&mut self, v: Value) {
+        // A closed stdout means the gateway is gone: stop quietly.
+        if serde_json::to_writer(&mut self.w, &v).is_err() || self.w.write_all(b"\n").is_err() {
+            std::process::exit(0);
+        }
+        if self.flush_each {
+            self.flush();
+        }
+    }
+
+    fn flush(&mut self) {
+        if self.w.flush().is_err() {
+            std::process::exit(0);
+        }
+    }
+
+    fn stream(&mut self, event: Value) {
+        let session = self.session.clone();
+        self.line(json!({"type":"stream_event","event":event,"session_id":session,"parent_tool_use_id":null}));
+    }
+}
+
+enum Input {
+    Line(Value),
+    Eof,
+}
+
+fn main() {
+    let argv: Vec<String> = std::env::args().collect();
+    let resumed = argv.iter().find_map(|a| a.strip_prefix("--resume=").map(str::to_string));
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::stdin().lock().lines().map_while(Result::ok) {
+            if let Ok(v) = serde_json::from_str::<Value>(&line) {
+                if tx.send(Input::Line(v)).is_err() {
+                    return;
+                }
+            }
+        }
+        let _ = tx.send(Input::Eof);
+    });
+
+    let mut out = Out {
+        w: BufWriter::with_capacity(64 * 1024, std::io::stdout()),
+        session: String::new(),
+        flush_each: true,
+    };
+    let mut turn = 0;
+    // One process serves turns until stdin closes, as the real CLI.
+    loop {
+        let prompt = loop {
+            match rx.recv() {
+                Ok(Input::Line(v)) if v["type"] == "user" => {
+                    break v["message"]["content"].as_str().unwrap_or_default().to_string()
+                }
+                Ok(Input::Line(_)) => continue,
+                Ok(Input::Eof) | Err(_) => std::process::exit(0),
+            }
+        };
+        turn += 1;
+        let script = Script::parse(&prompt);
+        if let Some(text) = &script.stderr {
+            eprintln!("{text}");
+        }
+        out.session = script
+            .session
+            .clone()
+            .or_else(|| resumed.clone())
+            .unwrap_or_else(|| format!("fake-{}-{}", std::process::id(), nanos()));
+        out.flush_each = script.timestamps || !script.delay.is_zero();
+        let session = out.session.clone();
+        out.line(json!({"type":"system","subtype":"init","session_id":session,"cwd":std::env::current_dir().map(|d| d.display().to_string()).unwrap_or_default(),"model":"fake","tools":["Bash"]}));
+
+        let mut tool_denied = None;
+        if let Some(tool) = &script.permission {
+            out.line(json!({"type":"assistant","message":{"id":format!("msg_tool_{turn}"),"role":"assistant","content":[{"type":"tool_use","id":"toolu_fake","name":tool,"input":{"command":"touch allowed.txt"}}]},"session_id":session,"parent_tool_use_id":null}));
+            out.line(json!({"type":"control_request","request_id":format!("perm-{turn}"),"request":{"subtype":"can_use_tool","tool_name":tool,"input":{"command":"touch allowed.txt"},"tool_use_id":"toolu_fake"}}));
+            out.flush();
+            let answer = loop {
+                match rx.recv() {
+                    Ok(Input::Line(v)) if v["type"] == "control_response" => break v,
+                    Ok(Input::Line(v)) if v["request"]["subtype"] == "interrupt" => {
+                        out.line(json!({"type":"control_cancel_request","request_id":format!("perm-{turn}")}));
+                        interrupted(&mut out);
+                        drain_until_eof(&rx);
+                    }
+                    Ok(Input::Line(_)) => {}
+                    Ok(Input::Eof) | Err(_) => std::process::exit(1),
+                }
+            };
+            let allowed = answer["response"]["response"]["behavior"] == "allow";
+            if allowed {
+                // The "tool" really acts in the project dir, so tests can see it ran.
+                let _ = std::fs::write("allowed.txt", answer["response"]["response"]["updatedInput"].to_string());
+            }
+            tool_denied = Some(!allowed);
+            let content = if allowed { "done" } else { "User denied tool use" };
+            out.line(json!({"type":"user","message":{"role":"user","content":[{"type":"tool_result","tool_use_id":"toolu_fake","content":content,"is_error":!allowed}]},"session_id":session,"parent_tool_use_id":null}));
+        }
+
+        let msg_id = format!("msg_{turn}");
+        out.stream(json!({"type":"message_start","message":{"id":msg_id,"role":"assistant","content":[]}}));
+        out.stream(json!({"type":"content_block_start","index":0,"content_block":{"type":"text","text":""}}));
+        let payload = "x".repeat(script.size);
+        let mut full = String::new();
+        for i in 0..script.deltas {
+            if script.crash && i == script.deltas / 2 {
+                out.flush();
+                unsafe { libc::kill(std::process::id() as i32, libc::SIGKILL) };
+            }
+            if let Some(code) = script.exit.filter(|_| i == script.deltas / 2) {
+                out.flush();
+                std::process::exit(code);
+            }
+            if script.hang && i == script.deltas / 2 {
+                out.flush();
+                loop {
+                    std::thread::sleep(Duration::from_secs(3600));
+                }
+            }
+            let text = if script.args && i == 0 {
+                argv[1..].join(" ")
+            } else if script.timestamps {
+                format!("t={};{i}:{payload} ", nanos())
+            } else {
+                format!("{i}:{payload} ")
+            };
+            if script.garbage && i % 2 == 0 {
+                let _ = writeln!(out.w, "this is not json {i}");
+            }
+            if script.deltas < 10_000 {
+                full.push_str(&text);
+            }
+            out.stream(json!({"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":text}}));
+            if !script.delay.is_zero() {
+                if let Ok(Input::Line(v)) = rx.recv_timeout(script.delay) {
+                    if v["request"]["subtype"] == "interrupt" {
+                        interrupted(&mut out);
+                        drain_until_eof(&rx);
+                    }
+                }
+            }
+        }
+        let session = out.session.clone();
+        out.line(json!({"type":"assistant","message":{"id":msg_id,"role":"assistant","content":[{"type":"text","text":full}],"usage":{"input_tokens":3,"output_tokens":script.deltas}},"session_id":session,"parent_tool_use_id":null}));
+        out.stream(json!({"type":"content_block_stop","index":0}));
+        out.stream(json!({"type":"message_stop"}));
+        let is_error = script.error_result;
+        let result = json!({"type":"result","subtype": if is_error {"error_during_execution"} else {"success"},"is_error":is_error,"result": if is_error {"fake failure".to_string()} else {full.clone()},"session_id":session,"num_turns":1,"permission_denials": if tool_denied == Some(true) {json!([{"tool_name":"Bash"}])} else {json!([])}});
+        out.line(result.clone());
+        if script.double_result {
+            out.line(result);
+        }
+        out.flush();
+    }
+}
+
+fn interrupted(out: &mut Out) {
+    let session = out.session.clone();
+    out.line(json!({"type":"control_response","response":{"subtype":"success","request_id":"interrupt","response":{}}}));
+    out.line(json!({"type":"result","subtype":"error_during_execution","is_error":true,"session_id":session,"terminal_reason":"aborted_streaming"}));
+    out.flush();
+}
+
+fn drain_until_eof(rx: &mpsc::Receiver<Input>) -> ! {
+    loop {
+        match rx.recv() {
+            Ok(Input::Line(_)) => {}
+            Ok(Input::Eof) | Err(_) => std::process::exit(1),
+        }
+    }
+}

@@ -1,0 +1,463 @@
+//! The `/ws` chat protocol at the wire level, with the scripted stand-in
+//! CLI (`fake_claude`, see src/bin/fake_claude.rs) as the provider: the
+//! reference registry's own test cases, plus crashes, hangs, garbage,
+//! fan-out, replay, permissions and idempotent sends.
+
+use serde_json::{json, Value};
+
+use crate::util::{eventually, pid_alive, project_dir, TestServer, WsClient};
+
+fn fake_server() -> TestServer {
+    fake_server_with(|_| {})
+}
+
+fn fake_server_with(f: impl FnOnce(&mut std::process::Command)) -> TestServer {
+    TestServer::start_with(|cmd| {
+        cmd.arg("--claude-bin").arg(env!("CARGO_BIN_EXE_fake_claude"));
+        f(cmd);
+    })
+}
+
+struct Chat {
+    token: String,
+    session: String,
+    ws: WsClient,
+    project: tempfile::TempDir,
+}
+
+async fn chat(server: &TestServer, user: &str) -> Chat {
+    let token = server.token(user);
+    let project = project_dir();
+    let session = server.create_session(&token, "claude", project.path()).await;
+    let ws = server.ws(&format!("/ws?token={token}")).await;
+    Chat {
+        token,
+        session,
+        ws,
+        project,
+    }
+}
+
+async fn send(ws: &mut WsClient, session: &str, content: &str) {
+    ws.send_json(json!({"type": "chat.send", "sessionId": session, "content": content}))
+        .await;
+}
+
+/// The next run event (gateway kinds without a seq, like `session_upserted`, are skipped).
+async fn next_event(ws: &mut WsClient) -> Value {
+    loop {
+        let v = ws.recv_json().await;
+        if v["seq"].is_u64() || v["kind"] == "protocol_error" {
+            return v;
+        }
+    }
+}
+
+/// Run events of the session up to and including its `complete` (other
+/// sessions' frames and gateway kinds are kept out).
+async fn until_complete(ws: &mut WsClient, session: &str) -> Vec<Value> {
+    let mut events = Vec::new();
+    loop {
+        let v = ws.recv_json().await;
+        if v["sessionId"] != session || !v["seq"].is_u64() {
+            continue;
+        }
+        let done = v["kind"] == "complete";
+        events.push(v);
+        if done {
+            return events;
+        }
+    }
+}
+
+fn of_kind<'a>(events: &'a [Value], kind: &str) -> Vec<&'a Value> {
+    events.iter().filter(|e| e["kind"] == kind).collect()
+}
+
+fn seqs(events: &[Value]) -> Vec<u64> {
+    events.iter().filter_map(|e| e["seq"].as_u64()).collect()
+}
+
+fn streamed_text(events: &[Value]) -> String {
+    of_kind(events, "stream_delta")
+        .iter()
+        .map(|e| e["content"].as_str().unwrap_or_default())
+        .collect()
+}
+
+/// Events carry the app id, a run id and contiguous seqs; the native id is
+/// swallowed into `session_upserted` and used to resume; seq continues across runs.
+#[actix_rt::test]
+async fn events_are_sequenced_under_the_app_id_and_resume_uses_the_native_id() {
+    let server = fake_server();
+    let mut c = chat(&server, "alice").await;
+    send(&mut c.ws, &c.session, "text:5 session:native-123").await;
+    let mut first = Vec::new();
+    let mut upserted = None;
+    loop {
+        let v = c.ws.recv_json().await;
+        if v["kind"] == "session_upserted" {
+            upserted = Some(v);
+            continue;
+        }
+        let done = v["kind"] == "complete";
+        first.push(v);
+        if done {
+            break;
+        }
+    }
+    let upserted = upserted.expect("session_upserted");
+    assert_eq!(upserted["sessionId"], c.session);
+    assert_eq!(upserted["providerSessionId"], "native-123");
+    assert_eq!(upserted["provider"], "claude");
+    assert!(first.iter().all(|e| e["kind"] != "session_created"));
+    assert!(first.iter().all(|e| e["sessionId"] == c.session));
+    let run_id = first[0]["runId"].as_str().unwrap().to_string();
+    assert!(first.iter().all(|e| e["runId"] == run_id.as_str()));
+    let s = seqs(&first);
+    assert_eq!(s, (1..=s.len() as u64).collect::<Vec<_>>());
+    assert_eq!(of_kind(&first, "stream_delta").len(), 5);
+    let complete = first.last().unwrap();
+    assert_eq!(complete["actualSessionId"], c.session);
+    assert_eq!((complete["exitCode"].clone(), complete["success"].clone(), complete["aborted"].clone()), (json!(0), json!(true), json!(false)));
+    // Streamed text is not repeated as a `text` event.
+    assert!(of_kind(&first, "text").is_empty());
+
+    // The second send resumes with the captured native id and continues seq.
+    send(&mut c.ws, &c.session, "args text:2").await;
+    let second = until_complete(&mut c.ws, &c.session).await;
+    assert!(streamed_text(&second).contains("--resume=native-123"), "{second:?}");
+    assert_eq!(seqs(&second)[0], s.last().unwrap() + 1);
+    assert_ne!(second[0]["runId"], run_id.as_str());
+
+    // seq is persisted: visible over REST, and it survives a restart.
+    let (_, row) = server.get(&format!("/api/providers/sessions/{}", c.session), Some(&c.token)).await;
+    assert_eq!(row["data"]["lastSeq"].as_u64(), seqs(&second).last().copied());
+}
+
+/// A duplicate `result` yields one `complete`; a second send while running is
+/// refused, and allowed again after completion.
+#[actix_rt::test]
+async fn one_complete_per_run_and_run_in_progress() {
+    let server = fake_server();
+    let mut c = chat(&server, "alice").await;
+    send(&mut c.ws, &c.session, "text:3 double_result").await;
+    let events = until_complete(&mut c.ws, &c.session).await;
+    assert_eq!(of_kind(&events, "complete").len(), 1);
+
+    send(&mut c.ws, &c.session, "text:50 delay_ms:40").await;
+    let first = next_event(&mut c.ws).await;
+    assert_eq!(first["sessionId"], c.session);
+    send(&mut c.ws, &c.session, "text:1").await;
+    let mut refused = None;
+    let mut events = vec![first];
+    loop {
+        let v = c.ws.recv_json().await;
+        if v["kind"] == "protocol_error" {
+            refused = Some(v);
+            continue;
+        }
+        let done = v["kind"] == "complete";
+        events.push(v);
+        if done {
+            break;
+        }
+    }
+    let refused = refused.expect("RUN_IN_PROGRESS");
+    assert_eq!(refused["code"], "RUN_IN_PROGRESS");
+    assert_eq!(refused["sessionId"], c.session);
+    // The refused send did not disturb the running one.
+    assert_eq!(of_kind(&events, "stream_delta").len(), 50);
+    // Allowed again after completion. Events from before are not repeated.
+    send(&mut c.ws, &c.session, "text:1").await;
+    let again = until_complete(&mut c.ws, &c.session).await;
+    assert_eq!(again.last().unwrap()["success"], true);
+    // Duplicate results never leaked a second complete afterwards either.
+    assert!(c.ws.recv_within(std::time::Duration::from_millis(300)).await.is_none());
+}
+
+/// Abort: one `complete {aborted:true}` at once, the process is gone, a late
+/// result from the CLI is dropped; the running list follows.
+#[actix_rt::test]
+async fn abort_completes_once_and_kills_the_process() {
+    let server = fake_server();
+    let mut c = chat(&server, "alice").await;
+    let (_, list) = server.get("/api/providers/sessions/running", Some(&c.token)).await;
+    assert_eq!(list["data"]["sessions"], json!([]));
+    c.ws.send_json(json!({"type":"chat.abort","sessionId": c.session})).await;
+    let v = c.ws.recv_json().await;
+    assert_eq!(v["code"], "NO_ACTIVE_RUN");
+
+    send(&mut c.ws, &c.session, "text:1000 delay_ms:20").await;
+    let first = next_event(&mut c.ws).await;
+    assert_eq!(first["kind"], "stream_delta");
+    let (_, list) = server.get("/api/providers/sessions/running", Some(&c.token)).await;
+    let running = list["data"]["sessions"].as_array().unwrap().clone();
+    assert_eq!(running.len(), 1);
+    assert_eq!(running[0]["sessionId"], c.session);
+    assert_eq!(running[0]["provider"], "claude");
+    assert!(running[0]["startedAt"].is_string());
+    let pids = children_of(server.pid());
+    assert!(!pids.is_empty(), "provider process not found");
+
+    c.ws.send_json(json!({"type":"chat.abort","sessionId": c.session})).await;
+    let events = until_complete(&mut c.ws, &c.session).await;
+    let complete = events.last().unwrap();
+    assert_eq!((complete["aborted"].clone(), complete["success"].clone()), (json!(true), json!(false)));
+    for pid in pids {
+        eventually("provider process gone after abort", || !pid_alive(pid)).await;
+    }
+    // The CLI's own late result (error_during_execution) was dropped: no second complete.
+    assert!(c.ws.recv_within(std::time::Duration::from_millis(500)).await.is_none());
+    let (_, list) = server.get("/api/providers/sessions/running", Some(&c.token)).await;
+    assert_eq!(list["data"]["sessions"], json!([]));
+}
+
+/// Pids of the direct children of a process.
+fn children_of(pid: u32) -> Vec<i32> {
+    let mut out = Vec::new();
+    if let Ok(entries) = std::fs::read_dir("/proc") {
+        for e in entries.flatten() {
+            let Ok(p) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
+            if let Ok(stat) = std::fs::read_to_string(format!("/proc/{p}/stat")) {
+                let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
+                if fields.get(1).and_then(|pp| pp.parse::<u32>().ok()) == Some(pid) {
+                    out.push(p);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// A CLI that ignores the interrupt and stdin EOF is killed (TERM, then KILL);
+/// its late exit never completes the session's next run.
+#[actix_rt::test]
+async fn stale_exit_of_an_aborted_run_never_completes_the_next_run() {
+    let server = fake_server();
+    let mut c = chat(&server, "alice").await;
+    send(&mut c.ws, &c.session, "text:4 hang").await;
+    let _ = c.ws.recv_json().await;
+    let pids = children_of(server.pid());
+    c.ws.send_json(json!({"type":"chat.abort","sessionId": c.session})).await;
+    until_complete(&mut c.ws, &c.session).await;
+    // The next run streams for ~6 s, across the old process's kill (~2-4 s after the abort).
+    send(&mut c.ws, &c.session, "text:60 delay_ms:100").await;
+    let events = until_complete(&mut c.ws, &c.session).await;
+    assert_eq!(of_kind(&events, "stream_delta").len(), 60, "next run was cut short: {:?}", events.last());
+    assert_eq!(events.last().unwrap()["success"], true);
+    for pid in pids {
+        assert!(!pid_alive(pid), "hung provider {pid} survived");
+    }
+}
+
+/// SIGKILL mid-run: an error event and one failed complete; the session runs again.
+#[actix_rt::test]
+async fn crashed_provider_gives_one_failed_complete_and_session_recovers() {
+    let server = fake_server();
+    let mut c = chat(&server, "alice").await;
+    send(&mut c.ws, &c.session, "text:10 crash").await;
+    let events = until_complete(&mut c.ws, &c.session).await;
+    let complete = events.last().unwrap();
+    assert_eq!(complete["success"], false);
+    assert_ne!(complete["exitCode"], 0);
+    let errors = of_kind(&events, "error");
+    assert_eq!(errors.len(), 1);
+    assert!(errors[0]["content"].as_str().unwrap().contains("signal 9"), "{}", errors[0]);
+    send(&mut c.ws, &c.session, "text:2").await;
+    assert_eq!(until_complete(&mut c.ws, &c.session).await.last().unwrap()["success"], true);
+    // An exit code without a result, garbage lines and an error result.
+    send(&mut c.ws, &c.session, "text:4 exit:3 stderr:boom").await;
+    let events = until_complete(&mut c.ws, &c.session).await;
+    assert_eq!(events.last().unwrap()["exitCode"], 3);
+    assert!(of_kind(&events, "error")[0]["content"].as_str().unwrap().contains("boom"));
+    send(&mut c.ws, &c.session, "text:6 garbage").await;
+    let events = until_complete(&mut c.ws, &c.session).await;
+    assert_eq!(of_kind(&events, "stream_delta").len(), 6);
+    assert_eq!(events.last().unwrap()["success"], true);
+    send(&mut c.ws, &c.session, "text:1 error_result").await;
+    let events = until_complete(&mut c.ws, &c.session).await;
+    assert_eq!(of_kind(&events, "error").len(), 1);
+    assert_eq!((events.last().unwrap()["success"].clone(), events.last().unwrap()["exitCode"].clone()), (json!(false), json!(1)));
+}
+
+/// A missing binary: a readable error and one failed complete.
+#[actix_rt::test]
+async fn missing_binary_is_a_readable_error() {
+    let server = TestServer::start_with(|cmd| {
+        cmd.arg("--claude-bin").arg("/nonexistent/claude");
+    });
+    let mut c = chat(&server, "alice").await;
+    send(&mut c.ws, &c.session, "hello").await;
+    let events = until_complete(&mut c.ws, &c.session).await;
+    let errors = of_kind(&events, "error");
+    assert_eq!(errors.len(), 1);
+    assert!(errors[0]["content"].as_str().unwrap().contains("not installed"), "{}", errors[0]);
+    assert_eq!(events.last().unwrap()["success"], false);
+}
+
+/// A second socket subscribing mid-run gets `chat_subscribed` first, then
+/// exactly the events after its lastSeq, then live ones; the first socket keeps streaming.
+#[actix_rt::test]
+async fn subscribe_mid_run_replays_after_last_seq_then_live() {
+    let server = fake_server();
+    let mut c = chat(&server, "alice").await;
+    send(&mut c.ws, &c.session, "text:80 delay_ms:25").await;
+    let mut seen = Vec::new();
+    for _ in 0..10 {
+        seen.push(next_event(&mut c.ws).await);
+    }
+    let last_seq = seen[4]["seq"].as_u64().unwrap();
+    let mut second = server.ws(&format!("/ws?token={}", c.token)).await;
+    second
+        .send_json(json!({"type":"chat.subscribe","sessions":[{"sessionId": c.session, "lastSeq": last_seq}, {"lastSeq": 1}]}))
+        .await;
+    let ack = second.recv_json().await;
+    assert_eq!(ack["kind"], "chat_subscribed");
+    assert_eq!(ack["sessionId"], c.session);
+    assert_eq!(ack["isProcessing"], true);
+    assert_eq!(ack["replayTruncated"], false);
+    assert_eq!(ack["runFirstSeq"], 1);
+    assert!(ack["lastSeq"].as_u64().unwrap() >= 10);
+    let theirs = until_complete(&mut second, &c.session).await;
+    let s = seqs(&theirs);
+    assert_eq!(s[0], last_seq + 1, "replay starts right after lastSeq");
+    assert!(s.windows(2).all(|w| w[1] == w[0] + 1), "no gaps or duplicates: {s:?}");
+    let mine = until_complete(&mut c.ws, &c.session).await;
+    seen.extend(mine);
+    assert_eq!(seqs(&seen), (1..=seen.len() as u64).collect::<Vec<_>>());
+    assert_eq!(s.last(), seqs(&seen).last());
+
+    // After completion: not processing, not replayed.
+    second.send_json(json!({"type":"chat.subscribe","sessions":[{"sessionId": c.session, "lastSeq": 0}]})).await;
+    let ack = second.recv_json().await;
+    assert_eq!((ack["kind"].clone(), ack["isProcessing"].clone()), (json!("chat_subscribed"), json!(false)));
+    assert_eq!(ack["lastSeq"].as_u64(), s.last().copied());
+    assert!(second.recv_within(std::time::Duration::from_millis(300)).await.is_none());
+
+    // Another user's session is not found, not subscribed.
+    let mut bob = server.chat("bob").await;
+    bob.send_json(json!({"type":"chat.subscribe","sessions":[{"sessionId": c.session}]})).await;
+    assert_eq!(bob.recv_json().await["code"], "SESSION_NOT_FOUND");
+    bob.send_json(json!({"type":"chat.abort","sessionId": c.session})).await;
+    let v = bob.recv_json().await;
+    assert!(v["code"] == "SESSION_NOT_FOUND" || v["code"] == "NO_ACTIVE_RUN", "{v}");
+}
+
+/// Two sessions stream at once and stay isolated; the socket that closes mid-run does not disturb the run.
+#[actix_rt::test]
+async fn two_sessions_stream_in_isolation() {
+    let server = fake_server();
+    let mut a = chat(&server, "alice").await;
+    let mut b = chat(&server, "bob").await;
+    send(&mut a.ws, &a.session, "text:300 size:16").await;
+    send(&mut b.ws, &b.session, "text:200 size:16").await;
+    let ea = until_complete(&mut a.ws, &a.session).await;
+    let eb = until_complete(&mut b.ws, &b.session).await;
+    assert_eq!(of_kind(&ea, "stream_delta").len(), 300);
+    assert_eq!(of_kind(&eb, "stream_delta").len(), 200);
+    assert!(ea.iter().all(|e| e["sessionId"] == a.session));
+    assert!(eb.iter().all(|e| e["sessionId"] == b.session));
+    // Bob never saw Alice's session_upserted (E3).
+    while let Some(ev) = b.ws.recv_within(std::time::Duration::from_millis(200)).await {
+        if let crate::util::WsEvent::Text(t) = ev {
+            assert!(!t.contains(&a.session), "{t}");
+        }
+    }
+}
+
+/// Thousands of deltas arrive whole and in order.
+#[actix_rt::test]
+async fn many_deltas_arrive_whole_and_in_order() {
+    let server = fake_server();
+    let mut c = chat(&server, "alice").await;
+    send(&mut c.ws, &c.session, "text:5000 size:32").await;
+    let events = until_complete(&mut c.ws, &c.session).await;
+    let deltas = of_kind(&events, "stream_delta");
+    assert_eq!(deltas.len(), 5000);
+    for (i, d) in deltas.iter().enumerate() {
+        assert!(d["content"].as_str().unwrap().starts_with(&format!("{i}:")), "delta {i}: {d}");
+    }
+    let s = seqs(&events);
+    assert!(s.windows(2).all(|w| w[1] == w[0] + 1));
+}
+
+/// Permission prompts: allow runs the tool, deny does not, pending requests
+/// are listed on subscribe, timeouts and run end cancel them, rememberEntry
+/// allows the rest of the run.
+#[actix_rt::test]
+async fn permissions_allow_deny_pending_and_timeout() {
+    let server = fake_server_with(|cmd| {
+        cmd.arg("--permission-timeout-secs").arg("1");
+    });
+    let mut c = chat(&server, "alice").await;
+    // Allow: the tool acts in the project dir.
+    send(&mut c.ws, &c.session, "permission:Bash text:1").await;
+    let (req, _) = c.ws.recv_until_kind("permission_request").await;
+    assert_eq!(req["toolName"], "Bash");
+    assert_eq!(req["input"]["command"], "touch allowed.txt");
+    let request_id = req["requestId"].as_str().unwrap().to_string();
+    // Listed while pending.
+    let mut other = server.ws(&format!("/ws?token={}", c.token)).await;
+    other.send_json(json!({"type":"chat.subscribe","sessions":[{"sessionId": c.session, "lastSeq": 999999}]})).await;
+    let ack = other.recv_json().await;
+    assert_eq!(ack["pendingPermissions"][0]["requestId"], request_id.as_str());
+    assert_eq!(ack["pendingPermissions"][0]["toolName"], "Bash");
+    c.ws.send_json(json!({"type":"chat.permission-response","requestId": request_id, "allow": true, "updatedInput": {"command": "touch allowed.txt", "edited": true}})).await;
+    let events = until_complete(&mut c.ws, &c.session).await;
+    assert_eq!(events.last().unwrap()["success"], true);
+    let written = std::fs::read_to_string(c.project.path().join("allowed.txt")).expect("tool ran in the project dir");
+    assert!(written.contains("edited"), "updatedInput reached the CLI: {written}");
+
+    // Deny: no file, an error tool result.
+    std::fs::remove_file(c.project.path().join("allowed.txt")).unwrap();
+    send(&mut c.ws, &c.session, "permission:Bash text:1").await;
+    let (req, _) = c.ws.recv_until_kind("permission_request").await;
+    c.ws.send_json(json!({"type":"chat.permission-response","requestId": req["requestId"], "allow": false})).await;
+    let events = until_complete(&mut c.ws, &c.session).await;
+    let result = of_kind(&events, "tool_result");
+    assert_eq!(result[0]["isError"], true);
+    assert!(!c.project.path().join("allowed.txt").exists());
+
+    // Timeout: cancelled with reason timeout, the CLI is told no.
+    send(&mut c.ws, &c.session, "permission:Bash text:1").await;
+    let (req, _) = c.ws.recv_until_kind("permission_request").await;
+    let (cancelled, _) = c.ws.recv_until_kind("permission_cancelled").await;
+    assert_eq!(cancelled["requestId"], req["requestId"]);
+    assert_eq!(cancelled["reason"], "timeout");
+    let events = until_complete(&mut c.ws, &c.session).await;
+    assert_eq!(of_kind(&events, "tool_result")[0]["isError"], true);
+
+    // Abort while pending: the request is cancelled before the complete.
+    send(&mut c.ws, &c.session, "permission:AskUserQuestion text:1").await;
+    let (req, _) = c.ws.recv_until_kind("permission_request").await;
+    c.ws.send_json(json!({"type":"chat.abort","sessionId": c.session})).await;
+    let events = until_complete(&mut c.ws, &c.session).await;
+    let cancelled = of_kind(&events, "permission_cancelled");
+    assert_eq!(cancelled.len(), 1);
+    assert_eq!(cancelled[0]["requestId"], req["requestId"]);
+    // A late answer to a request that is gone is ignored.
+    c.ws.send_json(json!({"type":"chat.permission-response","requestId": req["requestId"], "allow": true})).await;
+    c.ws.send_json(json!({"type":"chat.permission-response","allow": true})).await;
+    let late = c.ws.recv_within(std::time::Duration::from_millis(300)).await;
+    assert!(late.is_none(), "{late:?}");
+}
+
+/// E6: a repeated clientRequestId starts nothing and returns the original runId.
+#[actix_rt::test]
+async fn client_request_id_makes_send_idempotent() {
+    let server = fake_server();
+    let mut c = chat(&server, "alice").await;
+    let frame = json!({"type":"chat.send","sessionId": c.session,"content":"text:3","clientRequestId":"req-1"});
+    c.ws.send_json(frame.clone()).await;
+    let accepted = c.ws.recv_json().await;
+    assert_eq!(accepted["kind"], "chat_accepted");
+    assert_eq!(accepted["duplicate"], false);
+    let events = until_complete(&mut c.ws, &c.session).await;
+    assert_eq!(events[0]["runId"], accepted["runId"]);
+    c.ws.send_json(frame).await;
+    let again = c.ws.recv_json().await;
+    assert_eq!((again["kind"].clone(), again["duplicate"].clone()), (json!("chat_accepted"), json!(true)));
+    assert_eq!(again["runId"], accepted["runId"]);
+    assert!(c.ws.recv_within(std::time::Duration::from_millis(400)).await.is_none(), "the duplicate started a run");
+}
