@@ -5,7 +5,7 @@
 
 use serde_json::{json, Value};
 
-use crate::util::{eventually, pid_alive, project_dir, TestServer, WsClient};
+use crate::util::{children_of, eventually, pid_alive, project_dir, TestServer, WsClient};
 
 fn fake_server() -> TestServer {
     fake_server_with(|_| {})
@@ -38,13 +38,13 @@ async fn chat(server: &TestServer, user: &str) -> Chat {
     }
 }
 
-async fn send(ws: &mut WsClient, session: &str, content: &str) {
+pub async fn send(ws: &mut WsClient, session: &str, content: &str) {
     ws.send_json(json!({"type": "chat.send", "sessionId": session, "content": content}))
         .await;
 }
 
 /// The next run event (gateway kinds without a seq, like `session_upserted`, are skipped).
-async fn next_event(ws: &mut WsClient) -> Value {
+pub async fn next_event(ws: &mut WsClient) -> Value {
     loop {
         let v = ws.recv_json().await;
         if v["seq"].is_u64() || v["kind"] == "protocol_error" {
@@ -55,7 +55,7 @@ async fn next_event(ws: &mut WsClient) -> Value {
 
 /// Run events of the session up to and including its `complete` (other
 /// sessions' frames and gateway kinds are kept out).
-async fn until_complete(ws: &mut WsClient, session: &str) -> Vec<Value> {
+pub async fn until_complete(ws: &mut WsClient, session: &str) -> Vec<Value> {
     let mut events = Vec::new();
     loop {
         let v = ws.recv_json().await;
@@ -70,15 +70,15 @@ async fn until_complete(ws: &mut WsClient, session: &str) -> Vec<Value> {
     }
 }
 
-fn of_kind<'a>(events: &'a [Value], kind: &str) -> Vec<&'a Value> {
+pub fn of_kind<'a>(events: &'a [Value], kind: &str) -> Vec<&'a Value> {
     events.iter().filter(|e| e["kind"] == kind).collect()
 }
 
-fn seqs(events: &[Value]) -> Vec<u64> {
+pub fn seqs(events: &[Value]) -> Vec<u64> {
     events.iter().filter_map(|e| e["seq"].as_u64()).collect()
 }
 
-fn streamed_text(events: &[Value]) -> String {
+pub fn streamed_text(events: &[Value]) -> String {
     of_kind(events, "stream_delta")
         .iter()
         .map(|e| e["content"].as_str().unwrap_or_default())
@@ -211,23 +211,6 @@ async fn abort_completes_once_and_kills_the_process() {
     assert!(c.ws.recv_within(std::time::Duration::from_millis(500)).await.is_none());
     let (_, list) = server.get("/api/providers/sessions/running", Some(&c.token)).await;
     assert_eq!(list["data"]["sessions"], json!([]));
-}
-
-/// Pids of the direct children of a process.
-fn children_of(pid: u32) -> Vec<i32> {
-    let mut out = Vec::new();
-    if let Ok(entries) = std::fs::read_dir("/proc") {
-        for e in entries.flatten() {
-            let Ok(p) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
-            if let Ok(stat) = std::fs::read_to_string(format!("/proc/{p}/stat")) {
-                let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
-                if fields.get(1).and_then(|pp| pp.parse::<u32>().ok()) == Some(pid) {
-                    out.push(p);
-                }
-            }
-        }
-    }
-    out
 }
 
 /// A CLI that ignores the interrupt and stdin EOF is killed (TERM, then KILL);

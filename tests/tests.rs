@@ -3,6 +3,7 @@
 //!
 //! - `util`: start a server, tokens, WebSocket and REST clients.
 //! - `chat`: the `/ws` protocol with the scripted stand-in CLI `fake_claude`.
+//! - `claude_e2e`: the real Claude Code CLI through the gateway, against the Anthropic stand-in.
 //! - `foundation`: CLI, auth refusals, REST routes, bad frames, heartbeat, restart, SIGTERM.
 //! - `providers`: Codex, Gemini, OpenCode (real CLIs) and Cursor (fake CLI) end to end, one row each.
 //! - `plugins`: plugin servers (the `echo_plugin` example, shell scripts), `/plugin-ws/{name}`, plugin REST.
@@ -13,6 +14,7 @@ mod util;
 mod support;
 
 mod chat;
+mod claude_e2e;
 mod foundation;
 mod providers;
 mod plugins;
