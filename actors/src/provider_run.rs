@@ -227,7 +227,7 @@ impl Actor for ProviderRun {
             ctx.stop();
             return;
         };
-        let parser = self.provider.parser(&turn);
+        let mut parser = self.provider.parser(&turn);
         let reader = StdoutReader {
             session_id: self.session_id.clone(),
             run_id: self.run_id.clone(),
@@ -239,7 +239,7 @@ impl Actor for ProviderRun {
         let pgid = self.pgid;
         ctx.spawn(
             async move {
-                let outcome = reader.run(stdout, parser).await;
+                let outcome = reader.run(stdout, &mut parser).await;
                 if outcome == ReadOutcome::IdleTimeout {
                     if let Some(pgid) = pgid {
                         // SAFETY: see signal_group.
@@ -253,6 +253,15 @@ impl Actor for ProviderRun {
                     Some(handle) => handle.await.unwrap_or_default(),
                     None => String::new(),
                 };
+                // Providers that end a turn with the process, or report
+                // failures only on stderr, speak now (before the registry
+                // would synthesize a failed complete).
+                let mut events = Vec::new();
+                for line in tail.lines() {
+                    parser.stderr_line(line, &mut events);
+                }
+                parser.exited(status.as_ref().ok().and_then(|s| s.code()), &mut events);
+                reader.flush(&mut events).await;
                 (outcome, status, tail)
             }
             .into_actor(self)
@@ -362,9 +371,9 @@ struct StdoutReader {
 
 impl StdoutReader {
     async fn run(
-        self,
+        &self,
         stdout: impl AsyncRead + Unpin,
-        mut parser: Box<dyn LineParser>,
+        parser: &mut Box<dyn LineParser>,
     ) -> ReadOutcome {
         let mut reader = BufReader::with_capacity(64 * 1024, stdout);
         let mut line = Vec::with_capacity(4096);
@@ -503,7 +512,8 @@ async fn read_line<R: AsyncRead + Unpin>(reader: &mut BufReader<R>, line: &mut V
     }
 }
 
-/// Logs stderr line by line and returns its tail for error messages.
+/// Logs stderr line by line and returns its tail (for the error message of a
+/// failed run, and for the parser's `stderr_line` hook at exit).
 async fn read_stderr(stderr: impl AsyncRead + Unpin, run_id: String) -> String {
     let mut lines = BufReader::new(stderr).lines();
     let mut tail = String::new();
