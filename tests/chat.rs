@@ -444,3 +444,88 @@ async fn client_request_id_makes_send_idempotent() {
     assert_eq!(again["runId"], accepted["runId"]);
     assert!(c.ws.recv_within(std::time::Duration::from_millis(400)).await.is_none(), "the duplicate started a run");
 }
+
+/// E4: a subscriber that stops reading is closed with 4008 after a bounded
+/// backlog; the subscriber that reads gets every event.
+#[actix_rt::test]
+async fn slow_consumer_is_closed_with_4008_and_others_are_unaffected() {
+    let server = fake_server();
+    let mut c = chat(&server, "alice").await;
+    let mut slow = server.ws(&format!("/ws?token={}", c.token)).await;
+    // 40,000 deltas of 2 KB: far more than a socket's bounded backlog.
+    send(&mut c.ws, &c.session, "text:40000 size:2000 delay_ms:0").await;
+    let first = next_event(&mut c.ws).await;
+    slow.send_json(json!({"type":"chat.subscribe","sessions":[{"sessionId": c.session, "lastSeq": first["seq"]}]})).await;
+    let mut events = vec![first];
+    events.extend(until_complete(&mut c.ws, &c.session).await);
+    assert_eq!(of_kind(&events, "stream_delta").len(), 40_000);
+    assert_eq!(events.last().unwrap()["success"], true);
+    // The slow one now reads: whatever was queued, then the 4008 close.
+    let mut received = 0usize;
+    let code = loop {
+        match slow.recv().await {
+            crate::util::WsEvent::Text(_) => received += 1,
+            crate::util::WsEvent::Close(code, _) => break code,
+            other => panic!("unexpected {other:?}"),
+        }
+    };
+    assert_eq!(code, Some(4008));
+    assert!(received < 40_000, "the slow socket was never cut off ({received} frames)");
+}
+
+/// seq keeps increasing across a gateway restart (it is persisted).
+#[actix_rt::test]
+async fn seq_continues_after_a_restart() {
+    let server = fake_server();
+    let mut c = chat(&server, "alice").await;
+    send(&mut c.ws, &c.session, "text:3").await;
+    let events = until_complete(&mut c.ws, &c.session).await;
+    let last = *seqs(&events).last().unwrap();
+    let path = format!("/api/providers/sessions/{}", c.session);
+    let mut persisted = 0;
+    for _ in 0..200 {
+        persisted = server.get(&path, Some(&c.token)).await.1["data"]["lastSeq"].as_u64().unwrap_or(0);
+        if persisted == last {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(persisted, last);
+    let data = server.kill_keep_data();
+    let server = TestServer::start_in(data, |cmd| {
+        cmd.arg("--claude-bin").arg(env!("CARGO_BIN_EXE_fake_claude"));
+    });
+    let mut ws = server.ws(&format!("/ws?token={}", c.token)).await;
+    ws.send_json(json!({"type":"chat.subscribe","sessions":[{"sessionId": c.session}]})).await;
+    let ack = ws.recv_json().await;
+    assert_eq!((ack["isProcessing"].clone(), ack["lastSeq"].as_u64()), (json!(false), Some(last)));
+    send(&mut ws, &c.session, "text:2").await;
+    let events = until_complete(&mut ws, &c.session).await;
+    assert_eq!(seqs(&events)[0], last + 1);
+}
+
+/// SIGTERM mid-run: the run gets its error and complete, the CLI is killed,
+/// the socket closes with 1001, the gateway exits 0 and seq was saved.
+#[actix_rt::test]
+async fn shutdown_mid_run_completes_the_run_and_kills_the_cli() {
+    let mut server = fake_server();
+    let mut c = chat(&server, "alice").await;
+    send(&mut c.ws, &c.session, "text:10000 delay_ms:50").await;
+    let _ = next_event(&mut c.ws).await;
+    let cli = children_of(server.pid());
+    assert!(!cli.is_empty());
+    unsafe { libc::kill(server.pid() as i32, libc::SIGTERM) };
+    let events = until_complete(&mut c.ws, &c.session).await;
+    let complete = events.last().unwrap().clone();
+    assert_eq!(complete["success"], false);
+    assert!(of_kind(&events, "error").iter().any(|e| e["content"].as_str().unwrap().contains("shutting down")));
+    assert_eq!(c.ws.recv_close().await, Some(1001));
+    assert!(server.wait_exit().success());
+    for pid in cli {
+        assert!(!pid_alive(pid), "CLI {pid} outlived the gateway");
+    }
+    let data = server.kill_keep_data();
+    let server = TestServer::start_in(data, |_| {});
+    let (_, row) = server.get(&format!("/api/providers/sessions/{}", c.session), Some(&c.token)).await;
+    assert_eq!(row["data"]["lastSeq"], complete["seq"]);
+}

@@ -6,8 +6,9 @@
 //! its stdout with the provider's [`LineParser`].
 //!
 //! **Handles** [`Abort`] (interrupt, close stdin, then SIGTERM and SIGKILL to
-//! the group after grace periods) and [`AnswerPermission`] (writes the
-//! provider's permission reply), both from the RunRegistry.
+//! the group after grace periods), [`Kill`] (SIGKILL to the group, at
+//! shutdown) and [`AnswerPermission`] (writes the provider's permission
+//! reply), all from the RunRegistry.
 //!
 //! **Sends** [`RunEvents`] to the RunRegistry, awaited, so a busy registry
 //! slows the reading of stdout (backpressure) instead of queueing; and one
@@ -53,6 +54,11 @@ const STDERR_TAIL_BYTES: usize = 2048;
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Abort;
+
+/// Kill the whole process group now (from the RunRegistry at gateway shutdown).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Kill;
 
 /// Answer a permission request (from the RunRegistry).
 #[derive(Message)]
@@ -337,6 +343,15 @@ impl Handler<Abort> for ProviderRun {
             act.signal_group(libc::SIGTERM);
             ctx.run_later(KILL_GRACE, |act, _| act.signal_group(libc::SIGKILL));
         });
+    }
+}
+
+impl Handler<Kill> for ProviderRun {
+    type Result = ();
+
+    fn handle(&mut self, _: Kill, _: &mut Context<Self>) {
+        self.aborting = true;
+        self.signal_group(libc::SIGKILL);
     }
 }
 

@@ -11,8 +11,8 @@
 //! (clients, through their socket or REST); [`RunEvents`], [`RunExited`]
 //! (from `ProviderRun`); [`Shutdown`] (the binary).
 //!
-//! **Sends**: [`Deliver`] and [`CloseSocket`] to chat sockets; [`Abort`] and
-//! [`AnswerPermission`] to `ProviderRun`s.
+//! **Sends**: [`Deliver`] and [`CloseSocket`] to chat sockets; [`Abort`],
+//! [`Kill`] and [`AnswerPermission`] to `ProviderRun`s.
 //!
 //! **Invariants**:
 //! - `seq` is assigned only here, +1 per forwarded event, strictly increasing
@@ -47,7 +47,7 @@ use crate::protocol::{
     PermissionDecision,
 };
 use crate::provider::{provider_for, ProviderEvent, ProviderKind, Turn};
-use crate::provider_run::{Abort, AnswerPermission, ProviderRun};
+use crate::provider_run::{Abort, AnswerPermission, Kill, ProviderRun};
 use crate::store::{self, SessionRow, Store};
 
 /// Events kept for replay per session (PROTOCOL.md asks for at least 5000).
@@ -1013,9 +1013,9 @@ impl Handler<RunExited> for RunRegistry {
 }
 
 impl Handler<Shutdown> for RunRegistry {
-    type Result = ();
+    type Result = ResponseFuture<()>;
 
-    fn handle(&mut self, _: Shutdown, ctx: &mut Context<Self>) {
+    fn handle(&mut self, _: Shutdown, ctx: &mut Context<Self>) -> Self::Result {
         let running: Vec<String> = self
             .sessions
             .iter()
@@ -1024,7 +1024,7 @@ impl Handler<Shutdown> for RunRegistry {
             .collect();
         for session_id in running {
             if let Some(addr) = self.sessions.get(&session_id).and_then(|s| s.run.as_ref()).and_then(|r| r.addr.clone()) {
-                addr.do_send(Abort);
+                addr.do_send(Kill);
             }
             self.emit(&session_id, EventBody::error("The gateway is shutting down"));
             self.complete(&session_id, 1, true, ctx);
@@ -1035,7 +1035,27 @@ impl Handler<Shutdown> for RunRegistry {
                 reason: "server shutting down",
             });
         }
+        // Write every counter now (not in the background) so seq survives the restart.
+        let seqs: Vec<(String, u64)> = self
+            .sessions
+            .iter_mut()
+            .filter(|(_, s)| s.last_seq > s.persisted_seq)
+            .map(|(id, s)| {
+                s.persisted_seq = s.last_seq;
+                (id.clone(), s.last_seq)
+            })
+            .collect();
+        let store = self.store.clone();
         tracing::info!(actor = "RunRegistry", reason = "shutdown", "runs completed and sockets closed");
+        Box::pin(async move {
+            let result = store::blocking(&store, move |s| {
+                seqs.iter().try_for_each(|(id, seq)| s.set_last_seq(id, *seq))
+            })
+            .await;
+            if let Err(err) = result {
+                tracing::error!(%err, "failed to persist seq counters at shutdown");
+            }
+        })
     }
 }
 
