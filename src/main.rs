@@ -20,6 +20,7 @@ mod api;
 mod auth;
 mod config;
 mod db;
+mod plugins_api;
 mod routes;
 mod server;
 mod state;

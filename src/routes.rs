@@ -266,11 +266,12 @@ async fn shell_ws(
 async fn plugin_ws(
     req: HttpRequest,
     stream: web::Payload,
-    _path: web::Path<String>,
+    path: web::Path<String>,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, actix_web::Error> {
     let _user = state.authenticate(&req).await?;
-    placeholder(&req, stream, "plugins are not available yet")
+    // Name check (4400), port lookup (4404), then one PluginProxy actor per socket.
+    agentgate_actors::plugin::start_proxy(&req, stream, &path, &state.plugins, state.config.heartbeat).await
 }
 
 /// Accepts an upgrade and closes it at once with a reason.

@@ -13,6 +13,7 @@ use actix_web::dev::Service;
 use actix_web::{web, App, HttpServer};
 use agentgate_actors::config::GatewayConfig;
 use actix::{Actor, Arbiter};
+use agentgate_actors::plugin::{PluginRegistry, StopAllPlugins};
 use agentgate_actors::provider::ProviderKind;
 use agentgate_actors::run_registry::{RunRegistry, Shutdown as RunShutdown};
 use agentgate_actors::store::Store;
@@ -60,6 +61,8 @@ pub async fn serve(common: Common, args: ServeArgs) -> std::io::Result<()> {
     // Provider runs parse stdout on their own thread, beside the registry's.
     let runs_arbiter = Arbiter::new();
     let registry = RunRegistry::new(config.clone(), store.clone(), runs_arbiter.handle()).start();
+    // Discovers <data-dir>/plugins and starts the enabled plugin servers.
+    let plugins = PluginRegistry::new(config.clone()).start();
 
     let state = web::Data::new(AppState {
         config: config.clone(),
@@ -68,6 +71,7 @@ pub async fn serve(common: Common, args: ServeArgs) -> std::io::Result<()> {
         keys,
         platform: args.platform,
         registry,
+        plugins,
     });
 
     let app_state = state.clone();
@@ -88,6 +92,7 @@ pub async fn serve(common: Common, args: ServeArgs) -> std::io::Result<()> {
                 })
             })
             .configure(routes::configure)
+            .configure(crate::plugins_api::configure)
             .default_service(web::to(routes::not_found))
     })
     .workers(HTTP_WORKERS)
@@ -120,6 +125,10 @@ pub async fn serve(common: Common, args: ServeArgs) -> std::io::Result<()> {
 async fn shutdown_actors(state: &AppState) {
     if state.registry.send(RunShutdown).await.is_err() {
         tracing::error!("run registry did not answer the shutdown");
+    }
+    // SIGTERM to every plugin server, SIGKILL after its grace period.
+    if state.plugins.send(StopAllPlugins).await.is_err() {
+        tracing::error!("plugin registry did not answer the shutdown");
     }
     // Let the sockets flush their close frames before the server stops.
     tokio::time::sleep(Duration::from_millis(200)).await;

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use actix_web::{web, HttpRequest};
 use actix::Addr;
 use agentgate_actors::config::GatewayConfig;
+use agentgate_actors::plugin::PluginRegistry;
 use agentgate_actors::run_registry::RunRegistry;
 use agentgate_actors::store::Store;
 use agentgate_actors::AuthUser;
@@ -24,6 +25,8 @@ pub struct AppState {
     pub platform: bool,
     /// The supervisor of chat runs.
     pub registry: Addr<RunRegistry>,
+    /// The plugin directory: plugin servers and their ports.
+    pub plugins: Addr<PluginRegistry>,
 }
 
 impl AppState {

@@ -61,6 +61,9 @@ pub const CLOSE_NOT_RUNNING: u16 = 4404;
 pub const CLOSE_UPSTREAM_ERROR: u16 = 4502;
 /// How long connecting and the upstream handshake may take.
 pub const UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// After the proxy stopped: how long the last queued frames and the close
+/// frame may take to reach the plugin, and then how long its close reply may take.
+pub const UPSTREAM_CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Most frames queued towards the plugin; when full, client reads pause.
 pub const UPSTREAM_QUEUE_FRAMES: usize = 256;
 /// Most bytes queued towards the plugin; when full, client reads pause. A
@@ -122,6 +125,7 @@ pub async fn start_proxy(
         upstream: None,
         to_upstream: None,
         close_upstream: None,
+        handback: None,
         budget: Arc::new(Semaphore::new(UPSTREAM_QUEUE_BYTES as usize)),
         stop_reason: "client closed",
     };
@@ -153,6 +157,8 @@ pub struct PluginProxy {
     to_upstream: Option<mpsc::Sender<Outgoing>>,
     /// The close frame the writer sends after the queue (1001 if dropped unsent).
     close_upstream: Option<oneshot::Sender<Option<CloseReason>>>,
+    /// Gives the read half to the writer task when the actor stops.
+    handback: Option<oneshot::Sender<Option<UpstreamFrames>>>,
     /// Byte budget of the queue to the writer.
     budget: Arc<Semaphore>,
     /// For the supervision log line in `stopped()`.
@@ -199,6 +205,11 @@ impl Actor for PluginProxy {
     }
 
     fn stopped(&mut self, _ctx: &mut Self::Context) {
+        // The writer task reads the plugin's close reply on the read half
+        // before dropping the socket (bounded by UPSTREAM_CLOSE_TIMEOUT).
+        if let Some(handback) = self.handback.take() {
+            let _ = handback.send(self.upstream.take());
+        }
         tracing::info!(actor = "PluginProxy", plugin = %self.name, reason = self.stop_reason, "actor stopped");
     }
 }
@@ -215,10 +226,17 @@ impl PluginProxy {
         let (sink, stream) = framed.split();
         let (tx, rx) = mpsc::channel(UPSTREAM_QUEUE_FRAMES);
         let (close_tx, close_rx) = oneshot::channel();
-        actix::spawn(write_upstream(sink, rx, close_rx, ctx.address()));
+        let (handback_tx, handback_rx) = oneshot::channel();
+        let ends = WriterEnds {
+            queue: rx,
+            close: close_rx,
+            handback: handback_rx,
+        };
+        actix::spawn(write_upstream(sink, ends, ctx.address()));
         self.upstream = Some(Box::pin(stream));
         self.to_upstream = Some(tx);
         self.close_upstream = Some(close_tx);
+        self.handback = Some(handback_tx);
         ctx.spawn(UpstreamPump);
     }
 
@@ -235,8 +253,8 @@ impl PluginProxy {
         ctx.stop();
     }
 
-    /// Ends the queue to the plugin; the writer sends what is queued, then
-    /// `close` (or 1001 when `None`... see [`write_upstream`]), then closes.
+    /// Ends the queue to the plugin: the writer sends what is queued, then
+    /// the close frame `close` (1001 when `None`: the client went away).
     fn finish_upstream(&mut self, close: Option<Option<CloseReason>>) {
         if let (Some(tx), Some(close)) = (self.close_upstream.take(), close) {
             let _ = tx.send(close);
@@ -442,37 +460,87 @@ impl ActorFuture<PluginProxy> for WaitForRoom {
     }
 }
 
+/// The writer task's ends of its channels from the proxy.
+struct WriterEnds {
+    /// Frames for the plugin; ends when the proxy drops its sender.
+    queue: mpsc::Receiver<Outgoing>,
+    /// The close frame to send after the queue; dropped unsent means 1001.
+    close: oneshot::Receiver<Option<CloseReason>>,
+    /// The read half, handed back when the proxy actor stops.
+    handback: oneshot::Receiver<Option<UpstreamFrames>>,
+}
+
 /// Writes queued frames to the plugin (batching what is already queued into
-/// one flush), then the close frame, then closes the socket. Reports a write
-/// error to the proxy.
-async fn write_upstream<S>(
-    mut sink: S,
-    mut rx: mpsc::Receiver<Outgoing>,
-    close_rx: oneshot::Receiver<Option<CloseReason>>,
-    proxy: Addr<PluginProxy>,
-) where
+/// one flush), then the close frame; then waits for the plugin's close reply
+/// on the read half before the socket is dropped, so the plugin sees a clean
+/// closing handshake. Once the proxy has stopped, every step is bounded by
+/// [`UPSTREAM_CLOSE_TIMEOUT`]: a plugin that stopped reading cannot keep this
+/// task (or the socket) alive. Reports a write error to the proxy.
+async fn write_upstream<S>(mut sink: S, ends: WriterEnds, proxy: Addr<PluginProxy>)
+where
     S: Sink<ws::Message, Error = ws::ProtocolError> + Unpin,
 {
-    let result: Result<(), ws::ProtocolError> = async {
-        while let Some(out) = rx.recv().await {
+    let WriterEnds {
+        mut queue,
+        close,
+        handback,
+    } = ends;
+    let write = async {
+        while let Some(out) = queue.recv().await {
             sink.feed(out.msg).await?;
-            while let Ok(out) = rx.try_recv() {
+            while let Ok(out) = queue.try_recv() {
                 sink.feed(out.msg).await?;
             }
             sink.flush().await?;
         }
-        // The proxy dropped the queue. No reason sent: the client went away.
-        let close = close_rx.await.unwrap_or(Some(CloseReason {
+        let close = close.await.unwrap_or(Some(CloseReason {
             code: CloseCode::Away,
             description: None,
         }));
-        sink.send(ws::Message::Close(close)).await?;
-        sink.close().await
-    }
-    .await;
-    if let Err(err) = result {
+        sink.send(ws::Message::Close(close)).await
+    };
+    let mut write = std::pin::pin!(write);
+    let mut handback = std::pin::pin!(async { handback.await.ok().flatten() });
+    let written = tokio::select! {
+        written = &mut write => written,
+        read_half = &mut handback => {
+            // The proxy stopped while frames were still on their way.
+            match tokio::time::timeout(UPSTREAM_CLOSE_TIMEOUT, &mut write).await {
+                Ok(written) => {
+                    report(&proxy, written);
+                    linger(read_half).await;
+                }
+                Err(_) => tracing::info!(actor = "PluginProxy", "plugin did not take the last frames in time; dropping its socket"),
+            }
+            return;
+        }
+    };
+    report(&proxy, written);
+    // The queue ends only when the proxy is stopping, so this resolves soon.
+    let read_half = handback.await;
+    linger(read_half).await;
+}
+
+fn report(proxy: &Addr<PluginProxy>, written: Result<(), ws::ProtocolError>) {
+    if let Err(err) = written {
         proxy.do_send(UpstreamFailed(err.to_string()));
     }
+}
+
+/// Reads (and drops) plugin frames until its close reply or the end of the
+/// connection, for at most [`UPSTREAM_CLOSE_TIMEOUT`].
+async fn linger(read_half: Option<UpstreamFrames>) {
+    let Some(mut frames) = read_half else {
+        return;
+    };
+    let _ = tokio::time::timeout(UPSTREAM_CLOSE_TIMEOUT, async {
+        while let Some(Ok(frame)) = frames.next().await {
+            if matches!(frame, Frame::Close(_)) {
+                return;
+            }
+        }
+    })
+    .await;
 }
 
 /// The close reason to pass on: codes an endpoint may send are kept

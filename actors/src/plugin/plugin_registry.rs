@@ -95,7 +95,7 @@ impl PluginRegistry {
         let status = PluginStatus::idle(&manifest);
         let host = manifest.enabled.then(|| {
             let registry = ctx.address().downgrade().recipient();
-            PluginHost::new(manifest.clone(), &self.config.child_env, registry.into()).start()
+            PluginHost::new(manifest.clone(), &self.config.child_env, registry).start()
         });
         if host.is_none() {
             tracing::info!(plugin = %manifest.name, "plugin disabled in its manifest; not started");
