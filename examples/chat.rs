@@ -76,7 +76,10 @@ async fn main() {
                     return;
                 }
                 Ok(_) => {
-                    if tx.blocking_send(Input::Line(line.trim_end().to_string())).is_err() {
+                    if tx
+                        .blocking_send(Input::Line(line.trim_end().to_string()))
+                        .is_err()
+                    {
                         return;
                     }
                 }
@@ -84,7 +87,11 @@ async fn main() {
         }
     });
 
-    let ws_url = format!("{}/ws?token={}", args.url.replacen("http", "ws", 1), args.token);
+    let ws_url = format!(
+        "{}/ws?token={}",
+        args.url.replacen("http", "ws", 1),
+        args.token
+    );
     let mut last_seq: u64 = 0;
     let mut backoff = Duration::from_millis(250);
     let mut pending: Option<(String, String)> = None; // (requestId, toolName)
@@ -105,7 +112,11 @@ async fn main() {
         }
         first = false;
         let subscribe = json!({"type":"chat.subscribe","sessions":[{"sessionId": session, "lastSeq": last_seq}]});
-        if ws.send(Message::Text(subscribe.to_string().into())).await.is_err() {
+        if ws
+            .send(Message::Text(subscribe.to_string().into()))
+            .await
+            .is_err()
+        {
             continue;
         }
         loop {
@@ -174,29 +185,52 @@ fn show(v: &Value) -> Option<(String, String)> {
         "tool_use" => println!("[tool {}] {}", text("toolName"), v["toolInput"]),
         "tool_result" => {
             let content: String = text("content").chars().take(400).collect();
-            println!("[result{}] {content}", if v["isError"] == true { " (error)" } else { "" });
+            println!(
+                "[result{}] {content}",
+                if v["isError"] == true { " (error)" } else { "" }
+            );
         }
         "error" => println!("[error] {}", text("content")),
         "permission_request" => {
-            println!("\n[permission] {} wants to run {}", text("toolName"), v["input"]);
+            println!(
+                "\n[permission] {} wants to run {}",
+                text("toolName"),
+                v["input"]
+            );
             print!("allow? [y]es/[n]o/[a]lways: ");
             let _ = std::io::stdout().flush();
             return Some((text("requestId"), text("toolName")));
         }
-        "permission_cancelled" => println!("[permission request {}: {}]", text("requestId"), text("reason")),
+        "permission_cancelled" => println!(
+            "[permission request {}: {}]",
+            text("requestId"),
+            text("reason")
+        ),
         "complete" => println!(
             "\n[done: {}]",
-            if v["aborted"] == true { "aborted" } else if v["success"] == true { "ok" } else { "failed" }
+            if v["aborted"] == true {
+                "aborted"
+            } else if v["success"] == true {
+                "ok"
+            } else {
+                "failed"
+            }
         ),
         "chat_subscribed" => {
             if v["isProcessing"] == true {
                 println!("[a run is in progress; catching up]");
             }
             if let Some(p) = v["pendingPermissions"].as_array().and_then(|p| p.first()) {
-                println!("\n[permission] {} wants to run {}", p["toolName"], p["input"]);
+                println!(
+                    "\n[permission] {} wants to run {}",
+                    p["toolName"], p["input"]
+                );
                 print!("allow? [y]es/[n]o/[a]lways: ");
                 let _ = std::io::stdout().flush();
-                return Some((p["requestId"].as_str().unwrap_or_default().into(), p["toolName"].as_str().unwrap_or_default().into()));
+                return Some((
+                    p["requestId"].as_str().unwrap_or_default().into(),
+                    p["toolName"].as_str().unwrap_or_default().into(),
+                ));
             }
         }
         "protocol_error" => println!("[{}] {}", text("code"), text("error")),
@@ -206,7 +240,9 @@ fn show(v: &Value) -> Option<(String, String)> {
 }
 
 async fn connect(url: &str) -> Result<Framed<BoxedSocket, Codec>, String> {
-    let client = awc::Client::builder().timeout(Duration::from_secs(10)).finish();
+    let client = awc::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .finish();
     client
         .ws(url)
         .max_frame_size(16 * 1024 * 1024)

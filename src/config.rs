@@ -7,7 +7,11 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 #[derive(Debug, Parser)]
-#[command(name = "agentgate", version, about = "WebSocket gateway for AI coding agent CLIs")]
+#[command(
+    name = "agentgate",
+    version,
+    about = "WebSocket gateway for AI coding agent CLIs"
+)]
 pub struct Cli {
     #[command(flatten)]
     pub common: Common,
@@ -43,7 +47,13 @@ pub struct Common {
     /// Database URL; defaults to sqlite://<data-dir>/agentgate.db.
     #[arg(long, env = "AGENTGATE_DATABASE_URL", global = true)]
     pub database_url: Option<String>,
-    #[arg(long, env = "AGENTGATE_LOG_FORMAT", value_enum, default_value = "text", global = true)]
+    #[arg(
+        long,
+        env = "AGENTGATE_LOG_FORMAT",
+        value_enum,
+        default_value = "text",
+        global = true
+    )]
     pub log_format: LogFormat,
 }
 
@@ -85,13 +95,18 @@ impl Common {
         if let Some(xdg) = std::env::var_os("XDG_DATA_HOME").filter(|v| !v.is_empty()) {
             return PathBuf::from(xdg).join("agentgate");
         }
-        let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
+        let home = std::env::var_os("HOME")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("."));
         home.join(".local/share/agentgate")
     }
 
     pub fn database_url(&self) -> String {
         self.database_url.clone().unwrap_or_else(|| {
-            format!("sqlite://{}", self.data_dir().join("agentgate.db").display())
+            format!(
+                "sqlite://{}",
+                self.data_dir().join("agentgate.db").display()
+            )
         })
     }
 }

@@ -13,7 +13,8 @@ fn fake_server() -> TestServer {
 
 fn fake_server_with(f: impl FnOnce(&mut std::process::Command)) -> TestServer {
     TestServer::start_with(|cmd| {
-        cmd.arg("--claude-bin").arg(env!("CARGO_BIN_EXE_fake_claude"));
+        cmd.arg("--claude-bin")
+            .arg(env!("CARGO_BIN_EXE_fake_claude"));
         f(cmd);
     })
 }
@@ -28,7 +29,9 @@ struct Chat {
 async fn chat(server: &TestServer, user: &str) -> Chat {
     let token = server.token(user);
     let project = project_dir();
-    let session = server.create_session(&token, "claude", project.path()).await;
+    let session = server
+        .create_session(&token, "claude", project.path())
+        .await;
     let ws = server.ws(&format!("/ws?token={token}")).await;
     Chat {
         token,
@@ -119,20 +122,38 @@ async fn events_are_sequenced_under_the_app_id_and_resume_uses_the_native_id() {
     assert_eq!(of_kind(&first, "stream_delta").len(), 5);
     let complete = first.last().unwrap();
     assert_eq!(complete["actualSessionId"], c.session);
-    assert_eq!((complete["exitCode"].clone(), complete["success"].clone(), complete["aborted"].clone()), (json!(0), json!(true), json!(false)));
+    assert_eq!(
+        (
+            complete["exitCode"].clone(),
+            complete["success"].clone(),
+            complete["aborted"].clone()
+        ),
+        (json!(0), json!(true), json!(false))
+    );
     // Streamed text is not repeated as a `text` event.
     assert!(of_kind(&first, "text").is_empty());
 
     // The second send resumes with the captured native id and continues seq.
     send(&mut c.ws, &c.session, "args text:2").await;
     let second = until_complete(&mut c.ws, &c.session).await;
-    assert!(streamed_text(&second).contains("--resume=native-123"), "{second:?}");
+    assert!(
+        streamed_text(&second).contains("--resume=native-123"),
+        "{second:?}"
+    );
     assert_eq!(seqs(&second)[0], s.last().unwrap() + 1);
     assert_ne!(second[0]["runId"], run_id.as_str());
 
     // seq is persisted: visible over REST, and it survives a restart.
-    let (_, row) = server.get(&format!("/api/providers/sessions/{}", c.session), Some(&c.token)).await;
-    assert_eq!(row["data"]["lastSeq"].as_u64(), seqs(&second).last().copied());
+    let (_, row) = server
+        .get(
+            &format!("/api/providers/sessions/{}", c.session),
+            Some(&c.token),
+        )
+        .await;
+    assert_eq!(
+        row["data"]["lastSeq"].as_u64(),
+        seqs(&second).last().copied()
+    );
 }
 
 /// A duplicate `result` yields one `complete`; a second send while running is
@@ -173,7 +194,11 @@ async fn one_complete_per_run_and_run_in_progress() {
     let again = until_complete(&mut c.ws, &c.session).await;
     assert_eq!(again.last().unwrap()["success"], true);
     // Duplicate results never leaked a second complete afterwards either.
-    assert!(c.ws.recv_within(std::time::Duration::from_millis(300)).await.is_none());
+    assert!(c
+        .ws
+        .recv_within(std::time::Duration::from_millis(300))
+        .await
+        .is_none());
 }
 
 /// Abort: one `complete {aborted:true}` at once, the process is gone, a late
@@ -182,16 +207,21 @@ async fn one_complete_per_run_and_run_in_progress() {
 async fn abort_completes_once_and_kills_the_process() {
     let server = fake_server();
     let mut c = chat(&server, "alice").await;
-    let (_, list) = server.get("/api/providers/sessions/running", Some(&c.token)).await;
+    let (_, list) = server
+        .get("/api/providers/sessions/running", Some(&c.token))
+        .await;
     assert_eq!(list["data"]["sessions"], json!([]));
-    c.ws.send_json(json!({"type":"chat.abort","sessionId": c.session})).await;
+    c.ws.send_json(json!({"type":"chat.abort","sessionId": c.session}))
+        .await;
     let v = c.ws.recv_json().await;
     assert_eq!(v["code"], "NO_ACTIVE_RUN");
 
     send(&mut c.ws, &c.session, "text:1000 delay_ms:20").await;
     let first = next_event(&mut c.ws).await;
     assert_eq!(first["kind"], "stream_delta");
-    let (_, list) = server.get("/api/providers/sessions/running", Some(&c.token)).await;
+    let (_, list) = server
+        .get("/api/providers/sessions/running", Some(&c.token))
+        .await;
     let running = list["data"]["sessions"].as_array().unwrap().clone();
     assert_eq!(running.len(), 1);
     assert_eq!(running[0]["sessionId"], c.session);
@@ -200,16 +230,26 @@ async fn abort_completes_once_and_kills_the_process() {
     let pids = children_of(server.pid());
     assert!(!pids.is_empty(), "provider process not found");
 
-    c.ws.send_json(json!({"type":"chat.abort","sessionId": c.session})).await;
+    c.ws.send_json(json!({"type":"chat.abort","sessionId": c.session}))
+        .await;
     let events = until_complete(&mut c.ws, &c.session).await;
     let complete = events.last().unwrap();
-    assert_eq!((complete["aborted"].clone(), complete["success"].clone()), (json!(true), json!(false)));
+    assert_eq!(
+        (complete["aborted"].clone(), complete["success"].clone()),
+        (json!(true), json!(false))
+    );
     for pid in pids {
         eventually("provider process gone after abort", || !pid_alive(pid)).await;
     }
     // The CLI's own late result (error_during_execution) was dropped: no second complete.
-    assert!(c.ws.recv_within(std::time::Duration::from_millis(500)).await.is_none());
-    let (_, list) = server.get("/api/providers/sessions/running", Some(&c.token)).await;
+    assert!(c
+        .ws
+        .recv_within(std::time::Duration::from_millis(500))
+        .await
+        .is_none());
+    let (_, list) = server
+        .get("/api/providers/sessions/running", Some(&c.token))
+        .await;
     assert_eq!(list["data"]["sessions"], json!([]));
 }
 
@@ -222,12 +262,18 @@ async fn stale_exit_of_an_aborted_run_never_completes_the_next_run() {
     send(&mut c.ws, &c.session, "text:4 hang").await;
     let _ = c.ws.recv_json().await;
     let pids = children_of(server.pid());
-    c.ws.send_json(json!({"type":"chat.abort","sessionId": c.session})).await;
+    c.ws.send_json(json!({"type":"chat.abort","sessionId": c.session}))
+        .await;
     until_complete(&mut c.ws, &c.session).await;
     // The next run streams for ~6 s, across the old process's kill (~2-4 s after the abort).
     send(&mut c.ws, &c.session, "text:60 delay_ms:100").await;
     let events = until_complete(&mut c.ws, &c.session).await;
-    assert_eq!(of_kind(&events, "stream_delta").len(), 60, "next run was cut short: {:?}", events.last());
+    assert_eq!(
+        of_kind(&events, "stream_delta").len(),
+        60,
+        "next run was cut short: {:?}",
+        events.last()
+    );
     assert_eq!(events.last().unwrap()["success"], true);
     for pid in pids {
         assert!(!pid_alive(pid), "hung provider {pid} survived");
@@ -246,14 +292,24 @@ async fn crashed_provider_gives_one_failed_complete_and_session_recovers() {
     assert_ne!(complete["exitCode"], 0);
     let errors = of_kind(&events, "error");
     assert_eq!(errors.len(), 1);
-    assert!(errors[0]["content"].as_str().unwrap().contains("signal 9"), "{}", errors[0]);
+    assert!(
+        errors[0]["content"].as_str().unwrap().contains("signal 9"),
+        "{}",
+        errors[0]
+    );
     send(&mut c.ws, &c.session, "text:2").await;
-    assert_eq!(until_complete(&mut c.ws, &c.session).await.last().unwrap()["success"], true);
+    assert_eq!(
+        until_complete(&mut c.ws, &c.session).await.last().unwrap()["success"],
+        true
+    );
     // An exit code without a result, garbage lines and an error result.
     send(&mut c.ws, &c.session, "text:4 exit:3 stderr:boom").await;
     let events = until_complete(&mut c.ws, &c.session).await;
     assert_eq!(events.last().unwrap()["exitCode"], 3);
-    assert!(of_kind(&events, "error")[0]["content"].as_str().unwrap().contains("boom"));
+    assert!(of_kind(&events, "error")[0]["content"]
+        .as_str()
+        .unwrap()
+        .contains("boom"));
     send(&mut c.ws, &c.session, "text:6 garbage").await;
     let events = until_complete(&mut c.ws, &c.session).await;
     assert_eq!(of_kind(&events, "stream_delta").len(), 6);
@@ -261,7 +317,13 @@ async fn crashed_provider_gives_one_failed_complete_and_session_recovers() {
     send(&mut c.ws, &c.session, "text:1 error_result").await;
     let events = until_complete(&mut c.ws, &c.session).await;
     assert_eq!(of_kind(&events, "error").len(), 1);
-    assert_eq!((events.last().unwrap()["success"].clone(), events.last().unwrap()["exitCode"].clone()), (json!(false), json!(1)));
+    assert_eq!(
+        (
+            events.last().unwrap()["success"].clone(),
+            events.last().unwrap()["exitCode"].clone()
+        ),
+        (json!(false), json!(1))
+    );
 }
 
 /// A missing binary: a readable error and one failed complete.
@@ -275,7 +337,14 @@ async fn missing_binary_is_a_readable_error() {
     let events = until_complete(&mut c.ws, &c.session).await;
     let errors = of_kind(&events, "error");
     assert_eq!(errors.len(), 1);
-    assert!(errors[0]["content"].as_str().unwrap().contains("not installed"), "{}", errors[0]);
+    assert!(
+        errors[0]["content"]
+            .as_str()
+            .unwrap()
+            .contains("not installed"),
+        "{}",
+        errors[0]
+    );
     assert_eq!(events.last().unwrap()["success"], false);
 }
 
@@ -305,26 +374,44 @@ async fn subscribe_mid_run_replays_after_last_seq_then_live() {
     let theirs = until_complete(&mut second, &c.session).await;
     let s = seqs(&theirs);
     assert_eq!(s[0], last_seq + 1, "replay starts right after lastSeq");
-    assert!(s.windows(2).all(|w| w[1] == w[0] + 1), "no gaps or duplicates: {s:?}");
+    assert!(
+        s.windows(2).all(|w| w[1] == w[0] + 1),
+        "no gaps or duplicates: {s:?}"
+    );
     let mine = until_complete(&mut c.ws, &c.session).await;
     seen.extend(mine);
     assert_eq!(seqs(&seen), (1..=seen.len() as u64).collect::<Vec<_>>());
     assert_eq!(s.last(), seqs(&seen).last());
 
     // After completion: not processing, not replayed.
-    second.send_json(json!({"type":"chat.subscribe","sessions":[{"sessionId": c.session, "lastSeq": 0}]})).await;
+    second
+        .send_json(
+            json!({"type":"chat.subscribe","sessions":[{"sessionId": c.session, "lastSeq": 0}]}),
+        )
+        .await;
     let ack = second.recv_json().await;
-    assert_eq!((ack["kind"].clone(), ack["isProcessing"].clone()), (json!("chat_subscribed"), json!(false)));
+    assert_eq!(
+        (ack["kind"].clone(), ack["isProcessing"].clone()),
+        (json!("chat_subscribed"), json!(false))
+    );
     assert_eq!(ack["lastSeq"].as_u64(), s.last().copied());
-    assert!(second.recv_within(std::time::Duration::from_millis(300)).await.is_none());
+    assert!(second
+        .recv_within(std::time::Duration::from_millis(300))
+        .await
+        .is_none());
 
     // Another user's session is not found, not subscribed.
     let mut bob = server.chat("bob").await;
-    bob.send_json(json!({"type":"chat.subscribe","sessions":[{"sessionId": c.session}]})).await;
+    bob.send_json(json!({"type":"chat.subscribe","sessions":[{"sessionId": c.session}]}))
+        .await;
     assert_eq!(bob.recv_json().await["code"], "SESSION_NOT_FOUND");
-    bob.send_json(json!({"type":"chat.abort","sessionId": c.session})).await;
+    bob.send_json(json!({"type":"chat.abort","sessionId": c.session}))
+        .await;
     let v = bob.recv_json().await;
-    assert!(v["code"] == "SESSION_NOT_FOUND" || v["code"] == "NO_ACTIVE_RUN", "{v}");
+    assert!(
+        v["code"] == "SESSION_NOT_FOUND" || v["code"] == "NO_ACTIVE_RUN",
+        "{v}"
+    );
 }
 
 /// Two sessions stream at once and stay isolated; the socket that closes mid-run does not disturb the run.
@@ -342,7 +429,10 @@ async fn two_sessions_stream_in_isolation() {
     assert!(ea.iter().all(|e| e["sessionId"] == a.session));
     assert!(eb.iter().all(|e| e["sessionId"] == b.session));
     // Bob never saw Alice's session_upserted (E3).
-    while let Some(ev) = b.ws.recv_within(std::time::Duration::from_millis(200)).await {
+    while let Some(ev) =
+        b.ws.recv_within(std::time::Duration::from_millis(200))
+            .await
+    {
         if let crate::util::WsEvent::Text(t) = ev {
             assert!(!t.contains(&a.session), "{t}");
         }
@@ -359,7 +449,10 @@ async fn many_deltas_arrive_whole_and_in_order() {
     let deltas = of_kind(&events, "stream_delta");
     assert_eq!(deltas.len(), 5000);
     for (i, d) in deltas.iter().enumerate() {
-        assert!(d["content"].as_str().unwrap().starts_with(&format!("{i}:")), "delta {i}: {d}");
+        assert!(
+            d["content"].as_str().unwrap().starts_with(&format!("{i}:")),
+            "delta {i}: {d}"
+        );
     }
     let s = seqs(&events);
     assert!(s.windows(2).all(|w| w[1] == w[0] + 1));
@@ -384,19 +477,29 @@ async fn permissions_allow_deny_pending_and_timeout() {
     let mut other = server.ws(&format!("/ws?token={}", c.token)).await;
     other.send_json(json!({"type":"chat.subscribe","sessions":[{"sessionId": c.session, "lastSeq": 999999}]})).await;
     let ack = other.recv_json().await;
-    assert_eq!(ack["pendingPermissions"][0]["requestId"], request_id.as_str());
+    assert_eq!(
+        ack["pendingPermissions"][0]["requestId"],
+        request_id.as_str()
+    );
     assert_eq!(ack["pendingPermissions"][0]["toolName"], "Bash");
     c.ws.send_json(json!({"type":"chat.permission-response","requestId": request_id, "allow": true, "updatedInput": {"command": "touch allowed.txt", "edited": true}})).await;
     let events = until_complete(&mut c.ws, &c.session).await;
     assert_eq!(events.last().unwrap()["success"], true);
-    let written = std::fs::read_to_string(c.project.path().join("allowed.txt")).expect("tool ran in the project dir");
-    assert!(written.contains("edited"), "updatedInput reached the CLI: {written}");
+    let written = std::fs::read_to_string(c.project.path().join("allowed.txt"))
+        .expect("tool ran in the project dir");
+    assert!(
+        written.contains("edited"),
+        "updatedInput reached the CLI: {written}"
+    );
 
     // Deny: no file, an error tool result.
     std::fs::remove_file(c.project.path().join("allowed.txt")).unwrap();
     send(&mut c.ws, &c.session, "permission:Bash text:1").await;
     let (req, _) = c.ws.recv_until_kind("permission_request").await;
-    c.ws.send_json(json!({"type":"chat.permission-response","requestId": req["requestId"], "allow": false})).await;
+    c.ws.send_json(
+        json!({"type":"chat.permission-response","requestId": req["requestId"], "allow": false}),
+    )
+    .await;
     let events = until_complete(&mut c.ws, &c.session).await;
     let result = of_kind(&events, "tool_result");
     assert_eq!(result[0]["isError"], true);
@@ -414,15 +517,22 @@ async fn permissions_allow_deny_pending_and_timeout() {
     // Abort while pending: the request is cancelled before the complete.
     send(&mut c.ws, &c.session, "permission:AskUserQuestion text:1").await;
     let (req, _) = c.ws.recv_until_kind("permission_request").await;
-    c.ws.send_json(json!({"type":"chat.abort","sessionId": c.session})).await;
+    c.ws.send_json(json!({"type":"chat.abort","sessionId": c.session}))
+        .await;
     let events = until_complete(&mut c.ws, &c.session).await;
     let cancelled = of_kind(&events, "permission_cancelled");
     assert_eq!(cancelled.len(), 1);
     assert_eq!(cancelled[0]["requestId"], req["requestId"]);
     // A late answer to a request that is gone is ignored.
-    c.ws.send_json(json!({"type":"chat.permission-response","requestId": req["requestId"], "allow": true})).await;
-    c.ws.send_json(json!({"type":"chat.permission-response","allow": true})).await;
-    let late = c.ws.recv_within(std::time::Duration::from_millis(300)).await;
+    c.ws.send_json(
+        json!({"type":"chat.permission-response","requestId": req["requestId"], "allow": true}),
+    )
+    .await;
+    c.ws.send_json(json!({"type":"chat.permission-response","allow": true}))
+        .await;
+    let late =
+        c.ws.recv_within(std::time::Duration::from_millis(300))
+            .await;
     assert!(late.is_none(), "{late:?}");
 }
 
@@ -440,9 +550,17 @@ async fn client_request_id_makes_send_idempotent() {
     assert_eq!(events[0]["runId"], accepted["runId"]);
     c.ws.send_json(frame).await;
     let again = c.ws.recv_json().await;
-    assert_eq!((again["kind"].clone(), again["duplicate"].clone()), (json!("chat_accepted"), json!(true)));
+    assert_eq!(
+        (again["kind"].clone(), again["duplicate"].clone()),
+        (json!("chat_accepted"), json!(true))
+    );
     assert_eq!(again["runId"], accepted["runId"]);
-    assert!(c.ws.recv_within(std::time::Duration::from_millis(400)).await.is_none(), "the duplicate started a run");
+    assert!(
+        c.ws.recv_within(std::time::Duration::from_millis(400))
+            .await
+            .is_none(),
+        "the duplicate started a run"
+    );
 }
 
 /// E4: a subscriber that stops reading is closed with 4008 after a bounded
@@ -470,7 +588,10 @@ async fn slow_consumer_is_closed_with_4008_and_others_are_unaffected() {
         }
     };
     assert_eq!(code, Some(4008));
-    assert!(received < 40_000, "the slow socket was never cut off ({received} frames)");
+    assert!(
+        received < 40_000,
+        "the slow socket was never cut off ({received} frames)"
+    );
 }
 
 /// seq keeps increasing across a gateway restart (it is persisted).
@@ -484,7 +605,9 @@ async fn seq_continues_after_a_restart() {
     let path = format!("/api/providers/sessions/{}", c.session);
     let mut persisted = 0;
     for _ in 0..200 {
-        persisted = server.get(&path, Some(&c.token)).await.1["data"]["lastSeq"].as_u64().unwrap_or(0);
+        persisted = server.get(&path, Some(&c.token)).await.1["data"]["lastSeq"]
+            .as_u64()
+            .unwrap_or(0);
         if persisted == last {
             break;
         }
@@ -493,12 +616,17 @@ async fn seq_continues_after_a_restart() {
     assert_eq!(persisted, last);
     let data = server.kill_keep_data();
     let server = TestServer::start_in(data, |cmd| {
-        cmd.arg("--claude-bin").arg(env!("CARGO_BIN_EXE_fake_claude"));
+        cmd.arg("--claude-bin")
+            .arg(env!("CARGO_BIN_EXE_fake_claude"));
     });
     let mut ws = server.ws(&format!("/ws?token={}", c.token)).await;
-    ws.send_json(json!({"type":"chat.subscribe","sessions":[{"sessionId": c.session}]})).await;
+    ws.send_json(json!({"type":"chat.subscribe","sessions":[{"sessionId": c.session}]}))
+        .await;
     let ack = ws.recv_json().await;
-    assert_eq!((ack["isProcessing"].clone(), ack["lastSeq"].as_u64()), (json!(false), Some(last)));
+    assert_eq!(
+        (ack["isProcessing"].clone(), ack["lastSeq"].as_u64()),
+        (json!(false), Some(last))
+    );
     send(&mut ws, &c.session, "text:2").await;
     let events = until_complete(&mut ws, &c.session).await;
     assert_eq!(seqs(&events)[0], last + 1);
@@ -518,7 +646,9 @@ async fn shutdown_mid_run_completes_the_run_and_kills_the_cli() {
     let events = until_complete(&mut c.ws, &c.session).await;
     let complete = events.last().unwrap().clone();
     assert_eq!(complete["success"], false);
-    assert!(of_kind(&events, "error").iter().any(|e| e["content"].as_str().unwrap().contains("shutting down")));
+    assert!(of_kind(&events, "error")
+        .iter()
+        .any(|e| e["content"].as_str().unwrap().contains("shutting down")));
     assert_eq!(c.ws.recv_close().await, Some(1001));
     assert!(server.wait_exit().success());
     for pid in cli {
@@ -526,6 +656,11 @@ async fn shutdown_mid_run_completes_the_run_and_kills_the_cli() {
     }
     let data = server.kill_keep_data();
     let server = TestServer::start_in(data, |_| {});
-    let (_, row) = server.get(&format!("/api/providers/sessions/{}", c.session), Some(&c.token)).await;
+    let (_, row) = server
+        .get(
+            &format!("/api/providers/sessions/{}", c.session),
+            Some(&c.token),
+        )
+        .await;
     assert_eq!(row["data"]["lastSeq"], complete["seq"]);
 }

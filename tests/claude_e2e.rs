@@ -41,7 +41,10 @@ async fn streamed_answer_and_resume_with_history() {
     let s = setup();
     let token = s.server.token("alice");
     let project = project_dir();
-    let session = s.server.create_session(&token, "claude", project.path()).await;
+    let session = s
+        .server
+        .create_session(&token, "claude", project.path())
+        .await;
     let mut ws = s.server.ws(&format!("/ws?token={token}")).await;
     let first = Reply::numbered(40);
     s.stub.push(first.clone());
@@ -51,7 +54,10 @@ async fn streamed_answer_and_resume_with_history() {
     assert_eq!(of_kind(&events, "stream_delta").len(), 40);
     assert!(!of_kind(&events, "stream_end").is_empty());
     let complete = events.last().unwrap();
-    assert_eq!((complete["success"].clone(), complete["exitCode"].clone()), (json!(true), json!(0)));
+    assert_eq!(
+        (complete["success"].clone(), complete["exitCode"].clone()),
+        (json!(true), json!(0))
+    );
 
     s.stub.push(Reply::text("second answer"));
     send(&mut ws, &session, "second question").await;
@@ -59,8 +65,14 @@ async fn streamed_answer_and_resume_with_history() {
     assert_eq!(streamed_text(&events), "second answer");
     let requests = s.stub.message_requests();
     let last = requests.last().expect("a second model call");
-    assert!(last.contains_text("first question"), "resume lost the first turn");
-    assert!(last.contains_text(&first.full_text()), "resume lost the first answer");
+    assert!(
+        last.contains_text("first question"),
+        "resume lost the first turn"
+    );
+    assert!(
+        last.contains_text(&first.full_text()),
+        "resume lost the first answer"
+    );
     assert_eq!(last.last_user_text().as_deref(), Some("second question"));
 }
 
@@ -70,7 +82,10 @@ async fn three_thousand_deltas_arrive_whole_and_in_order() {
     let s = setup();
     let token = s.server.token("alice");
     let project = project_dir();
-    let session = s.server.create_session(&token, "claude", project.path()).await;
+    let session = s
+        .server
+        .create_session(&token, "claude", project.path())
+        .await;
     let mut ws = s.server.ws(&format!("/ws?token={token}")).await;
     let reply = Reply::numbered(3000);
     s.stub.push(reply.clone());
@@ -88,9 +103,13 @@ async fn abort_mid_stream_and_subscribe_mid_run() {
     let s = setup();
     let token = s.server.token("alice");
     let project = project_dir();
-    let session = s.server.create_session(&token, "claude", project.path()).await;
+    let session = s
+        .server
+        .create_session(&token, "claude", project.path())
+        .await;
     let mut ws = s.server.ws(&format!("/ws?token={token}")).await;
-    s.stub.push(Reply::numbered(400).with_delay(Duration::from_millis(30)));
+    s.stub
+        .push(Reply::numbered(400).with_delay(Duration::from_millis(30)));
     send(&mut ws, &session, "talk slowly").await;
     let mut mine = Vec::new();
     while of_kind(&mine, "stream_delta").len() < 5 {
@@ -100,23 +119,33 @@ async fn abort_mid_stream_and_subscribe_mid_run() {
     let mut other = s.server.ws(&format!("/ws?token={token}")).await;
     other.send_json(json!({"type":"chat.subscribe","sessions":[{"sessionId": session, "lastSeq": last_seq}]})).await;
     let ack = other.recv_json().await;
-    assert_eq!((ack["kind"].clone(), ack["isProcessing"].clone()), (json!("chat_subscribed"), json!(true)));
+    assert_eq!(
+        (ack["kind"].clone(), ack["isProcessing"].clone()),
+        (json!("chat_subscribed"), json!(true))
+    );
     let replayed = next_event(&mut other).await;
     assert_eq!(replayed["seq"].as_u64(), Some(last_seq + 1));
 
     let cli_pids = children_of(s.server.pid());
     assert!(!cli_pids.is_empty());
-    ws.send_json(json!({"type":"chat.abort","sessionId": session})).await;
+    ws.send_json(json!({"type":"chat.abort","sessionId": session}))
+        .await;
     let events = until_complete(&mut ws, &session).await;
     let complete = events.last().unwrap();
-    assert_eq!((complete["aborted"].clone(), complete["success"].clone()), (json!(true), json!(false)));
+    assert_eq!(
+        (complete["aborted"].clone(), complete["success"].clone()),
+        (json!(true), json!(false))
+    );
     let theirs = until_complete(&mut other, &session).await;
     assert_eq!(theirs.last().unwrap()["seq"], complete["seq"]);
     for pid in cli_pids {
         eventually("claude gone after abort", || !pid_alive(pid)).await;
     }
     s.stub.wait_for_aborted_streams(1, Duration::from_secs(20));
-    assert!(ws.recv_within(Duration::from_millis(300)).await.is_none(), "a second complete or late event arrived");
+    assert!(
+        ws.recv_within(Duration::from_millis(300)).await.is_none(),
+        "a second complete or late event arrived"
+    );
 }
 
 /// Permission allow: the tool really runs in the project dir; pending
@@ -126,7 +155,10 @@ async fn permission_allow_and_deny() {
     let s = setup();
     let token = s.server.token("alice");
     let project = project_dir();
-    let session = s.server.create_session(&token, "claude", project.path()).await;
+    let session = s
+        .server
+        .create_session(&token, "claude", project.path())
+        .await;
     let mut ws = s.server.ws(&format!("/ws?token={token}")).await;
 
     s.stub.push(Reply::bash("echo made > made.txt"));
@@ -136,13 +168,23 @@ async fn permission_allow_and_deny() {
     assert_eq!(req["toolName"], "Bash");
     assert_eq!(req["input"]["command"], "echo made > made.txt");
     let mut other = s.server.ws(&format!("/ws?token={token}")).await;
-    other.send_json(json!({"type":"chat.subscribe","sessions":[{"sessionId": session}]})).await;
+    other
+        .send_json(json!({"type":"chat.subscribe","sessions":[{"sessionId": session}]}))
+        .await;
     let ack = other.recv_json().await;
     assert_eq!(ack["pendingPermissions"][0]["requestId"], req["requestId"]);
-    ws.send_json(json!({"type":"chat.permission-response","requestId": req["requestId"], "allow": true})).await;
+    ws.send_json(
+        json!({"type":"chat.permission-response","requestId": req["requestId"], "allow": true}),
+    )
+    .await;
     let events = until_complete(&mut ws, &session).await;
     assert_eq!(events.last().unwrap()["success"], true);
-    assert_eq!(std::fs::read_to_string(project.path().join("made.txt")).unwrap().trim(), "made");
+    assert_eq!(
+        std::fs::read_to_string(project.path().join("made.txt"))
+            .unwrap()
+            .trim(),
+        "made"
+    );
     let results = of_kind(&events, "tool_result");
     assert_eq!(results[0]["isError"], false);
 
@@ -155,7 +197,14 @@ async fn permission_allow_and_deny() {
     assert!(!project.path().join("denied.txt").exists());
     let results = of_kind(&events, "tool_result");
     assert_eq!(results[0]["isError"], true);
-    assert!(results[0]["content"].as_str().unwrap().contains("not today"), "{}", results[0]);
+    assert!(
+        results[0]["content"]
+            .as_str()
+            .unwrap()
+            .contains("not today"),
+        "{}",
+        results[0]
+    );
 }
 
 /// The CLI killed with SIGKILL mid-run: one failed complete; the session runs again.
@@ -164,9 +213,13 @@ async fn cli_killed_mid_run_then_session_runs_again() {
     let s = setup();
     let token = s.server.token("alice");
     let project = project_dir();
-    let session = s.server.create_session(&token, "claude", project.path()).await;
+    let session = s
+        .server
+        .create_session(&token, "claude", project.path())
+        .await;
     let mut ws = s.server.ws(&format!("/ws?token={token}")).await;
-    s.stub.push(Reply::numbered(400).with_delay(Duration::from_millis(30)));
+    s.stub
+        .push(Reply::numbered(400).with_delay(Duration::from_millis(30)));
     send(&mut ws, &session, "talk slowly").await;
     let first = next_event(&mut ws).await;
     assert_eq!(first["kind"], "stream_delta");
@@ -206,11 +259,20 @@ async fn two_sessions_at_once_and_api_error() {
     assert!(ea.iter().all(|e| e["sessionId"] == a.as_str()));
     assert!(eb.iter().all(|e| e["sessionId"] == b.as_str()));
 
-    s.stub.set_default(Reply::http_error(500, "stand-in internal error"));
+    s.stub
+        .set_default(Reply::http_error(500, "stand-in internal error"));
     send(&mut wa, &a, "fail please").await;
     let events = until_complete(&mut wa, &a).await;
     let complete = events.last().unwrap();
-    assert_eq!((complete["success"].clone(), complete["exitCode"].clone()), (json!(false), json!(1)));
+    assert_eq!(
+        (complete["success"].clone(), complete["exitCode"].clone()),
+        (json!(false), json!(1))
+    );
     let errors = of_kind(&events, "error");
-    assert!(errors.iter().any(|e| e["content"].as_str().unwrap_or_default().contains("500")), "{errors:?}");
+    assert!(
+        errors
+            .iter()
+            .any(|e| e["content"].as_str().unwrap_or_default().contains("500")),
+        "{errors:?}"
+    );
 }

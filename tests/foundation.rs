@@ -21,7 +21,10 @@ fn sign(secret: &[u8], claims: serde_json::Value) -> String {
 }
 
 fn now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs()
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
 }
 
 /// Every refused token form gets 401 on every upgrade path; both accepted forms upgrade.
@@ -30,22 +33,42 @@ async fn upgrades_refuse_bad_tokens_and_accept_query_and_bearer() {
     let server = TestServer::start();
     let good = server.token("alice");
     let secret = secret_of(&server);
-    let expired = sign(&secret, json!({"sub":"alice","uid":1,"iat":now()-100,"exp":now()-10}));
-    let wrong_key = sign(b"some-other-secret-some-other-secret", json!({"sub":"alice","uid":1,"iat":now(),"exp":now()+100}));
+    let expired = sign(
+        &secret,
+        json!({"sub":"alice","uid":1,"iat":now()-100,"exp":now()-10}),
+    );
+    let wrong_key = sign(
+        b"some-other-secret-some-other-secret",
+        json!({"sub":"alice","uid":1,"iat":now(),"exp":now()+100}),
+    );
     use base64::Engine;
     let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
     let alg_none = format!(
         "{}.{}.",
         b64.encode(br#"{"alg":"none","typ":"JWT"}"#),
-        b64.encode(format!(r#"{{"sub":"alice","uid":1,"iat":{},"exp":{}}}"#, now(), now() + 100))
+        b64.encode(format!(
+            r#"{{"sub":"alice","uid":1,"iat":{},"exp":{}}}"#,
+            now(),
+            now() + 100
+        ))
     );
     for path in ["/ws", "/shell", "/plugin-ws/echo"] {
-        for (what, token) in [("missing", None), ("malformed", Some("abc.def")), ("expired", Some(expired.as_str())), ("wrong key", Some(wrong_key.as_str())), ("alg none", Some(alg_none.as_str()))] {
+        for (what, token) in [
+            ("missing", None),
+            ("malformed", Some("abc.def")),
+            ("expired", Some(expired.as_str())),
+            ("wrong key", Some(wrong_key.as_str())),
+            ("alg none", Some(alg_none.as_str())),
+        ] {
             let url = match token {
                 Some(t) => format!("{path}?token={t}"),
                 None => path.to_string(),
             };
-            let err = server.try_ws(&url).await.err().unwrap_or_else(|| panic!("{what} token on {path} was accepted"));
+            let err = server
+                .try_ws(&url)
+                .await
+                .err()
+                .unwrap_or_else(|| panic!("{what} token on {path} was accepted"));
             assert_eq!(err, "status 401", "{what} token on {path}");
         }
     }
@@ -53,7 +76,9 @@ async fn upgrades_refuse_bad_tokens_and_accept_query_and_bearer() {
     let mut ws = server.ws(&format!("/ws?token={good}")).await;
     ws.send_text("not json").await;
     assert_eq!(ws.recv_json().await["code"], "INVALID_PAYLOAD");
-    let mut ws = crate::util::connect_ws(&server.ws_url("/ws"), Some(&good)).await.expect("bearer upgrade");
+    let mut ws = crate::util::connect_ws(&server.ws_url("/ws"), Some(&good))
+        .await
+        .expect("bearer upgrade");
     ws.send_text("[]").await;
     assert_eq!(ws.recv_json().await["code"], "INVALID_PAYLOAD");
     // The query token never shows up in the logs.
@@ -66,7 +91,14 @@ async fn upgrades_refuse_bad_tokens_and_accept_query_and_bearer() {
 async fn unknown_path_is_404() {
     let server = TestServer::start();
     let token = server.token("alice");
-    assert_eq!(server.try_ws(&format!("/nope?token={token}")).await.err().as_deref(), Some("status 404"));
+    assert_eq!(
+        server
+            .try_ws(&format!("/nope?token={token}"))
+            .await
+            .err()
+            .as_deref(),
+        Some("status 404")
+    );
     let (status, body) = server.get("/api/nope", Some(&token)).await;
     assert_eq!(status, 404);
     assert_eq!(body["error"]["code"], "NOT_FOUND");
@@ -84,21 +116,44 @@ async fn register_login_and_rest_auth() {
     assert_eq!(status, 201, "{body}");
     let token = body["data"]["token"].as_str().unwrap().to_string();
     assert_eq!(body["data"]["user"]["username"], "ann");
-    let (status, body) = server.post("/api/auth/register", None, json!({"username":"bob","password":"x"})).await;
+    let (status, body) = server
+        .post(
+            "/api/auth/register",
+            None,
+            json!({"username":"bob","password":"x"}),
+        )
+        .await;
     assert_eq!((status, body["success"].clone()), (403, json!(false)));
 
     let (status, body) = server.post("/api/auth/login", None, creds).await;
     assert_eq!(status, 200, "{body}");
     assert!(body["data"]["token"].is_string());
-    let (status, body) = server.post("/api/auth/login", None, json!({"username":"ann","password":"wrong"})).await;
+    let (status, body) = server
+        .post(
+            "/api/auth/login",
+            None,
+            json!({"username":"ann","password":"wrong"}),
+        )
+        .await;
     assert_eq!(status, 401);
     assert_eq!(body["error"]["code"], "INVALID_CREDENTIALS");
-    let (status, _) = server.post("/api/auth/login", None, json!({"username":"nobody","password":"x"})).await;
+    let (status, _) = server
+        .post(
+            "/api/auth/login",
+            None,
+            json!({"username":"nobody","password":"x"}),
+        )
+        .await;
     assert_eq!(status, 401);
 
     let (status, body) = server.get("/api/providers/sessions/running", None).await;
-    assert_eq!((status, body["error"]["code"].clone()), (401, json!("UNAUTHORIZED")));
-    let (status, body) = server.get("/api/providers/sessions/running", Some(&token)).await;
+    assert_eq!(
+        (status, body["error"]["code"].clone()),
+        (401, json!("UNAUTHORIZED"))
+    );
+    let (status, body) = server
+        .get("/api/providers/sessions/running", Some(&token))
+        .await;
     assert_eq!(status, 200);
     assert_eq!(body, json!({"success": true, "data": {"sessions": []}}));
 }
@@ -109,24 +164,61 @@ async fn sessions_rest_codes_and_ownership() {
     let server = TestServer::start();
     let alice = server.token("alice");
     let bob = server.token("bob");
-    let (status, body) = server.post("/api/providers/sessions", Some(&alice), json!({"provider":"claude"})).await;
-    assert_eq!((status, body["error"]["code"].clone()), (400, json!("PROJECT_PATH_REQUIRED")));
-    let (status, body) = server.post("/api/providers/sessions", Some(&alice), json!({"provider":"eliza","projectPath":"/tmp"})).await;
-    assert_eq!((status, body["error"]["code"].clone()), (400, json!("UNSUPPORTED_PROVIDER")));
-    let (status, body) = server.post("/api/providers/sessions", Some(&alice), json!({"provider":"claude","projectPath":"/tmp","initialMessage":"Fix the tests"})).await;
+    let (status, body) = server
+        .post(
+            "/api/providers/sessions",
+            Some(&alice),
+            json!({"provider":"claude"}),
+        )
+        .await;
+    assert_eq!(
+        (status, body["error"]["code"].clone()),
+        (400, json!("PROJECT_PATH_REQUIRED"))
+    );
+    let (status, body) = server
+        .post(
+            "/api/providers/sessions",
+            Some(&alice),
+            json!({"provider":"eliza","projectPath":"/tmp"}),
+        )
+        .await;
+    assert_eq!(
+        (status, body["error"]["code"].clone()),
+        (400, json!("UNSUPPORTED_PROVIDER"))
+    );
+    let (status, body) = server
+        .post(
+            "/api/providers/sessions",
+            Some(&alice),
+            json!({"provider":"claude","projectPath":"/tmp","initialMessage":"Fix the tests"}),
+        )
+        .await;
     assert_eq!(status, 201, "{body}");
     let id = body["data"]["sessionId"].as_str().unwrap().to_string();
     assert!(uuid::Uuid::parse_str(&id).is_ok());
     assert_eq!(body["data"]["sessionName"], "Fix the tests");
     assert_eq!(body["data"]["provider"], "claude");
 
-    let (status, body) = server.get(&format!("/api/providers/sessions/{id}"), Some(&alice)).await;
+    let (status, body) = server
+        .get(&format!("/api/providers/sessions/{id}"), Some(&alice))
+        .await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["data"]["projectPath"], "/tmp");
     assert!(body["data"].get("providerSessionId").is_none());
-    let (status, body) = server.get(&format!("/api/providers/sessions/{id}"), Some(&bob)).await;
-    assert_eq!((status, body["error"]["code"].clone()), (404, json!("SESSION_NOT_FOUND")));
-    let (status, _) = server.post("/api/providers/sessions", Some(&alice), json!("not an object")).await;
+    let (status, body) = server
+        .get(&format!("/api/providers/sessions/{id}"), Some(&bob))
+        .await;
+    assert_eq!(
+        (status, body["error"]["code"].clone()),
+        (404, json!("SESSION_NOT_FOUND"))
+    );
+    let (status, _) = server
+        .post(
+            "/api/providers/sessions",
+            Some(&alice),
+            json!("not an object"),
+        )
+        .await;
     assert_eq!(status, 400);
 }
 
@@ -136,12 +228,21 @@ async fn platform_mode_uses_the_first_user() {
     let server = TestServer::start_with(|cmd| {
         cmd.arg("--platform");
     });
-    assert_eq!(server.try_ws("/ws").await.err().as_deref(), Some("status 401"));
+    assert_eq!(
+        server.try_ws("/ws").await.err().as_deref(),
+        Some("status 401")
+    );
     let _ = server.token("owner");
     let mut ws = server.ws("/ws").await;
     ws.send_json(json!({"type": "chat.dance"})).await;
     assert_eq!(ws.recv_json().await["code"], "UNKNOWN_MESSAGE_TYPE");
-    let (status, _) = server.post("/api/providers/sessions", None, json!({"provider":"claude","projectPath":"/tmp"})).await;
+    let (status, _) = server
+        .post(
+            "/api/providers/sessions",
+            None,
+            json!({"provider":"claude","projectPath":"/tmp"}),
+        )
+        .await;
     assert_eq!(status, 201);
 }
 
@@ -159,9 +260,15 @@ async fn bad_frames_get_protocol_errors_and_socket_stays_open() {
         ("42", "INVALID_PAYLOAD"),
         (r#"{"type":"chat.nope"}"#, "UNKNOWN_MESSAGE_TYPE"),
         (r#"{"content":"hi"}"#, "UNKNOWN_MESSAGE_TYPE"),
-        (r#"{"type":"chat.send","content":"hi"}"#, "SESSION_ID_REQUIRED"),
+        (
+            r#"{"type":"chat.send","content":"hi"}"#,
+            "SESSION_ID_REQUIRED",
+        ),
         (r#"{"type":"chat.abort"}"#, "SESSION_ID_REQUIRED"),
-        (r#"{"type":"chat.send","sessionId":"00000000-0000-0000-0000-000000000000","content":"hi"}"#, "SESSION_NOT_FOUND"),
+        (
+            r#"{"type":"chat.send","sessionId":"00000000-0000-0000-0000-000000000000","content":"hi"}"#,
+            "SESSION_NOT_FOUND",
+        ),
     ];
     for (frame, code) in cases {
         ws.send_text(frame).await;
@@ -171,14 +278,19 @@ async fn bad_frames_get_protocol_errors_and_socket_stays_open() {
         assert!(v["timestamp"].is_string());
     }
     // Another user's session is "not found" too (E3).
-    ws.send_json(json!({"type":"chat.send","sessionId": bobs,"content":"hi"})).await;
+    ws.send_json(json!({"type":"chat.send","sessionId": bobs,"content":"hi"}))
+        .await;
     let v = ws.recv_json().await;
-    assert_eq!((v["code"].clone(), v["sessionId"].clone()), (json!("SESSION_NOT_FOUND"), json!(bobs)));
+    assert_eq!(
+        (v["code"].clone(), v["sessionId"].clone()),
+        (json!("SESSION_NOT_FOUND"), json!(bobs))
+    );
     // Binary frames are not JSON text.
     ws.send_binary(vec![1, 2, 3]).await;
     assert_eq!(ws.recv_json().await["code"], "INVALID_PAYLOAD");
     // Still open: a valid frame is still answered.
-    ws.send_json(json!({"type":"chat.subscribe","sessions":[]})).await;
+    ws.send_json(json!({"type":"chat.subscribe","sessions":[]}))
+        .await;
     ws.send_text("{").await;
     assert_eq!(ws.recv_json().await["code"], "INVALID_PAYLOAD");
 }
@@ -234,7 +346,9 @@ async fn data_survives_restart() {
     let data = server.kill_keep_data();
     let server = TestServer::start_in(data, |_| {});
     // The old token still verifies (same secret) and the session is still there.
-    let (status, body) = server.get(&format!("/api/providers/sessions/{id}"), Some(&token)).await;
+    let (status, body) = server
+        .get(&format!("/api/providers/sessions/{id}"), Some(&token))
+        .await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["data"]["provider"], "codex");
 }

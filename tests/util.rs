@@ -54,7 +54,10 @@ impl TestServer {
             .arg(data.path())
             .env_remove("AGENTGATE_JWT_SECRET")
             .env_remove("AGENTGATE_PLATFORM")
-            .env("RUST_LOG", std::env::var("TEST_RUST_LOG").unwrap_or_else(|_| "info".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("TEST_RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
@@ -147,8 +150,15 @@ impl TestServer {
             .env_remove("AGENTGATE_JWT_SECRET")
             .output()
             .expect("run agentgate token");
-        assert!(out.status.success(), "agentgate token failed: {}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8(out.stdout).expect("utf8 token").trim().to_string()
+        assert!(
+            out.status.success(),
+            "agentgate token failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout)
+            .expect("utf8 token")
+            .trim()
+            .to_string()
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -161,7 +171,9 @@ impl TestServer {
 
     /// Opens a WebSocket; panics if the upgrade fails.
     pub async fn ws(&self, path: &str) -> WsClient {
-        self.try_ws(path).await.unwrap_or_else(|e| panic!("upgrade of {path} failed: {e}"))
+        self.try_ws(path)
+            .await
+            .unwrap_or_else(|e| panic!("upgrade of {path} failed: {e}"))
     }
 
     /// Opens a WebSocket; the error carries the HTTP status when refused.
@@ -201,7 +213,10 @@ impl TestServer {
             )
             .await;
         assert_eq!(status, 201, "create session: {body}");
-        body["data"]["sessionId"].as_str().expect("sessionId").to_string()
+        body["data"]["sessionId"]
+            .as_str()
+            .expect("sessionId")
+            .to_string()
     }
 }
 
@@ -214,7 +229,8 @@ impl Drop for TestServer {
 
 async fn read_json(
     mut res: awc::ClientResponse<
-        impl futures_util::Stream<Item = Result<actix_web::web::Bytes, awc::error::PayloadError>> + Unpin,
+        impl futures_util::Stream<Item = Result<actix_web::web::Bytes, awc::error::PayloadError>>
+            + Unpin,
     >,
 ) -> (u16, Value) {
     let status = res.status().as_u16();
@@ -293,7 +309,9 @@ impl WsClient {
 
     /// The next frame (pings answered and skipped when `auto_pong`), or panics after `WAIT`.
     pub async fn recv(&mut self) -> WsEvent {
-        self.recv_within(WAIT).await.expect("no WebSocket frame within the wait limit")
+        self.recv_within(WAIT)
+            .await
+            .expect("no WebSocket frame within the wait limit")
     }
 
     /// The next frame within `limit`, or `None`.
@@ -303,11 +321,17 @@ impl WsClient {
             let frame = match tokio::time::timeout_at(deadline, self.framed.next()).await {
                 Err(_) => return None,
                 Ok(None) => return Some(WsEvent::Ended),
-                Ok(Some(Err(e))) => return Some(WsEvent::Close(None, format!("protocol error: {e}"))),
+                Ok(Some(Err(e))) => {
+                    return Some(WsEvent::Close(None, format!("protocol error: {e}")))
+                }
                 Ok(Some(Ok(frame))) => frame,
             };
             match frame {
-                Frame::Text(b) => return Some(WsEvent::Text(String::from_utf8(b.to_vec()).expect("text frame is UTF-8"))),
+                Frame::Text(b) => {
+                    return Some(WsEvent::Text(
+                        String::from_utf8(b.to_vec()).expect("text frame is UTF-8"),
+                    ))
+                }
                 Frame::Binary(b) => return Some(WsEvent::Binary(b.to_vec())),
                 Frame::Close(reason) => {
                     return Some(WsEvent::Close(
@@ -330,7 +354,9 @@ impl WsClient {
     /// The next text frame parsed as JSON; panics on anything else.
     pub async fn recv_json(&mut self) -> Value {
         match self.recv().await {
-            WsEvent::Text(t) => serde_json::from_str(&t).unwrap_or_else(|e| panic!("frame is not JSON ({e}): {t}")),
+            WsEvent::Text(t) => {
+                serde_json::from_str(&t).unwrap_or_else(|e| panic!("frame is not JSON ({e}): {t}"))
+            }
             other => panic!("expected a text frame, got {other:?}"),
         }
     }
@@ -376,7 +402,12 @@ pub fn pid_alive(pid: i32) -> bool {
         return false;
     }
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => !stat.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'),
+        Ok(stat) => !stat
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .trim_start()
+            .starts_with('Z'),
         Err(_) => false,
     }
 }
@@ -385,7 +416,10 @@ pub fn pid_alive(pid: i32) -> bool {
 pub async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + WAIT;
     while !cond() {
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for: {what}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for: {what}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -414,7 +448,12 @@ pub fn children_of(pid: u32) -> Vec<i32> {
             continue;
         };
         if let Ok(stat) = std::fs::read_to_string(format!("/proc/{p}/stat")) {
-            let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
+            let fields: Vec<&str> = stat
+                .rsplit(')')
+                .next()
+                .unwrap_or("")
+                .split_whitespace()
+                .collect();
             if fields.get(1).and_then(|pp| pp.parse::<u32>().ok()) == Some(pid) {
                 out.push(p);
             }

@@ -26,12 +26,10 @@ use actix_web_actors::ws;
 use serde_json::json;
 
 use crate::heartbeat::Heartbeat;
-use crate::protocol::{
-    frame_of, now_iso, protocol_error, ChatError, ClientMessage, ErrorCode,
-};
+use crate::protocol::{frame_of, now_iso, protocol_error, ChatError, ClientMessage, ErrorCode};
 use crate::run_registry::{
-    AbortRun, CloseSocket, Connect, Deliver, Disconnect, RespondPermission, RunRegistry,
-    SocketId, StartRun, Subscribe,
+    AbortRun, CloseSocket, Connect, Deliver, Disconnect, RespondPermission, RunRegistry, SocketId,
+    StartRun, Subscribe,
 };
 use crate::store::{self, Store};
 use crate::AuthUser;
@@ -49,7 +47,12 @@ pub struct ChatSocket {
 }
 
 impl ChatSocket {
-    pub fn new(user: AuthUser, registry: Addr<RunRegistry>, store: Store, heartbeat_interval: Duration) -> Self {
+    pub fn new(
+        user: AuthUser,
+        registry: Addr<RunRegistry>,
+        store: Store,
+        heartbeat_interval: Duration,
+    ) -> Self {
         ChatSocket {
             user,
             registry,
@@ -77,7 +80,11 @@ impl ChatSocket {
             Err(err) => return Self::send_error(ctx, &err, None),
         };
         let Some(socket) = self.id else {
-            return Self::send_error(ctx, &ChatError::new(ErrorCode::InternalError, "socket not registered"), None);
+            return Self::send_error(
+                ctx,
+                &ChatError::new(ErrorCode::InternalError, "socket not registered"),
+                None,
+            );
         };
         let (store, registry, user_id) = (self.store.clone(), self.registry.clone(), self.user.id);
         match msg {
@@ -91,7 +98,12 @@ impl ChatSocket {
                     let row = match store::owned_session(&store, &session_id, user_id).await {
                         Ok(Some(row)) => row,
                         Ok(None) => return Err((Self::not_found(), session_id)),
-                        Err(e) => return Err((ChatError::new(ErrorCode::InternalError, e.to_string()), session_id)),
+                        Err(e) => {
+                            return Err((
+                                ChatError::new(ErrorCode::InternalError, e.to_string()),
+                                session_id,
+                            ))
+                        }
                     };
                     let start = StartRun {
                         socket,
@@ -104,7 +116,10 @@ impl ChatSocket {
                     match registry.send(start).await {
                         Ok(Ok(())) => Ok(()),
                         Ok(Err(e)) => Err((e, session_id)),
-                        Err(e) => Err((ChatError::new(ErrorCode::InternalError, e.to_string()), session_id)),
+                        Err(e) => Err((
+                            ChatError::new(ErrorCode::InternalError, e.to_string()),
+                            session_id,
+                        )),
                     }
                 };
                 ctx.spawn(fut.into_actor(self).map(|res, _, ctx| {
@@ -115,11 +130,19 @@ impl ChatSocket {
             }
             ClientMessage::Abort { session_id } => {
                 let fut = async move {
-                    let res = registry.send(AbortRun { user_id, session_id: session_id.clone() }).await;
+                    let res = registry
+                        .send(AbortRun {
+                            user_id,
+                            session_id: session_id.clone(),
+                        })
+                        .await;
                     match res {
                         Ok(Ok(())) => Ok(()),
                         Ok(Err(e)) => Err((e, session_id)),
-                        Err(e) => Err((ChatError::new(ErrorCode::InternalError, e.to_string()), session_id)),
+                        Err(e) => Err((
+                            ChatError::new(ErrorCode::InternalError, e.to_string()),
+                            session_id,
+                        )),
                     }
                 };
                 ctx.spawn(fut.into_actor(self).map(|res, _, ctx| {
@@ -144,7 +167,10 @@ impl ChatSocket {
                                     .await;
                             }
                             Ok(None) => missing.push((Self::not_found(), target.session_id)),
-                            Err(e) => missing.push((ChatError::new(ErrorCode::InternalError, e.to_string()), target.session_id)),
+                            Err(e) => missing.push((
+                                ChatError::new(ErrorCode::InternalError, e.to_string()),
+                                target.session_id,
+                            )),
                         }
                     }
                     missing
@@ -155,7 +181,10 @@ impl ChatSocket {
                     }
                 }));
             }
-            ClientMessage::PermissionResponse { request_id, decision } => {
+            ClientMessage::PermissionResponse {
+                request_id,
+                decision,
+            } => {
                 self.registry.do_send(RespondPermission {
                     user_id,
                     request_id,
@@ -172,7 +201,12 @@ impl Actor for ChatSocket {
 
     fn started(&mut self, ctx: &mut Self::Context) {
         ctx.set_mailbox_capacity(MAILBOX_CAPACITY);
-        Heartbeat::start(ctx, self.heartbeat_interval, |a: &mut Self| &mut a.hb, "ChatSocket");
+        Heartbeat::start(
+            ctx,
+            self.heartbeat_interval,
+            |a: &mut Self| &mut a.hb,
+            "ChatSocket",
+        );
         let connect = Connect {
             user_id: self.user.id,
             deliver: ctx.address().recipient(),
@@ -231,12 +265,18 @@ impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for ChatSocket {
             Ok(ws::Message::Text(text)) => self.on_text(&text, ctx),
             Ok(ws::Message::Binary(_)) => Self::send_error(
                 ctx,
-                &ChatError::new(ErrorCode::InvalidPayload, "Invalid websocket payload: binary frames are not accepted"),
+                &ChatError::new(
+                    ErrorCode::InvalidPayload,
+                    "Invalid websocket payload: binary frames are not accepted",
+                ),
                 None,
             ),
             Ok(ws::Message::Continuation(_)) => Self::send_error(
                 ctx,
-                &ChatError::new(ErrorCode::InvalidPayload, "Invalid websocket payload: fragmented frames are not accepted"),
+                &ChatError::new(
+                    ErrorCode::InvalidPayload,
+                    "Invalid websocket payload: fragmented frames are not accepted",
+                ),
                 None,
             ),
             Ok(ws::Message::Ping(payload)) => {

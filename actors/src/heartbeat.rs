@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use actix::{Actor, AsyncContext, ActorContext};
+use actix::{Actor, ActorContext, AsyncContext};
 use actix_web_actors::ws::WebsocketContext;
 
 /// Per-socket heartbeat state, a field of the socket actor.
@@ -19,14 +19,22 @@ impl Heartbeat {
     }
 
     /// Starts the ping timer. `state` picks the actor's `Heartbeat` field.
-    pub fn start<A>(ctx: &mut WebsocketContext<A>, interval: Duration, state: fn(&mut A) -> &mut Heartbeat, kind: &'static str)
-    where
+    pub fn start<A>(
+        ctx: &mut WebsocketContext<A>,
+        interval: Duration,
+        state: fn(&mut A) -> &mut Heartbeat,
+        kind: &'static str,
+    ) where
         A: Actor<Context = WebsocketContext<A>>,
     {
         ctx.run_interval(interval, move |act, ctx| {
             let hb = state(act);
             if hb.awaiting_pong {
-                tracing::info!(actor = kind, reason = "heartbeat timeout", "dropping socket that missed a ping");
+                tracing::info!(
+                    actor = kind,
+                    reason = "heartbeat timeout",
+                    "dropping socket that missed a ping"
+                );
                 ctx.stop();
                 return;
             }

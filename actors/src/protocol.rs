@@ -138,7 +138,10 @@ impl ClientMessage {
     /// Parses one text frame. Errors carry the `protocol_error` to answer with.
     pub fn parse(text: &str) -> Result<ClientMessage, ChatError> {
         let value: Value = serde_json::from_str(text).map_err(|_| {
-            ChatError::new(ErrorCode::InvalidPayload, "Invalid websocket payload: not JSON")
+            ChatError::new(
+                ErrorCode::InvalidPayload,
+                "Invalid websocket payload: not JSON",
+            )
         })?;
         let Value::Object(obj) = value else {
             return Err(ChatError::new(
@@ -226,7 +229,10 @@ impl ClientMessage {
                     decision: PermissionDecision {
                         allow,
                         updated_input: obj.get("updatedInput").filter(|v| !v.is_null()).cloned(),
-                        message: obj.get("message").and_then(Value::as_str).map(str::to_string),
+                        message: obj
+                            .get("message")
+                            .and_then(Value::as_str)
+                            .map(str::to_string),
                         remember_entry: obj
                             .get("rememberEntry")
                             .and_then(Value::as_str)
@@ -429,11 +435,15 @@ mod tests {
             ErrorCode::InvalidPayload
         );
         assert_eq!(
-            ClientMessage::parse(r#"{"type":"chat.dance"}"#).unwrap_err().code,
+            ClientMessage::parse(r#"{"type":"chat.dance"}"#)
+                .unwrap_err()
+                .code,
             ErrorCode::UnknownMessageType
         );
         assert_eq!(
-            ClientMessage::parse(r#"{"sessionId":"x"}"#).unwrap_err().code,
+            ClientMessage::parse(r#"{"sessionId":"x"}"#)
+                .unwrap_err()
+                .code,
             ErrorCode::UnknownMessageType
         );
     }
@@ -446,8 +456,8 @@ mod tests {
                 .code,
             ErrorCode::SessionIdRequired
         );
-        let msg =
-            ClientMessage::parse(r#"{"type":"chat.send","sessionId":" s1 ","content":42}"#).unwrap();
+        let msg = ClientMessage::parse(r#"{"type":"chat.send","sessionId":" s1 ","content":42}"#)
+            .unwrap();
         let ClientMessage::Send {
             session_id,
             content,

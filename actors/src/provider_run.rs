@@ -318,7 +318,10 @@ impl Drop for ProviderRun {
         if !self.reported {
             tracing::error!(actor = "ProviderRun", session_id = %self.session_id, run_id = %self.run_id, reason = "actor died", "supervision: run actor crashed");
             self.signal_group(libc::SIGKILL);
-            self.report_exit(None, Some("The provider run crashed inside the gateway".into()));
+            self.report_exit(
+                None,
+                Some("The provider run crashed inside the gateway".into()),
+            );
         }
     }
 }
@@ -359,10 +362,11 @@ impl Handler<AnswerPermission> for ProviderRun {
     type Result = ();
 
     fn handle(&mut self, msg: AnswerPermission, ctx: &mut Context<Self>) {
-        if let Some(bytes) =
-            self.provider
-                .permission_reply(&msg.provider_request_id, &msg.decision, &msg.original_input)
-        {
+        if let Some(bytes) = self.provider.permission_reply(
+            &msg.provider_request_id,
+            &msg.decision,
+            &msg.original_input,
+        ) {
             self.write_stdin(StdinCmd::Write(bytes), ctx);
         }
     }
@@ -399,13 +403,15 @@ impl StdoutReader {
             let eof = loop {
                 line.clear();
                 let read = match self.idle_timeout {
-                    Some(limit) => match tokio::time::timeout(limit, read_line(&mut reader, &mut line)).await {
-                        Ok(r) => r,
-                        Err(_) => {
-                            self.flush(&mut events).await;
-                            return ReadOutcome::IdleTimeout;
+                    Some(limit) => {
+                        match tokio::time::timeout(limit, read_line(&mut reader, &mut line)).await {
+                            Ok(r) => r,
+                            Err(_) => {
+                                self.flush(&mut events).await;
+                                return ReadOutcome::IdleTimeout;
+                            }
                         }
-                    },
+                    }
                     None => read_line(&mut reader, &mut line).await,
                 };
                 match read {
@@ -430,7 +436,10 @@ impl StdoutReader {
                     }
                 }
                 let buffered_line = reader.buffer().contains(&b'\n');
-                if !buffered_line || events.len() >= BATCH_MAX_EVENTS || batch_bytes >= BATCH_MAX_BYTES {
+                if !buffered_line
+                    || events.len() >= BATCH_MAX_EVENTS
+                    || batch_bytes >= BATCH_MAX_BYTES
+                {
                     break false;
                 }
             };
@@ -491,7 +500,10 @@ enum LineRead {
 
 /// Reads one line into `line` (with its newline), refusing to grow past
 /// [`MAX_LINE_BYTES`]: the rest of an over-long line is skipped.
-async fn read_line<R: AsyncRead + Unpin>(reader: &mut BufReader<R>, line: &mut Vec<u8>) -> LineRead {
+async fn read_line<R: AsyncRead + Unpin>(
+    reader: &mut BufReader<R>,
+    line: &mut Vec<u8>,
+) -> LineRead {
     let mut too_long = false;
     loop {
         let available = match reader.fill_buf().await {
@@ -522,7 +534,11 @@ async fn read_line<R: AsyncRead + Unpin>(reader: &mut BufReader<R>, line: &mut V
         }
         reader.consume(n);
         if done {
-            return if too_long { LineRead::TooLong } else { LineRead::Line };
+            return if too_long {
+                LineRead::TooLong
+            } else {
+                LineRead::Line
+            };
         }
     }
 }
@@ -532,20 +548,17 @@ async fn read_line<R: AsyncRead + Unpin>(reader: &mut BufReader<R>, line: &mut V
 async fn read_stderr(stderr: impl AsyncRead + Unpin, run_id: String) -> String {
     let mut lines = BufReader::new(stderr).lines();
     let mut tail = String::new();
-    loop {
-        match lines.next_line().await {
-            Ok(Some(line)) => {
-                let line: String = line.chars().take(2000).collect();
-                tracing::debug!(run_id = %run_id, stderr = %line, "provider stderr");
-                tail.push_str(&line);
-                tail.push('\n');
-                if tail.len() > STDERR_TAIL_BYTES {
-                    let cut = tail.len() - STDERR_TAIL_BYTES;
-                    let cut = (cut..tail.len()).find(|i| tail.is_char_boundary(*i)).unwrap_or(tail.len());
-                    tail.drain(..cut);
-                }
-            }
-            Ok(None) | Err(_) => break,
+    while let Ok(Some(line)) = lines.next_line().await {
+        let line: String = line.chars().take(2000).collect();
+        tracing::debug!(run_id = %run_id, stderr = %line, "provider stderr");
+        tail.push_str(&line);
+        tail.push('\n');
+        if tail.len() > STDERR_TAIL_BYTES {
+            let cut = tail.len() - STDERR_TAIL_BYTES;
+            let cut = (cut..tail.len())
+                .find(|i| tail.is_char_boundary(*i))
+                .unwrap_or(tail.len());
+            tail.drain(..cut);
         }
     }
     tail

@@ -43,8 +43,7 @@ use serde_json::{json, Value};
 
 use crate::config::GatewayConfig;
 use crate::protocol::{
-    frame_of, now_iso, ChatError, Envelope, ErrorCode, Event, EventBody, Frame,
-    PermissionDecision,
+    frame_of, now_iso, ChatError, Envelope, ErrorCode, Event, EventBody, Frame, PermissionDecision,
 };
 use crate::provider::{provider_for, ProviderEvent, ProviderKind, Turn};
 use crate::provider_run::{Abort, AnswerPermission, Kill, ProviderRun};
@@ -274,7 +273,12 @@ impl RunRegistry {
 
     fn drop_slow_consumer(&mut self, socket: SocketId) {
         if let Some(entry) = self.sockets.remove(&socket) {
-            tracing::warn!(actor = "ChatSocket", socket, reason = "slow consumer", "closing socket with 4008");
+            tracing::warn!(
+                actor = "ChatSocket",
+                socket,
+                reason = "slow consumer",
+                "closing socket with 4008"
+            );
             // One message past capacity, once: do_send is bounded here by the removal above.
             entry.close.do_send(CloseSocket {
                 code: 4008,
@@ -370,7 +374,13 @@ impl RunRegistry {
     }
 
     /// Ends the session's current run once; `false` if it had already ended.
-    fn complete(&mut self, session_id: &str, exit_code: i32, aborted: bool, ctx: &mut Context<Self>) -> bool {
+    fn complete(
+        &mut self,
+        session_id: &str,
+        exit_code: i32,
+        aborted: bool,
+        ctx: &mut Context<Self>,
+    ) -> bool {
         let Some(state) = self.sessions.get_mut(session_id) else {
             return false;
         };
@@ -406,7 +416,9 @@ impl RunRegistry {
         tracing::info!(actor = "ProviderRun", session_id, run_id = %run_id, exit_code, aborted, "run completed");
         // Keep the buffer for late subscribers, then forget the run.
         let sid = session_id.to_string();
-        ctx.run_later(COMPLETED_RUN_RETENTION, move |act, _| act.evict(&sid, &run_id));
+        ctx.run_later(COMPLETED_RUN_RETENTION, move |act, _| {
+            act.evict(&sid, &run_id)
+        });
         true
     }
 
@@ -512,7 +524,10 @@ impl RunRegistry {
                 let (store, sid) = (self.store.clone(), session_id.to_string());
                 actix::spawn(async move {
                     let id = sid.clone();
-                    if let Err(err) = store::blocking(&store, move |s| s.set_provider_session_id(&id, &native)).await {
+                    if let Err(err) =
+                        store::blocking(&store, move |s| s.set_provider_session_id(&id, &native))
+                            .await
+                    {
                         tracing::error!(session_id = %sid, %err, "failed to persist provider session id");
                     }
                 });
@@ -526,13 +541,21 @@ impl RunRegistry {
                 input,
                 context,
             } => {
-                let Some(run) = self.sessions.get_mut(session_id).and_then(|s| s.run.as_mut()) else {
+                let Some(run) = self
+                    .sessions
+                    .get_mut(session_id)
+                    .and_then(|s| s.run.as_mut())
+                else {
                     return;
                 };
                 if run.status != Status::Running {
                     return;
                 }
-                if run.remembered.iter().any(|p| tool_matches(p, &tool_name, &input)) {
+                if run
+                    .remembered
+                    .iter()
+                    .any(|p| tool_matches(p, &tool_name, &input))
+                {
                     if let Some(addr) = &run.addr {
                         addr.do_send(AnswerPermission {
                             provider_request_id,
@@ -563,7 +586,8 @@ impl RunRegistry {
                     received_at: now_iso(),
                     timer,
                 });
-                self.permissions.insert(request_id.clone(), session_id.to_string());
+                self.permissions
+                    .insert(request_id.clone(), session_id.to_string());
                 let body = EventBody::PermissionRequest {
                     request_id,
                     tool_name,
@@ -572,11 +596,21 @@ impl RunRegistry {
                 };
                 frames.extend(self.sequence(session_id, &Event::from(body)));
             }
-            ProviderEvent::PermissionWithdrawn { provider_request_id } => {
-                let Some(run) = self.sessions.get_mut(session_id).and_then(|s| s.run.as_mut()) else {
+            ProviderEvent::PermissionWithdrawn {
+                provider_request_id,
+            } => {
+                let Some(run) = self
+                    .sessions
+                    .get_mut(session_id)
+                    .and_then(|s| s.run.as_mut())
+                else {
                     return;
                 };
-                let Some(pos) = run.pending.iter().position(|p| p.provider_request_id == provider_request_id) else {
+                let Some(pos) = run
+                    .pending
+                    .iter()
+                    .position(|p| p.provider_request_id == provider_request_id)
+                else {
                     return;
                 };
                 let p = run.pending.remove(pos);
@@ -599,8 +633,17 @@ impl RunRegistry {
         }
     }
 
-    fn permission_timed_out(&mut self, session_id: &str, request_id: &str, _ctx: &mut Context<Self>) {
-        let Some(run) = self.sessions.get_mut(session_id).and_then(|s| s.run.as_mut()) else {
+    fn permission_timed_out(
+        &mut self,
+        session_id: &str,
+        request_id: &str,
+        _ctx: &mut Context<Self>,
+    ) {
+        let Some(run) = self
+            .sessions
+            .get_mut(session_id)
+            .and_then(|s| s.run.as_mut())
+        else {
             return;
         };
         let Some(pos) = run.pending.iter().position(|p| p.request_id == request_id) else {
@@ -630,7 +673,12 @@ impl RunRegistry {
         );
     }
 
-    fn subscribed_frame(&self, session_id: &str, row_last_seq: u64, last_seq: Option<u64>) -> (Frame, Vec<Frame>, bool) {
+    fn subscribed_frame(
+        &self,
+        session_id: &str,
+        row_last_seq: u64,
+        last_seq: Option<u64>,
+    ) -> (Frame, Vec<Frame>, bool) {
         let state = self.sessions.get(session_id);
         let run = state.and_then(|s| s.run.as_ref());
         let running = run.is_some_and(|r| r.status == Status::Running);
@@ -700,7 +748,9 @@ impl RunRegistry {
         let state = self.state_for(&row, kind);
 
         // E6: a repeated clientRequestId starts nothing and gets the original run id.
-        state.client_requests.retain(|(_, _, at)| now.duration_since(*at) < CLIENT_REQUEST_TTL);
+        state
+            .client_requests
+            .retain(|(_, _, at)| now.duration_since(*at) < CLIENT_REQUEST_TTL);
         if let Some(crid) = &msg.client_request_id {
             if let Some((_, run_id, _)) = state.client_requests.iter().find(|(c, _, _)| c == crid) {
                 let frame = accepted_frame(&session_id, run_id, crid, true);
@@ -709,7 +759,11 @@ impl RunRegistry {
                 return Ok(());
             }
         }
-        if state.run.as_ref().is_some_and(|r| r.status == Status::Running) {
+        if state
+            .run
+            .as_ref()
+            .is_some_and(|r| r.status == Status::Running)
+        {
             return Err(ChatError::new(
                 ErrorCode::RunInProgress,
                 "A run is already in progress for this session",
@@ -733,7 +787,9 @@ impl RunRegistry {
             if state.client_requests.len() >= CLIENT_REQUESTS_MAX {
                 state.client_requests.pop_front();
             }
-            state.client_requests.push_back((crid.clone(), run_id.clone(), now));
+            state
+                .client_requests
+                .push_back((crid.clone(), run_id.clone(), now));
         }
         let first_seq = state.last_seq + 1;
         state.run = Some(Run {
@@ -757,7 +813,11 @@ impl RunRegistry {
         let addr = ProviderRun::start_in_arbiter(&self.runs_arbiter, move |_| {
             ProviderRun::new(sid, rid, provider, turn, registry, child_env)
         });
-        if let Some(run) = self.sessions.get_mut(&session_id).and_then(|s| s.run.as_mut()) {
+        if let Some(run) = self
+            .sessions
+            .get_mut(&session_id)
+            .and_then(|s| s.run.as_mut())
+        {
             run.addr = Some(addr);
         }
         tracing::info!(actor = "ProviderRun", session_id = %session_id, run_id = %run_id, provider = %kind, "run started");
@@ -765,7 +825,12 @@ impl RunRegistry {
     }
 }
 
-fn accepted_frame(session_id: &str, run_id: &str, client_request_id: &str, duplicate: bool) -> Frame {
+fn accepted_frame(
+    session_id: &str,
+    run_id: &str,
+    client_request_id: &str,
+    duplicate: bool,
+) -> Frame {
     frame_of(&json!({
         "kind": "chat_accepted",
         "sessionId": session_id,
@@ -779,14 +844,22 @@ fn accepted_frame(session_id: &str, run_id: &str, client_request_id: &str, dupli
 /// The session's project path, or a client `options.cwd` inside it.
 fn resolve_cwd(project_path: &str, options: &Value) -> PathBuf {
     let project = PathBuf::from(project_path);
-    let Some(cwd) = options.get("cwd").and_then(Value::as_str).filter(|c| !c.is_empty()) else {
+    let Some(cwd) = options
+        .get("cwd")
+        .and_then(Value::as_str)
+        .filter(|c| !c.is_empty())
+    else {
         return project;
     };
     let candidate = project.join(cwd);
     match (candidate.canonicalize(), project.canonicalize()) {
         (Ok(c), Ok(p)) if c.starts_with(&p) => c,
         _ => {
-            tracing::warn!(cwd, project_path, "ignoring options.cwd outside the project");
+            tracing::warn!(
+                cwd,
+                project_path,
+                "ignoring options.cwd outside the project"
+            );
             project
         }
     }
@@ -798,10 +871,17 @@ fn tool_matches(pattern: &str, tool: &str, input: &Value) -> bool {
     if pattern == tool {
         return true;
     }
-    let Some(inner) = pattern.strip_prefix(tool).and_then(|r| r.strip_prefix('(')).and_then(|r| r.strip_suffix(')')) else {
+    let Some(inner) = pattern
+        .strip_prefix(tool)
+        .and_then(|r| r.strip_prefix('('))
+        .and_then(|r| r.strip_suffix(')'))
+    else {
         return false;
     };
-    let command = input.get("command").and_then(Value::as_str).unwrap_or_default();
+    let command = input
+        .get("command")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
     match inner.strip_suffix(":*") {
         Some(prefix) => command.starts_with(prefix),
         None => command == inner,
@@ -863,7 +943,10 @@ impl Handler<AbortRun> for RunRegistry {
         let no_run = || ChatError::new(ErrorCode::NoActiveRun, "No active run for this session");
         let state = self.sessions.get(&msg.session_id).ok_or_else(no_run)?;
         if state.owner != msg.user_id {
-            return Err(ChatError::new(ErrorCode::SessionNotFound, "Session not found"));
+            return Err(ChatError::new(
+                ErrorCode::SessionNotFound,
+                "Session not found",
+            ));
         }
         let run = state
             .run
@@ -886,7 +969,8 @@ impl Handler<Subscribe> for RunRegistry {
 
     fn handle(&mut self, msg: Subscribe, _: &mut Context<Self>) {
         let session_id = msg.session.id.clone();
-        let (ack, replay, running) = self.subscribed_frame(&session_id, msg.session.last_seq, msg.last_seq);
+        let (ack, replay, running) =
+            self.subscribed_frame(&session_id, msg.session.last_seq, msg.last_seq);
         if running {
             if let Some(state) = self.sessions.get_mut(&session_id) {
                 state.subscribers.insert(msg.socket);
@@ -915,7 +999,11 @@ impl Handler<RespondPermission> for RunRegistry {
         let Some(run) = state.run.as_mut() else {
             return;
         };
-        let Some(pos) = run.pending.iter().position(|p| p.request_id == msg.request_id) else {
+        let Some(pos) = run
+            .pending
+            .iter()
+            .position(|p| p.request_id == msg.request_id)
+        else {
             return;
         };
         let p = run.pending.remove(pos);
@@ -1023,10 +1111,18 @@ impl Handler<Shutdown> for RunRegistry {
             .map(|(id, _)| id.clone())
             .collect();
         for session_id in running {
-            if let Some(addr) = self.sessions.get(&session_id).and_then(|s| s.run.as_ref()).and_then(|r| r.addr.clone()) {
+            if let Some(addr) = self
+                .sessions
+                .get(&session_id)
+                .and_then(|s| s.run.as_ref())
+                .and_then(|r| r.addr.clone())
+            {
                 addr.do_send(Kill);
             }
-            self.emit(&session_id, EventBody::error("The gateway is shutting down"));
+            self.emit(
+                &session_id,
+                EventBody::error("The gateway is shutting down"),
+            );
             self.complete(&session_id, 1, true, ctx);
         }
         for (_, socket) in self.sockets.drain() {
@@ -1046,10 +1142,15 @@ impl Handler<Shutdown> for RunRegistry {
             })
             .collect();
         let store = self.store.clone();
-        tracing::info!(actor = "RunRegistry", reason = "shutdown", "runs completed and sockets closed");
+        tracing::info!(
+            actor = "RunRegistry",
+            reason = "shutdown",
+            "runs completed and sockets closed"
+        );
         Box::pin(async move {
             let result = store::blocking(&store, move |s| {
-                seqs.iter().try_for_each(|(id, seq)| s.set_last_seq(id, *seq))
+                seqs.iter()
+                    .try_for_each(|(id, seq)| s.set_last_seq(id, *seq))
             })
             .await;
             if let Err(err) = result {
@@ -1078,7 +1179,10 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("ag-cwd-{}", std::process::id()));
         std::fs::create_dir_all(dir.join("sub")).unwrap();
         let p = dir.to_str().unwrap();
-        assert_eq!(resolve_cwd(p, &json!({"cwd": "sub"})), dir.join("sub").canonicalize().unwrap());
+        assert_eq!(
+            resolve_cwd(p, &json!({"cwd": "sub"})),
+            dir.join("sub").canonicalize().unwrap()
+        );
         assert_eq!(resolve_cwd(p, &json!({"cwd": "/etc"})), PathBuf::from(p));
         assert_eq!(resolve_cwd(p, &json!({"cwd": "../.."})), PathBuf::from(p));
         assert_eq!(resolve_cwd(p, &json!({})), PathBuf::from(p));

@@ -91,7 +91,10 @@ impl Script {
 }
 
 fn nanos() -> u128 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0)
 }
 
 struct Out {
@@ -130,7 +133,9 @@ enum Input {
 
 fn main() {
     let argv: Vec<String> = std::env::args().collect();
-    let resumed = argv.iter().find_map(|a| a.strip_prefix("--resume=").map(str::to_string));
+    let resumed = argv
+        .iter()
+        .find_map(|a| a.strip_prefix("--resume=").map(str::to_string));
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
         for line in std::io::stdin().lock().lines().map_while(Result::ok) {
@@ -154,7 +159,10 @@ fn main() {
         let prompt = loop {
             match rx.recv() {
                 Ok(Input::Line(v)) if v["type"] == "user" => {
-                    break v["message"]["content"].as_str().unwrap_or_default().to_string()
+                    break v["message"]["content"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_string()
                 }
                 Ok(Input::Line(_)) => continue,
                 Ok(Input::Eof) | Err(_) => std::process::exit(0),
@@ -194,15 +202,24 @@ fn main() {
             let allowed = answer["response"]["response"]["behavior"] == "allow";
             if allowed {
                 // The "tool" really acts in the project dir, so tests can see it ran.
-                let _ = std::fs::write("allowed.txt", answer["response"]["response"]["updatedInput"].to_string());
+                let _ = std::fs::write(
+                    "allowed.txt",
+                    answer["response"]["response"]["updatedInput"].to_string(),
+                );
             }
             tool_denied = Some(!allowed);
-            let content = if allowed { "done" } else { "User denied tool use" };
+            let content = if allowed {
+                "done"
+            } else {
+                "User denied tool use"
+            };
             out.line(json!({"type":"user","message":{"role":"user","content":[{"type":"tool_result","tool_use_id":"toolu_fake","content":content,"is_error":!allowed}]},"session_id":session,"parent_tool_use_id":null}));
         }
 
         let msg_id = format!("msg_{turn}");
-        out.stream(json!({"type":"message_start","message":{"id":msg_id,"role":"assistant","content":[]}}));
+        out.stream(
+            json!({"type":"message_start","message":{"id":msg_id,"role":"assistant","content":[]}}),
+        );
         out.stream(json!({"type":"content_block_start","index":0,"content_block":{"type":"text","text":""}}));
         let payload = "x".repeat(script.size);
         let mut full = String::new();

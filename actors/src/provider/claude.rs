@@ -15,7 +15,13 @@ use super::{CommandSpec, LineParser, Provider, ProviderEvent, ProviderKind, Turn
 use crate::protocol::{Event, EventBody, PermissionDecision, Role};
 
 /// Permission modes the CLI accepts from `options.permissionMode`.
-const PERMISSION_MODES: [&str; 5] = ["default", "acceptEdits", "bypassPermissions", "plan", "auto"];
+const PERMISSION_MODES: [&str; 5] = [
+    "default",
+    "acceptEdits",
+    "bypassPermissions",
+    "plan",
+    "auto",
+];
 /// User text blocks that are CLI bookkeeping, not something the user wrote.
 const HIDDEN_USER_PREFIXES: [&str; 4] = [
     "<system-reminder>",
@@ -204,7 +210,10 @@ fn text_of(value: &Value) -> String {
 fn token_budget(usage: &Map<String, Value>) -> EventBody {
     let n = |k: &str| usage.get(k).and_then(Value::as_u64).unwrap_or(0);
     let (input, output) = (n("input_tokens"), n("output_tokens"));
-    let (cache_read, cache_creation) = (n("cache_read_input_tokens"), n("cache_creation_input_tokens"));
+    let (cache_read, cache_creation) = (
+        n("cache_read_input_tokens"),
+        n("cache_creation_input_tokens"),
+    );
     let input_total = input + cache_read + cache_creation;
     EventBody::Status {
         text: Some("token_budget".into()),
@@ -231,9 +240,18 @@ impl ClaudeParser {
         }));
     }
 
-    fn stream_event(&mut self, event: &Value, parent: &Option<String>, out: &mut Vec<ProviderEvent>) {
+    fn stream_event(
+        &mut self,
+        event: &Value,
+        parent: &Option<String>,
+        out: &mut Vec<ProviderEvent>,
+    ) {
         let index = event.get("index").and_then(Value::as_u64).unwrap_or(0);
-        match event.get("type").and_then(Value::as_str).unwrap_or_default() {
+        match event
+            .get("type")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+        {
             "message_start" => {
                 self.current_message = event
                     .pointer("/message/id")
@@ -246,7 +264,10 @@ impl ClaudeParser {
                 if delta.and_then(|d| d.get("type")).and_then(Value::as_str) != Some("text_delta") {
                     return;
                 }
-                let text = delta.and_then(|d| d.get("text")).and_then(Value::as_str).unwrap_or_default();
+                let text = delta
+                    .and_then(|d| d.get("text"))
+                    .and_then(Value::as_str)
+                    .unwrap_or_default();
                 if text.is_empty() {
                     return;
                 }
@@ -254,12 +275,16 @@ impl ClaudeParser {
                 if let Some(id) = &self.current_message {
                     self.streamed_messages.insert(id.clone());
                 }
-                Self::emit(out, EventBody::StreamDelta { content: text.to_string() }, parent);
+                Self::emit(
+                    out,
+                    EventBody::StreamDelta {
+                        content: text.to_string(),
+                    },
+                    parent,
+                );
             }
-            "content_block_stop" => {
-                if self.open_text_blocks.remove(&index) {
-                    Self::emit(out, EventBody::StreamEnd {}, parent);
-                }
+            "content_block_stop" if self.open_text_blocks.remove(&index) => {
+                Self::emit(out, EventBody::StreamEnd {}, parent);
             }
             "message_stop" => {
                 // An interrupted stream may never stop its blocks.
@@ -275,7 +300,10 @@ impl ClaudeParser {
         let Some(message) = v.get("message") else {
             return;
         };
-        let message_id = message.get("id").and_then(Value::as_str).unwrap_or_default();
+        let message_id = message
+            .get("id")
+            .and_then(Value::as_str)
+            .unwrap_or_default();
         let streamed = self.streamed_messages.contains(message_id);
         match message.get("content") {
             Some(Value::String(text)) if !text.is_empty() && !streamed => {
@@ -283,25 +311,49 @@ impl ClaudeParser {
             }
             Some(Value::Array(blocks)) => {
                 for block in blocks {
-                    match block.get("type").and_then(Value::as_str).unwrap_or_default() {
+                    match block
+                        .get("type")
+                        .and_then(Value::as_str)
+                        .unwrap_or_default()
+                    {
                         "text" => {
-                            let text = block.get("text").and_then(Value::as_str).unwrap_or_default();
+                            let text = block
+                                .get("text")
+                                .and_then(Value::as_str)
+                                .unwrap_or_default();
                             if !text.is_empty() && !streamed {
                                 Self::emit(out, EventBody::text(Role::Assistant, text), parent);
                             }
                         }
                         "thinking" => {
-                            let text = block.get("thinking").and_then(Value::as_str).unwrap_or_default();
+                            let text = block
+                                .get("thinking")
+                                .and_then(Value::as_str)
+                                .unwrap_or_default();
                             if !text.is_empty() {
-                                Self::emit(out, EventBody::Thinking { content: text.to_string() }, parent);
+                                Self::emit(
+                                    out,
+                                    EventBody::Thinking {
+                                        content: text.to_string(),
+                                    },
+                                    parent,
+                                );
                             }
                         }
                         "tool_use" => Self::emit(
                             out,
                             EventBody::ToolUse {
-                                tool_name: block.get("name").and_then(Value::as_str).unwrap_or("UnknownTool").to_string(),
+                                tool_name: block
+                                    .get("name")
+                                    .and_then(Value::as_str)
+                                    .unwrap_or("UnknownTool")
+                                    .to_string(),
                                 tool_input: block.get("input").cloned().unwrap_or(Value::Null),
-                                tool_id: block.get("id").and_then(Value::as_str).unwrap_or_default().to_string(),
+                                tool_id: block
+                                    .get("id")
+                                    .and_then(Value::as_str)
+                                    .unwrap_or_default()
+                                    .to_string(),
                             },
                             parent,
                         ),
@@ -329,16 +381,34 @@ impl ClaudeParser {
             _ => return,
         };
         for block in blocks {
-            match block.get("type").and_then(Value::as_str).unwrap_or_default() {
+            match block
+                .get("type")
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+            {
                 "tool_result" => {
-                    let tool_id = block.get("tool_use_id").and_then(Value::as_str).unwrap_or_default();
+                    let tool_id = block
+                        .get("tool_use_id")
+                        .and_then(Value::as_str)
+                        .unwrap_or_default();
                     let content = text_of(block.get("content").unwrap_or(&Value::Null));
-                    let is_error = block.get("is_error").and_then(Value::as_bool).unwrap_or(false);
-                    Self::emit(out, EventBody::tool_result(tool_id, content, is_error), parent);
+                    let is_error = block
+                        .get("is_error")
+                        .and_then(Value::as_bool)
+                        .unwrap_or(false);
+                    Self::emit(
+                        out,
+                        EventBody::tool_result(tool_id, content, is_error),
+                        parent,
+                    );
                 }
                 "text" => {
-                    let text = block.get("text").and_then(Value::as_str).unwrap_or_default();
-                    if !text.is_empty() && !HIDDEN_USER_PREFIXES.iter().any(|p| text.starts_with(p)) {
+                    let text = block
+                        .get("text")
+                        .and_then(Value::as_str)
+                        .unwrap_or_default();
+                    if !text.is_empty() && !HIDDEN_USER_PREFIXES.iter().any(|p| text.starts_with(p))
+                    {
                         Self::emit(out, EventBody::text(Role::User, text), parent);
                     }
                 }
@@ -350,8 +420,12 @@ impl ClaudeParser {
     fn result(&mut self, v: &Value, out: &mut Vec<ProviderEvent>) {
         self.streamed_messages.clear();
         self.usage_reported.clear();
-        let subtype = v.get("subtype").and_then(Value::as_str).unwrap_or("success");
-        let is_error = v.get("is_error").and_then(Value::as_bool).unwrap_or(false) || subtype != "success";
+        let subtype = v
+            .get("subtype")
+            .and_then(Value::as_str)
+            .unwrap_or("success");
+        let is_error =
+            v.get("is_error").and_then(Value::as_bool).unwrap_or(false) || subtype != "success";
         if is_error {
             let errors: Vec<String> = v
                 .get("errors")
@@ -373,9 +447,17 @@ impl ClaudeParser {
     }
 
     fn control_request(&mut self, v: &Value, out: &mut Vec<ProviderEvent>) {
-        let request_id = v.get("request_id").and_then(Value::as_str).unwrap_or_default().to_string();
+        let request_id = v
+            .get("request_id")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string();
         let request = v.get("request").cloned().unwrap_or(Value::Null);
-        match request.get("subtype").and_then(Value::as_str).unwrap_or_default() {
+        match request
+            .get("subtype")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+        {
             "can_use_tool" => {
                 let mut context = Map::new();
                 for (from, to) in [
@@ -392,7 +474,11 @@ impl ClaudeParser {
                 }
                 out.push(ProviderEvent::PermissionRequested {
                     provider_request_id: request_id,
-                    tool_name: request.get("tool_name").and_then(Value::as_str).unwrap_or("UnknownTool").to_string(),
+                    tool_name: request
+                        .get("tool_name")
+                        .and_then(Value::as_str)
+                        .unwrap_or("UnknownTool")
+                        .to_string(),
                     input: request.get("input").cloned().unwrap_or_else(|| json!({})),
                     context: (!context.is_empty()).then_some(Value::Object(context)),
                 });
@@ -476,7 +562,10 @@ mod tests {
     }
 
     fn fixture(name: &str) -> String {
-        let path = format!("{}/../tests/fixtures/claude/{name}.jsonl", env!("CARGO_MANIFEST_DIR"));
+        let path = format!(
+            "{}/../tests/fixtures/claude/{name}.jsonl",
+            env!("CARGO_MANIFEST_DIR")
+        );
         std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
     }
 
@@ -505,7 +594,10 @@ mod tests {
         let text: String = events
             .iter()
             .filter_map(|e| match e {
-                ProviderEvent::Emit(Event { body: EventBody::StreamDelta { content }, .. }) => Some(content.as_str()),
+                ProviderEvent::Emit(Event {
+                    body: EventBody::StreamDelta { content },
+                    ..
+                }) => Some(content.as_str()),
                 _ => None,
             })
             .collect();
@@ -525,9 +617,17 @@ mod tests {
         let k = kinds(&events);
         assert!(k.contains(&"tool_use".into()), "{k:?}");
         let perm = events.iter().find_map(|e| match e {
-            ProviderEvent::PermissionRequested { provider_request_id, tool_name, input, context } => {
-                Some((provider_request_id.clone(), tool_name.clone(), input.clone(), context.clone()))
-            }
+            ProviderEvent::PermissionRequested {
+                provider_request_id,
+                tool_name,
+                input,
+                context,
+            } => Some((
+                provider_request_id.clone(),
+                tool_name.clone(),
+                input.clone(),
+                context.clone(),
+            )),
             _ => None,
         });
         let (rid, tool, input, context) = perm.expect("a permission request");
@@ -542,7 +642,15 @@ mod tests {
     #[test]
     fn denied_tool_result_is_an_error_result() {
         let events = parse_all(&fixture("tool_deny"));
-        let denied = events.iter().any(|e| matches!(e, ProviderEvent::Emit(Event { body: EventBody::ToolResult { is_error: true, .. }, .. })));
+        let denied = events.iter().any(|e| {
+            matches!(
+                e,
+                ProviderEvent::Emit(Event {
+                    body: EventBody::ToolResult { is_error: true, .. },
+                    ..
+                })
+            )
+        });
         assert!(denied);
     }
 
@@ -561,7 +669,10 @@ mod tests {
         let k = kinds(&events);
         assert_eq!(k.last().map(String::as_str), Some("turn_complete:1"));
         let error = events.iter().find_map(|e| match e {
-            ProviderEvent::Emit(Event { body: EventBody::Error { content, .. }, .. }) => Some(content.clone()),
+            ProviderEvent::Emit(Event {
+                body: EventBody::Error { content, .. },
+                ..
+            }) => Some(content.clone()),
             _ => None,
         });
         assert!(error.unwrap().contains("500"));
@@ -571,7 +682,10 @@ mod tests {
     fn unknown_resume_id_reports_the_cli_error() {
         let events = parse_all(&fixture("resume_unknown_session"));
         let error = events.iter().find_map(|e| match e {
-            ProviderEvent::Emit(Event { body: EventBody::Error { content, .. }, .. }) => Some(content.clone()),
+            ProviderEvent::Emit(Event {
+                body: EventBody::Error { content, .. },
+                ..
+            }) => Some(content.clone()),
             _ => None,
         });
         assert!(error.unwrap().contains("No conversation found"));
@@ -597,16 +711,29 @@ not json at all
         assert_eq!(
             kinds(&events),
             vec![
-                "session_created", "thinking", "status", "tool_use", "reply", "reply", "tool_result", "text", "error",
+                "session_created",
+                "thinking",
+                "status",
+                "tool_use",
+                "reply",
+                "reply",
+                "tool_result",
+                "text",
+                "error",
                 "turn_complete:1"
             ]
         );
         match &events[3] {
-            ProviderEvent::Emit(ev) => assert_eq!(ev.parent_tool_use_id.as_deref(), Some("toolu_parent")),
+            ProviderEvent::Emit(ev) => {
+                assert_eq!(ev.parent_tool_use_id.as_deref(), Some("toolu_parent"))
+            }
             other => panic!("{other:?}"),
         }
         match &events[6] {
-            ProviderEvent::Emit(Event { body: EventBody::ToolResult { content, .. }, .. }) => assert_eq!(content, "4 passing"),
+            ProviderEvent::Emit(Event {
+                body: EventBody::ToolResult { content, .. },
+                ..
+            }) => assert_eq!(content, "4 passing"),
             other => panic!("{other:?}"),
         }
         match &events[5] {
@@ -630,31 +757,68 @@ not json at all
             bin: "claude".into(),
         };
         let spec = Claude.command(&turn);
-        let args: Vec<String> = spec.args.iter().map(|a| a.to_string_lossy().into_owned()).collect();
+        let args: Vec<String> = spec
+            .args
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
         assert!(args.contains(&"--resume=0f6e2d1c-5b4a".to_string()));
-        assert!(args.windows(2).any(|w| w == ["--permission-mode", "acceptEdits"]));
+        assert!(args
+            .windows(2)
+            .any(|w| w == ["--permission-mode", "acceptEdits"]));
         assert!(args.windows(2).any(|w| w == ["--model", "sonnet"]));
-        assert!(args.windows(2).any(|w| w == ["--allowedTools", "Read,Bash(git log:*)"]));
+        assert!(args
+            .windows(2)
+            .any(|w| w == ["--allowedTools", "Read,Bash(git log:*)"]));
         let stdin: Value = serde_json::from_slice(spec.stdin.as_ref().unwrap()).unwrap();
         assert_eq!(stdin["message"]["content"], "hi \"there\"");
         assert!(spec.keep_stdin_open);
 
-        let evil = Turn { provider_session_id: Some("--dangerously".into()), options: json!({"permissionMode": "yolo"}), ..turn };
-        let args: Vec<String> = Claude.command(&evil).args.iter().map(|a| a.to_string_lossy().into_owned()).collect();
-        assert!(!args.iter().any(|a| a.contains("dangerously") || a == "--permission-mode"));
+        let evil = Turn {
+            provider_session_id: Some("--dangerously".into()),
+            options: json!({"permissionMode": "yolo"}),
+            ..turn
+        };
+        let args: Vec<String> = Claude
+            .command(&evil)
+            .args
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        assert!(!args
+            .iter()
+            .any(|a| a.contains("dangerously") || a == "--permission-mode"));
     }
 
     #[test]
     fn permission_replies_echo_the_cli_request_id() {
         let allow = Claude
-            .permission_reply("perm-1", &PermissionDecision { allow: true, updated_input: None, message: None, remember_entry: None }, &json!({"command": "ls"}))
+            .permission_reply(
+                "perm-1",
+                &PermissionDecision {
+                    allow: true,
+                    updated_input: None,
+                    message: None,
+                    remember_entry: None,
+                },
+                &json!({"command": "ls"}),
+            )
             .unwrap();
         let v: Value = serde_json::from_slice(&allow).unwrap();
         assert_eq!(v["response"]["request_id"], "perm-1");
         assert_eq!(v["response"]["response"]["behavior"], "allow");
         assert_eq!(v["response"]["response"]["updatedInput"]["command"], "ls");
         let deny = Claude
-            .permission_reply("perm-2", &PermissionDecision { allow: false, updated_input: None, message: None, remember_entry: None }, &json!({}))
+            .permission_reply(
+                "perm-2",
+                &PermissionDecision {
+                    allow: false,
+                    updated_input: None,
+                    message: None,
+                    remember_entry: None,
+                },
+                &json!({}),
+            )
             .unwrap();
         let v: Value = serde_json::from_slice(&deny).unwrap();
         assert_eq!(v["response"]["response"]["behavior"], "deny");
