@@ -219,7 +219,7 @@ impl Actor for ChatSocket {
             .map(|res, act, ctx| match res {
                 Ok(id) => {
                     act.id = Some(id);
-                    tracing::debug!(actor = "ChatSocket", socket = id, user = %act.user.username, "actor started");
+                    tracing::info!(actor = "ChatSocket", socket = id, user = %act.user.username, "actor started");
                 }
                 Err(_) => {
                     tracing::error!(actor = "ChatSocket", reason = "registry unavailable", "actor stopped");
@@ -232,7 +232,7 @@ impl Actor for ChatSocket {
     fn stopped(&mut self, _: &mut Self::Context) {
         if let Some(id) = self.id {
             self.registry.do_send(Disconnect { socket: id });
-            tracing::debug!(actor = "ChatSocket", socket = id, user = %self.user.username, "actor stopped");
+            tracing::info!(actor = "ChatSocket", socket = id, user = %self.user.username, "actor stopped");
         }
     }
 }

@@ -45,7 +45,7 @@ use crate::config::GatewayConfig;
 use crate::protocol::{
     frame_of, now_iso, ChatError, Envelope, ErrorCode, Event, EventBody, Frame, PermissionDecision,
 };
-use crate::provider::{provider_for, ProviderEvent, ProviderKind, Turn};
+use crate::provider::{provider_for, Provider, ProviderEvent, ProviderKind, Turn};
 use crate::provider_run::{Abort, AnswerPermission, Kill, ProviderRun};
 use crate::store::{self, SessionRow, Store};
 
@@ -244,10 +244,24 @@ pub struct RunRegistry {
     sessions: HashMap<String, SessionState>,
     /// Gateway request id -> app session id, for pending permissions.
     permissions: HashMap<String, String>,
+    /// The adapter for each provider ([`provider_for`], or a test's own).
+    providers: ProviderLookup,
 }
+
+/// How the registry finds a provider's adapter.
+pub type ProviderLookup = fn(ProviderKind) -> Option<&'static dyn Provider>;
 
 impl RunRegistry {
     pub fn new(config: Arc<GatewayConfig>, store: Store, runs_arbiter: ArbiterHandle) -> Self {
+        RunRegistry::with_providers(config, store, runs_arbiter, provider_for)
+    }
+
+    pub fn with_providers(
+        config: Arc<GatewayConfig>,
+        store: Store,
+        runs_arbiter: ArbiterHandle,
+        providers: ProviderLookup,
+    ) -> Self {
         RunRegistry {
             config,
             store,
@@ -256,6 +270,7 @@ impl RunRegistry {
             next_socket: 1,
             sessions: HashMap::new(),
             permissions: HashMap::new(),
+            providers,
         }
     }
 
@@ -741,7 +756,7 @@ impl RunRegistry {
             )
         };
         let kind: ProviderKind = row.provider.parse().map_err(|_| unsupported())?;
-        let provider = provider_for(kind).ok_or_else(unsupported)?;
+        let provider = (self.providers)(kind).ok_or_else(unsupported)?;
         let session_id = row.id.clone();
         let now = Instant::now();
         let bin = self.config.bin(kind);
@@ -1163,6 +1178,178 @@ impl Handler<Shutdown> for RunRegistry {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use crate::provider::{CommandSpec, LineParser};
+    use crate::store::{SessionStore, StoreError};
+    use std::sync::Mutex;
+
+    /// The database seam in memory (the registry's only dependency besides its children).
+    struct MemStore(Mutex<HashMap<String, u64>>);
+
+    impl SessionStore for MemStore {
+        fn session(&self, _: &str) -> Result<Option<SessionRow>, StoreError> {
+            Ok(None)
+        }
+        fn set_provider_session_id(&self, _: &str, _: &str) -> Result<(), StoreError> {
+            Ok(())
+        }
+        fn set_last_seq(&self, id: &str, seq: u64) -> Result<(), StoreError> {
+            if let Ok(mut m) = self.0.lock() {
+                m.insert(id.to_string(), seq);
+            }
+            Ok(())
+        }
+    }
+
+    /// A provider whose parser has a bug: it panics on the line `PANIC`.
+    struct Buggy;
+
+    struct BuggyParser;
+
+    impl LineParser for BuggyParser {
+        fn parse_line(&mut self, line: &str, out: &mut Vec<ProviderEvent>) {
+            assert!(line != "PANIC", "parser bug");
+            out.push(ProviderEvent::Emit(
+                EventBody::text(crate::protocol::Role::Assistant, line).into(),
+            ));
+            if line == "done" {
+                out.push(ProviderEvent::TurnComplete { exit_code: 0 });
+            }
+        }
+    }
+
+    impl Provider for Buggy {
+        fn kind(&self) -> ProviderKind {
+            ProviderKind::Claude
+        }
+        fn command(&self, turn: &Turn) -> CommandSpec {
+            let mut spec = CommandSpec::new(std::path::Path::new("/bin/sh"));
+            spec.arg("-c").arg(turn.content.clone());
+            spec
+        }
+        fn parser(&self, _: &Turn) -> Box<dyn LineParser> {
+            Box::new(BuggyParser)
+        }
+    }
+
+    fn buggy(_: ProviderKind) -> Option<&'static dyn Provider> {
+        Some(&Buggy)
+    }
+
+    /// Stands in for a chat socket: forwards frames to the test.
+    struct Sink(tokio::sync::mpsc::UnboundedSender<Value>);
+
+    impl Actor for Sink {
+        type Context = Context<Self>;
+    }
+
+    impl Handler<Deliver> for Sink {
+        type Result = ();
+        fn handle(&mut self, msg: Deliver, _: &mut Context<Self>) {
+            for f in msg.0.iter() {
+                let _ = self.0.send(serde_json::from_str(f).unwrap_or(Value::Null));
+            }
+        }
+    }
+
+    impl Handler<CloseSocket> for Sink {
+        type Result = ();
+        fn handle(&mut self, _: CloseSocket, _: &mut Context<Self>) {}
+    }
+
+    async fn until_complete(rx: &mut tokio::sync::mpsc::UnboundedReceiver<Value>) -> Vec<Value> {
+        let mut out = Vec::new();
+        loop {
+            let v = tokio::time::timeout(Duration::from_secs(20), rx.recv())
+                .await
+                .expect("complete within 20 s")
+                .expect("sink open");
+            let done = v["kind"] == "complete";
+            out.push(v);
+            if done {
+                return out;
+            }
+        }
+    }
+
+    /// A panic inside one run (a parser bug) ends that run with an error and a
+    /// failed complete, kills its process, and leaves the registry serving.
+    #[actix_rt::test]
+    async fn a_panicking_run_never_takes_down_the_registry() {
+        let config = Arc::new(GatewayConfig::for_tests(std::env::temp_dir()));
+        let store: Store = Arc::new(MemStore(Mutex::new(HashMap::new())));
+        let registry =
+            RunRegistry::with_providers(config, store, Arbiter::current(), buggy).start();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let sink = Sink(tx).start();
+        let socket = registry
+            .send(Connect {
+                user_id: 1,
+                deliver: sink.clone().recipient(),
+                close: sink.recipient(),
+            })
+            .await
+            .unwrap();
+        let row = SessionRow {
+            id: "s1".into(),
+            user_id: 1,
+            provider: "claude".into(),
+            provider_session_id: None,
+            project_path: std::env::temp_dir().display().to_string(),
+            custom_name: None,
+            archived: false,
+            last_seq: 0,
+            created_at: String::new(),
+            updated_at: String::new(),
+        };
+        let start = |content: &str| StartRun {
+            socket,
+            user_id: 1,
+            session: row.clone(),
+            content: content.into(),
+            options: json!({}),
+            client_request_id: None,
+        };
+        let pidfile = std::env::temp_dir().join(format!("ag-panic-{}", std::process::id()));
+        let script = format!("echo $$ > {}; echo PANIC; sleep 30", pidfile.display());
+        registry.send(start(&script)).await.unwrap().unwrap();
+        let events = until_complete(&mut rx).await;
+        let kinds: Vec<&str> = events
+            .iter()
+            .map(|e| e["kind"].as_str().unwrap_or(""))
+            .collect();
+        assert_eq!(kinds, ["error", "complete"]);
+        assert!(events[0]["content"].as_str().unwrap().contains("crashed"));
+        assert_eq!(events[1]["success"], false);
+        // The process the run started is gone.
+        let pid: i32 = std::fs::read_to_string(&pidfile)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while unsafe { libc::kill(pid, 0) } == 0
+            && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .unwrap_or_default()
+                .contains(") Z")
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "process {pid} survived its run's crash"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let _ = std::fs::remove_file(&pidfile);
+        // The registry still serves: the next run of the session works.
+        registry
+            .send(start("echo again; echo done"))
+            .await
+            .unwrap()
+            .unwrap();
+        let events = until_complete(&mut rx).await;
+        assert_eq!(events.last().unwrap()["success"], true);
+        assert_eq!(events[0]["seq"], 3);
+    }
 
     #[test]
     fn remember_entry_patterns() {
