@@ -36,6 +36,9 @@ use crate::AuthUser;
 
 /// Deliveries queued for one socket before it counts as a slow consumer.
 pub const MAILBOX_CAPACITY: usize = 256;
+/// Client requests of one socket being answered at once; more are refused
+/// with `RATE_LIMITED` rather than queued.
+pub const MAX_INFLIGHT: usize = 64;
 
 pub struct ChatSocket {
     user: AuthUser,
@@ -44,6 +47,8 @@ pub struct ChatSocket {
     heartbeat_interval: Duration,
     hb: Heartbeat,
     id: Option<SocketId>,
+    /// Requests spawned and not yet answered (bounded by [`MAX_INFLIGHT`]).
+    inflight: usize,
 }
 
 impl ChatSocket {
@@ -60,6 +65,7 @@ impl ChatSocket {
             heartbeat_interval,
             hb: Heartbeat::default(),
             id: None,
+            inflight: 0,
         }
     }
 
@@ -86,6 +92,21 @@ impl ChatSocket {
                 None,
             );
         };
+        if matches!(msg, ClientMessage::Ignored) {
+            return;
+        }
+        if self.inflight >= MAX_INFLIGHT {
+            // A client flooding requests is told so; nothing is queued for it.
+            return Self::send_error(
+                ctx,
+                &ChatError::new(
+                    ErrorCode::RateLimited,
+                    "Too many requests in flight on this socket; wait for answers",
+                ),
+                None,
+            );
+        }
+        self.inflight += 1;
         let (store, registry, user_id) = (self.store.clone(), self.registry.clone(), self.user.id);
         match msg {
             ClientMessage::Send {
@@ -122,7 +143,8 @@ impl ChatSocket {
                         )),
                     }
                 };
-                ctx.spawn(fut.into_actor(self).map(|res, _, ctx| {
+                ctx.spawn(fut.into_actor(self).map(|res, act, ctx| {
+                    act.inflight -= 1;
                     if let Err((err, sid)) = res {
                         Self::send_error(ctx, &err, Some(&sid));
                     }
@@ -145,7 +167,8 @@ impl ChatSocket {
                         )),
                     }
                 };
-                ctx.spawn(fut.into_actor(self).map(|res, _, ctx| {
+                ctx.spawn(fut.into_actor(self).map(|res, act, ctx| {
+                    act.inflight -= 1;
                     if let Err((err, sid)) = res {
                         Self::send_error(ctx, &err, Some(&sid));
                     }
@@ -175,7 +198,8 @@ impl ChatSocket {
                     }
                     missing
                 };
-                ctx.spawn(fut.into_actor(self).map(|missing, _, ctx| {
+                ctx.spawn(fut.into_actor(self).map(|missing, act, ctx| {
+                    act.inflight -= 1;
                     for (err, sid) in missing {
                         Self::send_error(ctx, &err, Some(&sid));
                     }
@@ -185,13 +209,16 @@ impl ChatSocket {
                 request_id,
                 decision,
             } => {
-                self.registry.do_send(RespondPermission {
+                let answer = RespondPermission {
                     user_id,
                     request_id,
                     decision,
-                });
+                };
+                ctx.spawn(registry.send(answer).into_actor(self).map(|_, act, _| {
+                    act.inflight -= 1;
+                }));
             }
-            ClientMessage::Ignored => {}
+            ClientMessage::Ignored => self.inflight -= 1,
         }
     }
 }

@@ -41,6 +41,8 @@ pub enum ErrorCode {
     RunInProgress,
     NoActiveRun,
     MessageTooLarge,
+    /// Extension: too many requests in flight on one socket.
+    RateLimited,
     InternalError,
 }
 
@@ -55,6 +57,7 @@ impl ErrorCode {
             ErrorCode::RunInProgress => "RUN_IN_PROGRESS",
             ErrorCode::NoActiveRun => "NO_ACTIVE_RUN",
             ErrorCode::MessageTooLarge => "MESSAGE_TOO_LARGE",
+            ErrorCode::RateLimited => "RATE_LIMITED",
             ErrorCode::InternalError => "INTERNAL_ERROR",
         }
     }
