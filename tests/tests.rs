@@ -6,6 +6,7 @@
 //! - `claude_e2e`: the real Claude Code CLI through the gateway, against the Anthropic stand-in.
 //! - `foundation`: CLI, auth refusals, REST routes, bad frames, heartbeat, restart, SIGTERM.
 //! - `providers`: Codex, Gemini, OpenCode (real CLIs) and Cursor (fake CLI) end to end, one row each.
+//! - `providers`: Codex, Gemini, OpenCode (real CLIs) and Cursor (fake CLI) end to end, one row each.
 //! - `plugins`: plugin servers (the `echo_plugin` example, shell scripts), `/plugin-ws/{name}`, plugin REST.
 
 mod util;
@@ -16,5 +17,6 @@ mod support;
 mod chat;
 mod claude_e2e;
 mod foundation;
+mod providers;
 mod providers;
 mod plugins;

@@ -12,5 +12,8 @@
 
 pub mod anthropic;
 pub mod clis;
+pub mod gemini;
+pub mod model_stub;
+pub mod openai;
 
 mod selftest;

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use super::{ProviderEvent, ProviderKind, Turn};
+use super::{CommandSpec, ProviderEvent, ProviderKind, Turn};
 use crate::protocol::{Event, EventBody};
 
 /// A CLI that prints no stdout line for this long is treated as hung and
@@ -24,6 +24,16 @@ pub const STDERR_LINE_MAX: usize = 2_000;
 
 /// How much of a malformed stdout line goes into the log.
 const LOG_LINE_PREVIEW: usize = 200;
+
+/// Sets what every JSON-lines adapter's command shares: `PWD` = the turn's
+/// cwd (the gateway's own `PWD` is inherited otherwise, and OpenCode runs
+/// its tools in `$PWD`, not in its working directory) and the hung-CLI
+/// timeout.
+pub fn common_setup(spec: &mut CommandSpec, turn: &Turn) {
+    spec.env
+        .push(("PWD".into(), turn.cwd.clone().into_os_string()));
+    spec.idle_timeout = Some(CLI_IDLE_TIMEOUT);
+}
 
 /// Pushes a client event.
 pub fn emit(out: &mut Vec<ProviderEvent>, body: EventBody) {
@@ -134,8 +144,7 @@ pub enum PermissionMode {
 impl PermissionMode {
     pub fn of(turn: &Turn) -> PermissionMode {
         let skip = |v: &Value| v.get("skipPermissions").and_then(Value::as_bool) == Some(true);
-        let skip_all =
-            skip(&turn.options) || turn.options.get("toolsSettings").is_some_and(|t| skip(t));
+        let skip_all = skip(&turn.options) || turn.options.get("toolsSettings").is_some_and(skip);
         let mode = match turn.option_str("permissionMode") {
             Some("acceptEdits") | Some("auto_edit") => PermissionMode::AcceptEdits,
             Some("bypassPermissions") | Some("yolo") => PermissionMode::Bypass,
@@ -189,10 +198,7 @@ impl StderrTail {
 
 /// A process exit as a turn exit code: a signal (`None`) counts as failure.
 pub fn exit_code_or_failure(code: Option<i32>) -> i32 {
-    match code {
-        Some(c) => c,
-        None => 1,
-    }
+    code.unwrap_or(1)
 }
 
 /// A short id unique to one run, to make provider item ids (Codex numbers

@@ -30,8 +30,8 @@ use std::collections::HashSet;
 use serde_json::{json, Value};
 
 use super::cli_support::{
-    emit, exit_code_or_failure, parse_json_line, run_nonce, str_field, value_text, PermissionMode,
-    StderrTail, TextStream, CLI_IDLE_TIMEOUT,
+    common_setup, emit, exit_code_or_failure, parse_json_line, run_nonce, str_field, value_text,
+    PermissionMode, StderrTail, TextStream,
 };
 use super::{CommandSpec, LineParser, Provider, ProviderEvent, ProviderKind, Turn};
 use crate::protocol::EventBody;
@@ -78,7 +78,7 @@ impl Provider for Codex {
         // never parsed as a flag.
         spec.arg("-");
         spec.stdin = Some(turn.content.clone().into_bytes());
-        spec.idle_timeout = Some(CLI_IDLE_TIMEOUT);
+        common_setup(&mut spec, turn);
         spec
     }
 
@@ -421,6 +421,7 @@ fn token_status(usage: &Value) -> EventBody {
 mod tests {
     use super::*;
     use crate::provider::cli_support::test_util::*;
+    use crate::provider::cli_support::CLI_IDLE_TIMEOUT;
 
     const FIXTURE: &str = include_str!("../../tests/fixtures/codex/full-turn.jsonl");
     const FAILED: &str = include_str!("../../tests/fixtures/codex/failed-turn.jsonl");

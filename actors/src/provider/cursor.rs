@@ -27,8 +27,8 @@
 use serde_json::{json, Value};
 
 use super::cli_support::{
-    emit, parse_json_line, str_field, value_text, PermissionMode, StderrTail, TextStream,
-    CLI_IDLE_TIMEOUT,
+    common_setup, emit, parse_json_line, str_field, value_text, PermissionMode, StderrTail,
+    TextStream,
 };
 use super::{CommandSpec, LineParser, Provider, ProviderEvent, ProviderKind, Turn};
 use crate::protocol::EventBody;
@@ -69,7 +69,7 @@ impl Provider for Cursor {
             spec.arg("--");
         }
         spec.arg(turn.content.as_str());
-        spec.idle_timeout = Some(CLI_IDLE_TIMEOUT);
+        common_setup(&mut spec, turn);
         spec
     }
 
@@ -338,6 +338,7 @@ impl LineParser for CursorParser {
 mod tests {
     use super::*;
     use crate::provider::cli_support::test_util::*;
+    use crate::provider::cli_support::CLI_IDLE_TIMEOUT;
 
     const FIXTURE: &str = include_str!("../../tests/fixtures/cursor/full-turn.jsonl");
 

@@ -25,8 +25,8 @@
 use serde_json::{json, Value};
 
 use super::cli_support::{
-    emit, exit_code_or_failure, parse_json_line, str_field, value_text, PermissionMode, StderrTail,
-    TextStream, CLI_IDLE_TIMEOUT,
+    common_setup, emit, exit_code_or_failure, parse_json_line, str_field, value_text,
+    PermissionMode, StderrTail, TextStream,
 };
 use super::{CommandSpec, LineParser, Provider, ProviderEvent, ProviderKind, Turn};
 use crate::protocol::EventBody;
@@ -72,7 +72,7 @@ impl Provider for Gemini {
             spec.arg(format!("--resume={id}"));
         }
         spec.stdin = Some(turn.content.clone().into_bytes());
-        spec.idle_timeout = Some(CLI_IDLE_TIMEOUT);
+        common_setup(&mut spec, turn);
         spec
     }
 
@@ -260,6 +260,7 @@ fn token_status(stats: &Value) -> EventBody {
 mod tests {
     use super::*;
     use crate::provider::cli_support::test_util::*;
+    use crate::provider::cli_support::CLI_IDLE_TIMEOUT;
 
     const FIXTURE: &str = include_str!("../../tests/fixtures/gemini/full-turn.jsonl");
     const FAILED: &str = include_str!("../../tests/fixtures/gemini/api-error.jsonl");
