@@ -7,10 +7,18 @@
 //! gateway relays each `/plugin-ws/<name>` client socket to `/ws`.
 //!
 //! This one echoes every text and binary frame back. With `--test-hooks`
-//! (used by the gateway's tests) it also answers the text frame `__env__`
-//! with its environment as a JSON object, closes the socket with code N on
-//! `__close__ N`, and appends every close it receives to `closes.log` in its
-//! folder.
+//! (used by the gateway's tests) it also understands these text frames:
+//!
+//! | frame | effect |
+//! |---|---|
+//! | `__env__` | answers with its environment as a JSON object |
+//! | `__close__ N` | closes the socket with code N |
+//! | `__flood__ N SIZE` | sends N binary frames of SIZE bytes, each starting with its index (u32, big endian) |
+//! | `__sink__` | from now on counts binary frames instead of echoing them |
+//! | `__count__` | answers with the number of binary frames counted |
+//! | `__pause__ MS` | stops reading this socket for MS milliseconds |
+//!
+//! and appends the code of every close it receives to `closes.log` in its folder.
 //!
 //! Try it by hand:
 //!
@@ -23,8 +31,9 @@
 //! ```
 
 use std::io::Write;
+use std::time::Duration;
 
-use actix::{Actor, ActorContext, StreamHandler};
+use actix::{Actor, ActorContext, AsyncContext, StreamHandler};
 use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
 use actix_web_actors::ws;
 
@@ -37,6 +46,9 @@ const CLOSE_LOG: &str = "closes.log";
 
 struct Echo {
     test_hooks: bool,
+    /// `__sink__`: count binary frames instead of echoing them.
+    sink: bool,
+    counted: u64,
 }
 
 impl Actor for Echo {
@@ -45,7 +57,7 @@ impl Actor for Echo {
 
 impl Echo {
     /// Test hooks; returns false when `text` is not one of them.
-    fn hook(&self, text: &str, ctx: &mut ws::WebsocketContext<Self>) -> bool {
+    fn hook(&mut self, text: &str, ctx: &mut ws::WebsocketContext<Self>) -> bool {
         if !self.test_hooks {
             return false;
         }
@@ -56,17 +68,34 @@ impl Echo {
             ctx.text(serde_json::Value::Object(env).to_string());
             return true;
         }
-        if let Some(code) = text.strip_prefix("__close__ ") {
-            if let Ok(code) = code.trim().parse::<u16>() {
+        let mut words = text.split_whitespace();
+        let command = words.next().unwrap_or_default();
+        let mut arg = || words.next().and_then(|w| w.parse::<u64>().ok());
+        match (command, arg(), arg()) {
+            ("__close__", Some(code), _) => {
                 ctx.close(Some(ws::CloseReason {
-                    code: ws::CloseCode::from(code),
+                    code: ws::CloseCode::from(u16::try_from(code).unwrap_or(1000)),
                     description: Some("plugin closing".into()),
                 }));
                 ctx.stop();
-                return true;
             }
+            ("__flood__", Some(n), Some(size)) => {
+                for i in 0..n {
+                    let mut frame = vec![0u8; size.max(4) as usize];
+                    frame[..4].copy_from_slice(&(i as u32).to_be_bytes());
+                    ctx.binary(frame);
+                }
+            }
+            ("__sink__", _, _) => self.sink = true,
+            ("__count__", _, _) => ctx.text(self.counted.to_string()),
+            ("__pause__", Some(ms), _) => {
+                ctx.wait(actix::fut::wrap_future(actix::clock::sleep(
+                    Duration::from_millis(ms),
+                )));
+            }
+            _ => return false,
         }
-        false
+        true
     }
 
     fn record_close(&self, reason: &Option<ws::CloseReason>) {
@@ -95,6 +124,7 @@ impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for Echo {
                     ctx.text(text);
                 }
             }
+            Ok(ws::Message::Binary(_)) if self.sink => self.counted += 1,
             Ok(ws::Message::Binary(bytes)) => ctx.binary(bytes),
             Ok(ws::Message::Continuation(item)) => ctx.write_raw(ws::Message::Continuation(item)),
             Ok(ws::Message::Ping(payload)) => ctx.pong(&payload),
@@ -119,6 +149,8 @@ async fn socket(
 ) -> Result<HttpResponse, actix_web::Error> {
     let echo = Echo {
         test_hooks: **test_hooks,
+        sink: false,
+        counted: 0,
     };
     ws::WsResponseBuilder::new(echo, &req, stream)
         .frame_size(MAX_FRAME)

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use crate::util::{agentgate_bin, eventually, pid_alive, TestServer, WsEvent, WAIT};
+use crate::util::{agentgate_bin, eventually, pid_alive, rss_kib, TestServer, WsEvent, WAIT};
 
 /// The `echo_plugin` example binary. `cargo test --test tests` builds the
 /// gateway binary but not examples, so this builds it once per test run
@@ -471,4 +471,69 @@ async fn gateway_shutdown_stops_plugin_servers() {
     let status = server.wait_exit();
     assert!(status.success(), "gateway exit {status:?}");
     eventually("the plugin server is gone", || !pid_alive(pid)).await;
+}
+
+/// Frames of the backpressure test: 64 KiB each, 64 MiB per direction.
+const FLOOD_FRAMES: usize = 1024;
+const FLOOD_FRAME_BYTES: usize = 64 * 1024;
+/// Most the gateway's resident memory may grow while 64 MiB pass through a
+/// slow side: the proxy's queues hold about 1.5 MiB, so anything near the
+/// flood size means frames piled up in the gateway.
+const MAX_GROWTH_KIB: u64 = 24 * 1024;
+
+/// Backpressure both ways: a plugin flooding a client that reads slowly,
+/// and a client flooding a plugin that stops reading, each with 64 MiB;
+/// every frame arrives, in order, and the gateway's memory stays bounded.
+#[actix_rt::test]
+async fn a_slow_side_slows_the_other_and_gateway_memory_stays_bounded() {
+    let (server, token) = start(|d| {
+        echo_plugin(d, "echo");
+    });
+    wait_running(&server, &token, "echo").await;
+    let gateway = server.pid();
+    let mut ws = server.ws(&format!("/plugin-ws/echo?token={token}")).await;
+    // Warm up the buffers a 64 KiB frame needs before taking the baseline.
+    ws.send_binary(vec![7; FLOOD_FRAME_BYTES]).await;
+    assert!(matches!(ws.recv().await, WsEvent::Binary(b) if b.len() == FLOOD_FRAME_BYTES));
+    let baseline = rss_kib(gateway);
+    let mut peak = baseline;
+
+    // Plugin -> slow client.
+    ws.send_text(format!("__flood__ {FLOOD_FRAMES} {FLOOD_FRAME_BYTES}"))
+        .await;
+    for i in 0..FLOOD_FRAMES {
+        match ws.recv().await {
+            WsEvent::Binary(b) => {
+                assert_eq!(b.len(), FLOOD_FRAME_BYTES);
+                assert_eq!(
+                    b.get(..4),
+                    Some(&(i as u32).to_be_bytes()[..]),
+                    "frame {i} out of order"
+                );
+            }
+            other => panic!("flood frame {i}: {other:?}"),
+        }
+        if i % 16 == 0 {
+            peak = peak.max(rss_kib(gateway));
+            // A slow reader, not a synchronisation.
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    // Client -> plugin that stops reading for a while.
+    ws.send_text("__sink__").await;
+    ws.send_text("__pause__ 1500").await;
+    for i in 0..FLOOD_FRAMES {
+        ws.send_binary(vec![1; FLOOD_FRAME_BYTES]).await;
+        if i % 16 == 0 {
+            peak = peak.max(rss_kib(gateway));
+        }
+    }
+    ws.send_text("__count__").await;
+    assert!(matches!(ws.recv().await, WsEvent::Text(t) if t == FLOOD_FRAMES.to_string()));
+    let growth = peak.saturating_sub(baseline);
+    assert!(
+        growth < MAX_GROWTH_KIB,
+        "gateway RSS grew by {growth} KiB while relaying 2 x 64 MiB"
+    );
 }
