@@ -243,7 +243,10 @@ async fn invalid_names_and_stopped_plugins_are_closed_with_4400_and_4404() {
         Some("status 401")
     );
 
-    // Stopped over REST: 4404 until it is started again.
+    // Stopped over REST: its clients get 1001, new ones 4404 until it is started again.
+    let mut connected = server.ws(&format!("/plugin-ws/echo?token={token}")).await;
+    connected.send_text("hi").await;
+    assert!(matches!(connected.recv().await, WsEvent::Text(t) if t == "hi"));
     let (status, body) = server
         .post("/api/plugins/echo/stop", Some(&token), json!({}))
         .await;
@@ -252,6 +255,13 @@ async fn invalid_names_and_stopped_plugins_are_closed_with_4400_and_4404() {
     assert_eq!(body["data"]["running"], false);
     let pid = body["data"]["pid"].as_i64();
     assert_eq!(pid, None);
+    match connected.recv().await {
+        WsEvent::Close(code, reason) => {
+            assert_eq!(code, Some(1001));
+            assert_eq!(reason, "Plugin stopping");
+        }
+        other => panic!("expected close 1001, got {other:?}"),
+    }
     let mut ws = server.ws(&format!("/plugin-ws/echo?token={token}")).await;
     assert_eq!(ws.recv_close().await, Some(4404));
 
@@ -466,8 +476,12 @@ async fn gateway_shutdown_stops_plugin_servers() {
     let p = wait_running(&server, &token, "echo").await;
     let pid = p["pid"].as_i64().expect("pid") as i32;
     assert!(pid_alive(pid));
+    let mut ws = server.ws(&format!("/plugin-ws/echo?token={token}")).await;
+    ws.send_text("hi").await;
+    assert!(matches!(ws.recv().await, WsEvent::Text(t) if t == "hi"));
     // SAFETY: signalling the gateway this test started.
     unsafe { libc::kill(server.pid() as i32, libc::SIGTERM) };
+    assert_eq!(ws.recv_close().await, Some(1001));
     let status = server.wait_exit();
     assert!(status.success(), "gateway exit {status:?}");
     eventually("the plugin server is gone", || !pid_alive(pid)).await;

@@ -49,7 +49,7 @@ use futures_util::{Sink, SinkExt, Stream, StreamExt};
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 
 use super::manifest::valid_name;
-use super::plugin_registry::{LookupPort, PluginRegistry};
+use super::plugin_registry::{LookupPort, PluginPort, PluginRegistry};
 use crate::config::MAX_INBOUND_FRAME;
 use crate::heartbeat::Heartbeat;
 
@@ -82,10 +82,10 @@ pub const PUMP_BYTES_PER_POLL: usize = 256 * 1024;
 type UpstreamFrames = Pin<Box<dyn Stream<Item = Result<Frame, ws::ProtocolError>>>>;
 
 /// What the upgrade route decided before the socket was accepted.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug)]
 enum Target {
     Refuse(u16, &'static str),
-    Upstream(u16),
+    Upstream(PluginPort),
 }
 
 /// Accepts a `/plugin-ws/{name}` upgrade (the caller has authenticated) and
@@ -107,7 +107,7 @@ pub async fn start_proxy(
             })
             .await;
         match lookup {
-            Ok(Some(port)) => Target::Upstream(port),
+            Ok(Some(plugin)) => Target::Upstream(plugin),
             Ok(None) => Target::Refuse(CLOSE_NOT_RUNNING, "Plugin not running"),
             Err(err) => {
                 tracing::error!(plugin = %name, error = %err, "plugin registry unavailable");
@@ -119,7 +119,7 @@ pub async fn start_proxy(
     let name = if valid_name(name) { name } else { "<invalid>" };
     let proxy = PluginProxy {
         name: name.to_string(),
-        target,
+        target: Some(target),
         heartbeat,
         hb: Heartbeat::default(),
         upstream: None,
@@ -148,7 +148,8 @@ struct UpstreamFailed(String);
 
 pub struct PluginProxy {
     name: String,
-    target: Target,
+    /// Taken in `started()`.
+    target: Option<Target>,
     heartbeat: Duration,
     hb: Heartbeat,
     /// Read half of the plugin socket; `None` before connecting and after it ended.
@@ -169,8 +170,9 @@ impl Actor for PluginProxy {
     type Context = WebsocketContext<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
-        let port = match self.target {
-            Target::Refuse(code, reason) => {
+        let plugin = match self.target.take() {
+            None => return,
+            Some(Target::Refuse(code, reason)) => {
                 self.stop_reason = reason;
                 ctx.close(Some(CloseReason {
                     code: CloseCode::Other(code),
@@ -179,8 +181,20 @@ impl Actor for PluginProxy {
                 ctx.stop();
                 return;
             }
-            Target::Upstream(port) => port,
+            Some(Target::Upstream(plugin)) => plugin,
         };
+        let PluginPort {
+            port,
+            mut going_away,
+        } = plugin;
+        ctx.spawn(
+            async move {
+                // An error means the registry is gone: the gateway is exiting.
+                let _ = going_away.changed().await;
+            }
+            .into_actor(self)
+            .map(|(), act, ctx| act.plugin_stopping(ctx)),
+        );
         tracing::info!(actor = "PluginProxy", plugin = %self.name, port, "actor started");
         Heartbeat::start(ctx, self.heartbeat, |a: &mut Self| &mut a.hb, "PluginProxy");
         let url = format!("ws://127.0.0.1:{port}/ws");
@@ -240,8 +254,25 @@ impl PluginProxy {
         ctx.spawn(UpstreamPump);
     }
 
+    /// The plugin is being stopped on purpose: both sides get 1001.
+    fn plugin_stopping(&mut self, ctx: &mut WebsocketContext<Self>) {
+        if stopping(ctx) {
+            return;
+        }
+        self.stop_reason = "plugin stopping";
+        self.finish_upstream(Some(Some(CloseCode::Away.into())));
+        ctx.close(Some(CloseReason {
+            code: CloseCode::Away,
+            description: Some("Plugin stopping".to_string()),
+        }));
+        ctx.stop();
+    }
+
     /// Closes the client with 4502 and lets the writer close the plugin side.
     fn upstream_failed(&mut self, detail: &str, ctx: &mut WebsocketContext<Self>) {
+        if stopping(ctx) {
+            return;
+        }
         tracing::warn!(actor = "PluginProxy", plugin = %self.name, error = %detail, "upstream error");
         self.stop_reason = "upstream error";
         self.upstream = None;
@@ -305,6 +336,11 @@ impl PluginProxy {
         let mut frames = 0;
         let mut bytes = 0;
         loop {
+            // Nothing may follow the close frame; the read half now belongs
+            // to the writer task (handed back in `stopped()`).
+            if stopping(ctx) {
+                return Poll::Ready(());
+            }
             let Some(upstream) = self.upstream.as_mut() else {
                 return Poll::Ready(());
             };
@@ -367,6 +403,9 @@ impl PluginProxy {
 
 impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for PluginProxy {
     fn handle(&mut self, msg: Result<ws::Message, ws::ProtocolError>, ctx: &mut Self::Context) {
+        if stopping(ctx) {
+            return;
+        }
         match msg {
             Ok(
                 msg
@@ -541,6 +580,11 @@ async fn linger(read_half: Option<UpstreamFrames>) {
         }
     })
     .await;
+}
+
+/// Whether the proxy has begun to stop (its close frame may already be queued).
+fn stopping(ctx: &WebsocketContext<PluginProxy>) -> bool {
+    matches!(ctx.state(), ActorState::Stopping | ActorState::Stopped)
 }
 
 /// The close reason to pass on: codes an endpoint may send are kept

@@ -4,7 +4,8 @@
 //! plugins only) and the last status that host reported. Discovery runs
 //! once, in `started()`; it starts one [`PluginHost`] per enabled plugin.
 //!
-//! Handles: [`LookupPort`] (the upgrade route, once per client socket),
+//! Handles: [`LookupPort`] (the upgrade route, once per client socket; the
+//! answer carries a signal that fires before the plugin is stopped on purpose),
 //! [`ListPlugins`], [`StartPlugin`], [`StopPlugin`] (REST),
 //! [`StopAllPlugins`] (gateway shutdown), and [`HostStatusChanged`] from its
 //! hosts.
@@ -19,18 +20,28 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use actix::prelude::*;
+use tokio::sync::watch;
 
 use super::manifest::{discover, PluginManifest};
 use super::plugin_host::{HostStatusChanged, PluginHost, StartServer, StopServer};
 use super::{PluginState, PluginStatus};
 use crate::config::GatewayConfig;
 
-/// Sent by the `/plugin-ws/{name}` route before upgrading: the port of the
-/// plugin's server if it is ready, else `None` (close 4404).
+/// Sent by the `/plugin-ws/{name}` route before upgrading: where the
+/// plugin's server listens if it is ready, else `None` (close 4404).
 #[derive(Message, Debug)]
-#[rtype(result = "Option<u16>")]
+#[rtype(result = "Option<PluginPort>")]
 pub struct LookupPort {
     pub name: String,
+}
+
+/// Answer to [`LookupPort`].
+#[derive(Debug)]
+pub struct PluginPort {
+    pub port: u16,
+    /// Changes when the plugin is stopped on purpose (REST stop, gateway
+    /// shutdown): its proxies then close their clients with 1001.
+    pub going_away: watch::Receiver<()>,
 }
 
 /// Sent by `GET /api/plugins`: every plugin, sorted by name.
@@ -76,6 +87,8 @@ struct Entry {
     host: Option<Addr<PluginHost>>,
     /// Last status the host reported (or the idle status).
     status: PluginStatus,
+    /// Signalled before the server is stopped on purpose; see [`PluginPort`].
+    going_away: watch::Sender<()>,
 }
 
 pub struct PluginRegistry {
@@ -100,8 +113,12 @@ impl PluginRegistry {
         if host.is_none() {
             tracing::info!(plugin = %manifest.name, "plugin disabled in its manifest; not started");
         }
-        self.plugins
-            .insert(manifest.name.clone(), Entry { host, status });
+        let entry = Entry {
+            host,
+            status,
+            going_away: watch::Sender::new(()),
+        };
+        self.plugins.insert(manifest.name.clone(), entry);
     }
 
     fn host(&self, name: &str) -> Result<Addr<PluginHost>, PluginError> {
@@ -151,15 +168,17 @@ impl Handler<HostStatusChanged> for PluginRegistry {
 }
 
 impl Handler<LookupPort> for PluginRegistry {
-    type Result = Option<u16>;
+    type Result = Option<PluginPort>;
 
-    fn handle(&mut self, msg: LookupPort, _ctx: &mut Self::Context) -> Option<u16> {
-        let status = &self.plugins.get(&msg.name)?.status;
-        if status.state == PluginState::Running {
-            status.port
-        } else {
-            None
+    fn handle(&mut self, msg: LookupPort, _ctx: &mut Self::Context) -> Option<PluginPort> {
+        let entry = self.plugins.get(&msg.name)?;
+        if entry.status.state != PluginState::Running {
+            return None;
         }
+        Some(PluginPort {
+            port: entry.status.port?,
+            going_away: entry.going_away.subscribe(),
+        })
     }
 }
 
@@ -190,6 +209,9 @@ impl Handler<StopPlugin> for PluginRegistry {
 
     fn handle(&mut self, msg: StopPlugin, _ctx: &mut Self::Context) -> Self::Result {
         let host = self.host(&msg.name);
+        if let (Ok(_), Some(entry)) = (&host, self.plugins.get(&msg.name)) {
+            entry.going_away.send_replace(());
+        }
         Box::pin(async move {
             host?
                 .send(StopServer)
@@ -203,6 +225,9 @@ impl Handler<StopAllPlugins> for PluginRegistry {
     type Result = ResponseFuture<()>;
 
     fn handle(&mut self, _msg: StopAllPlugins, _ctx: &mut Self::Context) -> Self::Result {
+        for entry in self.plugins.values() {
+            entry.going_away.send_replace(());
+        }
         let hosts: Vec<Addr<PluginHost>> = self
             .plugins
             .values()
@@ -306,7 +331,8 @@ mod tests {
                 name: "sleeper".into()
             })
             .await
-            .unwrap(),
+            .unwrap()
+            .map(|p| p.port),
             Some(port)
         );
 
@@ -333,7 +359,8 @@ mod tests {
                 name: "sleeper".into()
             })
             .await
-            .unwrap(),
+            .unwrap()
+            .map(|p| p.port),
             None
         );
 
