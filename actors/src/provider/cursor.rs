@@ -80,7 +80,9 @@ impl Provider for Cursor {
 
 /// Parsing state of one Cursor turn.
 pub struct CursorParser {
+    /// The id the turn resumed; compared with the first `session_id` seen.
     known_id: Option<String>,
+    id_checked: bool,
     text: TextStream,
     /// Thinking deltas not yet sent (bounded by `MAX_THINKING_BYTES`).
     thinking: String,
@@ -94,6 +96,7 @@ impl CursorParser {
     pub fn new(known_id: Option<String>) -> Self {
         CursorParser {
             known_id,
+            id_checked: false,
             text: TextStream::default(),
             thinking: String::new(),
             open_tools: Default::default(),
@@ -103,12 +106,15 @@ impl CursorParser {
     }
 
     fn capture_session(&mut self, event: &Value, out: &mut Vec<ProviderEvent>) {
-        if self.known_id.is_some() {
+        if self.id_checked {
             return;
         }
         if let Some(id) = str_field(event, "session_id") {
-            self.known_id = Some(id.to_string());
-            out.push(ProviderEvent::SessionCreated(id.to_string()));
+            self.id_checked = true;
+            if self.known_id.as_deref() != Some(id) {
+                self.known_id = Some(id.to_string());
+                out.push(ProviderEvent::SessionCreated(id.to_string()));
+            }
         }
     }
 

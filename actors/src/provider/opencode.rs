@@ -86,7 +86,10 @@ impl Provider for Opencode {
 
 /// Parsing state of one OpenCode turn.
 pub struct OpencodeParser {
+    /// The id the turn resumed; compared with the first `sessionID` seen
+    /// (later lines repeat it and are not looked at again).
     known_id: Option<String>,
+    id_checked: bool,
     text: TextStream,
     /// An `error` event was seen: the turn failed even if the exit is 0.
     saw_error: bool,
@@ -100,6 +103,7 @@ impl OpencodeParser {
     pub fn new(known_id: Option<String>) -> Self {
         OpencodeParser {
             known_id,
+            id_checked: false,
             text: TextStream::default(),
             saw_error: false,
             last_step_reason: None,
@@ -144,8 +148,10 @@ impl LineParser for OpencodeParser {
             return;
         };
         let session = str_field(&event, "sessionID").or_else(|| part_str(&event, "sessionID"));
-        if let Some(id) = session {
-            if self.known_id.is_none() {
+        if let Some(id) = session.filter(|_| !self.id_checked) {
+            self.id_checked = true;
+            // A resume that landed in another session is announced too.
+            if self.known_id.as_deref() != Some(id) {
                 self.known_id = Some(id.to_string());
                 out.push(ProviderEvent::SessionCreated(id.to_string()));
             }
@@ -463,6 +469,13 @@ mod tests {
         );
         assert!(sessions(&events).is_empty());
         assert_eq!(streamed_text(&events), "flat text");
+        let mut other = OpencodeParser::new(Some("ses_old".into()));
+        let other_events = run_lines(
+            &mut other,
+            "{\"type\":\"step_start\",\"sessionID\":\"ses_new\"}\n{\"type\":\"step_start\",\"sessionID\":\"ses_child\"}",
+            None,
+        );
+        assert_eq!(sessions(&other_events), ["ses_new"]);
         assert_eq!(errors(&events), ["ProviderAuthError"]);
         assert_eq!(turn_ends(&events), [1]);
     }
