@@ -442,7 +442,9 @@ impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for PluginProxy {
     }
 
     fn finished(&mut self, ctx: &mut Self::Context) {
-        self.stop_reason = "client disconnected";
+        if !stopping(ctx) {
+            self.stop_reason = "client disconnected";
+        }
         ctx.stop();
     }
 }
