@@ -18,6 +18,7 @@
 //! **Stops** when stdout is closed and the process has exited; the process
 //! group is killed then, so nothing the CLI started outlives its run.
 
+use std::collections::{HashMap, HashSet};
 use std::ffi::OsString;
 use std::process::Stdio;
 use std::time::Duration;
@@ -83,6 +84,10 @@ pub struct ProviderRun {
     child_env: Vec<(OsString, OsString)>,
     /// Process group id (= the child's pid) once spawned.
     pgid: Option<i32>,
+    /// Descendants seen so far. Some CLIs (Gemini, OpenCode) start tools in
+    /// their own process group, which a group signal misses; they are found
+    /// by walking /proc from the child before it is signalled.
+    tree: HashSet<i32>,
     stdin: Option<mpsc::Sender<StdinCmd>>,
     /// Set once RunExited was sent, so Drop does not report twice.
     reported: bool,
@@ -106,6 +111,7 @@ impl ProviderRun {
             registry,
             child_env,
             pgid: None,
+            tree: HashSet::new(),
             stdin: None,
             reported: false,
             aborting: false,
@@ -125,11 +131,21 @@ impl ProviderRun {
         });
     }
 
-    fn signal_group(&self, signal: i32) {
-        if let Some(pgid) = self.pgid {
-            // SAFETY: killpg has no memory-safety preconditions; ESRCH (group gone) is fine.
-            unsafe {
-                libc::killpg(pgid, signal);
+    /// Signals the process group and every descendant found so far (and their groups).
+    fn signal_group(&mut self, signal: i32) {
+        let Some(pgid) = self.pgid else {
+            return;
+        };
+        self.tree.extend(descendants(pgid));
+        // SAFETY: kill/killpg have no memory-safety preconditions; ESRCH (gone) is fine.
+        unsafe {
+            libc::killpg(pgid, signal);
+            for pid in &self.tree {
+                libc::kill(*pid, signal);
+                let group = libc::getpgid(*pid);
+                if group > 1 && group != pgid && group != libc::getpgrp() {
+                    libc::killpg(group, signal);
+                }
             }
         }
     }
@@ -163,6 +179,8 @@ impl Actor for ProviderRun {
             .current_dir(&turn.cwd)
             .env_clear()
             .envs(self.child_env.iter().map(|(k, v)| (k, v)))
+            // Tools that resolve paths against $PWD must see the project, not the gateway's cwd.
+            .env("PWD", &turn.cwd)
             .envs(spec.env.iter().map(|(k, v)| (k, v)))
             .stdin(if spec.stdin.is_some() || spec.keep_stdin_open {
                 Stdio::piped()
@@ -334,6 +352,10 @@ impl Handler<Abort> for ProviderRun {
             return;
         }
         self.aborting = true;
+        // Before the CLI can exit and orphan its tools, remember them.
+        if let Some(pgid) = self.pgid {
+            self.tree.extend(descendants(pgid));
+        }
         if let Some(bytes) = self.provider.interrupt() {
             self.write_stdin(StdinCmd::Write(bytes), ctx);
         }
@@ -562,4 +584,73 @@ async fn read_stderr(stderr: impl AsyncRead + Unpin, run_id: String) -> String {
         }
     }
     tail
+}
+
+/// Every descendant of `root` (children, grandchildren, ...), from /proc.
+fn descendants(root: i32) -> Vec<i32> {
+    let mut children: HashMap<i32, Vec<i32>> = HashMap::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    for entry in entries.flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // The command name may contain spaces and parentheses: fields follow the last ')'.
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|p| p.parse::<i32>().ok());
+        if let Some(ppid) = ppid {
+            children.entry(ppid).or_default().push(pid);
+        }
+    }
+    let mut out = Vec::new();
+    let mut stack = vec![root];
+    while let Some(pid) = stack.pop() {
+        if let Some(kids) = children.get(&pid) {
+            for &kid in kids {
+                if !out.contains(&kid) {
+                    out.push(kid);
+                    stack.push(kid);
+                }
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn descendants_finds_grandchildren_in_other_groups() {
+        // A shell whose child starts its own session (another group) with a sleep.
+        let mut child = std::process::Command::new("sh")
+            .arg("-c")
+            .arg("setsid sleep 30 & wait")
+            .spawn()
+            .unwrap();
+        let pid = child.id() as i32;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let found = loop {
+            let d = descendants(pid);
+            if !d.is_empty() {
+                break d;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no descendant appeared"
+            );
+            std::thread::yield_now();
+        };
+        for p in &found {
+            unsafe { libc::kill(*p, libc::SIGKILL) };
+        }
+        let _ = child.wait();
+    }
 }
