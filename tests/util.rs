@@ -118,8 +118,7 @@ impl TestServer {
     pub fn kill_keep_data(mut self) -> tempfile::TempDir {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let data = std::mem::replace(&mut self.data, tempfile::tempdir().expect("temp dir"));
-        data
+        std::mem::replace(&mut self.data, tempfile::tempdir().expect("temp dir"))
     }
 
     /// Waits (bounded) for the server to exit.
