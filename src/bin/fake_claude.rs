@@ -13,7 +13,8 @@
 //! | `text:N` | stream N text deltas (default 3) |
 //! | `size:B` | each delta carries B bytes of payload (default 8) |
 //! | `delay_ms:D` | sleep D ms between deltas (an interrupt stops the stream) |
-//! | `ts` | each delta starts with `t=<unix nanos>;` (latency measurement) |
+//! | `ts` | each delta starts with `t=<unix nanos>;`, stamped when the line is written to stdout (latency measurement) |
+//! | `chunk:B` | write stdout in chunks of up to B bytes (default: every line on its own with `ts` or `delay_ms`, else 64 KiB) |
 //! | `permission:TOOL` | ask `can_use_tool` for TOOL first; the answer decides the tool result |
 //! | `exit:C` | exit with code C before the result |
 //! | `crash` | kill itself with SIGKILL mid-stream |
@@ -25,7 +26,8 @@
 //! | `session:ID` | announce ID as the session id (default: the resumed id or a new one) |
 //! | `stderr:TEXT` | write TEXT to stderr first |
 
-use std::io::{BufRead, BufWriter, Write};
+use std::fmt::Write as _;
+use std::io::{BufRead, Write};
 use std::sync::mpsc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -46,6 +48,7 @@ struct Script {
     args: bool,
     session: Option<String>,
     stderr: Option<String>,
+    chunk: Option<usize>,
 }
 
 impl Script {
@@ -65,6 +68,7 @@ impl Script {
             args: false,
             session: None,
             stderr: None,
+            chunk: None,
         };
         for word in prompt.split_whitespace() {
             let (key, value) = word.split_once(':').unwrap_or((word, ""));
@@ -83,6 +87,7 @@ impl Script {
                 "args" => s.args = true,
                 "session" => s.session = Some(value.to_string()),
                 "stderr" => s.stderr = Some(value.to_string()),
+                "chunk" => s.chunk = value.parse().ok(),
                 _ => {}
             }
         }
@@ -97,32 +102,87 @@ fn nanos() -> u128 {
         .unwrap_or(0)
 }
 
+/// Digits of a unix-nanosecond stamp (fixed width until the year 2286).
+const STAMP_DIGITS: usize = 19;
+/// Default stdout chunk when lines need not be written one by one.
+const DEFAULT_CHUNK: usize = 64 * 1024;
+
+/// Stdout with its own buffer, so `ts` stamps can be written at the moment
+/// the bytes go to the pipe (placeholders patched on flush) whatever the chunking.
 struct Out {
-    w: BufWriter<std::io::Stdout>,
+    buf: Vec<u8>,
+    /// Offsets in `buf` of stamp placeholders.
+    stamps: Vec<usize>,
     session: String,
-    flush_each: bool,
+    /// The session id as a JSON string (quoted, escaped), for the delta fast path.
+    session_json: String,
+    /// Flush once `buf` holds this many bytes; 0 = after every line.
+    chunk: usize,
 }
 
 impl Out {
+    fn set_session(&mut self, session: String) {
+        self.session_json = serde_json::to_string(&session).unwrap_or_else(|_| "\"\"".into());
+        self.session = session;
+    }
+
     fn line(&mut self, v: Value) {
-        // A closed stdout means the gateway is gone: stop quietly.
-        if serde_json::to_writer(&mut self.w, &v).is_err() || self.w.write_all(b"\n").is_err() {
-            std::process::exit(0);
-        }
-        if self.flush_each {
+        // Serializing a Value into a Vec cannot fail.
+        let _ = serde_json::to_writer(&mut self.buf, &v);
+        self.end_line();
+    }
+
+    fn raw_line(&mut self, text: &str) {
+        self.buf.extend_from_slice(text.as_bytes());
+        self.end_line();
+    }
+
+    fn end_line(&mut self) {
+        self.buf.push(b'\n');
+        if self.buf.len() >= self.chunk {
             self.flush();
         }
     }
 
     fn flush(&mut self) {
-        if self.w.flush().is_err() {
+        if !self.stamps.is_empty() {
+            let now = format!("{:0width$}", nanos(), width = STAMP_DIGITS);
+            for &at in &self.stamps {
+                self.buf[at..at + STAMP_DIGITS].copy_from_slice(now.as_bytes());
+            }
+            self.stamps.clear();
+        }
+        // A closed stdout means the gateway is gone: stop quietly.
+        let mut stdout = std::io::stdout().lock();
+        if stdout.write_all(&self.buf).is_err() || stdout.flush().is_err() {
             std::process::exit(0);
         }
+        self.buf.clear();
     }
 
     fn stream(&mut self, event: Value) {
         let session = self.session.clone();
         self.line(json!({"type":"stream_event","event":event,"session_id":session,"parent_tool_use_id":null}));
+    }
+
+    /// One text delta without building a `Value` (the benchmarks' hot path).
+    /// `payload` is plain ASCII; `stamp` puts `t=<nanos>;` first.
+    fn text_delta(&mut self, i: usize, payload: &str, stamp: bool) {
+        self.buf.extend_from_slice(
+            br#"{"type":"stream_event","event":{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":""#,
+        );
+        if stamp {
+            self.buf.extend_from_slice(b"t=");
+            self.stamps.push(self.buf.len());
+            self.buf.extend_from_slice(&[b'0'; STAMP_DIGITS]);
+            self.buf.push(b';');
+        }
+        let _ = write!(self.buf, "{i}:{payload} ");
+        self.buf.extend_from_slice(br#""}},"session_id":"#);
+        self.buf.extend_from_slice(self.session_json.as_bytes());
+        self.buf
+            .extend_from_slice(br#","parent_tool_use_id":null}"#);
+        self.end_line();
     }
 }
 
@@ -149,9 +209,11 @@ fn main() {
     });
 
     let mut out = Out {
-        w: BufWriter::with_capacity(64 * 1024, std::io::stdout()),
+        buf: Vec::with_capacity(DEFAULT_CHUNK + 4096),
+        stamps: Vec::new(),
         session: String::new(),
-        flush_each: true,
+        session_json: String::new(),
+        chunk: 0,
     };
     let mut turn = 0;
     // One process serves turns until stdin closes, as the real CLI.
@@ -173,12 +235,17 @@ fn main() {
         if let Some(text) = &script.stderr {
             eprintln!("{text}");
         }
-        out.session = script
-            .session
-            .clone()
-            .or_else(|| resumed.clone())
-            .unwrap_or_else(|| format!("fake-{}-{}", std::process::id(), nanos()));
-        out.flush_each = script.timestamps || !script.delay.is_zero();
+        out.set_session(
+            script
+                .session
+                .clone()
+                .or_else(|| resumed.clone())
+                .unwrap_or_else(|| format!("fake-{}-{}", std::process::id(), nanos())),
+        );
+        let line_by_line = script.timestamps || !script.delay.is_zero();
+        out.chunk = script
+            .chunk
+            .unwrap_or(if line_by_line { 0 } else { DEFAULT_CHUNK });
         let session = out.session.clone();
         out.line(json!({"type":"system","subtype":"init","session_id":session,"cwd":std::env::current_dir().map(|d| d.display().to_string()).unwrap_or_default(),"model":"fake","tools":["Bash"]}));
 
@@ -238,20 +305,21 @@ fn main() {
                     std::thread::sleep(Duration::from_secs(3600));
                 }
             }
-            let text = if script.args && i == 0 {
-                argv[1..].join(" ")
-            } else if script.timestamps {
-                format!("t={};{i}:{payload} ", nanos())
-            } else {
-                format!("{i}:{payload} ")
-            };
             if script.garbage && i % 2 == 0 {
-                let _ = writeln!(out.w, "this is not json {i}");
+                out.raw_line(&format!("this is not json {i}"));
             }
-            if script.deltas < 10_000 {
-                full.push_str(&text);
+            if script.args && i == 0 {
+                let text = argv[1..].join(" ");
+                if script.deltas < 10_000 {
+                    full.push_str(&text);
+                }
+                out.stream(json!({"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":text}}));
+            } else {
+                if script.deltas < 10_000 {
+                    let _ = write!(full, "{i}:{payload} ");
+                }
+                out.text_delta(i, &payload, script.timestamps);
             }
-            out.stream(json!({"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":text}}));
             if !script.delay.is_zero() {
                 if let Ok(Input::Line(v)) = rx.recv_timeout(script.delay) {
                     if v["request"]["subtype"] == "interrupt" {

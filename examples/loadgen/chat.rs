@@ -1,0 +1,803 @@
+//! Chat scenarios (`/ws`): chat-one, chat-many, fanout, replay, idle,
+//! slow-client, and the same-run baseline (the fake provider piped straight
+//! into a reader).
+
+use std::cell::{Cell, RefCell};
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Command, Stdio};
+use std::rc::Rc;
+use std::time::Duration;
+
+use futures_util::future::join_all;
+use futures_util::{SinkExt, StreamExt};
+use serde_json::json;
+use tokio::time::Instant;
+
+use crate::gateway::{Bins, Gateway};
+use crate::report::{Row, Target, Unit};
+use crate::stats::{median, Histogram, SeqCheck};
+use crate::ws::{self, recv_text, scan, In, Ws};
+use crate::Ctx;
+
+/// The argv the gateway's Claude adapter passes (PROTOCOL.md 4.1); the fake ignores all but `--resume`.
+const CLAUDE_ARGS: [&str; 9] = [
+    "-p",
+    "--input-format",
+    "stream-json",
+    "--output-format",
+    "stream-json",
+    "--verbose",
+    "--include-partial-messages",
+    "--permission-prompt-tool",
+    "stdio",
+];
+/// Payload bytes per chat event (the issue's events are small text deltas).
+const EVENT_BYTES: usize = 64;
+/// Sockets connected at once when opening many (the gateway's accept backlog is larger).
+const CONNECT_PARALLEL: usize = 128;
+/// Peak RSS target for the chat scenarios (issue 6).
+const RSS_TARGET_MB: f64 = 150.0;
+
+fn mb(kib: u64) -> f64 {
+    kib as f64 / 1024.0
+}
+
+fn secs(d: Duration) -> f64 {
+    d.as_secs_f64().max(1e-9)
+}
+
+fn ms(nanos: u64) -> f64 {
+    nanos as f64 / 1e6
+}
+
+/// A per-run deadline generous enough for a slow machine, never unbounded.
+fn run_deadline(events: usize) -> Instant {
+    Instant::now() + Duration::from_secs(60) + Duration::from_micros(events as u64 * 200)
+}
+
+/// A project dir and a session in it.
+async fn session(gw: &Gateway) -> Result<(tempfile::TempDir, String), String> {
+    let project = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let id = gw.create_session(project.path()).await?;
+    Ok((project, id))
+}
+
+async fn chat_socket(ctx: &Ctx, gw: &Gateway) -> Result<Ws, String> {
+    ws::connect(&ctx.client, &gw.ws_url(&format!("/ws?token={}", gw.token))).await
+}
+
+/// Opens `n` sockets, `CONNECT_PARALLEL` at a time.
+async fn open_many(ctx: &Ctx, gw: &Gateway, n: usize) -> Result<Vec<Ws>, String> {
+    let mut out = Vec::with_capacity(n);
+    while out.len() < n {
+        let batch = (n - out.len()).min(CONNECT_PARALLEL);
+        let opened = join_all((0..batch).map(|_| chat_socket(ctx, gw))).await;
+        for s in opened {
+            out.push(s?);
+        }
+    }
+    Ok(out)
+}
+
+async fn send_chat(ws: &mut Ws, session: &str, prompt: &str) -> Result<(), String> {
+    ws::send_json(
+        ws,
+        &json!({"type": "chat.send", "sessionId": session, "content": prompt}),
+    )
+    .await
+}
+
+/// What one socket saw of one run.
+#[derive(Default)]
+struct RunSeen {
+    deltas: usize,
+    first: Option<Instant>,
+    last: Option<Instant>,
+    hist: Histogram,
+}
+
+impl RunSeen {
+    fn span(&self) -> Option<(Instant, Instant)> {
+        Some((self.first?, self.last?))
+    }
+}
+
+/// Reads one socket until the run's `complete`, checking seq continuity.
+async fn read_run(ws: &mut Ws, seqc: &mut SeqCheck, deadline: Instant) -> Result<RunSeen, String> {
+    read_run_after(ws, seqc, deadline, 0).await
+}
+
+/// Same, recording latency only from the `warmup`-th delta on.
+async fn read_run_after(
+    ws: &mut Ws,
+    seqc: &mut SeqCheck,
+    deadline: Instant,
+    warmup: usize,
+) -> Result<RunSeen, String> {
+    let mut seen = RunSeen::default();
+    loop {
+        let frame = recv_text(ws, deadline).await?;
+        let s = scan(&frame);
+        if s.kind == "protocol_error" {
+            return Err(format!(
+                "protocol_error: {}",
+                String::from_utf8_lossy(&frame)
+            ));
+        }
+        let Some(seq) = s.seq else { continue };
+        seqc.see(seq);
+        match s.kind {
+            "stream_delta" => {
+                let now = Instant::now();
+                seen.first.get_or_insert(now);
+                seen.last = Some(now);
+                seen.deltas += 1;
+                if let Some(ts) = s.ts.filter(|_| seen.deltas > warmup) {
+                    seen.hist.record(ws::unix_nanos().saturating_sub(ts));
+                }
+            }
+            "complete" => return Ok(seen),
+            "error" => return Err(format!("run error: {}", String::from_utf8_lossy(&frame))),
+            _ => {}
+        }
+    }
+}
+
+/// Reads until a frame of `kind`; returns it.
+async fn until_kind(ws: &mut Ws, kind: &str, deadline: Instant) -> Result<String, String> {
+    loop {
+        let frame = recv_text(ws, deadline).await?;
+        let s = scan(&frame);
+        if s.kind == kind {
+            return Ok(String::from_utf8_lossy(&frame).into_owned());
+        }
+        if s.kind == "protocol_error" {
+            return Err(format!(
+                "protocol_error: {}",
+                String::from_utf8_lossy(&frame)
+            ));
+        }
+    }
+}
+
+/// Events per second over the span from the first to the last delta.
+fn rate(count: usize, span: Option<(Instant, Instant)>) -> f64 {
+    match span {
+        Some((a, b)) if count > 1 => (count - 1) as f64 / secs(b - a),
+        _ => 0.0,
+    }
+}
+
+fn merge_span(
+    a: Option<(Instant, Instant)>,
+    b: Option<(Instant, Instant)>,
+) -> Option<(Instant, Instant)> {
+    match (a, b) {
+        (Some((a0, a1)), Some((b0, b1))) => Some((a0.min(b0), a1.max(b1))),
+        (x, None) | (None, x) => x,
+    }
+}
+
+// ---------------------------------------------------------------- baseline
+
+/// The fake provider piped straight into a reader: its lines/s is the
+/// ceiling any gateway could reach on this machine, and its latency the
+/// pipe's own.
+pub struct PipeResult {
+    pub lines_per_sec: f64,
+    pub hist: Histogram,
+}
+
+/// First and last line times of a pipe reader.
+type PipeSpan = Option<(std::time::Instant, std::time::Instant)>;
+
+fn pipe_one(bins: &Bins, prompt: &str) -> Result<(usize, PipeSpan, Histogram), String> {
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let mut child = Command::new(&bins.fake_claude)
+        .args(CLAUDE_ARGS)
+        .current_dir(dir.path())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("spawn fake_claude: {e}"))?;
+    let mut stdin = child.stdin.take().ok_or("stdin")?;
+    let user = json!({"type": "user", "message": {"role": "user", "content": prompt}});
+    writeln!(stdin, "{user}").map_err(|e| e.to_string())?;
+    stdin.flush().map_err(|e| e.to_string())?;
+    let stdout = child.stdout.take().ok_or("stdout")?;
+    let mut reader = BufReader::with_capacity(64 * 1024, stdout);
+    let mut line = Vec::with_capacity(4096);
+    let (mut count, mut first, mut last) = (0usize, None, None);
+    let mut hist = Histogram::default();
+    loop {
+        line.clear();
+        match reader.read_until(b'\n', &mut line) {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+        let text = String::from_utf8_lossy(&line);
+        if text.contains("\"text_delta\"") {
+            let now = std::time::Instant::now();
+            first.get_or_insert(now);
+            last = Some(now);
+            count += 1;
+            if let Some(i) = text.find("\"text\":\"t=") {
+                if let Some(ts) = text.get(i + 10..).and_then(|r| {
+                    let end = r
+                        .bytes()
+                        .position(|b| !b.is_ascii_digit())
+                        .unwrap_or(r.len());
+                    r.get(..end)?.parse::<u64>().ok()
+                }) {
+                    hist.record(ws::unix_nanos().saturating_sub(ts));
+                }
+            }
+        } else if text.contains("\"type\":\"result\"") {
+            break;
+        }
+    }
+    drop(stdin);
+    let _ = child.kill();
+    let _ = child.wait();
+    Ok((count, first.zip(last), hist))
+}
+
+/// `runs` fake providers at once, each read by its own thread.
+pub async fn pipe_baseline(bins: &Bins, prompt: &str, runs: usize) -> Result<PipeResult, String> {
+    let bins = bins.clone();
+    let prompt = prompt.to_string();
+    actix_rt::task::spawn_blocking(move || {
+        let handles: Vec<_> = (0..runs)
+            .map(|_| {
+                let (b, p) = (bins.clone(), prompt.clone());
+                std::thread::spawn(move || pipe_one(&b, &p))
+            })
+            .collect();
+        let mut total = 0;
+        let mut span: PipeSpan = None;
+        let mut hist = Histogram::default();
+        for h in handles {
+            let (count, s, hi) = h
+                .join()
+                .map_err(|_| "baseline reader panicked".to_string())??;
+            total += count;
+            hist.merge(&hi);
+            span = match (span, s) {
+                (Some((a0, a1)), Some((b0, b1))) => Some((a0.min(b0), a1.max(b1))),
+                (x, None) | (None, x) => x,
+            };
+        }
+        let lines_per_sec = match span {
+            Some((a, b)) if total > 1 => (total - 1) as f64 / (b - a).as_secs_f64().max(1e-9),
+            _ => 0.0,
+        };
+        Ok(PipeResult {
+            lines_per_sec,
+            hist,
+        })
+    })
+    .await
+    .map_err(|e| format!("baseline task: {e}"))?
+}
+
+// ---------------------------------------------------------------- chat-one
+
+pub async fn chat_one(ctx: &Ctx) -> Result<Vec<Row>, String> {
+    let events = if ctx.quick { 50_000 } else { 200_000 };
+    let prompt = format!("text:{events} size:{EVENT_BYTES} ts");
+    let gw = Gateway::start(&ctx.bins, |_, _| {})?;
+    let (_project, sid) = session(&gw).await?;
+    let mut ws = chat_socket(ctx, &gw).await?;
+    let mut seqc = SeqCheck::starting_after(0);
+    let (mut rates, mut base_rates, mut p50, mut p99, mut bp50, mut bp99) =
+        (vec![], vec![], vec![], vec![], vec![], vec![]);
+    let mut max_lat = 0u64;
+    let mut complete = true;
+    let cpu0 = gw.cpu_secs();
+    for _ in 0..ctx.reps {
+        let base = pipe_baseline(&ctx.bins, &prompt, 1).await?;
+        base_rates.push(base.lines_per_sec);
+        bp50.push(ms(base.hist.quantile(0.5)));
+        bp99.push(ms(base.hist.quantile(0.99)));
+        send_chat(&mut ws, &sid, &prompt).await?;
+        let seen = read_run(&mut ws, &mut seqc, run_deadline(events)).await?;
+        complete &= seen.deltas == events;
+        rates.push(rate(seen.deltas, seen.span()));
+        p50.push(ms(seen.hist.quantile(0.5)));
+        p99.push(ms(seen.hist.quantile(0.99)));
+        max_lat = max_lat.max(seen.hist.max());
+    }
+    let cpu = gw.cpu_secs() - cpu0;
+    let s = "chat-one";
+    let per_event_us = cpu * 1e6 / (events * ctx.reps) as f64;
+    Ok(vec![
+        Row::new(
+            s,
+            &format!("events/s (1 run x {events})"),
+            median(&rates),
+            Unit::PerSec,
+            Target::AtLeast(100_000.0),
+        )
+        .baseline(median(&base_rates))
+        .note(format!("gateway CPU {per_event_us:.1} us/event")),
+        Row::new(s, "p50 latency", median(&p50), Unit::Millis, Target::None)
+            .baseline(median(&bp50)),
+        Row::new(s, "p99 latency", median(&p99), Unit::Millis, Target::None)
+            .baseline(median(&bp99)),
+        Row::new(s, "max latency", ms(max_lat), Unit::Millis, Target::None),
+        Row::new(
+            s,
+            "peak RSS",
+            mb(gw.hwm_kib()),
+            Unit::MB,
+            Target::Below(RSS_TARGET_MB),
+        ),
+        Row::new(
+            s,
+            "seq gaps",
+            seqc.gaps as f64,
+            Unit::Count,
+            Target::Equals(0.0),
+        )
+        .also(complete)
+        .note(if complete { "" } else { "events missing" }),
+    ])
+}
+
+// ---------------------------------------------------------------- chat-many
+
+/// Runs `prompt` once on every (socket, session) pair at the same time.
+async fn many_runs(
+    socks: &mut [(Ws, String, SeqCheck)],
+    prompt: &str,
+    events: usize,
+    warmup: usize,
+) -> Result<(usize, Option<(Instant, Instant)>, Histogram, bool), String> {
+    let deadline = run_deadline(events * 4);
+    for (ws, sid, _) in socks.iter_mut() {
+        send_chat(ws, sid, prompt).await?;
+    }
+    let results = join_all(
+        socks
+            .iter_mut()
+            .map(|(ws, _, seqc)| read_run_after(ws, seqc, deadline, warmup)),
+    )
+    .await;
+    let (mut total, mut span, mut hist, mut complete) = (0, None, Histogram::default(), true);
+    for r in results {
+        let seen = r?;
+        complete &= seen.deltas == events;
+        total += seen.deltas;
+        span = merge_span(span, seen.span());
+        hist.merge(&seen.hist);
+    }
+    Ok((total, span, hist, complete))
+}
+
+pub async fn chat_many(ctx: &Ctx) -> Result<Vec<Row>, String> {
+    let runs = 100;
+    let events = if ctx.quick { 500 } else { 2_000 };
+    // 100 runs x 100 events/s = the issue's 10,000 events/s offered load.
+    let (paced_events, delay_ms) = (if ctx.quick { 150 } else { 400 }, 10);
+    // The first 0.5 s of the paced runs start 100 processes; latency is counted after it.
+    let warmup = 50;
+    let prompt = format!("text:{events} size:{EVENT_BYTES} ts");
+    let paced = format!("text:{paced_events} size:{EVENT_BYTES} ts delay_ms:{delay_ms}");
+    let gw = Gateway::start(&ctx.bins, |_, _| {})?;
+    let mut projects = Vec::new();
+    let mut socks = Vec::new();
+    let sockets = open_many(ctx, &gw, runs).await?;
+    for ws in sockets {
+        let (p, sid) = session(&gw).await?;
+        projects.push(p);
+        socks.push((ws, sid, SeqCheck::starting_after(0)));
+    }
+    let (mut rates, mut base_rates, mut p50, mut p99) = (vec![], vec![], vec![], vec![]);
+    let (mut paced_p50, mut paced_p99, mut offered) = (vec![], vec![], vec![]);
+    let mut max_lat = 0;
+    let mut complete = true;
+    for _ in 0..ctx.reps {
+        let base = pipe_baseline(&ctx.bins, &prompt, runs).await?;
+        base_rates.push(base.lines_per_sec);
+        let (total, span, hist, ok) = many_runs(&mut socks, &prompt, events, 0).await?;
+        complete &= ok;
+        rates.push(rate(total, span));
+        p50.push(ms(hist.quantile(0.5)));
+        p99.push(ms(hist.quantile(0.99)));
+        max_lat = max_lat.max(hist.max());
+        let (total, span, hist, ok) = many_runs(&mut socks, &paced, paced_events, warmup).await?;
+        complete &= ok;
+        offered.push(rate(total, span));
+        paced_p50.push(ms(hist.quantile(0.5)));
+        paced_p99.push(ms(hist.quantile(0.99)));
+    }
+    let gaps: u64 = socks.iter().map(|(_, _, s)| s.gaps).sum();
+    let s = "chat-many";
+    Ok(vec![
+        Row::new(s, &format!("events/s ({runs} runs x {events})"), median(&rates), Unit::PerSec, Target::AtLeast(150_000.0))
+            .baseline(median(&base_rates))
+            .note("baseline: 100 fake providers piped into 100 readers"),
+        Row::new(s, "p50 latency at full speed", median(&p50), Unit::Millis, Target::None),
+        Row::new(s, "p99 latency at full speed", median(&p99), Unit::Millis, Target::None),
+        Row::new(s, "max latency at full speed", ms(max_lat), Unit::Millis, Target::None),
+        Row::new(s, "p50 latency at 10k events/s", median(&paced_p50), Unit::Millis, Target::None),
+        Row::new(s, "p99 latency at 10k events/s", median(&paced_p99), Unit::Millis, Target::Below(2.0))
+            .note(format!("offered {:.0} events/s ({runs} runs, one event every {delay_ms} ms each); after a 0.5 s warm-up", median(&offered))),
+        Row::new(s, "peak RSS", mb(gw.hwm_kib()), Unit::MB, Target::Below(RSS_TARGET_MB)),
+        Row::new(s, "seq gaps", gaps as f64, Unit::Count, Target::Equals(0.0))
+            .also(complete)
+            .note(if complete { "" } else { "events missing" }),
+    ])
+}
+
+// ---------------------------------------------------------------- fanout
+
+/// Starts a run that waits on a permission (so subscribers can attach
+/// before any event streams); returns the gateway's permission request id.
+async fn start_gated(ws: &mut Ws, sid: &str, prompt: &str) -> Result<String, String> {
+    send_chat(ws, sid, &format!("permission:Bash {prompt}")).await?;
+    let req = until_kind(
+        ws,
+        "permission_request",
+        Instant::now() + Duration::from_secs(30),
+    )
+    .await?;
+    ws::field_str(&req, "requestId")
+        .map(str::to_string)
+        .ok_or_else(|| format!("permission_request without requestId: {req}"))
+}
+
+async fn release_gate(ws: &mut Ws, request_id: &str) -> Result<(), String> {
+    ws::send_json(
+        ws,
+        &json!({"type": "chat.permission-response", "requestId": request_id, "allow": true}),
+    )
+    .await
+}
+
+/// Subscribes `ws` to the live run and waits for the ack; returns the seq to continue from.
+async fn subscribe(ws: &mut Ws, sid: &str, last_seq: u64) -> Result<(), String> {
+    ws::send_json(
+        ws,
+        &json!({"type": "chat.subscribe", "sessions": [{"sessionId": sid, "lastSeq": last_seq}]}),
+    )
+    .await?;
+    let ack = until_kind(
+        ws,
+        "chat_subscribed",
+        Instant::now() + Duration::from_secs(60),
+    )
+    .await?;
+    if !ack.contains("\"isProcessing\":true") {
+        return Err(format!("subscribed to a run that is not processing: {ack}"));
+    }
+    Ok(())
+}
+
+pub async fn fanout(ctx: &Ctx) -> Result<Vec<Row>, String> {
+    let subscribers = 1_000;
+    let events = if ctx.quick { 2_000 } else { 20_000 };
+    let reps = if ctx.quick { 1 } else { ctx.reps };
+    let gw = Gateway::start(&ctx.bins, |_, _| {})?;
+    let mut socks = open_many(ctx, &gw, subscribers).await?;
+    let (mut rates, mut p50, mut p99) = (vec![], vec![], vec![]);
+    let (mut gaps, mut complete, mut max_lat) = (0, true, 0);
+    for _ in 0..reps {
+        // A fresh session each time: the sockets stay subscribed to the previous one.
+        let (_project, sid) = session(&gw).await?;
+        let (owner, rest) = socks.split_first_mut().ok_or("no sockets")?;
+        let request =
+            start_gated(owner, &sid, &format!("text:{events} size:{EVENT_BYTES} ts")).await?;
+        for r in join_all(rest.iter_mut().map(|ws| subscribe(ws, &sid, 0))).await {
+            r?;
+        }
+        let t0 = Instant::now();
+        release_gate(owner, &request).await?;
+        let deadline = run_deadline(events * subscribers / 20);
+        let results = join_all(socks.iter_mut().map(|ws| async move {
+            // The replayed permission events come first; continuity is checked from there.
+            let mut seqc = SeqCheck::default();
+            let seen = read_run(ws, &mut seqc, deadline).await;
+            (seen, seqc)
+        }))
+        .await;
+        let mut hist = Histogram::default();
+        let mut total = 0;
+        let mut end = t0;
+        for (seen, seqc) in results {
+            let seen = seen?;
+            gaps += seqc.gaps;
+            complete &= seen.deltas == events;
+            total += seen.deltas;
+            end = end.max(seen.last.unwrap_or(t0));
+            hist.merge(&seen.hist);
+        }
+        rates.push(total as f64 / secs(end - t0));
+        p50.push(ms(hist.quantile(0.5)));
+        p99.push(ms(hist.quantile(0.99)));
+        max_lat = max_lat.max(hist.max());
+    }
+    let s = "fanout";
+    Ok(vec![
+        Row::new(
+            s,
+            &format!("deliveries/s (1 run x {events} -> {subscribers} sockets)"),
+            median(&rates),
+            Unit::PerSec,
+            Target::AtLeast(300_000.0),
+        ),
+        Row::new(s, "p50 latency", median(&p50), Unit::Millis, Target::None),
+        Row::new(s, "p99 latency", median(&p99), Unit::Millis, Target::None),
+        Row::new(s, "max latency", ms(max_lat), Unit::Millis, Target::None),
+        Row::new(s, "peak RSS", mb(gw.hwm_kib()), Unit::MB, Target::None),
+        Row::new(s, "seq gaps", gaps as f64, Unit::Count, Target::Equals(0.0))
+            .also(complete)
+            .note(if complete {
+                ""
+            } else {
+                "a subscriber missed events"
+            }),
+    ])
+}
+
+// ---------------------------------------------------------------- replay
+
+pub async fn replay(ctx: &Ctx) -> Result<Vec<Row>, String> {
+    let buffered = 5_000;
+    let reps = ctx.reps.max(5);
+    let gw = Gateway::start(&ctx.bins, |_, _| {})?;
+    let (_project, sid) = session(&gw).await?;
+    let mut owner = chat_socket(ctx, &gw).await?;
+    // `hang` stops the stream half-way and keeps the run alive: 5,000 deltas stay buffered.
+    send_chat(
+        &mut owner,
+        &sid,
+        &format!("text:{} size:{EVENT_BYTES} hang", buffered * 2),
+    )
+    .await?;
+    let mut owner_seq = SeqCheck::starting_after(0);
+    let mut deltas = 0;
+    let deadline = run_deadline(buffered);
+    while deltas < buffered {
+        let frame = recv_text(&mut owner, deadline).await?;
+        let s = scan(&frame);
+        if let Some(seq) = s.seq {
+            owner_seq.see(seq);
+            if s.kind == "stream_delta" {
+                deltas += 1;
+            }
+        }
+    }
+    let last = owner_seq.last();
+    let (mut times, mut counts_ok) = (vec![], true);
+    for _ in 0..reps {
+        let mut ws = chat_socket(ctx, &gw).await?;
+        let t0 = Instant::now();
+        ws::send_json(
+            &mut ws,
+            &json!({"type": "chat.subscribe", "sessions": [{"sessionId": sid, "lastSeq": 0}]}),
+        )
+        .await?;
+        let mut seqc = SeqCheck::default();
+        let mut got = 0;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let frame = recv_text(&mut ws, deadline).await?;
+            let s = scan(&frame);
+            if let Some(seq) = s.seq {
+                seqc.see(seq);
+                got += 1;
+                if seq >= last {
+                    break;
+                }
+            }
+        }
+        times.push(secs(t0.elapsed()) * 1e3);
+        counts_ok &= got as u64 == last && seqc.gaps == 0;
+    }
+    let _ = ws::send_json(&mut owner, &json!({"type": "chat.abort", "sessionId": sid})).await;
+    let s = "replay";
+    Ok(vec![Row::new(
+        s,
+        &format!("time to replay {last} events (lastSeq 0)"),
+        median(&times),
+        Unit::Millis,
+        Target::Below(20.0),
+    )
+    .also(counts_ok)
+    .note(format!(
+        "median of {reps}; every event, in order: {counts_ok}"
+    ))])
+}
+
+// ---------------------------------------------------------------- idle
+
+pub async fn idle(ctx: &Ctx) -> Result<Vec<Row>, String> {
+    let n = if ctx.quick { 2_000 } else { 10_000 };
+    let need = n as u64 + 200;
+    if ctx.nofile < need {
+        return Ok(vec![Row::unavailable(
+            "idle",
+            &format!(
+                "needs RLIMIT_NOFILE >= {need} (have {}); raise the hard limit (ulimit -Hn)",
+                ctx.nofile
+            ),
+        )]);
+    }
+    let gw = Gateway::start(&ctx.bins, |_, _| {})?;
+    // One socket first, so one-time allocations are not counted per socket.
+    drop(chat_socket(ctx, &gw).await?);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = gw.rss_kib();
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let ready = Rc::new(Cell::new(0usize));
+    let failed = Rc::new(RefCell::new(None::<String>));
+    let t0 = Instant::now();
+    let mut handles = Vec::with_capacity(n);
+    let mut opened = 0;
+    while opened < n {
+        let batch = (n - opened).min(CONNECT_PARALLEL);
+        let socks = join_all((0..batch).map(|_| chat_socket(ctx, &gw))).await;
+        for ws in socks {
+            let mut ws = ws?;
+            let (ready, mut stop) = (ready.clone(), stop_rx.clone());
+            let failed = failed.clone();
+            handles.push(actix_rt::spawn(async move {
+                // A ping proves the socket's actor runs and reads; then it idles.
+                if ws.send(awc::ws::Message::Ping(Default::default())).await.is_err() {
+                    *failed.borrow_mut() = Some("ping failed".into());
+                    return;
+                }
+                loop {
+                    tokio::select! {
+                        _ = stop.changed() => return,
+                        f = ws.next() => match f {
+                            Some(Ok(awc::ws::Frame::Pong(_))) => ready.set(ready.get() + 1),
+                            Some(Ok(awc::ws::Frame::Ping(p))) => { let _ = ws.send(awc::ws::Message::Pong(p)).await; }
+                            Some(Ok(_)) => {}
+                            _ => { *failed.borrow_mut() = Some("socket closed while idle".into()); return; }
+                        }
+                    }
+                }
+            }));
+        }
+        opened += batch;
+    }
+    let connect_secs = secs(t0.elapsed());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while ready.get() < n && failed.borrow().is_none() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Let the allocator settle after the connect burst.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = gw.rss_kib();
+    let all = ready.get() == n;
+    let _ = stop_tx.send(true);
+    for h in handles {
+        let _ = h.await;
+    }
+    if let Some(err) = failed.borrow().clone() {
+        return Err(err);
+    }
+    let per = after.saturating_sub(before) as f64 / n as f64;
+    let s = "idle";
+    Ok(vec![
+        Row::new(
+            s,
+            &format!("RSS per idle socket ({n} sockets)"),
+            per,
+            Unit::KiB,
+            Target::AtMost(8.0),
+        )
+        .also(all)
+        .note(format!(
+            "gateway RSS {:.1} -> {:.1} MB; all answered a ping: {all}",
+            mb(before),
+            mb(after)
+        )),
+        Row::new(
+            s,
+            "sockets opened/s",
+            n as f64 / connect_secs,
+            Unit::PerSec,
+            Target::None,
+        ),
+    ])
+}
+
+// ---------------------------------------------------------------- slow-client
+
+pub async fn slow_client(ctx: &Ctx) -> Result<Vec<Row>, String> {
+    let event_bytes = 16 * 1024;
+    let total_bytes: usize = if ctx.quick { 128 << 20 } else { 1 << 30 };
+    let events = total_bytes / event_bytes;
+    let gw = Gateway::start(&ctx.bins, |_, _| {})?;
+    let base_kib = gw.rss_kib();
+    let (_project, sid) = session(&gw).await?;
+    let mut fast = chat_socket(ctx, &gw).await?;
+    let mut slow = chat_socket(ctx, &gw).await?;
+    let request = start_gated(
+        &mut fast,
+        &sid,
+        &format!("text:{events} size:{event_bytes}"),
+    )
+    .await?;
+    subscribe(&mut slow, &sid, 0).await?;
+    // From here the slow socket reads nothing until the run is over.
+    let peak = Rc::new(Cell::new(0u64));
+    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+    let sampler = {
+        let (peak, pid) = (peak.clone(), gw.pid());
+        actix_rt::spawn(async move {
+            loop {
+                peak.set(peak.get().max(crate::gateway::status_kib(pid, "VmRSS:")));
+                tokio::select! {
+                    _ = stop_rx.changed() => return,
+                    _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+                }
+            }
+        })
+    };
+    let t0 = Instant::now();
+    release_gate(&mut fast, &request).await?;
+    let mut seqc = SeqCheck::default();
+    let seen = read_run(&mut fast, &mut seqc, run_deadline(events * 20)).await;
+    let elapsed = secs(t0.elapsed());
+    let _ = stop_tx.send(true);
+    let _ = sampler.await;
+    let seen = seen?;
+    // Now drain the slow socket: everything it was sent, then its close code.
+    let mut code = None;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match ws::recv(&mut slow, deadline).await {
+            Ok(In::Close(c)) => {
+                code = c;
+                break;
+            }
+            Ok(In::Ended) | Err(_) => break,
+            Ok(_) => {}
+        }
+    }
+    let hwm = gw.hwm_kib();
+    // The configured caps: replay buffer bytes + one socket's full mailbox of batches, over the idle gateway.
+    let cap_mb = mb(base_kib) + 32.0 + 256.0 * 64.0 / 1024.0 + 64.0;
+    let fast_ok = seen.deltas == events && seqc.gaps == 0;
+    let s = "slow-client";
+    Ok(vec![
+        Row::new(
+            s,
+            &format!("peak RSS while streaming {} MB", total_bytes >> 20),
+            mb(hwm.max(peak.get())),
+            Unit::MB,
+            Target::Below(cap_mb),
+        )
+        .note(format!(
+            "cap = idle {:.0} MB + replay 32 MB + mailbox 16 MB + 64 MB slack",
+            mb(base_kib)
+        )),
+        Row::new(
+            s,
+            "slow socket close code",
+            code.map_or(0.0, f64::from),
+            Unit::Code,
+            Target::Equals(4008.0),
+        ),
+        Row::new(
+            s,
+            "other subscriber: events missed",
+            (events - seen.deltas.min(events)) as f64 + seqc.gaps as f64,
+            Unit::Count,
+            Target::Equals(0.0),
+        )
+        .also(fast_ok),
+        Row::new(
+            s,
+            "other subscriber throughput",
+            (seen.deltas * event_bytes) as f64 / 1e6 / elapsed,
+            Unit::MBps,
+            Target::None,
+        ),
+    ])
+}
