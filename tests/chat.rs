@@ -664,3 +664,31 @@ async fn shutdown_mid_run_completes_the_run_and_kills_the_cli() {
         .await;
     assert_eq!(row["data"]["lastSeq"], complete["seq"]);
 }
+
+/// A CLI that dies before ending its turn may never have saved the
+/// conversation it announced: that id is forgotten (the previous one kept),
+/// so the next send does not resume a conversation that does not exist.
+#[actix_rt::test]
+async fn id_announced_by_a_crashed_run_is_not_resumed() {
+    let server = fake_server();
+    let mut c = chat(&server, "alice").await;
+    send(&mut c.ws, &c.session, "text:4 crash session:lost-1").await;
+    until_complete(&mut c.ws, &c.session).await;
+    send(&mut c.ws, &c.session, "args text:1 session:kept-2").await;
+    let events = until_complete(&mut c.ws, &c.session).await;
+    assert!(
+        !streamed_text(&events).contains("--resume"),
+        "{}",
+        streamed_text(&events)
+    );
+    // A resumed session that crashes keeps the id it had.
+    send(&mut c.ws, &c.session, "text:4 crash session:lost-3").await;
+    until_complete(&mut c.ws, &c.session).await;
+    send(&mut c.ws, &c.session, "args text:1").await;
+    let events = until_complete(&mut c.ws, &c.session).await;
+    assert!(
+        streamed_text(&events).contains("--resume=kept-2"),
+        "{}",
+        streamed_text(&events)
+    );
+}

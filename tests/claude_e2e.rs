@@ -234,7 +234,7 @@ async fn cli_killed_mid_run_then_session_runs_again() {
     s.stub.push(Reply::text("back again"));
     send(&mut ws, &session, "still there?").await;
     let events = until_complete(&mut ws, &session).await;
-    assert_eq!(streamed_text(&events), "back again");
+    assert_eq!(streamed_text(&events), "back again", "{events:#?}");
     assert_eq!(events.last().unwrap()["success"], true);
 }
 

@@ -208,6 +208,9 @@ struct Run {
     remembered: Vec<String>,
     /// Ended by an abort: what the process prints while winding down is dropped.
     aborted: bool,
+    /// The native id when the run started; a run that dies before its turn
+    /// ends may have announced an id whose transcript was never written.
+    provider_id_at_start: Option<String>,
 }
 
 struct SessionState {
@@ -226,6 +229,8 @@ struct SessionState {
     run: Option<Run>,
     /// `clientRequestId` -> (run id, when).
     client_requests: VecDeque<(String, String, Instant)>,
+    /// The last database write of the native id, so writes land in order.
+    id_write: Option<tokio::task::JoinHandle<()>>,
 }
 
 struct SocketEntry {
@@ -474,6 +479,7 @@ impl RunRegistry {
                 subscribers: BTreeSet::new(),
                 run: None,
                 client_requests: VecDeque::new(),
+                id_write: None,
             });
         // The registry's own counters are newer than a row read earlier.
         state.last_seq = state.last_seq.max(row.last_seq);
@@ -519,6 +525,32 @@ impl RunRegistry {
         }
     }
 
+    /// Records (or forgets) the session's native id: in memory now, in the
+    /// database in order (each write waits for the previous one of the
+    /// session), and announced to the owner's sockets.
+    fn set_provider_id(&mut self, session_id: &str, native: Option<String>) {
+        let Some(state) = self.sessions.get_mut(session_id) else {
+            return;
+        };
+        state.provider_session_id = native.clone();
+        let previous = state.id_write.take();
+        let (store, sid) = (self.store.clone(), session_id.to_string());
+        state.id_write = Some(actix::spawn(async move {
+            if let Some(previous) = previous {
+                let _ = previous.await;
+            }
+            let id = sid.clone();
+            let result = store::blocking(&store, move |s| {
+                s.set_provider_session_id(&id, native.as_deref())
+            })
+            .await;
+            if let Err(err) = result {
+                tracing::error!(session_id = %sid, %err, "failed to persist provider session id");
+            }
+        }));
+        self.session_upserted(session_id);
+    }
+
     fn handle_provider_event(
         &mut self,
         session_id: &str,
@@ -529,26 +561,15 @@ impl RunRegistry {
         match event {
             ProviderEvent::Emit(event) => frames.extend(self.sequence(session_id, &event)),
             ProviderEvent::SessionCreated(native) => {
-                let Some(state) = self.sessions.get_mut(session_id) else {
-                    return;
-                };
-                if state.provider_session_id.as_deref() == Some(native.as_str()) {
-                    return;
+                let known = self
+                    .sessions
+                    .get(session_id)
+                    .is_some_and(|s| s.provider_session_id.as_deref() == Some(native.as_str()));
+                if !known {
+                    // Flush what is queued first so events stay in order for subscribers.
+                    self.broadcast(session_id, std::mem::take(frames));
+                    self.set_provider_id(session_id, Some(native));
                 }
-                state.provider_session_id = Some(native.clone());
-                let (store, sid) = (self.store.clone(), session_id.to_string());
-                actix::spawn(async move {
-                    let id = sid.clone();
-                    if let Err(err) =
-                        store::blocking(&store, move |s| s.set_provider_session_id(&id, &native))
-                            .await
-                    {
-                        tracing::error!(session_id = %sid, %err, "failed to persist provider session id");
-                    }
-                });
-                // Flush what is queued first so events stay in order for subscribers.
-                self.broadcast(session_id, std::mem::take(frames));
-                self.session_upserted(session_id);
             }
             ProviderEvent::PermissionRequested {
                 provider_request_id,
@@ -816,6 +837,7 @@ impl RunRegistry {
             pending: Vec::new(),
             remembered: Vec::new(),
             aborted: false,
+            provider_id_at_start: state.provider_session_id.clone(),
         });
         if let Some(crid) = &msg.client_request_id {
             let frame = accepted_frame(&session_id, &run_id, crid, false);
@@ -1104,6 +1126,17 @@ impl Handler<RunExited> for RunRegistry {
         if run.status != Status::Running {
             return;
         }
+        // The CLI died mid-turn: an id it announced in this run may name a
+        // conversation it never saved, and resuming it would fail forever.
+        let at_start = run.provider_id_at_start.clone();
+        let changed = self
+            .sessions
+            .get(&msg.session_id)
+            .is_some_and(|s| s.provider_session_id != at_start);
+        if changed {
+            tracing::info!(session_id = %msg.session_id, "forgetting the native id announced by a run that died mid-turn");
+            self.set_provider_id(&msg.session_id, at_start);
+        }
         let error = msg.error.unwrap_or_else(|| match msg.exit_code {
             Some(code) => format!("The provider exited with code {code} before finishing the turn"),
             None => "The provider was killed before finishing the turn".to_string(),
@@ -1190,7 +1223,7 @@ mod tests {
         fn session(&self, _: &str) -> Result<Option<SessionRow>, StoreError> {
             Ok(None)
         }
-        fn set_provider_session_id(&self, _: &str, _: &str) -> Result<(), StoreError> {
+        fn set_provider_session_id(&self, _: &str, _: Option<&str>) -> Result<(), StoreError> {
             Ok(())
         }
         fn set_last_seq(&self, id: &str, seq: u64) -> Result<(), StoreError> {

@@ -35,11 +35,11 @@ pub struct StoreError(pub String);
 pub trait SessionStore: Send + Sync + 'static {
     /// The session row by app id, whoever owns it.
     fn session(&self, id: &str) -> Result<Option<SessionRow>, StoreError>;
-    /// Records the provider-native id captured from a run.
+    /// Records the provider-native id captured from a run (`None` forgets it).
     fn set_provider_session_id(
         &self,
         id: &str,
-        provider_session_id: &str,
+        provider_session_id: Option<&str>,
     ) -> Result<(), StoreError>;
     /// Records the session's highest seq.
     fn set_last_seq(&self, id: &str, last_seq: u64) -> Result<(), StoreError>;

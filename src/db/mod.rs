@@ -261,7 +261,7 @@ impl SessionStore for DbStore {
             .map_err(store_err)
     }
 
-    fn set_provider_session_id(&self, id: &str, psid: &str) -> Result<(), StoreError> {
+    fn set_provider_session_id(&self, id: &str, psid: Option<&str>) -> Result<(), StoreError> {
         let mut conn = self.0.conn().map_err(store_err)?;
         diesel::update(sessions::table.find(id))
             .set((
