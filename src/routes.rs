@@ -3,7 +3,6 @@
 //! Every upgrade authenticates first: a refused token answers 401 and
 //! nothing is spawned. Unknown paths answer 404 without upgrading.
 
-use actix::{Actor, ActorContext, StreamHandler};
 use actix_web::http::StatusCode;
 use actix_web::{web, HttpRequest, HttpResponse};
 use actix_web_actors::ws;
@@ -11,6 +10,7 @@ use agentgate_actors::chat_socket::ChatSocket;
 use agentgate_actors::config::MAX_INBOUND_FRAME;
 use agentgate_actors::provider::ProviderKind;
 use agentgate_actors::run_registry::ListRunning;
+use agentgate_actors::shell::{ShellDeps, ShellSocket};
 use serde::Deserialize;
 use serde_json::json;
 
@@ -259,8 +259,13 @@ async fn shell_ws(
     stream: web::Payload,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, actix_web::Error> {
-    let _user = state.authenticate(&req).await?;
-    placeholder(&req, stream, "shell is not available yet")
+    let user = state.authenticate(&req).await?;
+    let deps = ShellDeps {
+        hub: state.shells.clone(),
+        store: state.store.clone(),
+        config: state.config.clone(),
+    };
+    ShellSocket::start(&req, stream, user, deps)
 }
 
 async fn plugin_ws(
@@ -272,31 +277,4 @@ async fn plugin_ws(
     let _user = state.authenticate(&req).await?;
     // Name check (4400), port lookup (4404), then one PluginProxy actor per socket.
     agentgate_actors::plugin::start_proxy(&req, stream, &path, &state.plugins, state.config.heartbeat).await
-}
-
-/// Accepts an upgrade and closes it at once with a reason.
-struct Placeholder(&'static str);
-
-impl Actor for Placeholder {
-    type Context = ws::WebsocketContext<Self>;
-
-    fn started(&mut self, ctx: &mut Self::Context) {
-        ctx.close(Some(ws::CloseReason {
-            code: ws::CloseCode::Away,
-            description: Some(self.0.to_string()),
-        }));
-        ctx.stop();
-    }
-}
-
-impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for Placeholder {
-    fn handle(&mut self, _: Result<ws::Message, ws::ProtocolError>, _: &mut Self::Context) {}
-}
-
-fn placeholder(
-    req: &HttpRequest,
-    stream: web::Payload,
-    reason: &'static str,
-) -> Result<HttpResponse, actix_web::Error> {
-    ws::start(Placeholder(reason), req, stream)
 }

@@ -16,6 +16,7 @@ use actix::{Actor, Arbiter};
 use agentgate_actors::plugin::{PluginRegistry, StopAllPlugins};
 use agentgate_actors::provider::ProviderKind;
 use agentgate_actors::run_registry::{RunRegistry, Shutdown as RunShutdown};
+use agentgate_actors::shell::{PtyHub, ShutdownPtys};
 use agentgate_actors::store::Store;
 use futures_util::FutureExt;
 
@@ -61,6 +62,12 @@ pub async fn serve(common: Common, args: ServeArgs) -> std::io::Result<()> {
     // Provider runs parse stdout on their own thread, beside the registry's.
     let runs_arbiter = Arbiter::new();
     let registry = RunRegistry::new(config.clone(), store.clone(), runs_arbiter.handle()).start();
+    // Terminals (PTY reads, screen state) run on their own thread.
+    let shells_arbiter = Arbiter::new();
+    let shells_config = config.clone();
+    let shells = PtyHub::start_in_arbiter(&shells_arbiter.handle(), move |_| {
+        PtyHub::new(shells_config)
+    });
     // Discovers <data-dir>/plugins and starts the enabled plugin servers.
     let plugins = PluginRegistry::new(config.clone()).start();
 
@@ -71,6 +78,7 @@ pub async fn serve(common: Common, args: ServeArgs) -> std::io::Result<()> {
         keys,
         platform: args.platform,
         registry,
+        shells,
         plugins,
     });
 
@@ -129,6 +137,10 @@ async fn shutdown_actors(state: &AppState) {
     // SIGTERM to every plugin server, SIGKILL after its grace period.
     if state.plugins.send(StopAllPlugins).await.is_err() {
         tracing::error!("plugin registry did not answer the shutdown");
+    }
+    // SIGKILL every terminal's process session; its sockets close with 1001.
+    if state.shells.send(ShutdownPtys).await.is_err() {
+        tracing::error!("terminal registry did not answer the shutdown");
     }
     // Let the sockets flush their close frames before the server stops.
     tokio::time::sleep(Duration::from_millis(200)).await;

@@ -8,6 +8,7 @@ use actix::Addr;
 use agentgate_actors::config::GatewayConfig;
 use agentgate_actors::plugin::PluginRegistry;
 use agentgate_actors::run_registry::RunRegistry;
+use agentgate_actors::shell::PtyHub;
 use agentgate_actors::store::Store;
 use agentgate_actors::AuthUser;
 
@@ -25,6 +26,8 @@ pub struct AppState {
     pub platform: bool,
     /// The supervisor of chat runs.
     pub registry: Addr<RunRegistry>,
+    /// The registry of live terminals (`/shell`).
+    pub shells: Addr<PtyHub>,
     /// The plugin directory: plugin servers and their ports.
     pub plugins: Addr<PluginRegistry>,
 }

@@ -6,7 +6,7 @@
 //! - `claude_e2e`: the real Claude Code CLI through the gateway, against the Anthropic stand-in.
 //! - `foundation`: CLI, auth refusals, REST routes, bad frames, heartbeat, restart, SIGTERM.
 //! - `providers`: Codex, Gemini, OpenCode (real CLIs) and Cursor (fake CLI) end to end, one row each.
-//! - `providers`: Codex, Gemini, OpenCode (real CLIs) and Cursor (fake CLI) end to end, one row each.
+//! - `shell`: `/shell` terminals: real bash in real PTYs, reattach, replay, screen restore, auth URLs, flow control.
 //! - `plugins`: plugin servers (the `echo_plugin` example, shell scripts), `/plugin-ws/{name}`, plugin REST.
 
 mod util;
@@ -18,5 +18,5 @@ mod chat;
 mod claude_e2e;
 mod foundation;
 mod providers;
-mod providers;
 mod plugins;
+mod shell;

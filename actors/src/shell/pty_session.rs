@@ -43,6 +43,7 @@ use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use bytestring::ByteString;
+use futures_util::FutureExt;
 use pty_process::{OwnedReadPty, OwnedWritePty};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -51,7 +52,7 @@ use super::process::SessionGuard;
 use super::replay::ReplayBuffer;
 use super::screen::Screen;
 use super::shell_socket::{PtyEnded, PtyOutput};
-use super::url_detect::{rewrite_open_url, DetectedUrl, UrlDetector};
+use super::url_detect::{rewrite_open_url, DetectedUrl, UrlDetector, URL_SETTLE};
 use super::utf8::Utf8Carry;
 use super::{
     exit_line, EndReason, ServerFrame, ShellLimits, SocketHandle, TermSize, RECONNECT_LINE,
@@ -210,6 +211,8 @@ pub struct PtySession {
     sockets: BTreeMap<u64, Attached>,
     detach_timeout: Duration,
     detach_timer: Option<SpawnHandle>,
+    /// Announces a held-back auth URL when no more output comes.
+    url_timer: Option<SpawnHandle>,
     welcome: Option<(u64, String)>,
     /// `Some` once the child was reaped (`None` inside if waiting failed).
     exit_status: Option<Option<ExitStatus>>,
@@ -282,6 +285,7 @@ impl PtySession {
             sockets,
             detach_timeout,
             detach_timer: None,
+            url_timer: None,
             welcome: Some((first_id, spec.welcome)),
             exit_status: None,
             exit_seen_at: None,
@@ -315,7 +319,20 @@ impl PtySession {
         buf.resize(READ_CHUNK_BYTES, 0);
         self.reading = true;
         let read = async move {
-            let result = reader.read(&mut buf).await;
+            let mut result = reader.read(&mut buf).await;
+            // The line discipline hands out at most ~4 KiB per read; take
+            // what is already there too, so a fast producer costs one frame
+            // per READ_CHUNK_BYTES instead of one per 4 KiB.
+            if let Ok(mut filled) = result {
+                while filled > 0 && filled < buf.len() {
+                    match reader.read(&mut buf[filled..]).now_or_never() {
+                        Some(Ok(more)) if more > 0 => filled += more,
+                        // Not ready, EOF or an error: the next read sees it.
+                        _ => break,
+                    }
+                }
+                result = Ok(filled);
+            }
             (reader, buf, result)
         };
         ctx.spawn(
@@ -349,14 +366,37 @@ impl PtySession {
     /// the replay buffer and every socket.
     fn emit(&mut self, text: &str, ctx: &mut Context<Self>) {
         let urls: Arc<[DetectedUrl]> = self.urls.feed(text).into();
+        self.arm_url_settle(ctx);
         let text = rewrite_open_url(text);
         self.screen.process(&text);
         self.replay.push(&text);
         let frame = ServerFrame::Output { data: &text }.to_text();
-        self.broadcast(frame, urls, ctx);
+        self.broadcast(Some(frame), urls, ctx);
     }
 
-    fn broadcast(&mut self, frame: ByteString, urls: Arc<[DetectedUrl]>, ctx: &mut Context<Self>) {
+    /// A URL that ended the output is held back by the detector: announce it
+    /// after [`URL_SETTLE`] unless more output settles it first.
+    fn arm_url_settle(&mut self, ctx: &mut Context<Self>) {
+        if let Some(handle) = self.url_timer.take() {
+            ctx.cancel_future(handle);
+        }
+        if self.urls.has_pending() {
+            self.url_timer = Some(ctx.run_later(URL_SETTLE, |act, ctx| {
+                act.url_timer = None;
+                let urls = act.urls.flush();
+                if !urls.is_empty() && !act.finished {
+                    act.broadcast(None, urls.into(), ctx);
+                }
+            }));
+        }
+    }
+
+    fn broadcast(
+        &mut self,
+        frame: Option<ByteString>,
+        urls: Arc<[DetectedUrl]>,
+        ctx: &mut Context<Self>,
+    ) {
         let slow: Vec<u64> = self
             .sockets
             .iter()
@@ -387,7 +427,7 @@ impl PtySession {
     fn deliver(
         &mut self,
         id: u64,
-        frame: ByteString,
+        frame: Option<ByteString>,
         urls: Arc<[DetectedUrl]>,
         ctx: &mut Context<Self>,
     ) {
@@ -409,7 +449,7 @@ impl PtySession {
 
     fn deliver_text(&mut self, id: u64, text: &str, ctx: &mut Context<Self>) {
         let frame = ServerFrame::Output { data: text }.to_text();
-        self.deliver(id, frame, Arc::from(Vec::new()), ctx);
+        self.deliver(id, Some(frame), Arc::from(Vec::new()), ctx);
     }
 
     fn on_read_end(&mut self, ctx: &mut Context<Self>) {
@@ -451,6 +491,10 @@ impl PtySession {
         let tail = self.utf8.finish();
         if !tail.is_empty() {
             self.emit(&tail, ctx);
+        }
+        let urls = self.urls.flush();
+        if !urls.is_empty() {
+            self.broadcast(None, urls.into(), ctx);
         }
         self.finished = true;
         self.stop_reason = "process exited";
@@ -770,10 +814,12 @@ mod tests {
     impl Handler<PtyOutput> for TestSocket {
         type Result = ();
         fn handle(&mut self, msg: PtyOutput, ctx: &mut Self::Context) {
-            let v: serde_json::Value = serde_json::from_str(&msg.frame).unwrap();
-            let _ = self
-                .tx
-                .send(Seen::Output(v["data"].as_str().unwrap().to_string()));
+            if let Some(frame) = &msg.frame {
+                let v: serde_json::Value = serde_json::from_str(frame).unwrap();
+                let _ = self
+                    .tx
+                    .send(Seen::Output(v["data"].as_str().unwrap().to_string()));
+            }
             if let Some(d) = self.stall.take() {
                 ctx.wait(actix::fut::wrap_future(tokio::time::sleep(d)));
             }

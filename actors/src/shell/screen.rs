@@ -1,22 +1,41 @@
 //! Server-side terminal state of one PTY (extension of PROTOCOL.md section
-//! 5): every output byte also goes through a `vt100` parser, so a client
-//! that reattaches while a full-screen program (vim, htop, less, a TUI in
-//! the alternate screen) runs gets the current screen redrawn instead of a
-//! replay of raw chunks that no longer start where the program drew its
-//! frame.
+//! 5): output goes through a `vt100` parser, so a client that reattaches
+//! while a full-screen program (vim, htop, less, a TUI in the alternate
+//! screen) runs gets the current screen redrawn instead of a replay of raw
+//! chunks that no longer start where the program drew its frame.
 //!
-//! The parser keeps no scrollback (history is the replay buffer's job), so
-//! its memory is bounded by the terminal size, which is bounded by
-//! [`MAX_TERM_COLS`](super::MAX_TERM_COLS) x [`MAX_TERM_ROWS`](super::MAX_TERM_ROWS).
-//! A panic inside the parser (it parses arbitrary program output) is caught:
-//! the state is reset and the PTY keeps running; only the redraw is lost.
+//! Cost: parsing every byte costs about as much CPU as the kernel's PTY
+//! itself (vt100 allocates a row per scrolled line), which would cut the
+//! throughput of a plain `cat` by half or more. The redraw is only used
+//! while the alternate screen is active (in the normal screen a reattach
+//! gets the raw replay, which also keeps the scrollback), so in the normal
+//! screen only the escape sequences are parsed: they carry everything that
+//! outlives the switch to the alternate screen (input modes, attributes,
+//! title, the switch itself), while printable text and line feeds only move
+//! the normal screen's cells, which no redraw shows. From the switch on,
+//! every byte is parsed. An escape sequence split across two reads is
+//! carried over (bounded by [`MAX_PARTIAL_ESCAPE`]).
+//!
+//! The parser keeps no scrollback, so its memory is bounded by the terminal
+//! size, itself bounded by [`MAX_TERM_COLS`](super::MAX_TERM_COLS) x
+//! [`MAX_TERM_ROWS`](super::MAX_TERM_ROWS). A panic inside the parser (it
+//! parses arbitrary program output) is caught: the state is reset and the
+//! PTY keeps running; only the redraw is lost.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use super::TermSize;
 
+/// Longest escape sequence carried from one read to the next in the normal
+/// screen; a longer one (a huge OSC 52 clipboard write) is skipped.
+pub const MAX_PARTIAL_ESCAPE: usize = 4096;
+
+const ESC: u8 = 0x1b;
+
 pub struct Screen {
     parser: vt100::Parser,
+    /// An escape sequence cut off at the end of the previous read (normal screen only).
+    partial: String,
 }
 
 impl std::fmt::Debug for Screen {
@@ -25,6 +44,7 @@ impl std::fmt::Debug for Screen {
         f.debug_struct("Screen")
             .field("rows", &rows)
             .field("cols", &cols)
+            .field("alternate", &self.in_alternate_screen())
             .finish()
     }
 }
@@ -33,11 +53,55 @@ impl Screen {
     pub fn new(size: TermSize) -> Self {
         Self {
             parser: vt100::Parser::new(size.rows, size.cols, 0),
+            partial: String::new(),
         }
     }
 
-    /// Feeds program output.
+    /// Feeds program output (see the module doc for what is parsed when).
     pub fn process(&mut self, text: &str) {
+        if self.in_alternate_screen() {
+            self.feed(text);
+            return;
+        }
+        let joined;
+        let input = if self.partial.is_empty() {
+            text
+        } else {
+            let mut carried = std::mem::take(&mut self.partial);
+            carried.push_str(text);
+            joined = carried;
+            joined.as_str()
+        };
+        let bytes = input.as_bytes();
+        let mut i = 0;
+        while let Some(off) = bytes[i..].iter().position(|&b| b == ESC) {
+            let esc = i + off;
+            match escape_sequence_end(bytes, esc) {
+                Sequence::Complete(end) => {
+                    // Sequences start and end with ASCII bytes: char boundaries.
+                    self.feed(&input[esc..end]);
+                    i = end;
+                    if self.in_alternate_screen() {
+                        self.feed(&input[end..]);
+                        return;
+                    }
+                }
+                Sequence::Invalid(next) => i = next,
+                Sequence::Incomplete => {
+                    if bytes.len() - esc <= MAX_PARTIAL_ESCAPE {
+                        self.partial = input[esc..].to_string();
+                    }
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Hands bytes to the parser; a panic resets the state.
+    fn feed(&mut self, text: &str) {
+        if text.is_empty() {
+            return;
+        }
         let parser = &mut self.parser;
         if catch_unwind(AssertUnwindSafe(|| parser.process(text.as_bytes()))).is_err() {
             let (rows, cols) = self.parser.screen().size();
@@ -71,7 +135,8 @@ impl Screen {
     /// Escape sequences that turn a fresh terminal into the current screen:
     /// switch to the alternate screen if the program uses it, then clear,
     /// draw every cell with its attributes, put the cursor back and restore
-    /// the input modes (application keypad/cursor, bracketed paste, mouse).
+    /// the input modes (application keypad/cursor, bracketed paste, mouse)
+    /// and the title. Meaningful while the alternate screen is active.
     pub fn redraw(&self) -> String {
         let screen = self.parser.screen();
         let mut out = Vec::new();
@@ -83,9 +148,73 @@ impl Screen {
         String::from_utf8_lossy(&out).into_owned()
     }
 
-    /// The visible text (tests, diagnostics).
+    /// The visible text (tests, diagnostics; in the normal screen only
+    /// what escape sequences drew).
     pub fn contents(&self) -> String {
         self.parser.screen().contents()
+    }
+}
+
+enum Sequence {
+    /// The sequence ends (exclusive) here.
+    Complete(usize),
+    /// Not a sequence the parser would act on; resume scanning here.
+    Invalid(usize),
+    /// The input ends inside it.
+    Incomplete,
+}
+
+/// Where the escape sequence at `esc` ends (ECMA-48): CSI `ESC [ params
+/// intermediates final`; OSC, DCS, SOS, PM, APC strings up to BEL or
+/// `ESC \`; otherwise `ESC intermediates final`.
+fn escape_sequence_end(bytes: &[u8], esc: usize) -> Sequence {
+    let Some(&kind) = bytes.get(esc + 1) else {
+        return Sequence::Incomplete;
+    };
+    match kind {
+        b'[' => {
+            let mut j = esc + 2;
+            loop {
+                match bytes.get(j) {
+                    None => return Sequence::Incomplete,
+                    Some(0x20..=0x3f) => j += 1,
+                    Some(0x40..=0x7e) => return Sequence::Complete(j + 1),
+                    // A new escape cancels this one.
+                    Some(&ESC) => return Sequence::Invalid(j),
+                    // Terminals execute controls inside a CSI and go on with it.
+                    Some(0x00..=0x1f) => j += 1,
+                    Some(_) => return Sequence::Invalid(j),
+                }
+            }
+        }
+        b']' | b'P' | b'X' | b'^' | b'_' => {
+            let mut j = esc + 2;
+            loop {
+                match bytes.get(j) {
+                    None => return Sequence::Incomplete,
+                    Some(0x07) => return Sequence::Complete(j + 1),
+                    Some(&ESC) => {
+                        return match bytes.get(j + 1) {
+                            None => Sequence::Incomplete,
+                            Some(b'\\') => Sequence::Complete(j + 2),
+                            Some(_) => Sequence::Invalid(j),
+                        }
+                    }
+                    Some(_) => j += 1,
+                }
+            }
+        }
+        _ => {
+            let mut j = esc + 1;
+            loop {
+                match bytes.get(j) {
+                    None => return Sequence::Incomplete,
+                    Some(0x20..=0x2f) => j += 1,
+                    Some(0x30..=0x7e) => return Sequence::Complete(j + 1),
+                    Some(_) => return Sequence::Invalid(j),
+                }
+            }
+        }
     }
 }
 
@@ -125,6 +254,68 @@ mod tests {
     }
 
     #[test]
+    fn the_switch_in_the_middle_of_a_read_after_a_lot_of_text_is_seen() {
+        let mut s = Screen::new(size(20, 4));
+        let text = "plain line\r\n".repeat(10_000);
+        s.process(&format!(
+            "{text}\x1b[1;31mred\x1b[0m\x1b[?2004h\x1b[?1049h\x1b[2;3HTUI"
+        ));
+        assert!(s.in_alternate_screen());
+        let mut client = vt100::Parser::new(4, 20, 0);
+        client.process(s.redraw().as_bytes());
+        assert!(client.screen().alternate_screen());
+        assert!(
+            client.screen().bracketed_paste(),
+            "a mode set in the normal screen carries over"
+        );
+        assert_eq!(client.screen().contents().trim(), "TUI");
+        assert_eq!(
+            client.screen().cell(1, 2).map(|c| c.contents()),
+            Some("T".to_string())
+        );
+    }
+
+    #[test]
+    fn an_escape_split_across_reads_is_carried() {
+        let seq = "\x1b[?1049h";
+        for cut in 1..seq.len() {
+            let mut s = Screen::new(size(20, 4));
+            s.process(&format!("text {}", &seq[..cut]));
+            assert!(!s.in_alternate_screen());
+            s.process(&format!("{}XY", &seq[cut..]));
+            assert!(s.in_alternate_screen(), "cut at {cut}");
+            assert_eq!(s.contents().trim(), "XY");
+        }
+        // An OSC cut right after the ESC of its terminator.
+        let mut s = Screen::new(size(20, 4));
+        s.process("\x1b]0;my title\x1b");
+        s.process("\\\x1b[?1049h");
+        assert!(s.in_alternate_screen());
+        assert!(s.redraw().contains("my title"));
+    }
+
+    #[test]
+    fn leaving_and_reentering_the_alternate_screen() {
+        let mut s = Screen::new(size(20, 4));
+        s.process("\x1b[?1049hvim\x1b[?1049l");
+        assert!(!s.in_alternate_screen());
+        s.process(&"after\r\n".repeat(100));
+        s.process("\x1b[?1049h\x1b[H\x1b[2Jless");
+        assert!(s.in_alternate_screen());
+        assert_eq!(s.contents().trim(), "less");
+    }
+
+    #[test]
+    fn an_endless_sequence_is_dropped_not_buffered() {
+        let mut s = Screen::new(size(20, 4));
+        s.process(&format!("\x1b]52;c;{}", "A".repeat(MAX_PARTIAL_ESCAPE * 2)));
+        assert!(s.partial.is_empty());
+        s.process("\x1b[?1049hok");
+        assert!(s.in_alternate_screen());
+        assert_eq!(s.contents().trim(), "ok");
+    }
+
+    #[test]
     fn leaving_the_alternate_screen_is_tracked() {
         let mut s = Screen::new(size(20, 5));
         s.process("\x1b[?1049hfull\x1b[?1049l");
@@ -136,6 +327,7 @@ mod tests {
     fn resize_follows_the_pty() {
         let mut s = Screen::new(size(80, 24));
         s.resize(size(120, 40));
+        s.process("\x1b[?1049h");
         s.process(&"x".repeat(119));
         assert_eq!(s.contents().lines().next().map(str::len), Some(119));
     }
@@ -150,6 +342,9 @@ mod tests {
             "\x1b]0;\x07",
             "\u{FFFD}\x1b\x1b[",
             "\t\t\t\t\x08\x08",
+            "\x1b[1\x1b[?1049h",
+            "\x1b[\u{e9}",
+            "\x1bP\x1bx",
         ] {
             s.process(junk);
         }

@@ -58,12 +58,13 @@ const CLOSE_SLOW_CONSUMER: u16 = 4008;
 static NEXT_SOCKET_ID: AtomicU64 = AtomicU64::new(1);
 
 /// Sent by a PtySession: one output frame (already serialized, shared by
-/// every socket of the PTY) and the URLs detected around it.
+/// every socket of the PTY; `None` when only URLs are announced) and the
+/// URLs detected around it.
 #[derive(Message, Debug)]
 #[rtype(result = "()")]
 pub struct PtyOutput {
     pub pty: u64,
-    pub frame: ByteString,
+    pub frame: Option<ByteString>,
     pub urls: Arc<[DetectedUrl]>,
 }
 
@@ -437,7 +438,9 @@ impl Handler<PtyOutput> for ShellSocket {
                 );
             }
         }
-        ctx.text(msg.frame);
+        if let Some(frame) = msg.frame {
+            ctx.text(frame);
+        }
     }
 }
 

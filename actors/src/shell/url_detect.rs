@@ -50,10 +50,26 @@ pub struct DetectedUrl {
     pub auto_open: bool,
 }
 
+/// How long a URL that may still continue (it ends the output so far) is
+/// held back when no more output comes.
+pub const URL_SETTLE: std::time::Duration = std::time::Duration::from_millis(200);
+
 /// The rolling text buffer of one PTY.
 #[derive(Debug, Default)]
 pub struct UrlDetector {
     text: String,
+    /// A URL ended the output so far and may continue in the next chunk
+    /// (CLIs print a wrapped URL line by line): it is held back, so the half
+    /// URL is never announced, let alone auto-opened.
+    pending: Option<Pending>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Pending {
+    /// Start (in `text`) of the first line the held-back output touched.
+    line_start: usize,
+    /// That output asked for its URL to be opened.
+    cue: bool,
 }
 
 impl UrlDetector {
@@ -61,21 +77,54 @@ impl UrlDetector {
         Self::default()
     }
 
-    /// Adds one chunk of raw output and returns the URLs visible around it.
+    /// A URL is held back: call [`flush`](Self::flush) after [`URL_SETTLE`]
+    /// if no more output arrives.
+    pub fn has_pending(&self) -> bool {
+        self.pending.is_some()
+    }
+
+    /// Adds one chunk of raw output and returns the URLs visible around it,
+    /// except one that may still continue.
     pub fn feed(&mut self, chunk: &str) -> Vec<DetectedUrl> {
         let clean = strip_ansi(chunk);
+        let mut chunk_start = self.text.len();
         self.text.push_str(&clean);
         if self.text.len() > URL_TEXT_BUFFER_BYTES {
             let cut = ceil_char_boundary(&self.text, self.text.len() - URL_TEXT_BUFFER_BYTES);
             self.text.drain(..cut);
+            chunk_start = chunk_start.saturating_sub(cut);
+            if let Some(p) = &mut self.pending {
+                p.line_start = p.line_start.saturating_sub(cut);
+            }
         }
+        let cue_now = should_auto_open(&clean);
+        let (touched, cue) = match self.pending.take() {
+            Some(p) => (p.line_start, p.cue || cue_now),
+            None => {
+                let chunk_start = floor_char_boundary(&self.text, chunk_start);
+                (
+                    self.text[..chunk_start].rfind('\n').map_or(0, |i| i + 1),
+                    cue_now,
+                )
+            }
+        };
+        self.scan(touched, cue, clean.len(), true)
+    }
 
+    /// Announces a held-back URL as it stands.
+    pub fn flush(&mut self) -> Vec<DetectedUrl> {
+        match self.pending.take() {
+            Some(p) => self.scan(p.line_start, p.cue, 0, false),
+            None => Vec::new(),
+        }
+    }
+
+    /// URLs near the end of the text; `touched` is where the output that
+    /// triggered this scan began (its cue picks the URL to open from there).
+    fn scan(&mut self, touched: usize, cue: bool, new_len: usize, defer: bool) -> Vec<DetectedUrl> {
         // Search from the start of the line where the lookback window begins,
         // so a URL is never cut at its front.
-        let window = self
-            .text
-            .len()
-            .saturating_sub(clean.len() + URL_LOOKBACK_BYTES);
+        let window = self.text.len().saturating_sub(new_len + URL_LOOKBACK_BYTES);
         let window = floor_char_boundary(&self.text, window);
         let start = self.text[..window].rfind('\n').map_or(0, |i| i + 1);
         let region = &self.text[start..];
@@ -83,26 +132,61 @@ impl UrlDetector {
             return Vec::new();
         }
 
-        let urls = detect(region);
+        let mut urls = detect(region);
+        let open = if defer { open_url(region) } else { None };
+        if let Some(open) = &open {
+            // The open URL and its shorter forms wait for the rest.
+            urls.retain(|u| !open.starts_with(u.as_str()));
+            self.pending = Some(Pending {
+                line_start: touched.min(self.text.len()),
+                cue,
+            });
+        }
         if urls.is_empty() {
             return Vec::new();
         }
-        let best = if should_auto_open(&clean) {
-            urls.iter()
-                .enumerate()
-                .max_by_key(|(i, u)| (u.len(), std::cmp::Reverse(*i)))
-                .map(|(i, _)| i)
+        // The cue speaks about the output that carried it: the URL to open
+        // is the longest one on the lines it wrote, not an older one still in
+        // view. While that URL is held back, nothing is flagged yet.
+        let best = if cue && open.is_none() {
+            let touched = floor_char_boundary(&self.text, touched.min(self.text.len()));
+            detect(&self.text[touched..])
+                .into_iter()
+                .fold(None::<String>, |best, url| match best {
+                    Some(b) if b.len() >= url.len() => Some(b),
+                    _ => Some(url),
+                })
         } else {
             None
         };
+        let mut flagged = false;
         urls.into_iter()
-            .enumerate()
-            .map(|(i, url)| DetectedUrl {
-                url,
-                auto_open: Some(i) == best,
+            .map(|url| {
+                let auto_open = !flagged && best.as_deref() == Some(url.as_str());
+                flagged |= auto_open;
+                DetectedUrl { url, auto_open }
             })
             .collect()
     }
+}
+
+/// The URL the text may still be in the middle of: the text ends (but for
+/// whitespace with at most one line break, since an empty line ends a
+/// wrapped URL) with the end of a URL candidate. Its normalized form.
+fn open_url(text: &str) -> Option<String> {
+    let body = text.trim_end();
+    if body.is_empty() || text[body.len()..].matches('\n').count() > 1 {
+        return None;
+    }
+    let token = body
+        .rsplit(char::is_whitespace)
+        .next()
+        .filter(|t| !t.is_empty())?;
+    extract_urls(text)
+        .into_iter()
+        .filter(|raw| raw.ends_with(token))
+        .filter_map(|raw| normalize_url(&raw))
+        .max_by_key(String::len)
 }
 
 /// Every normalized http(s) URL in `text`, without duplicates and without
@@ -410,21 +494,57 @@ mod tests {
     #[test]
     fn wrapped_url_with_ansi_reset_is_joined_and_auto_opened() {
         let mut d = UrlDetector::new();
+        // It ends the output, so it may go on: held back until more output or the settle time.
         let out =
             d.feed("Continue in your browser: https://example.com/authorize?\ncode=abc\x1b[0m");
+        assert!(out.is_empty());
+        assert!(d.has_pending());
         assert_eq!(
-            urls(&out),
+            urls(&d.flush()),
             vec![("https://example.com/authorize?code=abc", true)]
         );
+        assert!(!d.has_pending());
     }
 
     #[test]
     fn wrapped_url_without_a_cue_is_not_auto_opened() {
         let mut d = UrlDetector::new();
-        let out = d.feed("Visit: https://example.com/authorize?\r\ncode=abc&state=x\x1b[0m\r\n");
+        let out =
+            d.feed("Visit: https://example.com/authorize?\r\ncode=abc&state=x\x1b[0m\r\n\r\n");
         assert_eq!(
             urls(&out),
             vec![("https://example.com/authorize?code=abc&state=x", false)]
+        );
+    }
+
+    /// CLIs print a wrapped URL line by line: the first line alone must not
+    /// be announced (or opened) as the URL.
+    #[test]
+    fn a_url_printed_line_by_line_is_announced_whole() {
+        let mut d = UrlDetector::new();
+        assert!(d
+            .feed("Continue in your browser: https://example.com/authorize?\r\n")
+            .is_empty());
+        assert!(d.feed("client_id=1&\r\n").is_empty());
+        let out = d.feed("state=xyz\x1b[0m\r\n\r\nPaste code here > ");
+        assert_eq!(
+            urls(&out),
+            vec![("https://example.com/authorize?client_id=1&state=xyz", true)]
+        );
+        assert!(!d.has_pending());
+    }
+
+    #[test]
+    fn complete_urls_are_not_held_back_by_an_open_one() {
+        let mut d = UrlDetector::new();
+        let out = d.feed("docs: https://docs.example/x done\r\nlogin: https://login.example/a");
+        assert_eq!(urls(&out), vec![("https://docs.example/x", false)]);
+        assert_eq!(
+            urls(&d.flush()),
+            vec![
+                ("https://docs.example/x", false),
+                ("https://login.example/a", false)
+            ]
         );
     }
 
@@ -518,8 +638,9 @@ mod tests {
     #[test]
     fn the_longest_url_gets_auto_open_when_there_are_several() {
         let mut d = UrlDetector::new();
-        let out = d
-            .feed("Docs https://a.example/d. Open this URL: https://login.example/authorize?x=1\n");
+        let out = d.feed(
+            "Docs https://a.example/d. Open this URL: https://login.example/authorize?x=1 now\n",
+        );
         assert_eq!(
             urls(&out),
             vec![
@@ -530,10 +651,26 @@ mod tests {
     }
 
     #[test]
+    fn auto_open_goes_to_the_url_of_the_chunk_with_the_cue() {
+        let mut d = UrlDetector::new();
+        d.feed("Docs: https://docs.example.com/a/very/long/path/to/the/manual\r\n\r\n");
+        let out = d.feed("OPEN_URL: https://login.example/x\r\nopening the browser\r\n");
+        assert_eq!(
+            urls(&out),
+            vec![
+                (
+                    "https://docs.example.com/a/very/long/path/to/the/manual",
+                    false
+                ),
+                ("https://login.example/x", true)
+            ]
+        );
+    }
+
+    #[test]
     fn a_url_split_across_chunks_is_found_once_complete() {
         let mut d = UrlDetector::new();
-        let first = d.feed("Visit https://example.com/auth");
-        assert_eq!(urls(&first), vec![("https://example.com/auth", false)]);
+        assert!(d.feed("Visit https://example.com/auth").is_empty());
         let second = d.feed("orize?code=42 to log in\r\n");
         assert_eq!(
             urls(&second),
@@ -559,7 +696,7 @@ mod tests {
     #[test]
     fn urls_far_behind_the_new_chunk_are_not_rescanned() {
         let mut d = UrlDetector::new();
-        assert_eq!(d.feed("https://old.example/x\n").len(), 1);
+        assert_eq!(d.feed("https://old.example/x\n\n").len(), 1);
         d.feed(&("y".repeat(100) + "\n").repeat(60));
         assert!(d.feed("no url here\n").is_empty());
     }
