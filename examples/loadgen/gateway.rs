@@ -1,6 +1,9 @@
 //! The gateway under test: a real `agentgate serve` child process on
 //! 127.0.0.1:0 with its own temp data dir, started fresh for each scenario
 //! so its peak RSS (VmHWM) belongs to that scenario alone.
+//!
+//! `LOADGEN_PERF=<file>` attaches `perf record -g` (cpu-clock) to each
+//! gateway started (run one scenario, or the file is overwritten).
 
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Read};
@@ -63,6 +66,8 @@ impl Bins {
 
 pub struct Gateway {
     child: Child,
+    /// `perf record` attached to the gateway when `LOADGEN_PERF=<file>` is set.
+    perf: Option<Child>,
     pub addr: SocketAddr,
     /// Removed when the gateway is dropped.
     _data: tempfile::TempDir,
@@ -129,8 +134,20 @@ impl Gateway {
             let mut rest = Vec::new();
             let _ = reader.read_to_end(&mut rest);
         });
+        let perf = std::env::var_os("LOADGEN_PERF").and_then(|out| {
+            Command::new("perf")
+                .args(["record", "-e", "cpu-clock", "-F", "1999", "-g", "-o"])
+                .arg(out)
+                .arg("-p")
+                .arg(child.id().to_string())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .ok()
+        });
         let mut gw = Gateway {
             child,
+            perf,
             addr: "127.0.0.1:0".parse().map_err(|_| "addr")?,
             _data: data,
             token,
@@ -205,6 +222,13 @@ impl Gateway {
 
 impl Drop for Gateway {
     fn drop(&mut self) {
+        if let Some(mut perf) = self.perf.take() {
+            // SAFETY: plain kill(2) on our own child; SIGINT makes perf write its file.
+            unsafe {
+                libc::kill(perf.id() as i32, libc::SIGINT);
+            }
+            let _ = perf.wait();
+        }
         // SAFETY: plain kill(2) on our own child.
         unsafe {
             libc::kill(self.child.id() as i32, libc::SIGTERM);

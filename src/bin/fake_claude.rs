@@ -104,6 +104,8 @@ fn nanos() -> u128 {
 
 /// Digits of a unix-nanosecond stamp (fixed width until the year 2286).
 const STAMP_DIGITS: usize = 19;
+/// Longest text repeated in the final assistant and result lines.
+const FULL_TEXT_MAX: usize = 1024 * 1024;
 /// Default stdout chunk when lines need not be written one by one.
 const DEFAULT_CHUNK: usize = 64 * 1024;
 
@@ -289,6 +291,10 @@ fn main() {
         );
         out.stream(json!({"type":"content_block_start","index":0,"content_block":{"type":"text","text":""}}));
         let payload = "x".repeat(script.size);
+        // The final assistant/result lines repeat the text only while it stays small
+        // (a huge line would exceed the gateway's line limit).
+        let keep_full =
+            script.deltas < 10_000 && script.deltas.saturating_mul(script.size + 8) < FULL_TEXT_MAX;
         let mut full = String::new();
         for i in 0..script.deltas {
             if script.crash && i == script.deltas / 2 {
@@ -310,12 +316,12 @@ fn main() {
             }
             if script.args && i == 0 {
                 let text = argv[1..].join(" ");
-                if script.deltas < 10_000 {
+                if keep_full {
                     full.push_str(&text);
                 }
                 out.stream(json!({"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":text}}));
             } else {
-                if script.deltas < 10_000 {
+                if keep_full {
                     let _ = write!(full, "{i}:{payload} ");
                 }
                 out.text_delta(i, &payload, script.timestamps);
