@@ -531,13 +531,15 @@ async fn auth_urls_are_announced_and_open_url_rewritten() {
     // (A line of URL characters right after a URL would be joined to it as
     // a wrapped continuation, as in the reference; "all done" has a space.)
     t.expect("all done").await;
-    let urls: Vec<(&str, bool)> = t
+    let mut urls: Vec<(&str, bool)> = t
         .auth_urls
         .iter()
         .map(|v| (v["url"].as_str().unwrap(), v["autoOpen"].as_bool().unwrap()))
         .collect();
+    urls.sort();
     // Each URL once (the first is still in the text buffer when the second
-    // arrives), the wrapped one joined, the ones the output asked to open flagged.
+    // arrives), the wrapped one joined (never announced half), the ones the
+    // output asked to open flagged.
     assert_eq!(
         urls,
         vec![

@@ -81,6 +81,10 @@ pub const INPUT_QUEUE_BYTES: usize = crate::config::MAX_INBOUND_FRAME;
 pub const EXIT_DRAIN_GRACE: Duration = Duration::from_millis(300);
 /// Upper bound of that wait while slow sockets hold the reading back.
 pub const EXIT_DRAIN_MAX: Duration = Duration::from_secs(10);
+/// How often attached sockets are checked for actors that died without
+/// detaching (an idle PTY would otherwise never notice, and never start its
+/// detach timeout); shorter when the detach timeout itself is shorter.
+pub const SOCKET_SWEEP_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Sent by the PtySession to the hub when it stops (any reason).
 #[derive(Message, Debug)]
@@ -622,6 +626,15 @@ impl Actor for PtySession {
         if let Some((socket, welcome)) = self.welcome.take() {
             self.deliver_text(socket, &welcome, ctx);
         }
+        ctx.run_interval(SOCKET_SWEEP_INTERVAL.min(self.detach_timeout), |act, ctx| {
+            let before = act.sockets.len();
+            act.sockets.retain(|_, a| a.handle.output.connected());
+            if act.sockets.len() < before {
+                tracing::info!(actor = "PtySession", key = %act.key, pty = act.id, gone = before - act.sockets.len(), "dropped sockets whose actors are gone");
+                act.maybe_start_detach_timer(ctx);
+                act.schedule_read(ctx);
+            }
+        });
         self.schedule_read(ctx);
     }
 
@@ -823,6 +836,18 @@ mod tests {
             if let Some(d) = self.stall.take() {
                 ctx.wait(actix::fut::wrap_future(tokio::time::sleep(d)));
             }
+        }
+    }
+
+    /// Stops the test socket without detaching (a torn-down connection).
+    #[derive(Message)]
+    #[rtype(result = "()")]
+    struct Vanish;
+
+    impl Handler<Vanish> for TestSocket {
+        type Result = ();
+        fn handle(&mut self, _: Vanish, ctx: &mut Self::Context) {
+            ctx.stop();
         }
     }
 
@@ -1062,6 +1087,30 @@ mod tests {
             "output lost under flow control"
         );
         assert!(out.contains("DONE"));
+    }
+
+    /// A socket actor that vanished without `DetachSocket` (its connection
+    /// was torn down mid-init) must not keep an idle PTY alive forever.
+    #[actix_rt::test]
+    async fn a_vanished_socket_still_lets_the_detach_timeout_run() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let sock_addr = TestSocket { tx, stall: None }.start();
+        let handle = SocketHandle {
+            id: NEXT.fetch_add(1, Ordering::Relaxed),
+            output: sock_addr.clone().recipient(),
+            ended: sock_addr.clone().recipient(),
+        };
+        let (_pty, pid, mut hub) = start("exec sleep 1000", handle, Duration::from_millis(300));
+        // The welcome line arrives, then the socket actor stops without detaching.
+        assert!(matches!(rx.recv().await, Some(Seen::Output(_))));
+        sock_addr.send(Vanish).await.unwrap();
+        let closed = tokio::time::timeout(Duration::from_secs(10), hub.recv()).await;
+        assert!(closed.is_ok(), "the PTY outlived its vanished socket");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while alive(pid) {
+            assert!(Instant::now() < deadline);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     #[actix_rt::test]

@@ -16,7 +16,12 @@
 //! 5. A URL that is a prefix of a longer one found at the same time is
 //!    dropped (the half-printed form of the same URL).
 //! 6. When the chunk says e.g. "continue in your browser", the longest URL
-//!    is flagged `autoOpen` ([`should_auto_open`]).
+//!    on the lines that chunk wrote is flagged `autoOpen`
+//!    ([`should_auto_open`]).
+//! 7. A URL that ends the output so far may still continue (CLIs print a
+//!    wrapped URL line by line): it is held back until more output shows
+//!    where it ends, or [`URL_SETTLE`] passes ([`UrlDetector::flush`]), so
+//!    half a URL is never announced, let alone opened.
 //!
 //! Announcing each URL once per socket is the socket's job (it owns the set
 //! of URLs it announced). `OPEN_URL: <url>` in the output is rewritten to
@@ -27,9 +32,10 @@
 //! `ESC ]` and leaves the title text); continuation lines are joined only to
 //! a URL that runs to the end of its line (the reference also glued the next
 //! word-like line onto `see https://a.com for details`), and never when the
-//! next line starts a URL of its own; and the `autoOpen`
-//! URL really is announced with `autoOpen: true` (the reference announced
-//! every URL with `false` first and then deduplicated the `true` one away).
+//! next line starts a URL of its own; a URL is never announced before it is
+//! complete (rule 7); and the `autoOpen` URL really is announced with
+//! `autoOpen: true` (the reference announced every URL with `false` first
+//! and then deduplicated the `true` one away).
 
 use std::borrow::Cow;
 
@@ -64,11 +70,11 @@ pub struct UrlDetector {
     pending: Option<Pending>,
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Pending {
-    /// Start (in `text`) of the first line the held-back output touched.
-    line_start: usize,
-    /// That output asked for its URL to be opened.
+    /// The held-back URL as far as it is known (its completion starts with it).
+    url: String,
+    /// The output that carried it asked for it to be opened.
     cue: bool,
 }
 
@@ -93,35 +99,28 @@ impl UrlDetector {
             let cut = ceil_char_boundary(&self.text, self.text.len() - URL_TEXT_BUFFER_BYTES);
             self.text.drain(..cut);
             chunk_start = chunk_start.saturating_sub(cut);
-            if let Some(p) = &mut self.pending {
-                p.line_start = p.line_start.saturating_sub(cut);
-            }
         }
-        let cue_now = should_auto_open(&clean);
-        let (touched, cue) = match self.pending.take() {
-            Some(p) => (p.line_start, p.cue || cue_now),
-            None => {
-                let chunk_start = floor_char_boundary(&self.text, chunk_start);
-                (
-                    self.text[..chunk_start].rfind('\n').map_or(0, |i| i + 1),
-                    cue_now,
-                )
-            }
-        };
-        self.scan(touched, cue, clean.len(), true)
+        // The cue speaks about the chunk that carried it: the URL to open is
+        // the longest on the lines this chunk wrote, not an older one in view.
+        let cue_from = should_auto_open(&clean).then(|| {
+            let chunk_start = floor_char_boundary(&self.text, chunk_start);
+            self.text[..chunk_start].rfind('\n').map_or(0, |i| i + 1)
+        });
+        self.scan(cue_from, clean.len(), true)
     }
 
     /// Announces a held-back URL as it stands.
     pub fn flush(&mut self) -> Vec<DetectedUrl> {
-        match self.pending.take() {
-            Some(p) => self.scan(p.line_start, p.cue, 0, false),
-            None => Vec::new(),
+        if self.pending.is_none() {
+            return Vec::new();
         }
+        self.scan(None, 0, false)
     }
 
-    /// URLs near the end of the text; `touched` is where the output that
-    /// triggered this scan began (its cue picks the URL to open from there).
-    fn scan(&mut self, touched: usize, cue: bool, new_len: usize, defer: bool) -> Vec<DetectedUrl> {
+    /// URLs near the end of the text. `cue_from`: the new chunk asked for a
+    /// URL to be opened, and its lines start there.
+    fn scan(&mut self, cue_from: Option<usize>, new_len: usize, defer: bool) -> Vec<DetectedUrl> {
+        let held = self.pending.take();
         // Search from the start of the line where the lookback window begins,
         // so a URL is never cut at its front.
         let window = self.text.len().saturating_sub(new_len + URL_LOOKBACK_BYTES);
@@ -134,40 +133,46 @@ impl UrlDetector {
 
         let mut urls = detect(region);
         let open = if defer { open_url(region) } else { None };
+        // This chunk's cue is for the longest URL on the lines it wrote.
+        let chunk_best = cue_from.and_then(|from| {
+            let from = floor_char_boundary(&self.text, from.min(self.text.len()));
+            longest(detect(&self.text[from..]).iter())
+        });
         if let Some(open) = &open {
-            // The open URL and its shorter forms wait for the rest.
+            // The open URL and its shorter forms wait for the rest; a cue
+            // for it (now or while it was held) waits with it.
             urls.retain(|u| !open.starts_with(u.as_str()));
+            let continued = held.as_ref().filter(|h| open.starts_with(h.url.as_str()));
             self.pending = Some(Pending {
-                line_start: touched.min(self.text.len()),
-                cue,
+                url: open.clone(),
+                cue: continued.is_some_and(|h| h.cue) || chunk_best.as_ref() == Some(open),
             });
         }
         if urls.is_empty() {
             return Vec::new();
         }
-        // The cue speaks about the output that carried it: the URL to open
-        // is the longest one on the lines it wrote, not an older one still in
-        // view. While that URL is held back, nothing is flagged yet.
-        let best = if cue && open.is_none() {
-            let touched = floor_char_boundary(&self.text, touched.min(self.text.len()));
-            detect(&self.text[touched..])
-                .into_iter()
-                .fold(None::<String>, |best, url| match best {
-                    Some(b) if b.len() >= url.len() => Some(b),
-                    _ => Some(url),
-                })
-        } else {
-            None
-        };
-        let mut flagged = false;
+        // A held-back URL that asked to be opened: its completion.
+        let open_held = held
+            .filter(|h| h.cue)
+            .and_then(|h| longest(urls.iter().filter(|u| u.starts_with(h.url.as_str()))));
+        let open_now = chunk_best.filter(|best| urls.contains(best));
         urls.into_iter()
             .map(|url| {
-                let auto_open = !flagged && best.as_deref() == Some(url.as_str());
-                flagged |= auto_open;
+                let auto_open = open_held.as_deref() == Some(url.as_str())
+                    || open_now.as_deref() == Some(url.as_str());
                 DetectedUrl { url, auto_open }
             })
             .collect()
     }
+}
+
+/// The longest of some URLs (the first of equals).
+fn longest<'a>(urls: impl Iterator<Item = &'a String>) -> Option<String> {
+    urls.fold(None::<&String>, |best, url| match best {
+        Some(b) if b.len() >= url.len() => Some(b),
+        _ => Some(url),
+    })
+    .cloned()
 }
 
 /// The URL the text may still be in the middle of: the text ends (but for
@@ -532,6 +537,41 @@ mod tests {
             vec![("https://example.com/authorize?client_id=1&state=xyz", true)]
         );
         assert!(!d.has_pending());
+    }
+
+    #[test]
+    fn a_held_back_cue_and_a_new_cue_each_open_their_own_url() {
+        let mut d = UrlDetector::new();
+        assert!(d
+            .feed("Continue in your browser: https://example.com/authorize?\r\ncode=abc\x1b[0m\r\n")
+            .is_empty());
+        let out = d.feed("\r\nOPEN_URL: https://login.example/x\r\nall done\r\n");
+        let mut got = urls(&out);
+        got.sort();
+        assert_eq!(
+            got,
+            vec![
+                ("https://example.com/authorize?code=abc", true),
+                ("https://login.example/x", true)
+            ]
+        );
+    }
+
+    #[test]
+    fn a_cue_for_a_held_back_url_does_not_open_its_neighbour() {
+        let mut d = UrlDetector::new();
+        let out = d.feed(
+            "Docs: https://a.example/d\r\nOpen this URL: https://login.example/authorize?x=1",
+        );
+        assert_eq!(urls(&out), vec![("https://a.example/d", false)]);
+        let out = d.feed("&y=2\r\n\r\n");
+        assert_eq!(
+            urls(&out),
+            vec![
+                ("https://a.example/d", false),
+                ("https://login.example/authorize?x=1&y=2", true)
+            ]
+        );
     }
 
     #[test]
