@@ -637,6 +637,51 @@ async fn reattach_restores_a_full_screen_program() {
     assert!(!screen.screen().contents().contains("filler"));
 }
 
+/// The same with a real full-screen program: `less` comes back with the
+/// page it shows, and keeps working (scrolling, quitting) after the reattach.
+#[actix_rt::test]
+async fn reattach_restores_less() {
+    if !std::path::Path::new("/usr/bin/less").exists() {
+        eprintln!("less is not installed; skipped");
+        return;
+    }
+    let server = server();
+    let token = server.token("alice");
+    let project = project_dir();
+    let text: String = (1..=500).map(|i| format!("line {i:04}\n")).collect();
+    std::fs::write(project.path().join("notes.txt"), text).unwrap();
+    // LESS could carry -X (no alternate screen) from the environment.
+    let init = json!({"projectPath": project.path(), "sessionId": "less",
+        "initialCommand": "LESS= exec less notes.txt", "cols": 80, "rows": 24});
+    let mut first = Term::open(&server, &token).await;
+    first.init(init.clone()).await;
+    first.expect("line 0023").await;
+    first.input(" ").await; // one page down
+    first.expect("line 0046").await;
+    first.close().await;
+
+    let mut second = Term::open(&server, &token).await;
+    second.init(init).await;
+    second
+        .expect("[Reconnected to existing session]\x1b[0m\r\n")
+        .await;
+    second.expect("line 0046").await;
+    let redraw = &second.out[second.out.find("[Reconnected").unwrap()..];
+    let redraw = &redraw[redraw.find("\r\n").unwrap() + 2..];
+    let mut screen = vt100::Parser::new(24, 80, 0);
+    screen.process(redraw.as_bytes());
+    assert!(screen.screen().alternate_screen());
+    let rows: Vec<String> = screen.screen().rows(0, 80).collect();
+    assert_eq!(rows[0].trim_end(), "line 0024");
+    assert_eq!(rows[22].trim_end(), "line 0046");
+
+    // Still the same, working less: jump to the end, then quit.
+    second.input("G").await;
+    second.expect("line 0500").await;
+    second.input("q").await;
+    second.expect("Process exited with code 0").await;
+}
+
 /// Output read slowly at the start of the large `cat`.
 const SLOW_PHASE_BYTES: u64 = 20_000_000;
 
