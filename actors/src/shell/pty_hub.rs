@@ -231,3 +231,143 @@ impl Handler<LivePtys> for PtyHub {
         self.sessions.len()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::shell::launch::{build_launch, InitRequest};
+    use crate::shell::{PtyEnded, PtyOutput};
+    use serde_json::json;
+    use std::time::Instant;
+
+    /// A socket that ignores everything.
+    struct Quiet;
+    impl Actor for Quiet {
+        type Context = Context<Self>;
+    }
+    impl Handler<PtyOutput> for Quiet {
+        type Result = ();
+        fn handle(&mut self, _: PtyOutput, _: &mut Self::Context) {}
+    }
+    impl Handler<PtyEnded> for Quiet {
+        type Result = ();
+        fn handle(&mut self, _: PtyEnded, _: &mut Self::Context) {}
+    }
+
+    fn socket(id: u64) -> SocketHandle {
+        let addr = Quiet.start();
+        SocketHandle {
+            id,
+            output: addr.clone().recipient(),
+            ended: addr.recipient(),
+        }
+    }
+
+    fn launch(owner: i64, session: &str, socket_id: u64) -> LaunchPty {
+        let dir = std::env::temp_dir();
+        let req = InitRequest::parse(
+            &json!({"projectPath": dir, "sessionId": session, "initialCommand": "exec sleep 987654"}),
+        )
+        .unwrap();
+        LaunchPty {
+            owner,
+            key: req.key(),
+            spec: build_launch(&req, dir.clone(), None, &GatewayConfig::for_tests(dir)).unwrap(),
+            socket: socket(socket_id),
+        }
+    }
+
+    fn key(session: &str) -> String {
+        let dir = std::env::temp_dir();
+        InitRequest::parse(
+            &json!({"projectPath": dir, "sessionId": session, "initialCommand": "exec sleep 987654"}),
+        )
+        .unwrap()
+        .key()
+    }
+
+    async fn until(what: &str, mut cond: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !cond() {
+            assert!(Instant::now() < deadline, "timed out: {what}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Processes of this test (its PTYs run `sleep 987654`).
+    fn test_sleepers() -> usize {
+        std::fs::read_dir("/proc")
+            .map(|entries| {
+                entries
+                    .filter_map(Result::ok)
+                    .filter(|e| {
+                        std::fs::read(e.path().join("cmdline"))
+                            .is_ok_and(|c| c == b"sleep\0987654\0")
+                    })
+                    .count()
+            })
+            .unwrap_or(0)
+    }
+
+    #[actix_rt::test]
+    async fn keys_are_per_user_replacement_is_clean_and_shutdown_kills_all() {
+        let dir = std::env::temp_dir();
+        let hub = PtyHub::new(Arc::new(GatewayConfig::for_tests(dir))).start();
+
+        let Ok(Launched::Started(a_id, a)) = hub.send(launch(1, "k", 1)).await.unwrap() else {
+            panic!("first launch")
+        };
+        // Same key, other user: a separate PTY. Same key, same user: "look it up".
+        assert!(matches!(
+            hub.send(launch(2, "k", 2)).await.unwrap(),
+            Ok(Launched::Started(..))
+        ));
+        assert!(matches!(
+            hub.send(launch(1, "k", 3)).await.unwrap(),
+            Ok(Launched::Existing)
+        ));
+        assert_eq!(hub.send(LivePtys).await.unwrap(), 2);
+        let found = hub
+            .send(LookupPty {
+                owner: 1,
+                key: key("k"),
+                replace: false,
+            })
+            .await
+            .unwrap();
+        assert_eq!(found.map(|(id, _)| id), Some(a_id));
+
+        // Replacement: the old PTY is removed at once; its late PtyClosed
+        // must not remove the new one registered under the same key.
+        let replaced = hub
+            .send(LookupPty {
+                owner: 1,
+                key: key("k"),
+                replace: true,
+            })
+            .await
+            .unwrap();
+        assert!(replaced.is_none());
+        let Ok(Launched::Started(b_id, _)) = hub.send(launch(1, "k", 4)).await.unwrap() else {
+            panic!("launch after replace")
+        };
+        assert_ne!(a_id, b_id);
+        until("replaced PTY stopped", || !a.connected()).await;
+        let found = hub
+            .send(LookupPty {
+                owner: 1,
+                key: key("k"),
+                replace: false,
+            })
+            .await
+            .unwrap();
+        assert_eq!(found.map(|(id, _)| id), Some(b_id));
+
+        // Shutdown: every PTY's process dies and new launches are refused.
+        until("both PTYs running", || test_sleepers() == 2).await;
+        hub.send(ShutdownPtys).await.unwrap();
+        assert_eq!(hub.send(LivePtys).await.unwrap(), 0);
+        until("every PTY killed", || test_sleepers() == 0).await;
+        assert!(hub.send(launch(1, "k2", 5)).await.unwrap().is_err());
+    }
+}
