@@ -136,7 +136,13 @@ async fn login(
         }))
     })
     .await??
-    .ok_or_else(|| ApiError::new(StatusCode::UNAUTHORIZED, "INVALID_CREDENTIALS", "Invalid username or password"))?;
+    .ok_or_else(|| {
+        ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "INVALID_CREDENTIALS",
+            "Invalid username or password",
+        )
+    })?;
     Ok(api::ok(token_answer(&state, &user)))
 }
 
@@ -276,5 +282,12 @@ async fn plugin_ws(
 ) -> Result<HttpResponse, actix_web::Error> {
     let _user = state.authenticate(&req).await?;
     // Name check (4400), port lookup (4404), then one PluginProxy actor per socket.
-    agentgate_actors::plugin::start_proxy(&req, stream, &path, &state.plugins, state.config.heartbeat).await
+    agentgate_actors::plugin::start_proxy(
+        &req,
+        stream,
+        &path,
+        &state.plugins,
+        state.config.heartbeat,
+    )
+    .await
 }

@@ -9,10 +9,10 @@ use std::io::Write;
 use std::sync::Arc;
 use std::time::Duration;
 
+use actix::{Actor, Arbiter};
 use actix_web::dev::Service;
 use actix_web::{web, App, HttpServer};
 use agentgate_actors::config::GatewayConfig;
-use actix::{Actor, Arbiter};
 use agentgate_actors::plugin::{PluginRegistry, StopAllPlugins};
 use agentgate_actors::provider::ProviderKind;
 use agentgate_actors::run_registry::{RunRegistry, Shutdown as RunShutdown};
@@ -148,7 +148,10 @@ async fn shutdown_actors(state: &AppState) {
 
 async fn wait_for_signal() {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         tracing::error!("cannot install signal handlers; stop the gateway with SIGKILL");
         return std::future::pending().await;
     };

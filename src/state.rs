@@ -3,8 +3,8 @@
 
 use std::sync::Arc;
 
-use actix_web::{web, HttpRequest};
 use actix::Addr;
+use actix_web::{web, HttpRequest};
 use agentgate_actors::config::GatewayConfig;
 use agentgate_actors::plugin::PluginRegistry;
 use agentgate_actors::run_registry::RunRegistry;
@@ -45,8 +45,7 @@ impl AppState {
                 username: user.username,
             });
         }
-        let token =
-            request_token(req).ok_or_else(|| ApiError::unauthorized("Missing token"))?;
+        let token = request_token(req).ok_or_else(|| ApiError::unauthorized("Missing token"))?;
         let claims = self
             .keys
             .verify(&token)
