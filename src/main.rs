@@ -50,7 +50,10 @@ fn init_logging(format: LogFormat) {
             event = "panic",
             thread = thread.name().unwrap_or("unnamed"),
             location = info.location().map(|l| l.to_string()).unwrap_or_default(),
-            payload = info.payload().downcast_ref::<&str>().copied()
+            payload = info
+                .payload()
+                .downcast_ref::<&str>()
+                .copied()
                 .or_else(|| info.payload().downcast_ref::<String>().map(String::as_str))
                 .unwrap_or("non-string panic payload"),
             "panic caught; the actor that panicked is stopped, others continue"

@@ -17,6 +17,6 @@ mod support;
 mod chat;
 mod claude_e2e;
 mod foundation;
-mod providers;
 mod plugins;
+mod providers;
 mod shell;
