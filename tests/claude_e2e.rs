@@ -9,7 +9,7 @@ use serde_json::json;
 use crate::chat::{next_event, of_kind, send, streamed_text, until_complete};
 use crate::support::anthropic::{AnthropicStub, Reply};
 use crate::support::clis::claude_bin;
-use crate::util::{children_of, eventually, pid_alive, project_dir, TestServer};
+use crate::util::{children_of, eventually, pid_alive, project_dir, TestServer, WsClient};
 
 struct Setup {
     stub: AnthropicStub,
@@ -35,17 +35,42 @@ fn setup() -> Setup {
     }
 }
 
+/// A claude session of user alice with a chat socket.
+struct Open {
+    token: String,
+    project: tempfile::TempDir,
+    session: String,
+    ws: WsClient,
+}
+
+impl Setup {
+    async fn open(&self) -> Open {
+        let token = self.server.token("alice");
+        let project = project_dir();
+        let session = self
+            .server
+            .create_session(&token, "claude", project.path())
+            .await;
+        let ws = self.server.ws(&format!("/ws?token={token}")).await;
+        Open {
+            token,
+            project,
+            session,
+            ws,
+        }
+    }
+}
+
 /// A streamed answer arrives live as deltas; resume carries the history.
 #[actix_rt::test]
 async fn streamed_answer_and_resume_with_history() {
     let s = setup();
-    let token = s.server.token("alice");
-    let project = project_dir();
-    let session = s
-        .server
-        .create_session(&token, "claude", project.path())
-        .await;
-    let mut ws = s.server.ws(&format!("/ws?token={token}")).await;
+    let Open {
+        token: _,
+        project: _project,
+        session,
+        mut ws,
+    } = s.open().await;
     let first = Reply::numbered(40);
     s.stub.push(first.clone());
     send(&mut ws, &session, "first question").await;
@@ -80,13 +105,12 @@ async fn streamed_answer_and_resume_with_history() {
 #[actix_rt::test]
 async fn three_thousand_deltas_arrive_whole_and_in_order() {
     let s = setup();
-    let token = s.server.token("alice");
-    let project = project_dir();
-    let session = s
-        .server
-        .create_session(&token, "claude", project.path())
-        .await;
-    let mut ws = s.server.ws(&format!("/ws?token={token}")).await;
+    let Open {
+        token: _,
+        project: _project,
+        session,
+        mut ws,
+    } = s.open().await;
     let reply = Reply::numbered(3000);
     s.stub.push(reply.clone());
     send(&mut ws, &session, "count").await;
@@ -101,13 +125,12 @@ async fn three_thousand_deltas_arrive_whole_and_in_order() {
 #[actix_rt::test]
 async fn abort_mid_stream_and_subscribe_mid_run() {
     let s = setup();
-    let token = s.server.token("alice");
-    let project = project_dir();
-    let session = s
-        .server
-        .create_session(&token, "claude", project.path())
-        .await;
-    let mut ws = s.server.ws(&format!("/ws?token={token}")).await;
+    let Open {
+        token,
+        project: _project,
+        session,
+        mut ws,
+    } = s.open().await;
     s.stub
         .push(Reply::numbered(400).with_delay(Duration::from_millis(30)));
     send(&mut ws, &session, "talk slowly").await;
@@ -153,13 +176,12 @@ async fn abort_mid_stream_and_subscribe_mid_run() {
 #[actix_rt::test]
 async fn permission_allow_and_deny() {
     let s = setup();
-    let token = s.server.token("alice");
-    let project = project_dir();
-    let session = s
-        .server
-        .create_session(&token, "claude", project.path())
-        .await;
-    let mut ws = s.server.ws(&format!("/ws?token={token}")).await;
+    let Open {
+        token,
+        project,
+        session,
+        mut ws,
+    } = s.open().await;
 
     s.stub.push(Reply::bash("echo made > made.txt"));
     s.stub.push(Reply::text("created it"));
@@ -211,13 +233,12 @@ async fn permission_allow_and_deny() {
 #[actix_rt::test]
 async fn cli_killed_mid_run_then_session_runs_again() {
     let s = setup();
-    let token = s.server.token("alice");
-    let project = project_dir();
-    let session = s
-        .server
-        .create_session(&token, "claude", project.path())
-        .await;
-    let mut ws = s.server.ws(&format!("/ws?token={token}")).await;
+    let Open {
+        token: _,
+        project: _project,
+        session,
+        mut ws,
+    } = s.open().await;
     s.stub
         .push(Reply::numbered(400).with_delay(Duration::from_millis(30)));
     send(&mut ws, &session, "talk slowly").await;

@@ -31,7 +31,7 @@ use crate::run_registry::{
     AbortRun, CloseSocket, Connect, Deliver, Disconnect, RespondPermission, RunRegistry, SocketId,
     StartRun, Subscribe,
 };
-use crate::store::{self, Store};
+use crate::store::{self, SessionRow, Store};
 use crate::AuthUser;
 
 /// Deliveries queued for one socket before it counts as a slow consumer.
@@ -114,112 +114,99 @@ impl ChatSocket {
                 content,
                 options,
                 client_request_id,
-            } => {
-                let fut = async move {
-                    let row = match store::owned_session(&store, &session_id, user_id).await {
-                        Ok(Some(row)) => row,
-                        Ok(None) => return Err((Self::not_found(), session_id)),
-                        Err(e) => {
-                            return Err((
-                                ChatError::new(ErrorCode::InternalError, e.to_string()),
-                                session_id,
-                            ))
-                        }
-                    };
+            } => self.answer(ctx, async move {
+                let start = async {
+                    let session = owned_row(&store, &session_id, user_id).await?;
                     let start = StartRun {
                         socket,
                         user_id,
-                        session: row,
+                        session,
                         content,
                         options,
                         client_request_id,
                     };
-                    match registry.send(start).await {
-                        Ok(Ok(())) => Ok(()),
-                        Ok(Err(e)) => Err((e, session_id)),
-                        Err(e) => Err((
-                            ChatError::new(ErrorCode::InternalError, e.to_string()),
-                            session_id,
-                        )),
-                    }
+                    registry.send(start).await.map_err(internal)?
                 };
-                ctx.spawn(fut.into_actor(self).map(|res, act, ctx| {
-                    act.inflight -= 1;
-                    if let Err((err, sid)) = res {
-                        Self::send_error(ctx, &err, Some(&sid));
-                    }
-                }));
-            }
-            ClientMessage::Abort { session_id } => {
-                let fut = async move {
-                    let res = registry
-                        .send(AbortRun {
-                            user_id,
-                            session_id: session_id.clone(),
-                        })
-                        .await;
-                    match res {
-                        Ok(Ok(())) => Ok(()),
-                        Ok(Err(e)) => Err((e, session_id)),
-                        Err(e) => Err((
-                            ChatError::new(ErrorCode::InternalError, e.to_string()),
-                            session_id,
-                        )),
-                    }
+                refusal(start.await, session_id)
+            }),
+            ClientMessage::Abort { session_id } => self.answer(ctx, async move {
+                let abort = AbortRun {
+                    user_id,
+                    session_id: session_id.clone(),
                 };
-                ctx.spawn(fut.into_actor(self).map(|res, act, ctx| {
-                    act.inflight -= 1;
-                    if let Err((err, sid)) = res {
-                        Self::send_error(ctx, &err, Some(&sid));
-                    }
-                }));
-            }
-            ClientMessage::Subscribe { sessions } => {
-                // One after the other, so acks come back in the order asked.
-                let fut = async move {
-                    let mut missing = Vec::new();
-                    for target in sessions {
-                        match store::owned_session(&store, &target.session_id, user_id).await {
-                            Ok(Some(row)) => {
-                                let _ = registry
-                                    .send(Subscribe {
-                                        socket,
-                                        session: row,
-                                        last_seq: target.last_seq,
-                                    })
-                                    .await;
+                let result = registry.send(abort).await.map_err(internal);
+                refusal(result.and_then(|r| r), session_id)
+            }),
+            // One entry after the other, so acks come back in the order asked.
+            ClientMessage::Subscribe { sessions } => self.answer(ctx, async move {
+                let mut refusals = Vec::new();
+                for target in sessions {
+                    match owned_row(&store, &target.session_id, user_id).await {
+                        Ok(session) => {
+                            let subscribe = Subscribe {
+                                socket,
+                                session,
+                                last_seq: target.last_seq,
+                            };
+                            if let Err(e) = registry.send(subscribe).await {
+                                refusals.push((internal(e), target.session_id));
                             }
-                            Ok(None) => missing.push((Self::not_found(), target.session_id)),
-                            Err(e) => missing.push((
-                                ChatError::new(ErrorCode::InternalError, e.to_string()),
-                                target.session_id,
-                            )),
                         }
+                        Err(e) => refusals.push((e, target.session_id)),
                     }
-                    missing
-                };
-                ctx.spawn(fut.into_actor(self).map(|missing, act, ctx| {
-                    act.inflight -= 1;
-                    for (err, sid) in missing {
-                        Self::send_error(ctx, &err, Some(&sid));
-                    }
-                }));
-            }
+                }
+                refusals
+            }),
+            // Never answered with an error, as in the reference.
             ClientMessage::PermissionResponse {
                 request_id,
                 decision,
-            } => {
+            } => self.answer(ctx, async move {
                 let answer = RespondPermission {
                     user_id,
                     request_id,
                     decision,
                 };
-                ctx.spawn(registry.send(answer).into_actor(self).map(|_, act, _| {
-                    act.inflight -= 1;
-                }));
-            }
+                let _ = registry.send(answer).await;
+                Vec::new()
+            }),
             ClientMessage::Ignored => self.inflight -= 1,
         }
+    }
+
+    /// Runs one client request beside the stream (never blocking the
+    /// socket) and answers its refusals as `protocol_error`s.
+    fn answer(
+        &mut self,
+        ctx: &mut ws::WebsocketContext<Self>,
+        request: impl std::future::Future<Output = Refusals> + 'static,
+    ) {
+        ctx.spawn(request.into_actor(self).map(|refusals, act, ctx| {
+            act.inflight -= 1;
+            for (err, session_id) in refusals {
+                Self::send_error(ctx, &err, Some(&session_id));
+            }
+        }));
+    }
+}
+
+/// Errors to answer, each with the session it concerns.
+type Refusals = Vec<(ChatError, String)>;
+
+fn internal(err: impl std::fmt::Display) -> ChatError {
+    ChatError::new(ErrorCode::InternalError, err.to_string())
+}
+
+fn refusal(result: Result<(), ChatError>, session_id: String) -> Refusals {
+    result.err().map(|e| (e, session_id)).into_iter().collect()
+}
+
+/// The session row if it exists and belongs to the user (else `SESSION_NOT_FOUND`, E3).
+async fn owned_row(store: &Store, session_id: &str, user_id: i64) -> Result<SessionRow, ChatError> {
+    match store::owned_session(store, session_id, user_id).await {
+        Ok(Some(row)) => Ok(row),
+        Ok(None) => Err(ChatSocket::not_found()),
+        Err(e) => Err(internal(e)),
     }
 }
 
