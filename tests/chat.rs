@@ -692,3 +692,31 @@ async fn id_announced_by_a_crashed_run_is_not_resumed() {
         streamed_text(&events)
     );
 }
+
+/// `rememberEntry` allows that tool for the rest of the run: the second
+/// request of the same tool is answered by the gateway, not the user.
+#[actix_rt::test]
+async fn remember_entry_allows_the_tool_for_the_rest_of_the_run() {
+    let server = fake_server();
+    let mut c = chat(&server, "alice").await;
+    send(&mut c.ws, &c.session, "permission:Bash asks:3 text:1").await;
+    let (req, _) = c.ws.recv_until_kind("permission_request").await;
+    c.ws.send_json(json!({"type":"chat.permission-response","requestId": req["requestId"], "allow": true, "rememberEntry": "Bash"}))
+        .await;
+    let events = until_complete(&mut c.ws, &c.session).await;
+    assert!(
+        of_kind(&events, "permission_request").is_empty(),
+        "asked again: {events:?}"
+    );
+    let results = of_kind(&events, "tool_result");
+    assert_eq!(results.len(), 3);
+    assert!(results.iter().all(|r| r["isError"] == false));
+    // Only for that run: the next run asks again.
+    send(&mut c.ws, &c.session, "permission:Bash text:1").await;
+    let (req, _) = c.ws.recv_until_kind("permission_request").await;
+    c.ws.send_json(
+        json!({"type":"chat.permission-response","requestId": req["requestId"], "allow": false}),
+    )
+    .await;
+    until_complete(&mut c.ws, &c.session).await;
+}

@@ -551,6 +551,26 @@ impl RunRegistry {
         self.session_upserted(session_id);
     }
 
+    /// Removes a pending permission request of the session's run (matched
+    /// by `is_it`), stops its timer and forgets its id. Returns it with the
+    /// run's address, to answer the CLI.
+    fn take_pending(
+        &mut self,
+        session_id: &str,
+        is_it: impl Fn(&Pending) -> bool,
+        ctx: &mut Context<Self>,
+    ) -> Option<(Pending, Option<Addr<ProviderRun>>)> {
+        let run = self.sessions.get_mut(session_id)?.run.as_mut()?;
+        let pos = run.pending.iter().position(is_it)?;
+        let mut pending = run.pending.remove(pos);
+        if let Some(timer) = pending.timer.take() {
+            ctx.cancel_future(timer);
+        }
+        let addr = run.addr.clone();
+        self.permissions.remove(&pending.request_id);
+        Some((pending, addr))
+    }
+
     fn handle_provider_event(
         &mut self,
         session_id: &str,
@@ -635,30 +655,18 @@ impl RunRegistry {
             ProviderEvent::PermissionWithdrawn {
                 provider_request_id,
             } => {
-                let Some(run) = self
-                    .sessions
-                    .get_mut(session_id)
-                    .and_then(|s| s.run.as_mut())
-                else {
-                    return;
-                };
-                let Some(pos) = run
-                    .pending
-                    .iter()
-                    .position(|p| p.provider_request_id == provider_request_id)
-                else {
-                    return;
-                };
-                let p = run.pending.remove(pos);
-                if let Some(timer) = p.timer {
-                    ctx.cancel_future(timer);
+                let taken = self.take_pending(
+                    session_id,
+                    |p| p.provider_request_id == provider_request_id,
+                    ctx,
+                );
+                if let Some((p, _)) = taken {
+                    let body = EventBody::PermissionCancelled {
+                        request_id: p.request_id,
+                        reason: "cancelled".into(),
+                    };
+                    frames.extend(self.sequence(session_id, &Event::from(body)));
                 }
-                self.permissions.remove(&p.request_id);
-                let body = EventBody::PermissionCancelled {
-                    request_id: p.request_id,
-                    reason: "cancelled".into(),
-                };
-                frames.extend(self.sequence(session_id, &Event::from(body)));
             }
             ProviderEvent::TurnComplete { exit_code } => {
                 self.broadcast(session_id, std::mem::take(frames));
@@ -673,21 +681,13 @@ impl RunRegistry {
         &mut self,
         session_id: &str,
         request_id: &str,
-        _ctx: &mut Context<Self>,
+        ctx: &mut Context<Self>,
     ) {
-        let Some(run) = self
-            .sessions
-            .get_mut(session_id)
-            .and_then(|s| s.run.as_mut())
+        let Some((p, addr)) = self.take_pending(session_id, |p| p.request_id == request_id, ctx)
         else {
             return;
         };
-        let Some(pos) = run.pending.iter().position(|p| p.request_id == request_id) else {
-            return;
-        };
-        let p = run.pending.remove(pos);
-        self.permissions.remove(request_id);
-        if let Some(addr) = &run.addr {
+        if let Some(addr) = addr {
             addr.do_send(AnswerPermission {
                 provider_request_id: p.provider_request_id,
                 decision: PermissionDecision {
@@ -1027,33 +1027,25 @@ impl Handler<RespondPermission> for RunRegistry {
         let Some(session_id) = self.permissions.get(&msg.request_id).cloned() else {
             return;
         };
-        let Some(state) = self.sessions.get_mut(&session_id) else {
-            return;
-        };
-        if state.owner != msg.user_id {
+        if self.sessions.get(&session_id).map(|s| s.owner) != Some(msg.user_id) {
             return;
         }
-        let Some(run) = state.run.as_mut() else {
-            return;
-        };
-        let Some(pos) = run
-            .pending
-            .iter()
-            .position(|p| p.request_id == msg.request_id)
+        let request_id = msg.request_id.clone();
+        let Some((p, addr)) = self.take_pending(&session_id, |p| p.request_id == request_id, ctx)
         else {
             return;
         };
-        let p = run.pending.remove(pos);
-        self.permissions.remove(&msg.request_id);
-        if let Some(timer) = p.timer {
-            ctx.cancel_future(timer);
-        }
         if msg.decision.allow {
-            if let Some(entry) = &msg.decision.remember_entry {
+            if let (Some(entry), Some(run)) = (
+                &msg.decision.remember_entry,
+                self.sessions
+                    .get_mut(&session_id)
+                    .and_then(|s| s.run.as_mut()),
+            ) {
                 run.remembered.push(entry.clone());
             }
         }
-        if let Some(addr) = &run.addr {
+        if let Some(addr) = addr {
             addr.do_send(AnswerPermission {
                 provider_request_id: p.provider_request_id,
                 decision: msg.decision,

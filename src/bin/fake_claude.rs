@@ -16,6 +16,7 @@
 //! | `ts` | each delta starts with `t=<unix nanos>;`, stamped when the line is written to stdout (latency measurement) |
 //! | `chunk:B` | write stdout in chunks of up to B bytes (default: every line on its own with `ts` or `delay_ms`, else 64 KiB) |
 //! | `permission:TOOL` | ask `can_use_tool` for TOOL first; the answer decides the tool result |
+//! | `asks:N` | with `permission`, ask N times in the turn (default 1) |
 //! | `exit:C` | exit with code C before the result |
 //! | `crash` | kill itself with SIGKILL mid-stream |
 //! | `hang` | stop writing and never exit by itself |
@@ -39,6 +40,7 @@ struct Script {
     delay: Duration,
     timestamps: bool,
     permission: Option<String>,
+    asks: usize,
     exit: Option<i32>,
     crash: bool,
     hang: bool,
@@ -59,6 +61,7 @@ impl Script {
             delay: Duration::ZERO,
             timestamps: false,
             permission: None,
+            asks: 1,
             exit: None,
             crash: false,
             hang: false,
@@ -78,6 +81,7 @@ impl Script {
                 "delay_ms" => s.delay = Duration::from_millis(value.parse().unwrap_or(0)),
                 "ts" => s.timestamps = true,
                 "permission" => s.permission = Some(value.to_string()),
+                "asks" => s.asks = value.parse().unwrap_or(1),
                 "exit" => s.exit = value.parse().ok(),
                 "crash" => s.crash = true,
                 "hang" => s.hang = true,
@@ -252,15 +256,19 @@ fn main() {
         out.line(json!({"type":"system","subtype":"init","session_id":session,"cwd":std::env::current_dir().map(|d| d.display().to_string()).unwrap_or_default(),"model":"fake","tools":["Bash"]}));
 
         let mut tool_denied = None;
-        if let Some(tool) = &script.permission {
-            out.line(json!({"type":"assistant","message":{"id":format!("msg_tool_{turn}"),"role":"assistant","content":[{"type":"tool_use","id":"toolu_fake","name":tool,"input":{"command":"touch allowed.txt"}}]},"session_id":session,"parent_tool_use_id":null}));
-            out.line(json!({"type":"control_request","request_id":format!("perm-{turn}"),"request":{"subtype":"can_use_tool","tool_name":tool,"input":{"command":"touch allowed.txt"},"tool_use_id":"toolu_fake"}}));
+        for ask in 0..script.asks {
+            let Some(tool) = &script.permission else {
+                break;
+            };
+            let (tool_id, request_id) = (format!("toolu_fake_{ask}"), format!("perm-{turn}-{ask}"));
+            out.line(json!({"type":"assistant","message":{"id":format!("msg_tool_{turn}_{ask}"),"role":"assistant","content":[{"type":"tool_use","id":tool_id,"name":tool,"input":{"command":"touch allowed.txt"}}]},"session_id":session,"parent_tool_use_id":null}));
+            out.line(json!({"type":"control_request","request_id":request_id,"request":{"subtype":"can_use_tool","tool_name":tool,"input":{"command":"touch allowed.txt"},"tool_use_id":tool_id}}));
             out.flush();
             let answer = loop {
                 match rx.recv() {
                     Ok(Input::Line(v)) if v["type"] == "control_response" => break v,
                     Ok(Input::Line(v)) if v["request"]["subtype"] == "interrupt" => {
-                        out.line(json!({"type":"control_cancel_request","request_id":format!("perm-{turn}")}));
+                        out.line(json!({"type":"control_cancel_request","request_id":request_id}));
                         interrupted(&mut out);
                         drain_until_eof(&rx);
                     }
@@ -282,7 +290,7 @@ fn main() {
             } else {
                 "User denied tool use"
             };
-            out.line(json!({"type":"user","message":{"role":"user","content":[{"type":"tool_result","tool_use_id":"toolu_fake","content":content,"is_error":!allowed}]},"session_id":session,"parent_tool_use_id":null}));
+            out.line(json!({"type":"user","message":{"role":"user","content":[{"type":"tool_result","tool_use_id":tool_id,"content":content,"is_error":!allowed}]},"session_id":session,"parent_tool_use_id":null}));
         }
 
         let msg_id = format!("msg_{turn}");
