@@ -18,16 +18,45 @@ pub fn now_iso() -> String {
     humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string()
 }
 
-/// Serializes a JSON value into a frame. Serializing a `Value` or a derived
-/// struct cannot fail (no non-string map keys), so a failure is a bug we log.
+/// Capacity of the per-thread serialization buffer kept between frames; a
+/// bigger one (left by a huge frame) is released instead of kept.
+const SCRATCH_KEEP_BYTES: usize = 64 * 1024;
+
+thread_local! {
+    /// Reused by [`frame_of`]: serializing into a growing `String` per frame
+    /// cost two or three reallocations and left frames in allocations up to
+    /// twice their size (kept for minutes in replay buffers).
+    static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Serializes a JSON value into a frame (an exact-size allocation). Serializing
+/// a `Value` or a derived struct cannot fail (no non-string map keys), so a
+/// failure is a bug we log.
 pub fn frame_of<T: Serialize>(value: &T) -> Frame {
-    match serde_json::to_string(value) {
-        Ok(s) => ByteString::from(s),
-        Err(err) => {
-            tracing::error!(%err, "failed to serialize a frame");
-            ByteString::from_static("{}")
+    let failed = |err: &dyn std::fmt::Display| {
+        tracing::error!(%err, "failed to serialize a frame");
+        ByteString::from_static("{}")
+    };
+    SCRATCH.with(|scratch| {
+        let Ok(mut buf) = scratch.try_borrow_mut() else {
+            // Re-entered from inside a Serialize impl: fall back to a fresh buffer.
+            return serde_json::to_string(value)
+                .map(ByteString::from)
+                .unwrap_or_else(|e| failed(&e));
+        };
+        buf.clear();
+        let frame = match serde_json::to_writer(&mut *buf, value) {
+            // serde_json writes UTF-8 only; the check is cheap insurance.
+            Ok(()) => std::str::from_utf8(&buf)
+                .map(ByteString::from)
+                .unwrap_or_else(|e| failed(&e)),
+            Err(err) => failed(&err),
+        };
+        if buf.capacity() > SCRATCH_KEEP_BYTES {
+            *buf = Vec::new();
         }
-    }
+        frame
+    })
 }
 
 /// Error codes of `protocol_error` frames.

@@ -425,6 +425,8 @@ pub async fn chat_many(ctx: &Ctx) -> Result<Vec<Row>, String> {
         Row::new(s, "p99 latency at 10k events/s", median(&paced_p99), Unit::Millis, Target::Below(2.0))
             .note(format!("offered {:.0} events/s ({runs} runs, one event every {delay_ms} ms each); after a 0.5 s warm-up", median(&offered))),
         Row::new(s, "peak RSS", mb(gw.hwm_kib()), Unit::MB, Target::Below(RSS_TARGET_MB)),
+        Row::new(s, "RSS after the runs", mb(gw.rss_kib()), Unit::MB, Target::None)
+            .note(format!("the {runs} completed runs' replay buffers are kept for 5 minutes")),
         Row::new(s, "seq gaps", gaps as f64, Unit::Count, Target::Equals(0.0))
             .also(complete)
             .note(if complete { "" } else { "events missing" }),
