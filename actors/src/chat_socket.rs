@@ -15,18 +15,31 @@
 //! batch of at most 64 KiB of provider output). A client that stops reading
 //! stalls this actor (actix-web stops polling it while its write buffer is
 //! full), its mailbox fills, and the registry closes it with 4008.
+//! Delivered batches wait in a backlog of shared frames (the bytes the
+//! registry serialized once, not copies) and are handed to the WebSocket
+//! encoder at most [`WRITE_BYTES_PER_POLL`] per poll, i.e. only as fast as the
+//! HTTP layer writes: a thousand subscribers behind one fast run hold one copy
+//! of the stream, not a thousand encoded ones. A backlog above
+//! [`BACKLOG_MAX_BYTES`] closes the socket with 4008 as well.
 //!
 //! **Stops** on client close, heartbeat timeout, [`CloseSocket`], or a
 //! protocol error; `stopped` tells the registry.
 
+use std::collections::VecDeque;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context as TaskContext, Poll};
 use std::time::Duration;
 
+use actix::fut::ActorFuture;
 use actix::prelude::*;
 use actix_web_actors::ws;
 use serde_json::json;
 
 use crate::heartbeat::Heartbeat;
-use crate::protocol::{frame_of, now_iso, protocol_error, ChatError, ClientMessage, ErrorCode};
+use crate::protocol::{
+    frame_of, now_iso, protocol_error, ChatError, ClientMessage, ErrorCode, Frame,
+};
 use crate::run_registry::{
     AbortRun, CloseSocket, Connect, Deliver, Disconnect, RespondPermission, RunRegistry, SocketId,
     StartRun, Subscribe,
@@ -36,6 +49,12 @@ use crate::AuthUser;
 
 /// Deliveries queued for one socket before it counts as a slow consumer.
 pub const MAILBOX_CAPACITY: usize = 256;
+/// Bytes of delivered frames one socket may hold unwritten (shared with the
+/// replay buffer and other subscribers); more makes it a slow consumer (4008).
+pub const BACKLOG_MAX_BYTES: usize = 16 * 1024 * 1024;
+/// Frame bytes handed to the WebSocket encoder per poll of this actor. Polls
+/// come when the HTTP layer has room, so this bounds the encoded copy per socket.
+pub const WRITE_BYTES_PER_POLL: usize = 64 * 1024;
 /// Client requests of one socket being answered at once; more are refused
 /// with `RATE_LIMITED` rather than queued.
 pub const MAX_INFLIGHT: usize = 64;
@@ -49,6 +68,12 @@ pub struct ChatSocket {
     id: Option<SocketId>,
     /// Requests spawned and not yet answered (bounded by [`MAX_INFLIGHT`]).
     inflight: usize,
+    /// Delivered batches not yet fully written, oldest first.
+    backlog: VecDeque<Arc<[Frame]>>,
+    /// Index of the next frame to write in `backlog.front()`.
+    backlog_next: usize,
+    /// Bytes of the frames in `backlog` not yet written.
+    backlog_bytes: usize,
 }
 
 impl ChatSocket {
@@ -66,7 +91,50 @@ impl ChatSocket {
             hb: Heartbeat::default(),
             id: None,
             inflight: 0,
+            backlog: VecDeque::new(),
+            backlog_next: 0,
+            backlog_bytes: 0,
         }
+    }
+
+    /// Hands backlog frames to the encoder until `budget` bytes are written
+    /// or the backlog is empty; true when frames remain.
+    fn write_backlog(&mut self, budget: usize, ctx: &mut ws::WebsocketContext<Self>) -> bool {
+        let mut written = 0;
+        while written < budget {
+            let Some(batch) = self.backlog.front() else {
+                return false;
+            };
+            match batch.get(self.backlog_next) {
+                Some(frame) => {
+                    written += frame.len();
+                    self.backlog_bytes = self.backlog_bytes.saturating_sub(frame.len());
+                    ctx.text(frame.clone());
+                    self.backlog_next += 1;
+                }
+                None => {
+                    self.backlog.pop_front();
+                    self.backlog_next = 0;
+                }
+            }
+        }
+        !self.backlog.is_empty()
+    }
+
+    fn close(&mut self, code: u16, reason: &str, ctx: &mut ws::WebsocketContext<Self>) {
+        if code == 4008 {
+            // A slow client would only fall further behind: drop its backlog.
+            self.backlog.clear();
+            self.backlog_bytes = 0;
+        } else {
+            // Shutdown (1001) after a run's last events: the client gets them first.
+            self.write_backlog(usize::MAX, ctx);
+        }
+        ctx.close(Some(ws::CloseReason {
+            code: ws::CloseCode::from(code),
+            description: Some(reason.to_string()),
+        }));
+        ctx.stop();
     }
 
     fn send_error(ctx: &mut ws::WebsocketContext<Self>, err: &ChatError, session_id: Option<&str>) {
@@ -215,6 +283,7 @@ impl Actor for ChatSocket {
 
     fn started(&mut self, ctx: &mut Self::Context) {
         ctx.set_mailbox_capacity(MAILBOX_CAPACITY);
+        ctx.spawn(DeliveryPump);
         Heartbeat::start(
             ctx,
             self.heartbeat_interval,
@@ -255,8 +324,12 @@ impl Handler<Deliver> for ChatSocket {
     type Result = ();
 
     fn handle(&mut self, msg: Deliver, ctx: &mut Self::Context) {
-        for frame in msg.0.iter() {
-            ctx.text(frame.clone());
+        // Queued, not encoded: the pump writes as fast as the client reads.
+        self.backlog_bytes += msg.0.iter().map(|f| f.len()).sum::<usize>();
+        self.backlog.push_back(msg.0);
+        if self.backlog_bytes > BACKLOG_MAX_BYTES {
+            tracing::warn!(actor = "ChatSocket", socket = ?self.id, backlog_bytes = self.backlog_bytes, reason = "slow consumer", "closing socket with 4008");
+            self.close(4008, "slow consumer", ctx);
         }
     }
 }
@@ -265,11 +338,28 @@ impl Handler<CloseSocket> for ChatSocket {
     type Result = ();
 
     fn handle(&mut self, msg: CloseSocket, ctx: &mut Self::Context) {
-        ctx.close(Some(ws::CloseReason {
-            code: ws::CloseCode::from(msg.code),
-            description: Some(msg.reason.to_string()),
-        }));
-        ctx.stop();
+        self.close(msg.code, msg.reason, ctx);
+    }
+}
+
+/// Runs for the life of the socket: moves up to [`WRITE_BYTES_PER_POLL`] of
+/// backlog frames to the encoder per poll, and wakes itself while frames
+/// remain so the next poll (when the HTTP layer has written) continues.
+struct DeliveryPump;
+
+impl ActorFuture<ChatSocket> for DeliveryPump {
+    type Output = ();
+
+    fn poll(
+        self: Pin<&mut Self>,
+        act: &mut ChatSocket,
+        ctx: &mut ws::WebsocketContext<ChatSocket>,
+        task: &mut TaskContext<'_>,
+    ) -> Poll<()> {
+        if act.write_backlog(WRITE_BYTES_PER_POLL, ctx) {
+            task.waker().wake_by_ref();
+        }
+        Poll::Pending
     }
 }
 
