@@ -15,7 +15,8 @@
 //! ```
 //!
 //! Scenarios: chat-one, chat-many, fanout, replay, idle, shell, proxy,
-//! slow-client. Figures are medians over `--reps` repetitions. Traffic goes
+//! slow-client, and `micro` (the per-event parse and serialization cost,
+//! in-process; run it under callgrind for instruction counts). Figures are medians over `--reps` repetitions. Traffic goes
 //! to 127.0.0.1 only; every wait is bounded. The tool raises its own
 //! RLIMIT_NOFILE to the hard limit (`idle` needs about 10,200 descriptors
 //! in the tool and as many in the gateway, which inherits the limit).
@@ -27,6 +28,8 @@
 mod chat;
 #[path = "loadgen/gateway.rs"]
 mod gateway;
+#[path = "loadgen/micro.rs"]
+mod micro;
 #[path = "loadgen/proxy.rs"]
 mod proxy;
 #[path = "loadgen/report.rs"]
@@ -47,7 +50,7 @@ use serde_json::json;
 use gateway::Bins;
 use report::Row;
 
-const SCENARIOS: [&str; 8] = [
+const SCENARIOS: [&str; 9] = [
     "chat-one",
     "chat-many",
     "fanout",
@@ -56,6 +59,7 @@ const SCENARIOS: [&str; 8] = [
     "shell",
     "proxy",
     "slow-client",
+    "micro",
 ];
 
 #[derive(Parser, Debug)]
@@ -73,6 +77,9 @@ struct Args {
     /// Repetitions per figure (the median is reported); default 3.
     #[arg(long, default_value_t = 3)]
     reps: usize,
+    /// Events per run in chat-one (default 200,000; 50,000 with --quick).
+    #[arg(long)]
+    events: Option<usize>,
     /// Directory holding agentgate, fake_claude and examples/echo_plugin
     /// (default: the profile dir this tool was built into).
     #[arg(long)]
@@ -84,6 +91,8 @@ pub struct Ctx {
     pub bins: Bins,
     pub quick: bool,
     pub reps: usize,
+    /// `--events`: overrides chat-one's events per run.
+    pub events: Option<usize>,
     pub client: awc::Client,
     /// RLIMIT_NOFILE after raising it.
     pub nofile: u64,
@@ -149,6 +158,7 @@ async fn run_scenario(name: &str, ctx: &Ctx) -> Vec<Row> {
         "shell" => shell::shell(ctx).await,
         "proxy" => proxy::proxy(ctx).await,
         "slow-client" => chat::slow_client(ctx).await,
+        "micro" => micro::micro(ctx).await,
         other => Err(format!("unknown scenario {other:?}")),
     };
     result.unwrap_or_else(|err| {
@@ -188,6 +198,7 @@ fn main() -> std::process::ExitCode {
             bins,
             quick: args.quick,
             reps: args.reps.max(1),
+            events: args.events,
             client: ws::client(),
             nofile,
         };

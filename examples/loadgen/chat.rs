@@ -284,7 +284,9 @@ pub async fn pipe_baseline(bins: &Bins, prompt: &str, runs: usize) -> Result<Pip
 // ---------------------------------------------------------------- chat-one
 
 pub async fn chat_one(ctx: &Ctx) -> Result<Vec<Row>, String> {
-    let events = if ctx.quick { 50_000 } else { 200_000 };
+    let events = ctx
+        .events
+        .unwrap_or(if ctx.quick { 50_000 } else { 200_000 });
     let prompt = format!("text:{events} size:{EVENT_BYTES} ts");
     let gw = Gateway::start(&ctx.bins, |_, _| {})?;
     let (_project, sid) = session(&gw).await?;

@@ -2,6 +2,8 @@
 //! 127.0.0.1:0 with its own temp data dir, started fresh for each scenario
 //! so its peak RSS (VmHWM) belongs to that scenario alone.
 //!
+//! `LOADGEN_GATEWAY_WRAP="valgrind --tool=callgrind ..."` starts the gateway
+//! under a tool (then ignore its RSS and speed, count its instructions).
 //! `LOADGEN_PERF=<file>` attaches `perf record -g` (cpu-clock) to each
 //! gateway started (run one scenario, or the file is overwritten).
 
@@ -16,7 +18,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 /// How long the gateway gets to print its `listening on` line.
-const START_TIMEOUT: Duration = Duration::from_secs(20);
+const START_TIMEOUT: Duration = Duration::from_secs(60);
 /// After SIGTERM, how long before SIGKILL when stopping the gateway.
 const STOP_GRACE: Duration = Duration::from_secs(5);
 /// Gateway stderr lines kept for error messages.
@@ -84,7 +86,17 @@ impl Gateway {
     ) -> Result<Gateway, String> {
         let data = tempfile::tempdir().map_err(|e| format!("temp dir: {e}"))?;
         let token = token(bins, data.path(), "bench")?;
-        let mut cmd = Command::new(&bins.agentgate);
+        // `LOADGEN_GATEWAY_WRAP="valgrind --tool=callgrind"` runs the gateway under a tool.
+        let wrap = std::env::var("LOADGEN_GATEWAY_WRAP").unwrap_or_default();
+        let mut words = wrap.split_whitespace();
+        let mut cmd = match words.next() {
+            Some(tool) => {
+                let mut c = Command::new(tool);
+                c.args(words).arg(&bins.agentgate);
+                c
+            }
+            None => Command::new(&bins.agentgate),
+        };
         cmd.arg("serve")
             .arg("--listen")
             .arg("127.0.0.1:0")
