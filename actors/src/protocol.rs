@@ -14,8 +14,25 @@ use serde_json::{Map, Value};
 pub type Frame = ByteString;
 
 /// Current time as ISO 8601 with milliseconds, e.g. `2026-07-08T10:00:05.120Z`.
+/// Formatted once per millisecond per thread: a streaming run stamps
+/// hundreds of events within the same millisecond.
 pub fn now_iso() -> String {
-    humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string()
+    thread_local! {
+        static LAST: std::cell::RefCell<(u128, String)> = const { std::cell::RefCell::new((0, String::new())) };
+    }
+    let now = std::time::SystemTime::now();
+    let millis = now
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis());
+    LAST.with(|last| match last.try_borrow_mut() {
+        Ok(mut last) => {
+            if last.0 != millis || last.1.is_empty() {
+                *last = (millis, humantime::format_rfc3339_millis(now).to_string());
+            }
+            last.1.clone()
+        }
+        Err(_) => humantime::format_rfc3339_millis(now).to_string(),
+    })
 }
 
 /// Capacity of the per-thread serialization buffer kept between frames; a
@@ -452,9 +469,129 @@ pub struct Envelope<'a> {
     pub body: &'a EventBody,
 }
 
+impl Envelope<'_> {
+    /// The frame of this event: byte for byte what [`frame_of`] gives, for a
+    /// fifth of the work. The envelope's own fields are written directly
+    /// (strings that need no escaping are copied as they are) instead of
+    /// through serde's flatten map, and a `stream_delta` body too; other
+    /// bodies are serialized by serde and spliced in.
+    pub fn to_frame(&self) -> Frame {
+        SCRATCH.with(|scratch| {
+            let Ok(mut buf) = scratch.try_borrow_mut() else {
+                return frame_of(self);
+            };
+            buf.clear();
+            buf.extend_from_slice(b"{\"id\":");
+            push_json_str(&mut buf, self.id);
+            buf.extend_from_slice(b",\"sessionId\":");
+            push_json_str(&mut buf, self.session_id);
+            buf.extend_from_slice(b",\"timestamp\":");
+            push_json_str(&mut buf, self.timestamp);
+            buf.extend_from_slice(b",\"provider\":");
+            push_json_str(&mut buf, self.provider);
+            buf.extend_from_slice(b",\"seq\":");
+            // Writing a number into a Vec cannot fail.
+            let _ = serde_json::to_writer(&mut *buf, &self.seq);
+            buf.extend_from_slice(b",\"runId\":");
+            push_json_str(&mut buf, self.run_id);
+            if let Some(parent) = self.parent_tool_use_id {
+                buf.extend_from_slice(b",\"parentToolUseId\":");
+                push_json_str(&mut buf, parent);
+            }
+            if let EventBody::StreamDelta { content } = self.body {
+                buf.extend_from_slice(b",\"kind\":\"stream_delta\",\"content\":");
+                push_json_str(&mut buf, content);
+                buf.push(b'}');
+            } else {
+                // The body is an internally tagged struct variant: a JSON object
+                // whose entries continue ours once its `{` becomes a `,`.
+                let at = buf.len();
+                let spliced = serde_json::to_writer(&mut *buf, self.body).is_ok()
+                    && buf.get(at) == Some(&b'{');
+                if !spliced {
+                    drop(buf);
+                    return frame_of(self);
+                }
+                if let Some(open) = buf.get_mut(at) {
+                    *open = b',';
+                }
+            }
+            let frame = match std::str::from_utf8(&buf) {
+                Ok(text) => ByteString::from(text),
+                Err(_) => {
+                    drop(buf);
+                    return frame_of(self);
+                }
+            };
+            if buf.capacity() > SCRATCH_KEEP_BYTES {
+                *buf = Vec::new();
+            }
+            frame
+        })
+    }
+}
+
+/// Appends `s` as a JSON string: copied as it is when no byte needs an
+/// escape (the check has no early exit, so it compiles to vector code),
+/// else escaped by serde_json exactly as [`frame_of`] would.
+fn push_json_str(buf: &mut Vec<u8>, s: &str) {
+    let needs_escape = s.bytes().fold(false, |acc, b| {
+        acc | (b < 0x20) | (b == b'"') | (b == b'\\')
+    });
+    if needs_escape {
+        // Writing a str into a Vec cannot fail.
+        let _ = serde_json::to_writer(&mut *buf, s);
+    } else {
+        buf.push(b'"');
+        buf.extend_from_slice(s.as_bytes());
+        buf.push(b'"');
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn envelope_to_frame_is_byte_for_byte_frame_of() {
+        let texts = [
+            "plain text",
+            "",
+            "quote \" backslash \\ newline \n tab \t nul \u{0} del \u{7f}",
+            "unicode é ✓ 𝄞 and \u{1f} control",
+        ];
+        let mut bodies: Vec<EventBody> = texts
+            .iter()
+            .map(|t| EventBody::StreamDelta {
+                content: t.to_string(),
+            })
+            .collect();
+        bodies.push(EventBody::StreamEnd {});
+        bodies.push(EventBody::error("boom \"x\""));
+        bodies.push(EventBody::Complete {
+            actual_session_id: "s".into(),
+            exit_code: 1,
+            success: false,
+            aborted: true,
+        });
+        for body in &bodies {
+            for parent in [None, Some("toolu_1"), Some("we\"ird")] {
+                for id in ["run:1", "r\\un:2"] {
+                    let env = Envelope {
+                        id,
+                        session_id: "6353e92a-3dda-4327-85e4-f02c17e3b567",
+                        timestamp: "2026-07-08T10:00:05.120Z",
+                        provider: "claude",
+                        seq: u64::MAX,
+                        run_id: "6c9fe3f6-75cf-4729-ba8e-3e96b15a1e69",
+                        parent_tool_use_id: parent,
+                        body,
+                    };
+                    assert_eq!(env.to_frame(), frame_of(&env));
+                }
+            }
+        }
+    }
 
     #[test]
     fn parse_rejects_non_json_and_non_objects() {

@@ -344,7 +344,7 @@ impl RunRegistry {
         let seq = state.last_seq;
         let id = format!("{run_id}:{seq}");
         let timestamp = now_iso();
-        let frame = frame_of(&Envelope {
+        let frame = Envelope {
             id: &id,
             session_id,
             timestamp: &timestamp,
@@ -353,7 +353,8 @@ impl RunRegistry {
             run_id: &run_id,
             parent_tool_use_id: event.parent_tool_use_id.as_deref(),
             body: &event.body,
-        });
+        }
+        .to_frame();
         state.buffer_bytes += frame.len();
         state.buffer.push_back((seq, frame.clone()));
         while state.buffer.len() > REPLAY_MAX_EVENTS

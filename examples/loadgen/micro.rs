@@ -6,7 +6,7 @@
 
 use std::time::Instant;
 
-use agentgate_actors::protocol::{frame_of, now_iso, Envelope, EventBody};
+use agentgate_actors::protocol::{now_iso, Envelope, EventBody};
 use agentgate_actors::provider::claude::ClaudeParser;
 use agentgate_actors::provider::{LineParser, ProviderEvent};
 
@@ -61,7 +61,7 @@ pub async fn micro(ctx: &Ctx) -> Result<Vec<Row>, String> {
         // What RunRegistry::sequence does per event: id, timestamp, one serialization.
         let id = format!("{run}:{seq}");
         let timestamp = now_iso();
-        let frame = frame_of(&Envelope {
+        let frame = Envelope {
             id: &id,
             session_id: session,
             timestamp: &timestamp,
@@ -70,7 +70,8 @@ pub async fn micro(ctx: &Ctx) -> Result<Vec<Row>, String> {
             run_id: run,
             parent_tool_use_id: None,
             body: &bodies[seq as usize % bodies.len()],
-        });
+        }
+        .to_frame();
         bytes += frame.len();
     }
     let ser_ns = t0.elapsed().as_nanos() as f64 / n as f64;
