@@ -13,6 +13,9 @@ use futures_util::{SinkExt, StreamExt};
 use serde_json::json;
 use tokio::time::Instant;
 
+use agentgate_actors::chat_socket::{BACKLOG_MAX_BYTES, MAILBOX_CAPACITY};
+use agentgate_actors::run_registry::REPLAY_MAX_BYTES;
+
 use crate::gateway::{Bins, Gateway};
 use crate::report::{Row, Target, Unit};
 use crate::stats::{median, Histogram, SeqCheck};
@@ -858,8 +861,11 @@ pub async fn slow_client(ctx: &Ctx) -> Result<Vec<Row>, String> {
         }
     }
     let hwm = gw.hwm_kib();
-    // The configured caps: replay buffer bytes + one socket's full mailbox of batches, over the idle gateway.
-    let cap_mb = mb(base_kib) + 32.0 + 256.0 * 64.0 / 1024.0 + 64.0;
+    // The configured caps over the idle gateway: the replay buffer, and per
+    // subscriber a full mailbox of 64 KiB batches plus a full backlog.
+    let per_socket = (MAILBOX_CAPACITY * 64 * 1024 + BACKLOG_MAX_BYTES) as f64 / 1048576.0;
+    let replay = REPLAY_MAX_BYTES as f64 / 1048576.0;
+    let cap_mb = mb(base_kib) + replay + 2.0 * per_socket;
     let fast_ok = seen.deltas == events && seqc.gaps == 0;
     let s = "slow-client";
     Ok(vec![
@@ -871,7 +877,7 @@ pub async fn slow_client(ctx: &Ctx) -> Result<Vec<Row>, String> {
             Target::Below(cap_mb),
         )
         .note(format!(
-            "cap = idle {:.0} MB + replay 32 MB + mailbox 16 MB + 64 MB slack",
+            "cap = idle {:.0} MB + replay buffer {replay:.0} MB + 2 subscribers x (mailbox + backlog) {per_socket:.0} MB",
             mb(base_kib)
         )),
         Row::new(
