@@ -45,7 +45,7 @@ use crate::config::GatewayConfig;
 use crate::protocol::{
     frame_of, now_iso, ChatError, Envelope, ErrorCode, Event, EventBody, Frame, PermissionDecision,
 };
-use crate::provider::{provider_for, Provider, ProviderEvent, ProviderKind, Turn};
+use crate::provider::{provider_for, safe_id, Provider, ProviderEvent, ProviderKind, Turn};
 use crate::provider_run::{Abort, AnswerPermission, Kill, ProviderRun};
 use crate::store::{self, SessionRow, Store};
 
@@ -581,6 +581,12 @@ impl RunRegistry {
     ) {
         match event {
             ProviderEvent::Emit(event) => frames.extend(self.sequence(session_id, &event)),
+            ProviderEvent::SessionCreated(native) if !safe_id(&native) => {
+                tracing::warn!(
+                    session_id,
+                    "ignoring a native session id with unsafe characters"
+                );
+            }
             ProviderEvent::SessionCreated(native) => {
                 let known = self
                     .sessions
@@ -811,7 +817,14 @@ impl RunRegistry {
         let cwd = resolve_cwd(&row.project_path, &msg.options);
         let turn = Turn {
             app_session_id: session_id.clone(),
-            provider_session_id: state.provider_session_id.clone(),
+            // Never hand an id that could be read as a flag to any CLI.
+            provider_session_id: state.provider_session_id.clone().filter(|id| {
+                let ok = safe_id(id);
+                if !ok {
+                    tracing::warn!(session_id = %session_id, "not resuming: the stored native id has unsafe characters");
+                }
+                ok
+            }),
             content: msg.content,
             options: msg.options,
             cwd,

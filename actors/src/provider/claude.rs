@@ -12,7 +12,7 @@ use std::collections::HashSet;
 
 use serde_json::{json, Map, Value};
 
-use super::{CommandSpec, LineParser, Provider, ProviderEvent, ProviderKind, Turn};
+use super::{safe_id, CommandSpec, LineParser, Provider, ProviderEvent, ProviderKind, Turn};
 use crate::protocol::{Event, EventBody, PermissionDecision, Role};
 
 /// Permission modes the CLI accepts from `options.permissionMode`.
@@ -34,16 +34,6 @@ const HIDDEN_USER_PREFIXES: [&str; 4] = [
 const CONTEXT_WINDOW: u64 = 160_000;
 
 pub struct Claude;
-
-/// Whether an id is safe to pass as a CLI argument value.
-pub fn safe_id(id: &str) -> bool {
-    !id.is_empty()
-        && id.len() <= 256
-        && !id.starts_with('-')
-        && id
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-' | ':'))
-}
 
 fn tool_list(options: &Value, key: &str) -> Option<String> {
     let list: Vec<&str> = options
@@ -78,12 +68,9 @@ impl Provider for Claude {
             spec.arg(arg);
         }
         if let Some(id) = turn.provider_session_id.as_deref() {
-            if safe_id(id) {
-                // The equals form keeps an id from being read as a flag.
-                spec.arg(format!("--resume={id}"));
-            } else {
-                tracing::warn!(session_id = %turn.app_session_id, "not resuming: stored provider id has unsafe characters");
-            }
+            // The equals form keeps an id from being read as a flag (the
+            // registry only hands out ids that pass `safe_id`).
+            spec.arg(format!("--resume={id}"));
         }
         if let Some(model) = turn.option_str("model").filter(|m| safe_id(m)) {
             spec.arg("--model").arg(model);
@@ -885,8 +872,7 @@ not json at all
         assert!(spec.keep_stdin_open);
 
         let evil = Turn {
-            provider_session_id: Some("--dangerously".into()),
-            options: json!({"permissionMode": "yolo"}),
+            options: json!({"permissionMode": "yolo", "model": "--dangerously"}),
             ..turn
         };
         let args: Vec<String> = Claude

@@ -25,13 +25,9 @@ pub const STDERR_LINE_MAX: usize = 2_000;
 /// How much of a malformed stdout line goes into the log.
 const LOG_LINE_PREVIEW: usize = 200;
 
-/// Sets what every JSON-lines adapter's command shares: `PWD` = the turn's
-/// cwd (the gateway's own `PWD` is inherited otherwise, and OpenCode runs
-/// its tools in `$PWD`, not in its working directory) and the hung-CLI
-/// timeout.
-pub fn common_setup(spec: &mut CommandSpec, turn: &Turn) {
-    spec.env
-        .push(("PWD".into(), turn.cwd.clone().into_os_string()));
+/// Sets what every JSON-lines adapter's command shares: the hung-CLI
+/// timeout. (`PWD` = the turn's cwd is set by `ProviderRun` for every child.)
+pub fn common_setup(spec: &mut CommandSpec) {
     spec.idle_timeout = Some(CLI_IDLE_TIMEOUT);
 }
 

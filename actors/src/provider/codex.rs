@@ -78,7 +78,7 @@ impl Provider for Codex {
         // never parsed as a flag.
         spec.arg("-");
         spec.stdin = Some(turn.content.clone().into_bytes());
-        common_setup(&mut spec, turn);
+        common_setup(&mut spec);
         spec
     }
 

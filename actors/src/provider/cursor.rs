@@ -69,7 +69,7 @@ impl Provider for Cursor {
             spec.arg("--");
         }
         spec.arg(turn.content.as_str());
-        common_setup(&mut spec, turn);
+        common_setup(&mut spec);
         spec
     }
 

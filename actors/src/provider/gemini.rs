@@ -72,7 +72,7 @@ impl Provider for Gemini {
             spec.arg(format!("--resume={id}"));
         }
         spec.stdin = Some(turn.content.clone().into_bytes());
-        common_setup(&mut spec, turn);
+        common_setup(&mut spec);
         spec
     }
 

@@ -82,12 +82,25 @@ impl FromStr for ProviderKind {
     }
 }
 
+/// Whether an id (a native session id, a model name) is safe to pass as a
+/// CLI argument value: the safe pattern `^[a-zA-Z0-9_.:-]+$`, not starting
+/// with `-`, at most 256 bytes.
+pub fn safe_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 256
+        && !id.starts_with('-')
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-' | ':'))
+}
+
 /// Everything a provider needs to build one turn's command.
 #[derive(Debug, Clone)]
 pub struct Turn {
     /// The app session id (never sent to the CLI; for logs).
     pub app_session_id: String,
-    /// The provider-native id to resume, if the session has one.
+    /// The provider-native id to resume, if the session has one (always
+    /// [`safe_id`]: the registry drops any other).
     pub provider_session_id: Option<String>,
     /// The user's prompt.
     pub content: String,
@@ -227,5 +240,30 @@ pub fn provider_for(kind: ProviderKind) -> Option<&'static dyn Provider> {
         ProviderKind::Cursor => Some(&cursor::Cursor),
         ProviderKind::Gemini => Some(&gemini::Gemini),
         ProviderKind::Opencode => Some(&opencode::Opencode),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::safe_id;
+
+    #[test]
+    fn safe_ids_cannot_be_flags_or_shell_text() {
+        for ok in ["0f6e2d1c-5b4a", "ses_abc", "thread.1:2", "A-z_9"] {
+            assert!(safe_id(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "-x",
+            "--resume",
+            "a b",
+            "a;rm",
+            "$(id)",
+            "a/b",
+            "é",
+            &"x".repeat(257),
+        ] {
+            assert!(!safe_id(bad), "{bad}");
+        }
     }
 }

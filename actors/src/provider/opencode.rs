@@ -75,7 +75,7 @@ impl Provider for Opencode {
             }
         }
         spec.stdin = Some(turn.content.clone().into_bytes());
-        common_setup(&mut spec, turn);
+        common_setup(&mut spec);
         spec
     }
 
@@ -325,7 +325,6 @@ mod tests {
             ]
         );
         assert_eq!(spec.stdin.as_deref(), Some(&b"hello there"[..]));
-        assert_eq!(spec.env, [("PWD".into(), "/work/project".into())]);
         assert_eq!(spec.idle_timeout, Some(CLI_IDLE_TIMEOUT));
 
         let bypass = Opencode.command(&turn(json!({"skipPermissions": true}), None));
