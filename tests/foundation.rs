@@ -351,6 +351,12 @@ async fn data_survives_restart() {
         .await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["data"]["provider"], "codex");
+    // Opening the pool (fresh file, then again) never trips over SQLite's lock.
+    assert!(
+        !server.logs().contains("database is locked"),
+        "{}",
+        server.logs()
+    );
 }
 
 /// SIGTERM: sockets are closed with 1001 and the process exits 0.

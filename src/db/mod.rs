@@ -45,11 +45,12 @@ impl CustomizeConnection<SqliteConnection, diesel::r2d2::Error> for Pragmas {
     fn on_acquire(&self, conn: &mut SqliteConnection) -> Result<(), diesel::r2d2::Error> {
         // WAL lets readers run beside the writer; the busy timeout makes a
         // concurrent writer wait instead of failing with SQLITE_BUSY.
-        // busy_timeout first: switching to WAL takes a lock, and another
-        // process (e.g. `agentgate token` beside `serve`) may hold it.
+        // WAL is set once in `Db::open` (it is stored in the file); here only
+        // the per-connection settings. The busy timeout makes a concurrent
+        // writer wait instead of failing with SQLITE_BUSY.
         conn.batch_execute(&format!(
-            "PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}; PRAGMA journal_mode = WAL; \
-             PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON;"
+            "PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}; PRAGMA synchronous = NORMAL; \
+             PRAGMA foreign_keys = ON;"
         ))
         .map_err(diesel::r2d2::Error::QueryError)
     }
@@ -66,6 +67,17 @@ impl Db {
     /// plain path) and applies pending migrations.
     pub fn open(url: &str) -> Result<Db, DbError> {
         let path = url.strip_prefix("sqlite://").unwrap_or(url);
+        // WAL lets readers run beside the writer. Switched once, on one
+        // connection: several pool connections switching at once on a new
+        // file fail with "database is locked".
+        let mut first = SqliteConnection::establish(path)
+            .map_err(|e| DbError::Pool(format!("cannot open {path}: {e}")))?;
+        first
+            .batch_execute(&format!(
+                "PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}; PRAGMA journal_mode = WAL;"
+            ))
+            .map_err(DbError::Query)?;
+        drop(first);
         let manager = ConnectionManager::<SqliteConnection>::new(path);
         let pool = Pool::builder()
             .max_size(POOL_SIZE)
