@@ -239,7 +239,18 @@ impl PluginHost {
                 m.server.display()
             ));
         }
-        let mut child = tokio::process::Command::new(&server)
+        let mut command = tokio::process::Command::new(&server);
+        // SAFETY: the closure runs in the forked child before exec and only
+        // calls prctl, which is async-signal-safe.
+        unsafe {
+            command.pre_exec(|| {
+                // If the gateway dies without stopping it (SIGKILL, crash),
+                // the server gets SIGTERM instead of living on as an orphan.
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+                Ok(())
+            });
+        }
+        let mut child = command
             .args(&m.args)
             .current_dir(&dir)
             .env_clear()
