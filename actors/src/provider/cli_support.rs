@@ -250,6 +250,22 @@ pub mod test_util {
             .collect()
     }
 
+    /// `(toolId, content, isError)` of every `tool_result`, in order.
+    pub fn tool_results(bodies: &[EventBody]) -> Vec<(String, String, bool)> {
+        bodies
+            .iter()
+            .filter_map(|b| match b {
+                EventBody::ToolResult {
+                    tool_id,
+                    content,
+                    is_error,
+                    ..
+                } => Some((tool_id.clone(), content.clone(), *is_error)),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// The concatenated streamed text.
     pub fn streamed_text(events: &[ProviderEvent]) -> String {
         bodies(events)

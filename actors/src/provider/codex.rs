@@ -506,18 +506,7 @@ mod tests {
             "/bin/bash -lc 'echo hello-from-tool'"
         );
         assert_eq!(tool_uses[4].1["query"], "stand-in query");
-        let results: Vec<(String, String, bool)> = bodies
-            .iter()
-            .filter_map(|b| match b {
-                EventBody::ToolResult {
-                    tool_id,
-                    content,
-                    is_error,
-                    ..
-                } => Some((tool_id.clone(), content.clone(), *is_error)),
-                _ => None,
-            })
-            .collect();
+        let results = tool_results(&bodies);
         assert_eq!(results.len(), 5, "{results:?}");
         assert_eq!(results[0].1, "hello-from-tool\n");
         assert!(!results[0].2);

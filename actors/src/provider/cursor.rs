@@ -404,18 +404,7 @@ mod tests {
         assert_eq!(names, ["Write", "Read", "grep", "Bash", "Bash"]);
         assert_eq!(uses[0].1["path"], "README.md");
         assert_eq!(uses[2].1["pattern"], "TODO");
-        let results: Vec<(String, String, bool)> = bodies
-            .iter()
-            .filter_map(|b| match b {
-                EventBody::ToolResult {
-                    tool_id,
-                    content,
-                    is_error,
-                    ..
-                } => Some((tool_id.clone(), content.clone(), *is_error)),
-                _ => None,
-            })
-            .collect();
+        let results = tool_results(&bodies);
         assert_eq!(results.len(), 4, "{results:?}");
         assert_eq!(results[0].0, "toolu_vrtx_01");
         assert!(results[0].1.contains("linesCreated"));

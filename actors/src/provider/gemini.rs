@@ -318,18 +318,7 @@ mod tests {
                 if tool_name == "run_shell_command"
                 && tool_input["command"] == "echo gem > g.txt; cat g.txt"
                 && tool_id == "run_shell_command__1")));
-        let results: Vec<(String, String, bool)> = bodies
-            .iter()
-            .filter_map(|b| match b {
-                EventBody::ToolResult {
-                    tool_id,
-                    content,
-                    is_error,
-                    ..
-                } => Some((tool_id.clone(), content.clone(), *is_error)),
-                _ => None,
-            })
-            .collect();
+        let results = tool_results(&bodies);
         assert_eq!(
             results,
             [

@@ -369,18 +369,7 @@ mod tests {
         assert_eq!(uses[0].2, "call_5f62c8dd");
         assert_eq!(uses[1].0, "write");
         assert_eq!(uses[2].1["command"], "echo ask > ask.txt");
-        let results: Vec<(String, String, bool)> = bodies
-            .iter()
-            .filter_map(|b| match b {
-                EventBody::ToolResult {
-                    tool_id,
-                    content,
-                    is_error,
-                    ..
-                } => Some((tool_id.clone(), content.clone(), *is_error)),
-                _ => None,
-            })
-            .collect();
+        let results = tool_results(&bodies);
         assert_eq!(
             results,
             [
