@@ -102,6 +102,16 @@ impl Term {
         }
     }
 
+    /// After an `init` that reattaches: waits for the reconnect line, then
+    /// for `needle`; returns everything received after the reconnect line.
+    async fn expect_redraw(&mut self, needle: &str) -> String {
+        self.expect("[Reconnected to existing session]\x1b[0m\r\n")
+            .await;
+        let start = self.cursor;
+        self.expect(needle).await;
+        self.out[start..].to_string()
+    }
+
     /// Waits for the next `error` frame.
     async fn expect_error(&mut self) -> String {
         let before = self.errors.len();
@@ -609,12 +619,7 @@ async fn reattach_restores_a_full_screen_program() {
 
     let mut second = Term::open(&server, &token).await;
     second.init(init).await;
-    second
-        .expect("[Reconnected to existing session]\x1b[0m\r\n")
-        .await;
-    second.expect("status: ok").await;
-    let redraw = &second.out[second.out.find("[Reconnected").unwrap()..];
-    let redraw = &redraw[redraw.find("\r\n").unwrap() + 2..];
+    let redraw = second.expect_redraw("status: ok").await;
     assert!(
         redraw.len() < 64 * 1024,
         "redraw is {} bytes, looks like a raw replay",
@@ -662,12 +667,7 @@ async fn reattach_restores_less() {
 
     let mut second = Term::open(&server, &token).await;
     second.init(init).await;
-    second
-        .expect("[Reconnected to existing session]\x1b[0m\r\n")
-        .await;
-    second.expect("line 0046").await;
-    let redraw = &second.out[second.out.find("[Reconnected").unwrap()..];
-    let redraw = &redraw[redraw.find("\r\n").unwrap() + 2..];
+    let redraw = second.expect_redraw("line 0046").await;
     let mut screen = vt100::Parser::new(24, 80, 0);
     screen.process(redraw.as_bytes());
     assert!(screen.screen().alternate_screen());
