@@ -12,7 +12,8 @@
 //!
 //! Everything else is plain data or functions: [`protocol`] (wire types),
 //! [`provider`] (the adapter trait and the adapters), [`store`] (the database
-//! seam the binary implements), [`config`], [`heartbeat`].
+//! seam the binary implements), [`config`], [`heartbeat`], [`procfs`] (finding
+//! the processes a kill must reach).
 //!
 //! Invariants: only the RunRegistry assigns `seq`; each piece of mutable state
 //! has exactly one owning actor and others reach it with typed messages; every
@@ -23,6 +24,7 @@ pub mod chat_socket;
 pub mod config;
 pub mod heartbeat;
 pub mod plugin;
+pub mod procfs;
 pub mod protocol;
 pub mod provider;
 pub mod provider_run;

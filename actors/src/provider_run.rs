@@ -589,24 +589,8 @@ async fn read_stderr(stderr: impl AsyncRead + Unpin, run_id: String) -> String {
 /// Every descendant of `root` (children, grandchildren, ...), from /proc.
 fn descendants(root: i32) -> Vec<i32> {
     let mut children: HashMap<i32, Vec<i32>> = HashMap::new();
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    for entry in entries.flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-            continue;
-        };
-        // The command name may contain spaces and parentheses: fields follow the last ')'.
-        let ppid = stat
-            .rsplit_once(')')
-            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
-            .and_then(|p| p.parse::<i32>().ok());
-        if let Some(ppid) = ppid {
-            children.entry(ppid).or_default().push(pid);
-        }
+    for p in crate::procfs::all() {
+        children.entry(p.ppid).or_default().push(p.pid);
     }
     let mut out = Vec::new();
     let mut stack = vec![root];

@@ -29,31 +29,13 @@ pub fn kill_session(sid: i32) {
     }
 }
 
-/// Pids of the live (not zombie) processes in session `sid`, from `/proc/<pid>/stat`.
+/// Pids of the live (not zombie) processes in session `sid`.
 pub fn session_members(sid: i32) -> Vec<i32> {
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    entries
-        .filter_map(Result::ok)
-        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|&pid| process_session(pid) == Some(sid))
+    crate::procfs::all()
+        .into_iter()
+        .filter(|p| p.session == sid && !p.zombie)
+        .map(|p| p.pid)
         .collect()
-}
-
-/// The session id of a live process (field 6 of `/proc/<pid>/stat`);
-/// `None` for a zombie, which has nothing left to kill.
-fn process_session(pid: i32) -> Option<i32> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name (field 2) may contain spaces and parentheses; the
-    // fields after it start after the last ')'.
-    let rest = &stat[stat.rfind(')')? + 1..];
-    // state ppid pgrp session ...
-    let mut fields = rest.split_whitespace();
-    if fields.next()? == "Z" {
-        return None;
-    }
-    fields.nth(2)?.parse().ok()
 }
 
 /// Kills the session when dropped: the owner of a PTY child holds one, so
@@ -125,7 +107,7 @@ mod tests {
         )
         .unwrap();
         let job: i32 = line.trim().parse().expect("job pid");
-        assert_eq!(process_session(job), Some(sid));
+        assert_eq!(crate::procfs::stat(job).map(|p| p.session), Some(sid));
         assert!(session_members(sid).contains(&job));
 
         let mut guard = SessionGuard::new(sid);
