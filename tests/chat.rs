@@ -720,3 +720,31 @@ async fn remember_entry_allows_the_tool_for_the_rest_of_the_run() {
     .await;
     until_complete(&mut c.ws, &c.session).await;
 }
+
+/// `options.cwd` is honoured inside the project and ignored outside it.
+#[actix_rt::test]
+async fn options_cwd_only_inside_the_project() {
+    let server = fake_server();
+    let mut c = chat(&server, "alice").await;
+    std::fs::create_dir(c.project.path().join("sub")).unwrap();
+    for (cwd, expected) in [
+        ("sub", c.project.path().join("sub")),
+        ("/tmp", c.project.path().to_path_buf()),
+    ] {
+        let frame = json!({"type":"chat.send","sessionId": c.session,"content":"permission:Bash text:1","options":{"cwd": cwd}});
+        c.ws.send_json(frame).await;
+        let (req, _) = c.ws.recv_until_kind("permission_request").await;
+        c.ws.send_json(
+            json!({"type":"chat.permission-response","requestId": req["requestId"], "allow": true}),
+        )
+        .await;
+        until_complete(&mut c.ws, &c.session).await;
+        let written = expected.join("allowed.txt");
+        assert!(
+            written.exists(),
+            "options.cwd {cwd}: no file at {}",
+            written.display()
+        );
+        std::fs::remove_file(written).unwrap();
+    }
+}

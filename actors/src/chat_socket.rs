@@ -41,8 +41,8 @@ use crate::protocol::{
     frame_of, now_iso, protocol_error, ChatError, ClientMessage, ErrorCode, Frame,
 };
 use crate::run_registry::{
-    AbortRun, CloseSocket, Connect, Deliver, Disconnect, RespondPermission, RunRegistry, SocketId,
-    StartRun, Subscribe,
+    resolve_cwd, AbortRun, CloseSocket, Connect, Deliver, Disconnect, RespondPermission,
+    RunRegistry, SocketId, StartRun, Subscribe,
 };
 use crate::store::{self, SessionRow, Store};
 use crate::AuthUser;
@@ -185,6 +185,10 @@ impl ChatSocket {
             } => self.answer(ctx, async move {
                 let start = async {
                     let session = owned_row(&store, &session_id, user_id).await?;
+                    let (project, opts) = (session.project_path.clone(), options.clone());
+                    let cwd = tokio::task::spawn_blocking(move || resolve_cwd(&project, &opts))
+                        .await
+                        .map_err(internal)?;
                     let start = StartRun {
                         socket,
                         user_id,
@@ -192,6 +196,7 @@ impl ChatSocket {
                         content,
                         options,
                         client_request_id,
+                        cwd,
                     };
                     registry.send(start).await.map_err(internal)?
                 };

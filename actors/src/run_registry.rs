@@ -106,6 +106,9 @@ pub struct StartRun {
     pub content: String,
     pub options: Value,
     pub client_request_id: Option<String>,
+    /// The run's working directory, from [`resolve_cwd`] (the socket resolves
+    /// it on the blocking pool: it touches the filesystem).
+    pub cwd: PathBuf,
 }
 
 /// `chat.abort` from a socket.
@@ -814,7 +817,6 @@ impl RunRegistry {
         }
 
         let run_id = uuid::Uuid::new_v4().to_string();
-        let cwd = resolve_cwd(&row.project_path, &msg.options);
         let turn = Turn {
             app_session_id: session_id.clone(),
             // Never hand an id that could be read as a flag to any CLI.
@@ -827,7 +829,7 @@ impl RunRegistry {
             }),
             content: msg.content,
             options: msg.options,
-            cwd,
+            cwd: msg.cwd,
             bin,
         };
         state.buffer.clear();
@@ -893,7 +895,8 @@ fn accepted_frame(
 }
 
 /// The session's project path, or a client `options.cwd` inside it.
-fn resolve_cwd(project_path: &str, options: &Value) -> PathBuf {
+/// Blocking (it canonicalizes paths): call it off actor threads.
+pub fn resolve_cwd(project_path: &str, options: &Value) -> PathBuf {
     let project = PathBuf::from(project_path);
     let Some(cwd) = options
         .get("cwd")
@@ -1348,6 +1351,7 @@ mod tests {
             content: content.into(),
             options: json!({}),
             client_request_id: None,
+            cwd: std::env::temp_dir(),
         };
         let pidfile = std::env::temp_dir().join(format!("ag-panic-{}", std::process::id()));
         let script = format!("echo $$ > {}; echo PANIC; sleep 30", pidfile.display());
