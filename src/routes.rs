@@ -6,10 +6,10 @@
 use actix_web::http::StatusCode;
 use actix_web::{web, HttpRequest, HttpResponse};
 use actix_web_actors::ws;
-use agentgate_actors::chat_socket::ChatSocket;
+use agentgate_actors::chat::chat_socket::ChatSocket;
+use agentgate_actors::chat::run_registry::ListRunning;
 use agentgate_actors::config::MAX_INBOUND_FRAME;
 use agentgate_actors::provider::ProviderKind;
-use agentgate_actors::run_registry::ListRunning;
 use agentgate_actors::shell::{ShellDeps, ShellSocket};
 use serde::Deserialize;
 use serde_json::json;

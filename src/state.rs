@@ -5,9 +5,9 @@ use std::sync::Arc;
 
 use actix::Addr;
 use actix_web::{web, HttpRequest};
+use agentgate_actors::chat::run_registry::RunRegistry;
 use agentgate_actors::config::GatewayConfig;
 use agentgate_actors::plugin::PluginRegistry;
-use agentgate_actors::run_registry::RunRegistry;
 use agentgate_actors::shell::PtyHub;
 use agentgate_actors::store::Store;
 use agentgate_actors::AuthUser;

@@ -4,9 +4,9 @@
 //!
 //! | actor | file | role |
 //! |---|---|---|
-//! | `RunRegistry` | [`run_registry`] | supervisor of chat runs: seq numbering, replay buffer, subscribers, complete/abort dedupe, pending permissions |
-//! | `ProviderRun` | [`provider_run`] | one live provider CLI process: spawn, stdin, stdout parsing, abort, exit |
-//! | `ChatSocket` | [`chat_socket`] | one `/ws` connection: parses frames, dispatches to the registry, writes frames |
+//! | `RunRegistry` | [`chat::run_registry`] | supervisor of chat runs: seq numbering, replay buffer, subscribers, complete/abort dedupe, pending permissions |
+//! | `ProviderRun` | [`chat::provider_run`] | one live provider CLI process: spawn, stdin, stdout parsing, abort, exit |
+//! | `ChatSocket` | [`chat::chat_socket`] | one `/ws` connection: parses frames, dispatches to the registry, writes frames |
 //! | `PluginRegistry`, `PluginHost`, `PluginProxy` | [`plugin`] | plugin servers under supervision (one host each) and one proxy per `/plugin-ws/{name}` socket |
 //! | `PtyHub`, `PtySession`, `ShellSocket` | [`shell`] | `/shell` terminals: the registry of live PTYs by (user, key), one actor per PTY (child, replay, screen, attached sockets), one per socket |
 //!
@@ -20,15 +20,13 @@
 //! queue between actors is bounded (see each actor's module doc for what
 //! happens when it is full).
 
-pub mod chat_socket;
+pub mod chat;
 pub mod config;
 pub mod heartbeat;
 pub mod plugin;
 pub mod procfs;
 pub mod protocol;
 pub mod provider;
-pub mod provider_run;
-pub mod run_registry;
 pub mod shell;
 pub mod store;
 

@@ -13,8 +13,8 @@ use futures_util::{SinkExt, StreamExt};
 use serde_json::json;
 use tokio::time::Instant;
 
-use agentgate_actors::chat_socket::{BACKLOG_MAX_BYTES, MAILBOX_CAPACITY};
-use agentgate_actors::run_registry::REPLAY_MAX_BYTES;
+use agentgate_actors::chat::chat_socket::{BACKLOG_MAX_BYTES, MAILBOX_CAPACITY};
+use agentgate_actors::chat::run_registry::REPLAY_MAX_BYTES;
 
 use crate::gateway::{Bins, Gateway};
 use crate::report::{Row, Target, Unit};

@@ -41,12 +41,12 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 use serde_json::{json, Value};
 
+use crate::chat::provider_run::{Abort, AnswerPermission, Kill, ProviderRun};
 use crate::config::GatewayConfig;
 use crate::protocol::{
     frame_of, now_iso, ChatError, Envelope, ErrorCode, Event, EventBody, Frame, PermissionDecision,
 };
 use crate::provider::{provider_for, safe_id, Provider, ProviderEvent, ProviderKind, Turn};
-use crate::provider_run::{Abort, AnswerPermission, Kill, ProviderRun};
 use crate::store::{self, SessionRow, Store};
 
 /// Events kept for replay per session (PROTOCOL.md asks for at least 5000).

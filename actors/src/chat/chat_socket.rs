@@ -36,13 +36,13 @@ use actix::prelude::*;
 use actix_web_actors::ws;
 use serde_json::json;
 
+use crate::chat::run_registry::{
+    resolve_cwd, AbortRun, CloseSocket, Connect, Deliver, Disconnect, RespondPermission,
+    RunRegistry, SocketId, StartRun, Subscribe,
+};
 use crate::heartbeat::Heartbeat;
 use crate::protocol::{
     frame_of, now_iso, protocol_error, ChatError, ClientMessage, ErrorCode, Frame,
-};
-use crate::run_registry::{
-    resolve_cwd, AbortRun, CloseSocket, Connect, Deliver, Disconnect, RespondPermission,
-    RunRegistry, SocketId, StartRun, Subscribe,
 };
 use crate::store::{self, SessionRow, Store};
 use crate::AuthUser;

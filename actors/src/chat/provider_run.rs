@@ -28,9 +28,9 @@ use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWriteExt, BufReader};
 use tokio::sync::mpsc;
 
+use crate::chat::run_registry::{RunEvents, RunExited, RunRegistry};
 use crate::protocol::PermissionDecision;
 use crate::provider::{LineParser, Provider, ProviderEvent, Turn};
-use crate::run_registry::{RunEvents, RunExited, RunRegistry};
 
 /// After an interrupt, how long the CLI gets to exit by itself before SIGTERM.
 pub const ABORT_GRACE: Duration = Duration::from_secs(2);

@@ -1,0 +1,8 @@
+//! The chat-run family (`/ws`): the [`RunRegistry`](run_registry::RunRegistry)
+//! supervisor, one [`ProviderRun`](provider_run::ProviderRun) per live agent
+//! CLI process, and one [`ChatSocket`](chat_socket::ChatSocket) per
+//! connection.
+
+pub mod chat_socket;
+pub mod provider_run;
+pub mod run_registry;
