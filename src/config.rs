@@ -22,7 +22,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Start the gateway (HTTP + WebSocket).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Print a signed JWT for a user on stdout (the user is created if missing).
     Token {
         #[arg(long)]
@@ -74,6 +74,12 @@ pub struct ServeArgs {
     /// A pending tool permission is denied after this many seconds.
     #[arg(long, env = "AGENTGATE_PERMISSION_TIMEOUT_SECS", default_value = "300", value_parser = clap::value_parser!(u64).range(1..))]
     pub permission_timeout_secs: u64,
+    /// PEM certificate chain (leaf first): serve HTTPS and wss:// instead of plain HTTP.
+    #[arg(long, env = "AGENTGATE_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1) of `--tls-cert`.
+    #[arg(long, env = "AGENTGATE_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
     #[arg(long, env = "AGENTGATE_CLAUDE_BIN")]
     pub claude_bin: Option<PathBuf>,
     #[arg(long, env = "AGENTGATE_CODEX_BIN")]

@@ -7,6 +7,7 @@
 //! - [`routes`]: REST routes and WebSocket upgrades (auth first).
 //! - [`auth`]: JWTs, the secret, password hashes.
 //! - [`db`]: SQLite through diesel, off the actor threads.
+//! - [`tls`]: the rustls configuration of `--tls-cert` / `--tls-key`.
 //! - the actors live in the `agentgate-actors` crate (`actors/`): RunRegistry,
 //!   ProviderRun, ChatSocket, the shell and plugin actors.
 //!
@@ -24,6 +25,7 @@ mod plugins_api;
 mod routes;
 mod server;
 mod state;
+mod tls;
 
 use std::path::Path;
 use std::process::ExitCode;
@@ -76,7 +78,7 @@ fn main() -> ExitCode {
     init_logging(cli.common.log_format);
     let result = match cli.command {
         Command::Serve(args) => {
-            actix_web::rt::System::new().block_on(server::serve(cli.common, args))
+            actix_web::rt::System::new().block_on(server::serve(cli.common, *args))
         }
         Command::Token { user } => token(&cli.common, &user),
         Command::Migrate => migrate(&cli.common),

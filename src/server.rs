@@ -105,15 +105,21 @@ pub async fn serve(common: Common, args: ServeArgs) -> std::io::Result<()> {
     })
     .workers(HTTP_WORKERS)
     .disable_signals()
-    .shutdown_timeout(SHUTDOWN_GRACE.as_secs())
-    .bind(args.listen)?;
+    .shutdown_timeout(SHUTDOWN_GRACE.as_secs());
+    let (server, scheme) = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => {
+            let tls = crate::tls::server_config(cert, key)?;
+            (server.bind_rustls_0_23(args.listen, tls)?, "https")
+        }
+        _ => (server.bind(args.listen)?, "http"),
+    };
 
     for addr in server.addrs() {
         // Tests and scripts read this line to learn an ephemeral port.
-        println!("listening on http://{addr}");
+        println!("listening on {scheme}://{addr}");
     }
     std::io::stdout().flush()?;
-    tracing::info!(listen = ?server.addrs(), platform = args.platform, data_dir = %data_dir.display(), "agentgate started");
+    tracing::info!(listen = ?server.addrs(), tls = scheme == "https", platform = args.platform, data_dir = %data_dir.display(), "agentgate started");
 
     let server = server.run();
     let handle = server.handle();

@@ -7,6 +7,7 @@
 //! - `foundation`: CLI, auth refusals, REST routes, bad frames, heartbeat, restart, SIGTERM.
 //! - `providers`: Codex, Gemini, OpenCode (real CLIs) and Cursor (fake CLI) end to end, one row each.
 //! - `shell`: `/shell` terminals: real bash in real PTYs, reattach, replay, screen restore, auth URLs, flow control.
+//! - `security`: TLS, Origin/Host checks, hardened auth, limits, hostile input.
 //! - `plugins`: plugin servers (the `echo_plugin` example, shell scripts), `/plugin-ws/{name}`, plugin REST.
 
 mod util;
@@ -19,4 +20,5 @@ mod claude_e2e;
 mod foundation;
 mod plugins;
 mod providers;
+mod security;
 mod shell;

@@ -32,6 +32,8 @@ pub struct TestServer {
     pub addr: SocketAddr,
     data: tempfile::TempDir,
     logs: Arc<Mutex<String>>,
+    /// Set for a server started with `--tls-cert`: clients speak https/wss and trust this.
+    tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 impl TestServer {
@@ -43,6 +45,22 @@ impl TestServer {
     /// may add flags or env before the spawn.
     pub fn start_with(f: impl FnOnce(&mut Command)) -> TestServer {
         TestServer::start_in(tempfile::tempdir().expect("temp dir"), f)
+    }
+
+    /// Starts a server with `--tls-cert/--tls-key` of a leaf that `ca` signed;
+    /// the REST and WebSocket helpers then speak https:// and wss:// trusting `ca`.
+    pub fn start_tls(
+        ca: &crate::support::tls::TestCa,
+        leaf: &crate::support::tls::TestLeaf,
+        f: impl FnOnce(&mut Command),
+    ) -> TestServer {
+        let (cert, key) = (leaf.cert_path.clone(), leaf.key_path.clone());
+        let mut server = TestServer::start_with(move |cmd| {
+            cmd.arg("--tls-cert").arg(cert).arg("--tls-key").arg(key);
+            f(cmd)
+        });
+        server.tls = Some(ca.client_config());
+        server
     }
 
     /// Same, with a data dir prepared by the caller (e.g. plugins written into it,
@@ -94,9 +112,10 @@ impl TestServer {
         let line = rx
             .recv_timeout(WAIT)
             .expect("gateway printed no `listening on` line in time");
-        let addr = line
-            .trim()
+        let trimmed = line.trim();
+        let addr = trimmed
             .strip_prefix("listening on http://")
+            .or_else(|| trimmed.strip_prefix("listening on https://"))
             .unwrap_or_else(|| panic!("unexpected first stdout line: {line:?}"))
             .parse()
             .expect("listen address");
@@ -105,6 +124,7 @@ impl TestServer {
             addr,
             data,
             logs,
+            tls: None,
         }
     }
 
@@ -163,11 +183,18 @@ impl TestServer {
     }
 
     pub fn url(&self, path: &str) -> String {
-        format!("http://{}{}", self.addr, path)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}{}", self.addr, path)
     }
 
     pub fn ws_url(&self, path: &str) -> String {
-        format!("ws://{}{}", self.addr, path)
+        let scheme = if self.tls.is_some() { "wss" } else { "ws" };
+        format!("{scheme}://{}{}", self.addr, path)
+    }
+
+    /// An HTTP client for this server (TLS trusting the test CA when served over TLS).
+    pub fn client(&self) -> awc::Client {
+        client_for(self.tls.clone())
     }
 
     /// Opens a WebSocket; panics if the upgrade fails.
@@ -179,7 +206,7 @@ impl TestServer {
 
     /// Opens a WebSocket; the error carries the HTTP status when refused.
     pub async fn try_ws(&self, path: &str) -> Result<WsClient, String> {
-        connect_ws(&self.ws_url(path), None).await
+        connect_ws_with(&self.client(), &self.ws_url(path), None).await
     }
 
     /// `/ws` with a fresh token for `user`.
@@ -189,7 +216,7 @@ impl TestServer {
     }
 
     pub async fn get(&self, path: &str, token: Option<&str>) -> (u16, Value) {
-        let mut req = awc::Client::new().get(self.url(path));
+        let mut req = self.client().get(self.url(path));
         if let Some(t) = token {
             req = req.bearer_auth(t);
         }
@@ -197,7 +224,7 @@ impl TestServer {
     }
 
     pub async fn post(&self, path: &str, token: Option<&str>, body: Value) -> (u16, Value) {
-        let mut req = awc::Client::new().post(self.url(path));
+        let mut req = self.client().post(self.url(path));
         if let Some(t) = token {
             req = req.bearer_auth(t);
         }
@@ -240,11 +267,36 @@ async fn read_json(
     (status, value)
 }
 
-pub async fn connect_ws(url: &str, bearer: Option<&str>) -> Result<WsClient, String> {
-    let client = awc::Client::builder()
+/// An awc client; with `tls`, https:// and wss:// trust only that configuration's roots.
+pub fn client_for(tls: Option<Arc<rustls::ClientConfig>>) -> awc::Client {
+    // Without a test CA: no roots at all, so no https:// peer is trusted.
+    let tls = tls.unwrap_or_else(|| {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("TLS versions")
+            .with_root_certificates(rustls::RootCertStore::empty())
+            .with_no_client_auth();
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Arc::new(config)
+    });
+    // HTTP/1.1 only through the config's ALPN: awc's max_http_version would
+    // replace the TLS configuration with its default one.
+    awc::Client::builder()
         .timeout(Duration::from_secs(10))
-        .max_http_version(awc::http::Version::HTTP_11)
-        .finish();
+        .connector(awc::Connector::new().rustls_0_23(tls))
+        .finish()
+}
+
+pub async fn connect_ws(url: &str, bearer: Option<&str>) -> Result<WsClient, String> {
+    connect_ws_with(&client_for(None), url, bearer).await
+}
+
+pub async fn connect_ws_with(
+    client: &awc::Client,
+    url: &str,
+    bearer: Option<&str>,
+) -> Result<WsClient, String> {
     let mut req = client.ws(url).max_frame_size(64 * 1024 * 1024);
     if let Some(t) = bearer {
         req = req.bearer_auth(t);

@@ -4,6 +4,7 @@
 //!   `<repo>/.cache/agent-clis/` once and return the executable path.
 //! - [`anthropic`]: `AnthropicStub`, a scripted Anthropic Messages API on 127.0.0.1:0 with a log of
 //!   the requests it received; `stub.claude_env(home)` gives the env a Claude child needs.
+//! - [`tls`]: `TestCa`, a throw-away CA (rcgen) signing leaf certificates, and a client config trusting it.
 //!
 //! Facts about the Claude CLI stream: /work/notes/claude-cli.md and tests/fixtures/claude/*.jsonl.
 
@@ -15,5 +16,6 @@ pub mod clis;
 pub mod gemini;
 pub mod model_stub;
 pub mod openai;
+pub mod tls;
 
 mod selftest;
