@@ -82,3 +82,46 @@ pub fn ok<T: Serialize>(data: T) -> HttpResponse {
 pub fn created<T: Serialize>(data: T) -> HttpResponse {
     HttpResponse::Created().json(serde_json::json!({"success": true, "data": data}))
 }
+
+/// An error of `/api/auth/*` in the reference's shape: `error` is the
+/// message (the web UI shows it as text) with `code` beside it.
+#[derive(Debug)]
+pub struct AuthError(pub ApiError);
+
+impl std::fmt::Display for AuthError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl ResponseError for AuthError {
+    fn status_code(&self) -> StatusCode {
+        self.0.status
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        HttpResponse::build(self.0.status).json(serde_json::json!({
+            "success": false,
+            "error": self.0.message,
+            "code": self.0.code,
+        }))
+    }
+}
+
+impl From<ApiError> for AuthError {
+    fn from(e: ApiError) -> Self {
+        AuthError(e)
+    }
+}
+
+impl From<crate::db::DbError> for AuthError {
+    fn from(e: crate::db::DbError) -> Self {
+        AuthError(e.into())
+    }
+}
+
+impl From<actix_web::error::BlockingError> for AuthError {
+    fn from(e: actix_web::error::BlockingError) -> Self {
+        AuthError(e.into())
+    }
+}

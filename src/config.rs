@@ -30,6 +30,28 @@ pub enum Command {
     },
     /// Apply the embedded database migrations and exit.
     Migrate,
+    /// The reference's web UI (CloudCLI), served by `serve`.
+    #[command(name = "web-ui", subcommand)]
+    WebUi(WebUiCommand),
+    /// Manage users (the first one may also register over HTTP).
+    #[command(subcommand)]
+    User(UserCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum WebUiCommand {
+    /// Fetch the CloudCLI build from npm into <data-dir>/web-ui (needs npm and tar).
+    Install {
+        /// The `@cloudcli-ai/cloudcli` version to fetch.
+        #[arg(long, default_value = crate::web_ui::CLOUDCLI_VERSION)]
+        version: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum UserCommand {
+    /// Add a user who logs in with a password, read from stdin (one line).
+    Add { name: String },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -90,6 +112,10 @@ pub struct ServeArgs {
     pub gemini_bin: Option<PathBuf>,
     #[arg(long, env = "AGENTGATE_OPENCODE_BIN")]
     pub opencode_bin: Option<PathBuf>,
+    /// A built single-page web UI to serve after the API routes (default:
+    /// <data-dir>/web-ui/dist when `agentgate web-ui install` put one there).
+    #[arg(long, env = "AGENTGATE_WEB_DIR")]
+    pub web_dir: Option<PathBuf>,
 }
 
 impl Common {

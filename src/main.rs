@@ -8,6 +8,7 @@
 //! - [`auth`]: JWTs, the secret, password hashes.
 //! - [`db`]: SQLite through diesel, off the actor threads.
 //! - [`tls`]: the rustls configuration of `--tls-cert` / `--tls-key`.
+//! - [`web_ui`]: the built web UI served after the API, and `web-ui install`.
 //! - the actors live in the `agentgate-actors` crate (`actors/`): RunRegistry,
 //!   ProviderRun, ChatSocket, the shell and plugin actors.
 //!
@@ -26,13 +27,14 @@ mod routes;
 mod server;
 mod state;
 mod tls;
+mod web_ui;
 
 use std::path::Path;
 use std::process::ExitCode;
 
 use clap::Parser;
 
-use config::{Cli, Command, LogFormat};
+use config::{Cli, Command, LogFormat, UserCommand, WebUiCommand};
 
 fn init_logging(format: LogFormat) {
     use tracing_subscriber::EnvFilter;
@@ -82,6 +84,15 @@ fn main() -> ExitCode {
         }
         Command::Token { user } => token(&cli.common, &user),
         Command::Migrate => migrate(&cli.common),
+        Command::WebUi(WebUiCommand::Install { version }) => {
+            web_ui::install::install(&cli.common.data_dir(), &version).map(|dir| {
+                eprintln!(
+                    "installed; `agentgate serve` now serves it on its own address (e.g. http://127.0.0.1:3001/)"
+                );
+                println!("{}", dir.display());
+            })
+        }
+        Command::User(UserCommand::Add { name }) => user_add(&cli.common, &name),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -105,6 +116,62 @@ fn token(common: &config::Common, user: &str) -> std::io::Result<()> {
     let row = db::ensure_user(&mut conn, user).map_err(std::io::Error::other)?;
     println!("{}", keys.issue(i64::from(row.id), &row.username));
     Ok(())
+}
+
+/// `agentgate user add NAME`: the password is one line of stdin (not echoed
+/// when stdin is a terminal), so it never shows in `ps` or shell history.
+fn user_add(common: &config::Common, name: &str) -> std::io::Result<()> {
+    let name = name.trim();
+    if name.is_empty() || name.len() > routes::MAX_CREDENTIAL_LEN {
+        return Err(std::io::Error::other(format!(
+            "the user name must be 1 to {} bytes",
+            routes::MAX_CREDENTIAL_LEN
+        )));
+    }
+    let password = read_password(&format!("Password for {name}: "))?;
+    if password.is_empty() || password.len() > routes::MAX_CREDENTIAL_LEN {
+        return Err(std::io::Error::other(format!(
+            "the password (one line on stdin) must be 1 to {} bytes",
+            routes::MAX_CREDENTIAL_LEN
+        )));
+    }
+    ensure_data_dir(&common.data_dir())?;
+    let db = db::Db::open(&common.database_url()).map_err(std::io::Error::other)?;
+    let hash = auth::hash_password(&password).map_err(std::io::Error::other)?;
+    let mut conn = db.conn().map_err(std::io::Error::other)?;
+    match db::add_user(&mut conn, name, &hash).map_err(std::io::Error::other)? {
+        Some(user) => {
+            eprintln!("added user {} (id {})", user.username, user.id);
+            Ok(())
+        }
+        None => Err(std::io::Error::other(format!("user {name} already exists"))),
+    }
+}
+
+/// One line of stdin without its line ending; echo is off while a terminal types it.
+fn read_password(prompt: &str) -> std::io::Result<String> {
+    use std::io::{BufRead, IsTerminal};
+    let stdin = std::io::stdin();
+    let tty = stdin.is_terminal();
+    // SAFETY: tcgetattr/tcsetattr on fd 0 with a zeroed, then filled termios.
+    let saved = tty.then(|| unsafe {
+        let mut t: libc::termios = std::mem::zeroed();
+        (libc::tcgetattr(0, &mut t) == 0).then_some(t)
+    });
+    if let Some(Some(t)) = saved {
+        eprint!("{prompt}");
+        let mut quiet = t;
+        quiet.c_lflag &= !libc::ECHO;
+        unsafe { libc::tcsetattr(0, libc::TCSANOW, &quiet) };
+    }
+    let mut line = String::new();
+    let read = stdin.lock().read_line(&mut line);
+    if let Some(Some(t)) = saved {
+        unsafe { libc::tcsetattr(0, libc::TCSANOW, &t) };
+        eprintln!();
+    }
+    read?;
+    Ok(line.trim_end_matches(['\n', '\r']).to_string())
 }
 
 fn migrate(common: &config::Common) -> std::io::Result<()> {

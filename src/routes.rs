@@ -14,20 +14,32 @@ use agentgate_actors::shell::{ShellDeps, ShellSocket};
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::api::{self, ApiError};
+use crate::api::{self, ApiError, AuthError};
 use crate::auth;
 use crate::db;
 use crate::state::AppState;
 
 /// Longest accepted username and password (bytes).
-const MAX_CREDENTIAL_LEN: usize = 256;
+pub const MAX_CREDENTIAL_LEN: usize = 256;
 /// Longest session name taken from `initialMessage`.
 const MAX_SESSION_NAME_CHARS: usize = 100;
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.route("/health", web::get().to(health))
-        .route("/api/auth/register", web::post().to(register))
-        .route("/api/auth/login", web::post().to(login))
+        .service(
+            web::resource("/api/auth/register")
+                .app_data(auth_json_config())
+                .route(web::post().to(register)),
+        )
+        .service(
+            web::resource("/api/auth/login")
+                .app_data(auth_json_config())
+                .route(web::post().to(login)),
+        )
+        .route("/api/auth/status", web::get().to(auth_status))
+        .route("/api/auth/user", web::get().to(auth_user))
+        .route("/api/auth/refresh", web::post().to(auth_refresh))
+        .route("/api/auth/logout", web::post().to(auth_logout))
         .route("/api/providers/sessions", web::post().to(create_session))
         .route(
             "/api/providers/sessions/running",
@@ -51,6 +63,17 @@ pub fn json_config() -> web::JsonConfig {
         .error_handler(|err, _req| {
             ApiError::bad_request("INVALID_BODY", format!("Invalid JSON body: {err}")).into()
         })
+}
+
+/// Body errors of `/api/auth/*` in the reference's flat shape.
+fn auth_json_config() -> web::JsonConfig {
+    json_config().error_handler(|err, _req| {
+        AuthError(ApiError::bad_request(
+            "INVALID_BODY",
+            format!("Invalid JSON body: {err}"),
+        ))
+        .into()
+    })
 }
 
 async fn health() -> HttpResponse {
@@ -84,17 +107,23 @@ impl Credentials {
     }
 }
 
+/// The reference's login answer: `token` and `user` at the top level (the web
+/// UI reads them there), repeated under `data` for envelope clients.
 fn token_answer(state: &AppState, user: &db::User) -> serde_json::Value {
+    let token = state.keys.issue(i64::from(user.id), &user.username);
+    let user = json!({"id": user.id, "username": user.username});
     json!({
-        "token": state.keys.issue(i64::from(user.id), &user.username),
-        "user": {"id": user.id, "username": user.username},
+        "success": true,
+        "token": token,
+        "user": user,
+        "data": {"token": token, "user": user},
     })
 }
 
 async fn register(
     state: web::Data<AppState>,
     body: web::Json<Credentials>,
-) -> Result<HttpResponse, ApiError> {
+) -> Result<HttpResponse, AuthError> {
     body.validate()?;
     let password = body.password.clone();
     let hash = web::block(move || auth::hash_password(&password))
@@ -115,13 +144,13 @@ async fn register(
         )
     })?;
     tracing::info!(user = %user.username, "registered first user");
-    Ok(api::created(token_answer(&state, &user)))
+    Ok(HttpResponse::Created().json(token_answer(&state, &user)))
 }
 
 async fn login(
     state: web::Data<AppState>,
     body: web::Json<Credentials>,
-) -> Result<HttpResponse, ApiError> {
+) -> Result<HttpResponse, AuthError> {
     body.validate()?;
     let db = state.db.clone();
     let name = body.username.trim().to_string();
@@ -143,7 +172,42 @@ async fn login(
             "Invalid username or password",
         )
     })?;
-    Ok(api::ok(token_answer(&state, &user)))
+    Ok(HttpResponse::Ok().json(token_answer(&state, &user)))
+}
+
+/// `{needsSetup}`: the web UI shows its registration form while no user exists.
+async fn auth_status(state: web::Data<AppState>) -> Result<HttpResponse, AuthError> {
+    let db = state.db.clone();
+    let users = web::block(move || db.conn().and_then(|mut c| db::user_count(&mut c))).await??;
+    Ok(HttpResponse::Ok().json(json!({"needsSetup": users == 0, "isAuthenticated": false})))
+}
+
+/// `{user:{id,username}}` of the token; anything else signs the web UI out.
+async fn auth_user(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, AuthError> {
+    let user = state.authenticate(&req).await?;
+    Ok(HttpResponse::Ok().json(json!({"user": {"id": user.id, "username": user.username}})))
+}
+
+/// A fresh token for the caller (the web UI refreshes at half the lifetime).
+async fn auth_refresh(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, AuthError> {
+    let user = state.authenticate(&req).await?;
+    let token = state.keys.issue(user.id, &user.username);
+    Ok(HttpResponse::Ok().json(json!({"success": true, "token": token})))
+}
+
+/// Tokens are not revoked (as in the reference): logging out is the client forgetting it.
+async fn auth_logout(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, AuthError> {
+    state.authenticate(&req).await?;
+    Ok(HttpResponse::Ok().json(json!({"success": true, "message": "Logged out successfully"})))
 }
 
 #[derive(Deserialize)]

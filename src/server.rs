@@ -25,6 +25,7 @@ use crate::config::{Common, ServeArgs};
 use crate::db::{Db, DbStore};
 use crate::routes;
 use crate::state::AppState;
+use crate::web_ui::WebUi;
 
 /// How long the HTTP server waits for connections after the actors closed them.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
@@ -57,6 +58,7 @@ pub async fn serve(common: Common, args: ServeArgs) -> std::io::Result<()> {
     let db = Db::open(&common.database_url()).map_err(std::io::Error::other)?;
     let keys = Keys::load(&data_dir)?;
     let config = Arc::new(gateway_config(&common, &args));
+    let web_ui = web::Data::new(WebUi::resolve(args.web_dir.as_deref(), &data_dir)?);
 
     let store: Store = Arc::new(DbStore(db.clone()));
     // Provider runs parse stdout on their own thread, beside the registry's.
@@ -83,9 +85,11 @@ pub async fn serve(common: Common, args: ServeArgs) -> std::io::Result<()> {
     });
 
     let app_state = state.clone();
+    let app_web_ui = web_ui.clone();
     let server = HttpServer::new(move || {
         App::new()
             .app_data(app_state.clone())
+            .app_data(app_web_ui.clone())
             .app_data(routes::json_config())
             .wrap_fn(|req, srv| {
                 // Our own access log: the query token never reaches a log line.
@@ -101,7 +105,8 @@ pub async fn serve(common: Common, args: ServeArgs) -> std::io::Result<()> {
             })
             .configure(routes::configure)
             .configure(crate::plugins_api::configure)
-            .default_service(web::to(routes::not_found))
+            // After every API and WebSocket route: the web UI, else the JSON 404.
+            .default_service(web::to(crate::web_ui::serve))
     })
     .workers(HTTP_WORKERS)
     .disable_signals()
@@ -117,6 +122,16 @@ pub async fn serve(common: Common, args: ServeArgs) -> std::io::Result<()> {
     for addr in server.addrs() {
         // Tests and scripts read this line to learn an ephemeral port.
         println!("listening on {scheme}://{addr}");
+    }
+    match web_ui.root() {
+        Some(root) => {
+            for addr in server.addrs() {
+                println!("web UI on {scheme}://{addr}/ (from {})", root.display());
+            }
+        }
+        None => tracing::info!(
+            "no web UI installed (`agentgate web-ui install` fetches one); GET / explains"
+        ),
     }
     std::io::stdout().flush()?;
     tracing::info!(listen = ?server.addrs(), tls = scheme == "https", platform = args.platform, data_dir = %data_dir.display(), "agentgate started");

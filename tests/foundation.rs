@@ -112,10 +112,24 @@ async fn register_login_and_rest_auth() {
     assert_eq!((status, health), (200, json!({"status": "ok"})));
 
     let creds = json!({"username": "ann", "password": "s3cret"});
+    let (_, status_body) = server.get("/api/auth/status", None).await;
+    assert_eq!(status_body["needsSetup"], true);
     let (status, body) = server.post("/api/auth/register", None, creds.clone()).await;
     assert_eq!(status, 201, "{body}");
-    let token = body["data"]["token"].as_str().unwrap().to_string();
-    assert_eq!(body["data"]["user"]["username"], "ann");
+    // The reference's shape: token and user at the top level (also under data).
+    let token = body["token"].as_str().unwrap().to_string();
+    assert_eq!(body["user"]["username"], "ann");
+    assert_eq!(body["data"]["token"], body["token"]);
+    let (_, status_body) = server.get("/api/auth/status", None).await;
+    assert_eq!(status_body["needsSetup"], false);
+    let (status, me) = server.get("/api/auth/user", Some(&token)).await;
+    assert_eq!(
+        (status, me["user"]["username"].clone()),
+        (200, json!("ann"))
+    );
+    let (status, me) = server.get("/api/auth/user", None).await;
+    assert_eq!(status, 401);
+    assert!(me["error"].is_string(), "{me}");
     let (status, body) = server
         .post(
             "/api/auth/register",
@@ -127,7 +141,16 @@ async fn register_login_and_rest_auth() {
 
     let (status, body) = server.post("/api/auth/login", None, creds).await;
     assert_eq!(status, 200, "{body}");
-    assert!(body["data"]["token"].is_string());
+    assert!(body["token"].is_string());
+    assert_eq!(body["user"]["username"], "ann");
+    let (status, refreshed) = server
+        .post("/api/auth/refresh", Some(&token), json!({}))
+        .await;
+    assert_eq!(status, 200);
+    let (status, _) = server
+        .get("/api/auth/user", Some(refreshed["token"].as_str().unwrap()))
+        .await;
+    assert_eq!(status, 200);
     let (status, body) = server
         .post(
             "/api/auth/login",
@@ -136,7 +159,9 @@ async fn register_login_and_rest_auth() {
         )
         .await;
     assert_eq!(status, 401);
-    assert_eq!(body["error"]["code"], "INVALID_CREDENTIALS");
+    // A string the web UI shows as it is, with the code beside it.
+    assert_eq!(body["error"], "Invalid username or password");
+    assert_eq!(body["code"], "INVALID_CREDENTIALS");
     let (status, _) = server
         .post(
             "/api/auth/login",

@@ -9,6 +9,7 @@
 //! - `shell`: `/shell` terminals: real bash in real PTYs, reattach, replay, screen restore, auth URLs, flow control.
 //! - `security`: TLS, Origin/Host checks, hardened auth, limits, hostile input.
 //! - `plugins`: plugin servers (the `echo_plugin` example, shell scripts), `/plugin-ws/{name}`, plugin REST.
+//! - `web_ui`: static serving of a built web UI, the help page, `user add`, the REST routes the web UI reads.
 
 mod util;
 
@@ -22,3 +23,4 @@ mod plugins;
 mod providers;
 mod security;
 mod shell;
+mod web_ui;

@@ -4,7 +4,7 @@
 
 #![allow(dead_code)]
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -34,6 +34,8 @@ pub struct TestServer {
     logs: Arc<Mutex<String>>,
     /// Set for a server started with `--tls-cert`: clients speak https/wss and trust this.
     tls: Option<Arc<rustls::ClientConfig>>,
+    /// Stdout after the `listening on` line.
+    stdout: Arc<Mutex<String>>,
 }
 
 impl TestServer {
@@ -100,14 +102,20 @@ impl TestServer {
         });
         let stdout = child.stdout.take().expect("stdout piped");
         let (tx, rx) = std::sync::mpsc::channel();
+        let rest = Arc::new(Mutex::new(String::new()));
+        let rest_sink = rest.clone();
         std::thread::spawn(move || {
             let mut reader = BufReader::new(stdout);
             let mut line = String::new();
             let _ = reader.read_line(&mut line);
             let _ = tx.send(line);
             // Keep draining so the gateway never blocks on a full stdout pipe.
-            let mut rest = Vec::new();
-            let _ = reader.read_to_end(&mut rest);
+            for line in reader.lines().map_while(Result::ok) {
+                if let Ok(mut r) = rest_sink.lock() {
+                    r.push_str(&line);
+                    r.push('\n');
+                }
+            }
         });
         let line = rx
             .recv_timeout(WAIT)
@@ -125,6 +133,7 @@ impl TestServer {
             data,
             logs,
             tls: None,
+            stdout: rest,
         }
     }
 
@@ -153,6 +162,11 @@ impl TestServer {
             assert!(std::time::Instant::now() < deadline, "gateway did not exit");
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// What the gateway printed on stdout after its `listening on` line.
+    pub fn stdout(&self) -> String {
+        self.stdout.lock().map(|s| s.clone()).unwrap_or_default()
     }
 
     /// Everything the gateway logged so far.

@@ -172,6 +172,20 @@ pub fn ensure_user(conn: &mut SqliteConnection, name: &str) -> Result<User, DbEr
     })
 }
 
+/// Adds a user with a password (`agentgate user add`); `None` when the name is taken.
+pub fn add_user(
+    conn: &mut SqliteConnection,
+    name: &str,
+    password_hash: &str,
+) -> Result<Option<User>, DbError> {
+    conn.immediate_transaction(|conn| {
+        if user_by_name(conn, name)?.is_some() {
+            return Ok(None);
+        }
+        create_user(conn, name, Some(password_hash)).map(Some)
+    })
+}
+
 /// Creates the first user; `None` when a user already exists (registration is closed).
 pub fn register_first_user(
     conn: &mut SqliteConnection,
