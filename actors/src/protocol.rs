@@ -1,13 +1,17 @@
 //! Wire types of the `/ws` chat protocol (PROTOCOL.md section 4).
 //!
-//! Inbound frames are parsed leniently from JSON into [`ClientMessage`] (the
-//! reference coerces a non-string `content` to `""`, so we do too); outbound
-//! provider events are the typed [`EventBody`] kinds, serialized exactly once
-//! by the RunRegistry inside an [`Envelope`] and shared as a [`Frame`].
+//! One serde-tagged enum per direction: inbound frames deserialize into
+//! [`ClientMessage`] (tagged by `type`, fields read leniently as the
+//! reference reads them: a non-string `content` is `""`), and the gateway's
+//! own outbound frames are [`ServerFrame`]s (tagged by `kind`). Provider
+//! events are the typed [`EventBody`] kinds, serialized exactly once by the
+//! RunRegistry inside an [`Envelope`] and shared as a [`Frame`]; their
+//! writer, [`Envelope::to_frame`], is tested byte for byte against serde's
+//! output for every kind.
 
 use bytestring::ByteString;
-use serde::Serialize;
-use serde_json::{Map, Value};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
 /// One serialized server->client text frame. Cloning shares the bytes: the
 /// RunRegistry serializes an event once and hands clones to every subscriber.
@@ -77,7 +81,8 @@ pub fn frame_of<T: Serialize>(value: &T) -> Frame {
 }
 
 /// Error codes of `protocol_error` frames.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum ErrorCode {
     InvalidPayload,
     UnknownMessageType,
@@ -125,15 +130,115 @@ impl ChatError {
     }
 }
 
+/// The gateway's own `/ws` frames (server -> client), tagged by `kind` like
+/// the provider events beside them (those are [`Envelope`]s, written on the
+/// hot path by [`Envelope::to_frame`]).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum ServerFrame {
+    /// The answer to one `chat.subscribe` entry, before its replay.
+    #[serde(rename_all = "camelCase")]
+    ChatSubscribed {
+        session_id: String,
+        is_processing: bool,
+        last_seq: u64,
+        pending_permissions: Vec<PendingPermission>,
+        /// Present while the session has a current or retained run (E2).
+        #[serde(flatten)]
+        run: Option<SubscribedRun>,
+        timestamp: String,
+    },
+    /// A session's row changed (its native id); sent to every socket of the owner.
+    #[serde(rename_all = "camelCase")]
+    SessionUpserted {
+        session_id: String,
+        provider_session_id: Option<String>,
+        provider: String,
+        session: UpsertedSession,
+        project: UpsertedProject,
+        timestamp: String,
+    },
+    /// E6: a `chat.send` with a `clientRequestId` was accepted (or was a repeat).
+    #[serde(rename_all = "camelCase")]
+    ChatAccepted {
+        session_id: String,
+        run_id: String,
+        client_request_id: String,
+        duplicate: bool,
+        timestamp: String,
+    },
+    /// A refused frame or request; `sessionId` is `null` when it concerns none.
+    #[serde(rename_all = "camelCase")]
+    ProtocolError {
+        code: ErrorCode,
+        error: String,
+        session_id: Option<String>,
+        timestamp: String,
+    },
+}
+
+impl ServerFrame {
+    /// The `protocol_error` frame of a refusal.
+    pub fn protocol_error(err: &ChatError, session_id: Option<&str>) -> Self {
+        ServerFrame::ProtocolError {
+            code: err.code,
+            error: err.message.clone(),
+            session_id: session_id.map(str::to_string),
+            timestamp: now_iso(),
+        }
+    }
+
+    pub fn to_frame(&self) -> Frame {
+        frame_of(self)
+    }
+}
+
+/// `chat_subscribed` fields of the session's current (or retained) run.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SubscribedRun {
+    pub run_id: String,
+    pub run_first_seq: u64,
+    pub oldest_seq: u64,
+    pub replay_truncated: bool,
+}
+
+/// One entry of `chat_subscribed.pendingPermissions`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PendingPermission {
+    pub request_id: String,
+    pub tool_name: String,
+    pub input: Value,
+    pub session_id: String,
+    pub received_at: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub context: Option<Value>,
+}
+
+/// `session_upserted.session`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct UpsertedSession {
+    pub id: String,
+    pub summary: String,
+    pub message_count: u64,
+    pub last_activity: String,
+    pub created_at: String,
+}
+
+/// `session_upserted.project`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct UpsertedProject {
+    pub path: String,
+    pub full_path: String,
+    pub display_name: String,
+}
+
 /// `{kind:"protocol_error", code, error, sessionId, timestamp}`.
 pub fn protocol_error(err: &ChatError, session_id: Option<&str>) -> Frame {
-    frame_of(&serde_json::json!({
-        "kind": "protocol_error",
-        "code": err.code.as_str(),
-        "error": err.message,
-        "sessionId": session_id,
-        "timestamp": now_iso(),
-    }))
+    ServerFrame::protocol_error(err, session_id).to_frame()
 }
 
 /// One entry of `chat.subscribe.sessions`.
@@ -144,43 +249,63 @@ pub struct SubscribeTarget {
 }
 
 /// A client's answer to a `permission_request`.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct PermissionDecision {
+    /// JavaScript truthiness, as the reference's `Boolean(allow)`.
+    #[serde(default, deserialize_with = "lenient::truthy")]
     pub allow: bool,
+    #[serde(default)]
     pub updated_input: Option<Value>,
+    #[serde(default, deserialize_with = "lenient::opt_string")]
     pub message: Option<String>,
+    #[serde(default, deserialize_with = "lenient::non_empty")]
     pub remember_entry: Option<String>,
 }
 
-/// Inbound `/ws` frames, one variant per `type`.
-#[derive(Debug, Clone, PartialEq)]
+/// Inbound `/ws` frames (client -> server), tagged by `type`. Fields are
+/// read leniently, as the reference reads them: a field of the wrong type
+/// counts as absent (a non-string `content` is `""`, a non-object `options`
+/// is `{}`), and ids are trimmed. [`ClientMessage::parse`] then refuses what
+/// the reference refuses.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(tag = "type")]
 pub enum ClientMessage {
+    #[serde(rename = "chat.send", rename_all = "camelCase")]
     Send {
+        #[serde(default, deserialize_with = "lenient::trimmed")]
         session_id: String,
+        #[serde(default, deserialize_with = "lenient::string")]
         content: String,
+        #[serde(
+            default = "lenient::empty_object",
+            deserialize_with = "lenient::object"
+        )]
         options: Value,
+        #[serde(default, deserialize_with = "lenient::non_empty")]
         client_request_id: Option<String>,
     },
+    #[serde(rename = "chat.abort", rename_all = "camelCase")]
     Abort {
+        #[serde(default, deserialize_with = "lenient::trimmed")]
         session_id: String,
     },
+    #[serde(rename = "chat.subscribe")]
     Subscribe {
+        #[serde(default, deserialize_with = "lenient::targets")]
         sessions: Vec<SubscribeTarget>,
     },
+    #[serde(rename = "chat.permission-response", rename_all = "camelCase")]
     PermissionResponse {
+        #[serde(default, deserialize_with = "lenient::trimmed")]
         request_id: String,
+        #[serde(flatten)]
         decision: PermissionDecision,
     },
     /// A `chat.permission-response` without a usable `requestId`: ignored,
     /// as in the reference (it never answers with an error).
+    #[serde(skip)]
     Ignored,
-}
-
-fn str_field(obj: &Map<String, Value>, key: &str) -> String {
-    obj.get(key)
-        .and_then(Value::as_str)
-        .map(|s| s.trim().to_string())
-        .unwrap_or_default()
 }
 
 impl ClientMessage {
@@ -192,113 +317,133 @@ impl ClientMessage {
                 "Invalid websocket payload: not JSON",
             )
         })?;
-        let Value::Object(obj) = value else {
+        // Checked first: serde would also read a tagged enum from an array.
+        if !value.is_object() {
             return Err(ChatError::new(
                 ErrorCode::InvalidPayload,
                 "Invalid websocket payload: expected a JSON object",
             ));
-        };
-        let ty = obj.get("type").and_then(Value::as_str).unwrap_or_default();
-        match ty {
-            "chat.send" => {
-                let session_id = str_field(&obj, "sessionId");
-                if session_id.is_empty() {
-                    return Err(ChatError::new(
-                        ErrorCode::SessionIdRequired,
-                        "chat.send requires a sessionId",
-                    ));
-                }
-                Ok(ClientMessage::Send {
-                    session_id,
-                    // The reference coerces a non-string content to "".
-                    content: obj
-                        .get("content")
-                        .and_then(Value::as_str)
-                        .unwrap_or_default()
-                        .to_string(),
-                    options: match obj.get("options") {
-                        Some(v @ Value::Object(_)) => v.clone(),
-                        _ => Value::Object(Map::new()),
-                    },
-                    client_request_id: obj
-                        .get("clientRequestId")
-                        .and_then(Value::as_str)
-                        .filter(|s| !s.is_empty())
-                        .map(str::to_string),
-                })
-            }
-            "chat.abort" => {
-                let session_id = str_field(&obj, "sessionId");
-                if session_id.is_empty() {
-                    return Err(ChatError::new(
-                        ErrorCode::SessionIdRequired,
-                        "chat.abort requires a sessionId",
-                    ));
-                }
-                Ok(ClientMessage::Abort { session_id })
-            }
-            "chat.subscribe" => {
-                let sessions = obj
-                    .get("sessions")
-                    .and_then(Value::as_array)
-                    .map(|list| {
-                        list.iter()
-                            .filter_map(|entry| {
-                                let session_id = entry
-                                    .get("sessionId")
-                                    .and_then(Value::as_str)
-                                    .map(str::trim)
-                                    .filter(|s| !s.is_empty())?;
-                                let last_seq = entry.get("lastSeq").and_then(Value::as_u64);
-                                Some(SubscribeTarget {
-                                    session_id: session_id.to_string(),
-                                    last_seq,
-                                })
-                            })
-                            .collect()
-                    })
-                    .unwrap_or_default();
-                Ok(ClientMessage::Subscribe { sessions })
-            }
-            "chat.permission-response" => {
-                let request_id = str_field(&obj, "requestId");
-                if request_id.is_empty() {
-                    return Ok(ClientMessage::Ignored);
-                }
-                let allow = match obj.get("allow") {
-                    Some(Value::Bool(b)) => *b,
-                    Some(Value::Null) | None => false,
-                    // JavaScript truthiness, as the reference's Boolean(allow).
-                    Some(Value::Number(n)) => n.as_f64().is_some_and(|f| f != 0.0),
-                    Some(Value::String(s)) => !s.is_empty(),
-                    Some(_) => true,
-                };
-                Ok(ClientMessage::PermissionResponse {
-                    request_id,
-                    decision: PermissionDecision {
-                        allow,
-                        updated_input: obj.get("updatedInput").filter(|v| !v.is_null()).cloned(),
-                        message: obj
-                            .get("message")
-                            .and_then(Value::as_str)
-                            .map(str::to_string),
-                        remember_entry: obj
-                            .get("rememberEntry")
-                            .and_then(Value::as_str)
-                            .filter(|s| !s.is_empty())
-                            .map(str::to_string),
-                    },
-                })
-            }
-            "" => Err(ChatError::new(
-                ErrorCode::UnknownMessageType,
-                "Frame has no message type",
-            )),
-            other => Err(ChatError::new(
-                ErrorCode::UnknownMessageType,
-                format!("Unknown message type: {other}"),
-            )),
         }
+        // Every field is lenient, so only the `type` tag can fail here.
+        let msg = ClientMessage::deserialize(&value).map_err(|err| {
+            match value.get("type").and_then(Value::as_str) {
+                None | Some("") => {
+                    ChatError::new(ErrorCode::UnknownMessageType, "Frame has no message type")
+                }
+                Some(ty) if KNOWN_TYPES.contains(&ty) => ChatError::new(
+                    ErrorCode::InvalidPayload,
+                    format!("Invalid websocket payload: {err}"),
+                ),
+                Some(other) => ChatError::new(
+                    ErrorCode::UnknownMessageType,
+                    format!("Unknown message type: {other}"),
+                ),
+            }
+        })?;
+        match msg {
+            ClientMessage::Send { ref session_id, .. } if session_id.is_empty() => {
+                Err(ChatError::new(
+                    ErrorCode::SessionIdRequired,
+                    "chat.send requires a sessionId",
+                ))
+            }
+            ClientMessage::Abort { ref session_id } if session_id.is_empty() => {
+                Err(ChatError::new(
+                    ErrorCode::SessionIdRequired,
+                    "chat.abort requires a sessionId",
+                ))
+            }
+            ClientMessage::PermissionResponse { ref request_id, .. } if request_id.is_empty() => {
+                Ok(ClientMessage::Ignored)
+            }
+            msg => Ok(msg),
+        }
+    }
+}
+
+/// The `type`s of [`ClientMessage`].
+const KNOWN_TYPES: [&str; 4] = [
+    "chat.send",
+    "chat.abort",
+    "chat.subscribe",
+    "chat.permission-response",
+];
+
+/// Field readers for [`ClientMessage`]: each takes any JSON value and keeps
+/// it only if it has the expected type, as the reference's checks do.
+mod lenient {
+    use serde::{Deserialize, Deserializer};
+    use serde_json::{Map, Value};
+
+    use super::SubscribeTarget;
+
+    pub fn empty_object() -> Value {
+        Value::Object(Map::new())
+    }
+
+    pub fn string<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+        Ok(match Value::deserialize(d)? {
+            Value::String(s) => s,
+            _ => String::new(),
+        })
+    }
+
+    pub fn trimmed<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+        let s = string(d)?;
+        Ok(match s.trim() {
+            t if t.len() == s.len() => s,
+            t => t.to_string(),
+        })
+    }
+
+    pub fn opt_string<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+        Ok(match Value::deserialize(d)? {
+            Value::String(s) => Some(s),
+            _ => None,
+        })
+    }
+
+    pub fn non_empty<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+        Ok(opt_string(d)?.filter(|s| !s.is_empty()))
+    }
+
+    pub fn object<'de, D: Deserializer<'de>>(d: D) -> Result<Value, D::Error> {
+        Ok(match Value::deserialize(d)? {
+            v @ Value::Object(_) => v,
+            _ => empty_object(),
+        })
+    }
+
+    /// JavaScript truthiness (`Boolean(x)`).
+    pub fn truthy<'de, D: Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
+        Ok(match Value::deserialize(d)? {
+            Value::Bool(b) => b,
+            Value::Null => false,
+            Value::Number(n) => n.as_f64().is_some_and(|f| f != 0.0),
+            Value::String(s) => !s.is_empty(),
+            Value::Array(_) | Value::Object(_) => true,
+        })
+    }
+
+    /// `sessions`: entries without a non-blank string `sessionId` are skipped.
+    pub fn targets<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<SubscribeTarget>, D::Error> {
+        let Value::Array(list) = Value::deserialize(d)? else {
+            return Ok(Vec::new());
+        };
+        Ok(list
+            .iter()
+            .filter_map(|entry| {
+                let session_id = entry
+                    .get("sessionId")
+                    .and_then(Value::as_str)
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())?;
+                Some(SubscribeTarget {
+                    session_id: session_id.to_string(),
+                    last_seq: entry.get("lastSeq").and_then(Value::as_u64),
+                })
+            })
+            .collect())
     }
 }
 
@@ -552,6 +697,102 @@ fn push_json_str(buf: &mut Vec<u8>, s: &str) {
 mod tests {
     use super::*;
 
+    /// One body of every kind, with strings that need escaping and optional
+    /// fields both set and unset.
+    fn every_kind() -> Vec<EventBody> {
+        let odd = "quote \" backslash \\ newline \n nul \u{0} é 𝄞";
+        let input = serde_json::json!({"command": odd, "n": [1, 2.5, null]});
+        vec![
+            EventBody::text(Role::User, odd),
+            EventBody::text(Role::Assistant, "plain"),
+            EventBody::StreamDelta {
+                content: odd.into(),
+            },
+            EventBody::StreamEnd {},
+            EventBody::Thinking {
+                content: odd.into(),
+            },
+            EventBody::ToolUse {
+                tool_name: "Bash".into(),
+                tool_input: input.clone(),
+                tool_id: "toolu_\"1".into(),
+            },
+            EventBody::tool_result("toolu_1", odd.into(), true),
+            EventBody::tool_result("toolu_2", String::new(), false),
+            EventBody::error(odd),
+            EventBody::Status {
+                text: Some("token_budget".into()),
+                status: None,
+                tokens: Some(u64::MAX),
+                token_budget: Some(serde_json::json!({"used": 1, "total": 2})),
+            },
+            EventBody::Status {
+                text: None,
+                status: Some(odd.into()),
+                tokens: None,
+                token_budget: None,
+            },
+            EventBody::PermissionRequest {
+                request_id: "r1".into(),
+                tool_name: "Bash".into(),
+                input: input.clone(),
+                context: Some(serde_json::json!({"why": odd})),
+            },
+            EventBody::PermissionRequest {
+                request_id: "r2".into(),
+                tool_name: "Edit".into(),
+                input,
+                context: None,
+            },
+            EventBody::PermissionCancelled {
+                request_id: "r1".into(),
+                reason: "timeout".into(),
+            },
+            EventBody::InteractivePrompt {
+                content: odd.into(),
+            },
+            EventBody::TaskNotification {
+                content: odd.into(),
+                status: Some("done".into()),
+            },
+            EventBody::TaskNotification {
+                content: String::new(),
+                status: None,
+            },
+            EventBody::Complete {
+                actual_session_id: "s".into(),
+                exit_code: -1,
+                success: false,
+                aborted: true,
+            },
+        ]
+    }
+
+    /// [`every_kind`] covers every variant: a new kind fails to compile
+    /// here until it has a sample (and so a byte-for-byte check).
+    #[test]
+    fn every_kind_covers_every_variant() {
+        let index = |body: &EventBody| match body {
+            EventBody::Text { .. } => 0,
+            EventBody::StreamDelta { .. } => 1,
+            EventBody::StreamEnd {} => 2,
+            EventBody::Thinking { .. } => 3,
+            EventBody::ToolUse { .. } => 4,
+            EventBody::ToolResult { .. } => 5,
+            EventBody::Error { .. } => 6,
+            EventBody::Status { .. } => 7,
+            EventBody::PermissionRequest { .. } => 8,
+            EventBody::PermissionCancelled { .. } => 9,
+            EventBody::InteractivePrompt { .. } => 10,
+            EventBody::TaskNotification { .. } => 11,
+            EventBody::Complete { .. } => 12,
+        };
+        let covered: std::collections::BTreeSet<usize> = every_kind().iter().map(index).collect();
+        assert_eq!(covered, (0..13).collect());
+    }
+
+    /// The hand-written envelope writer is byte for byte serde's output
+    /// (`frame_of` of the derived `Serialize`), for every event kind.
     #[test]
     fn envelope_to_frame_is_byte_for_byte_frame_of() {
         let texts = [
@@ -574,6 +815,7 @@ mod tests {
             success: false,
             aborted: true,
         });
+        bodies.extend(every_kind());
         for body in &bodies {
             for parent in [None, Some("toolu_1"), Some("we\"ird")] {
                 for id in ["run:1", "r\\un:2"] {
@@ -614,6 +856,276 @@ mod tests {
                 .unwrap_err()
                 .code,
             ErrorCode::UnknownMessageType
+        );
+    }
+
+    /// Each bad frame gets the code (and message) the hand-written reader gave it.
+    #[test]
+    fn bad_frames_get_the_same_codes_as_before() {
+        use ErrorCode::*;
+        let cases: [(&str, ErrorCode, &str); 13] = [
+            ("", InvalidPayload, "Invalid websocket payload: not JSON"),
+            (
+                "{\"type\":",
+                InvalidPayload,
+                "Invalid websocket payload: not JSON",
+            ),
+            (
+                "[1,2]",
+                InvalidPayload,
+                "Invalid websocket payload: expected a JSON object",
+            ),
+            // serde reads a tagged enum from an array too; the wire never did.
+            (
+                r#"["chat.abort","s1"]"#,
+                InvalidPayload,
+                "Invalid websocket payload: expected a JSON object",
+            ),
+            (
+                "\"chat.send\"",
+                InvalidPayload,
+                "Invalid websocket payload: expected a JSON object",
+            ),
+            ("{}", UnknownMessageType, "Frame has no message type"),
+            (
+                r#"{"type":""}"#,
+                UnknownMessageType,
+                "Frame has no message type",
+            ),
+            (
+                r#"{"type":7}"#,
+                UnknownMessageType,
+                "Frame has no message type",
+            ),
+            (
+                r#"{"type":"chat.dance"}"#,
+                UnknownMessageType,
+                "Unknown message type: chat.dance",
+            ),
+            (
+                r#"{"type":"chat.send"}"#,
+                SessionIdRequired,
+                "chat.send requires a sessionId",
+            ),
+            (
+                r#"{"type":"chat.send","sessionId":7}"#,
+                SessionIdRequired,
+                "chat.send requires a sessionId",
+            ),
+            (
+                r#"{"type":"chat.abort","sessionId":" "}"#,
+                SessionIdRequired,
+                "chat.abort requires a sessionId",
+            ),
+            (
+                r#"{"type":"chat.abort","sessionId":null}"#,
+                SessionIdRequired,
+                "chat.abort requires a sessionId",
+            ),
+        ];
+        for (text, code, message) in cases {
+            assert_eq!(
+                ClientMessage::parse(text),
+                Err(ChatError::new(code, message)),
+                "{text}"
+            );
+        }
+    }
+
+    /// Fields of the wrong type count as absent, as the reference reads them.
+    #[test]
+    fn fields_are_read_leniently() {
+        assert_eq!(
+            ClientMessage::parse(
+                r#"{"type":"chat.send","sessionId":"s","content":"hi","options":[1],"clientRequestId":"","extra":1}"#
+            ),
+            Ok(ClientMessage::Send {
+                session_id: "s".into(),
+                content: "hi".into(),
+                options: serde_json::json!({}),
+                client_request_id: None,
+            })
+        );
+        assert_eq!(
+            ClientMessage::parse(
+                r#"{"type":"chat.send","sessionId":"s","options":{"cwd":"x"},"clientRequestId":"c1"}"#
+            ),
+            Ok(ClientMessage::Send {
+                session_id: "s".into(),
+                content: String::new(),
+                options: serde_json::json!({"cwd": "x"}),
+                client_request_id: Some("c1".into()),
+            })
+        );
+        assert_eq!(
+            ClientMessage::parse(r#"{"type":"chat.subscribe","sessions":{"sessionId":"a"}}"#),
+            Ok(ClientMessage::Subscribe { sessions: vec![] })
+        );
+        assert_eq!(
+            ClientMessage::parse(
+                r#"{"type":"chat.subscribe","sessions":[7,{"sessionId":" a ","lastSeq":-1}]}"#
+            ),
+            Ok(ClientMessage::Subscribe {
+                sessions: vec![SubscribeTarget {
+                    session_id: "a".into(),
+                    last_seq: None
+                }]
+            })
+        );
+        let decision = |text: &str| match ClientMessage::parse(text) {
+            Ok(ClientMessage::PermissionResponse {
+                request_id,
+                decision,
+            }) => {
+                assert_eq!(request_id, "r1");
+                decision
+            }
+            other => panic!("{text}: {other:?}"),
+        };
+        for (allow, expected) in [
+            ("true", true),
+            ("false", false),
+            ("null", false),
+            ("0", false),
+            ("0.0", false),
+            ("2", true),
+            ("\"\"", false),
+            ("\"no\"", true),
+            ("[]", true),
+            ("{}", true),
+        ] {
+            let text = format!(
+                r#"{{"type":"chat.permission-response","requestId":" r1 ","allow":{allow}}}"#
+            );
+            assert_eq!(decision(&text).allow, expected, "allow: {allow}");
+        }
+        assert_eq!(
+            decision(r#"{"type":"chat.permission-response","requestId":"r1"}"#),
+            PermissionDecision {
+                allow: false,
+                updated_input: None,
+                message: None,
+                remember_entry: None,
+            }
+        );
+        assert_eq!(
+            decision(
+                r#"{"type":"chat.permission-response","requestId":"r1","allow":true,"updatedInput":{"a":1},"message":"","rememberEntry":"Bash"}"#
+            ),
+            PermissionDecision {
+                allow: true,
+                updated_input: Some(serde_json::json!({"a": 1})),
+                message: Some(String::new()),
+                remember_entry: Some("Bash".into()),
+            }
+        );
+        assert_eq!(
+            decision(
+                r#"{"type":"chat.permission-response","requestId":"r1","updatedInput":null,"message":3,"rememberEntry":""}"#
+            ),
+            PermissionDecision {
+                allow: false,
+                updated_input: None,
+                message: None,
+                remember_entry: None,
+            }
+        );
+        assert_eq!(
+            ClientMessage::parse(r#"{"type":"chat.permission-response","requestId":7}"#),
+            Ok(ClientMessage::Ignored)
+        );
+    }
+
+    /// The gateway frames carry the fields PROTOCOL.md names, and nothing
+    /// absent is written as `null` except `sessionId` of a protocol_error.
+    #[test]
+    fn server_frames_serialize_as_the_protocol_says() {
+        let v = |f: ServerFrame| -> Value { serde_json::from_str(&f.to_frame()).unwrap() };
+        let err = ChatError::new(ErrorCode::MessageTooLarge, "too big");
+        let e = v(ServerFrame::protocol_error(&err, None));
+        assert_eq!(e["kind"], "protocol_error");
+        assert_eq!(e["code"], "MESSAGE_TOO_LARGE");
+        assert_eq!(e["error"], "too big");
+        assert!(e["sessionId"].is_null() && e.as_object().unwrap().contains_key("sessionId"));
+        assert!(e["timestamp"].is_string());
+        let accepted = v(ServerFrame::ChatAccepted {
+            session_id: "s".into(),
+            run_id: "r".into(),
+            client_request_id: "c".into(),
+            duplicate: true,
+            timestamp: "t".into(),
+        });
+        assert_eq!(
+            accepted,
+            serde_json::json!({"kind": "chat_accepted", "sessionId": "s", "runId": "r",
+                "clientRequestId": "c", "duplicate": true, "timestamp": "t"})
+        );
+        let idle = ServerFrame::ChatSubscribed {
+            session_id: "s".into(),
+            is_processing: false,
+            last_seq: 9,
+            pending_permissions: vec![],
+            run: None,
+            timestamp: "t".into(),
+        };
+        assert_eq!(
+            v(idle),
+            serde_json::json!({"kind": "chat_subscribed", "sessionId": "s", "isProcessing": false,
+                "lastSeq": 9, "pendingPermissions": [], "timestamp": "t"})
+        );
+        let running = ServerFrame::ChatSubscribed {
+            session_id: "s".into(),
+            is_processing: true,
+            last_seq: 9,
+            pending_permissions: vec![PendingPermission {
+                request_id: "p".into(),
+                tool_name: "Bash".into(),
+                input: serde_json::json!({"command": "ls"}),
+                session_id: "s".into(),
+                received_at: "t0".into(),
+                context: None,
+            }],
+            run: Some(SubscribedRun {
+                run_id: "r".into(),
+                run_first_seq: 5,
+                oldest_seq: 6,
+                replay_truncated: true,
+            }),
+            timestamp: "t".into(),
+        };
+        assert_eq!(
+            v(running),
+            serde_json::json!({"kind": "chat_subscribed", "sessionId": "s", "isProcessing": true,
+                "lastSeq": 9, "pendingPermissions": [{"requestId": "p", "toolName": "Bash",
+                "input": {"command": "ls"}, "sessionId": "s", "receivedAt": "t0"}],
+                "runId": "r", "runFirstSeq": 5, "oldestSeq": 6, "replayTruncated": true,
+                "timestamp": "t"})
+        );
+        let upserted = ServerFrame::SessionUpserted {
+            session_id: "s".into(),
+            provider_session_id: None,
+            provider: "claude".into(),
+            session: UpsertedSession {
+                id: "s".into(),
+                summary: String::new(),
+                message_count: 0,
+                last_activity: "t".into(),
+                created_at: "c".into(),
+            },
+            project: UpsertedProject {
+                path: "/p/x".into(),
+                full_path: "/p/x".into(),
+                display_name: "x".into(),
+            },
+            timestamp: "t".into(),
+        };
+        assert_eq!(
+            v(upserted),
+            serde_json::json!({"kind": "session_upserted", "sessionId": "s",
+                "providerSessionId": null, "provider": "claude",
+                "session": {"id": "s", "summary": "", "messageCount": 0, "lastActivity": "t", "createdAt": "c"},
+                "project": {"path": "/p/x", "fullPath": "/p/x", "displayName": "x"},
+                "timestamp": "t"})
         );
     }
 

@@ -34,16 +34,13 @@ use std::time::Duration;
 use actix::fut::ActorFuture;
 use actix::prelude::*;
 use actix_web_actors::ws;
-use serde_json::json;
 
 use crate::chat::run_registry::{
     resolve_cwd, AbortRun, CloseSocket, Connect, Deliver, Disconnect, RespondPermission,
     RunRegistry, SocketId, StartRun, Subscribe,
 };
 use crate::heartbeat::Heartbeat;
-use crate::protocol::{
-    frame_of, now_iso, protocol_error, ChatError, ClientMessage, ErrorCode, Frame,
-};
+use crate::protocol::{protocol_error, ChatError, ClientMessage, ErrorCode, Frame};
 use crate::store::{self, SessionRow, Store};
 use crate::AuthUser;
 
@@ -400,13 +397,9 @@ impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for ChatSocket {
             Ok(ws::Message::Nop) => {}
             Err(ws::ProtocolError::Overflow) => {
                 // Refused from the frame header; the payload is never buffered (E5).
-                ctx.text(frame_of(&json!({
-                    "kind": "protocol_error",
-                    "code": ErrorCode::MessageTooLarge.as_str(),
-                    "error": "Frame exceeds the 8 MiB limit",
-                    "sessionId": null,
-                    "timestamp": now_iso(),
-                })));
+                let err =
+                    ChatError::new(ErrorCode::MessageTooLarge, "Frame exceeds the 8 MiB limit");
+                Self::send_error(ctx, &err, None);
                 ctx.close(Some(ws::CloseReason {
                     code: ws::CloseCode::Size,
                     description: Some("frame too large".into()),

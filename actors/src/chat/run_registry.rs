@@ -39,12 +39,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
-use serde_json::{json, Value};
+use serde_json::Value;
 
 use crate::chat::provider_run::{Abort, AnswerPermission, Kill, ProviderRun};
 use crate::config::GatewayConfig;
 use crate::protocol::{
-    frame_of, now_iso, ChatError, Envelope, ErrorCode, Event, EventBody, Frame, PermissionDecision,
+    now_iso, ChatError, Envelope, ErrorCode, Event, EventBody, Frame, PendingPermission,
+    PermissionDecision, ServerFrame, SubscribedRun, UpsertedProject, UpsertedSession,
 };
 use crate::provider::{provider_for, safe_id, Provider, ProviderEvent, ProviderKind, Turn};
 use crate::store::{self, SessionRow, Store};
@@ -494,28 +495,29 @@ impl RunRegistry {
         let Some(state) = self.sessions.get(session_id) else {
             return;
         };
-        let frame = frame_of(&json!({
-            "kind": "session_upserted",
-            "sessionId": session_id,
-            "providerSessionId": state.provider_session_id,
-            "provider": state.provider.as_str(),
-            "session": {
-                "id": session_id,
-                "summary": state.custom_name.clone().unwrap_or_default(),
-                "messageCount": 0,
-                "lastActivity": now_iso(),
-                "createdAt": state.created_at,
+        let now = now_iso();
+        let frame = ServerFrame::SessionUpserted {
+            session_id: session_id.to_string(),
+            provider_session_id: state.provider_session_id.clone(),
+            provider: state.provider.as_str().to_string(),
+            session: UpsertedSession {
+                id: session_id.to_string(),
+                summary: state.custom_name.clone().unwrap_or_default(),
+                message_count: 0,
+                last_activity: now.clone(),
+                created_at: state.created_at.clone(),
             },
-            "project": {
-                "path": state.project_path,
-                "fullPath": state.project_path,
-                "displayName": Path::new(&state.project_path)
+            project: UpsertedProject {
+                path: state.project_path.clone(),
+                full_path: state.project_path.clone(),
+                display_name: Path::new(&state.project_path)
                     .file_name()
                     .map(|n| n.to_string_lossy().into_owned())
                     .unwrap_or_else(|| state.project_path.clone()),
             },
-            "timestamp": now_iso(),
-        }));
+            timestamp: now,
+        }
+        .to_frame();
         let owner = state.owner;
         let frames: Arc<[Frame]> = vec![frame].into();
         let sockets: Vec<SocketId> = self
@@ -729,43 +731,36 @@ impl RunRegistry {
         let run = state.and_then(|s| s.run.as_ref());
         let running = run.is_some_and(|r| r.status == Status::Running);
         let session_last = state.map(|s| s.last_seq).unwrap_or(row_last_seq);
-        let pending: Vec<Value> = run
+        let pending = run
             .map(|r| {
                 r.pending
                     .iter()
-                    .map(|p| {
-                        let mut v = json!({
-                            "requestId": p.request_id,
-                            "toolName": p.tool_name,
-                            "input": p.input,
-                            "sessionId": session_id,
-                            "receivedAt": p.received_at,
-                        });
-                        if let Some(c) = &p.context {
-                            v["context"] = c.clone();
-                        }
-                        v
+                    .map(|p| PendingPermission {
+                        request_id: p.request_id.clone(),
+                        tool_name: p.tool_name.clone(),
+                        input: p.input.clone(),
+                        session_id: session_id.to_string(),
+                        received_at: p.received_at.clone(),
+                        context: p.context.clone(),
                     })
                     .collect()
             })
             .unwrap_or_default();
         let oldest = state.and_then(|s| s.buffer.front().map(|(seq, _)| *seq));
         let from = last_seq.unwrap_or(0);
-        let mut ack = json!({
-            "kind": "chat_subscribed",
-            "sessionId": session_id,
-            "isProcessing": running,
-            "lastSeq": session_last,
-            "pendingPermissions": pending,
-            "timestamp": now_iso(),
-        });
-        if let (Some(run), Some(state)) = (run, state) {
-            ack["runId"] = json!(run.id);
-            ack["runFirstSeq"] = json!(run.first_seq);
-            ack["oldestSeq"] = json!(oldest.unwrap_or(state.last_seq + 1));
-            let wanted = (from + 1).max(run.first_seq);
-            ack["replayTruncated"] = json!(oldest.is_some_and(|o| wanted < o));
-        }
+        let ack = ServerFrame::ChatSubscribed {
+            session_id: session_id.to_string(),
+            is_processing: running,
+            last_seq: session_last,
+            pending_permissions: pending,
+            run: run.zip(state).map(|(run, state)| SubscribedRun {
+                run_id: run.id.clone(),
+                run_first_seq: run.first_seq,
+                oldest_seq: oldest.unwrap_or(state.last_seq + 1),
+                replay_truncated: oldest.is_some_and(|o| (from + 1).max(run.first_seq) < o),
+            }),
+            timestamp: now_iso(),
+        };
         let replay = match (running, state) {
             (true, Some(state)) => state
                 .buffer
@@ -775,7 +770,7 @@ impl RunRegistry {
                 .collect(),
             _ => Vec::new(),
         };
-        (frame_of(&ack), replay, running)
+        (ack.to_frame(), replay, running)
     }
 
     fn start_run(&mut self, msg: StartRun, ctx: &mut Context<Self>) -> Result<(), ChatError> {
@@ -884,14 +879,14 @@ fn accepted_frame(
     client_request_id: &str,
     duplicate: bool,
 ) -> Frame {
-    frame_of(&json!({
-        "kind": "chat_accepted",
-        "sessionId": session_id,
-        "runId": run_id,
-        "clientRequestId": client_request_id,
-        "duplicate": duplicate,
-        "timestamp": now_iso(),
-    }))
+    ServerFrame::ChatAccepted {
+        session_id: session_id.to_string(),
+        run_id: run_id.to_string(),
+        client_request_id: client_request_id.to_string(),
+        duplicate,
+        timestamp: now_iso(),
+    }
+    .to_frame()
 }
 
 /// The session's project path, or a client `options.cwd` inside it.
@@ -1220,6 +1215,7 @@ impl Handler<Shutdown> for RunRegistry {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     use crate::provider::{CommandSpec, LineParser};
     use crate::store::{SessionStore, StoreError};
