@@ -318,7 +318,8 @@ async fn chat_ws(
         state.registry.clone(),
         state.store.clone(),
         state.config.heartbeat,
-    );
+    )
+    .watched(state.watched(&req));
     ws::WsResponseBuilder::new(socket, &req, stream)
         .frame_size(MAX_INBOUND_FRAME)
         .start()
@@ -335,7 +336,7 @@ async fn shell_ws(
         store: state.store.clone(),
         config: state.config.clone(),
     };
-    ShellSocket::start(&req, stream, user, deps)
+    ShellSocket::start(&req, stream, user, deps, state.watched(&req))
 }
 
 async fn plugin_ws(
@@ -352,6 +353,7 @@ async fn plugin_ws(
         &path,
         &state.plugins,
         state.config.heartbeat,
+        state.watched(&req),
     )
     .await
 }

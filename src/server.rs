@@ -18,6 +18,7 @@ use agentgate_actors::plugin::{PluginRegistry, StopAllPlugins};
 use agentgate_actors::provider::ProviderKind;
 use agentgate_actors::shell::{PtyHub, ShutdownPtys};
 use agentgate_actors::store::Store;
+use agentgate_actors::watchdog::{conn_fd, ConnWatchdog};
 use futures_util::FutureExt;
 
 use crate::auth::{redact_query, Keys};
@@ -72,6 +73,12 @@ pub async fn serve(common: Common, args: ServeArgs) -> std::io::Result<()> {
     });
     // Discovers <data-dir>/plugins and starts the enabled plugin servers.
     let plugins = PluginRegistry::new(config.clone()).start();
+    // On its own thread: it must run while socket actors cannot (see watchdog.rs).
+    let watchdog_arbiter = Arbiter::new();
+    let heartbeat = config.heartbeat;
+    let watchdog = ConnWatchdog::start_in_arbiter(&watchdog_arbiter.handle(), move |_| {
+        ConnWatchdog::new(heartbeat)
+    });
 
     let state = web::Data::new(AppState {
         config: config.clone(),
@@ -82,6 +89,7 @@ pub async fn serve(common: Common, args: ServeArgs) -> std::io::Result<()> {
         registry,
         shells,
         plugins,
+        watchdog,
     });
 
     let app_state = state.clone();
@@ -107,6 +115,12 @@ pub async fn serve(common: Common, args: ServeArgs) -> std::io::Result<()> {
             .configure(crate::plugins_api::configure)
             // After every API and WebSocket route: the web UI, else the JSON 404.
             .default_service(web::to(crate::web_ui::serve))
+    })
+    // The raw descriptor of each connection, for the stall watchdog.
+    .on_connect(|io, ext| {
+        if let Some(fd) = conn_fd(io) {
+            ext.insert(fd);
+        }
     })
     .workers(HTTP_WORKERS)
     .disable_signals()

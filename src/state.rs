@@ -10,6 +10,7 @@ use agentgate_actors::config::GatewayConfig;
 use agentgate_actors::plugin::PluginRegistry;
 use agentgate_actors::shell::PtyHub;
 use agentgate_actors::store::Store;
+use agentgate_actors::watchdog::{watched_conn, ConnFd, ConnWatchdog, WatchedConn};
 use agentgate_actors::AuthUser;
 
 use crate::api::ApiError;
@@ -30,9 +31,20 @@ pub struct AppState {
     pub shells: Addr<PtyHub>,
     /// The plugin directory: plugin servers and their ports.
     pub plugins: Addr<PluginRegistry>,
+    /// Cuts off WebSocket connections whose client stopped reading.
+    pub watchdog: Addr<ConnWatchdog>,
 }
 
 impl AppState {
+    /// The request's connection, for the watchdog (call before the upgrade).
+    pub fn watched(&self, req: &HttpRequest) -> Option<WatchedConn> {
+        let conn = watched_conn(req.conn_data::<ConnFd>(), &self.watchdog);
+        if conn.is_none() {
+            tracing::warn!("connection descriptor unknown: this socket is not watched for stalls");
+        }
+        conn
+    }
+
     /// The user of a request, or 401. Runs before any upgrade or spawn.
     pub async fn authenticate(&self, req: &HttpRequest) -> Result<AuthUser, ApiError> {
         let db = self.db.clone();

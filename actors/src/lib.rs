@@ -12,7 +12,8 @@
 //!
 //! Everything else is plain data or functions: [`protocol`] (wire types),
 //! [`provider`] (the adapter trait and the adapters), [`store`] (the database
-//! seam the binary implements), [`config`], [`heartbeat`], [`procfs`] (finding
+//! seam the binary implements), [`config`], [`heartbeat`], [`watchdog`] (cuts
+//! off connections whose client stopped reading), [`procfs`] (finding
 //! the processes a kill must reach).
 //!
 //! Invariants: only the RunRegistry assigns `seq`; each piece of mutable state
@@ -29,6 +30,7 @@ pub mod protocol;
 pub mod provider;
 pub mod shell;
 pub mod store;
+pub mod watchdog;
 
 /// The authenticated user of a connection, established by the binary before
 /// any upgrade.

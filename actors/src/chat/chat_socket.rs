@@ -42,6 +42,7 @@ use crate::chat::run_registry::{
 use crate::heartbeat::Heartbeat;
 use crate::protocol::{protocol_error, ChatError, ClientMessage, ErrorCode, Frame};
 use crate::store::{self, SessionRow, Store};
+use crate::watchdog::{Stalled, WatchedConn};
 use crate::AuthUser;
 
 /// Deliveries queued for one socket before it counts as a slow consumer.
@@ -71,6 +72,8 @@ pub struct ChatSocket {
     backlog_next: usize,
     /// Bytes of the frames in `backlog` not yet written.
     backlog_bytes: usize,
+    /// This socket's connection, watched for a client that stopped reading.
+    conn: Option<WatchedConn>,
 }
 
 impl ChatSocket {
@@ -91,7 +94,15 @@ impl ChatSocket {
             backlog: VecDeque::new(),
             backlog_next: 0,
             backlog_bytes: 0,
+            conn: None,
         }
+    }
+
+    /// Lets the [`ConnWatchdog`](crate::watchdog::ConnWatchdog) cut off this
+    /// socket's connection when its client stops reading.
+    pub fn watched(mut self, conn: Option<WatchedConn>) -> Self {
+        self.conn = conn;
+        self
     }
 
     /// Hands backlog frames to the encoder until `budget` bytes are written
@@ -286,6 +297,9 @@ impl Actor for ChatSocket {
     fn started(&mut self, ctx: &mut Self::Context) {
         ctx.set_mailbox_capacity(MAILBOX_CAPACITY);
         ctx.spawn(DeliveryPump);
+        if let Some(conn) = &mut self.conn {
+            conn.watch("ChatSocket", ctx.address().recipient());
+        }
         Heartbeat::start(
             ctx,
             self.heartbeat_interval,
@@ -333,6 +347,14 @@ impl Handler<Deliver> for ChatSocket {
             tracing::warn!(actor = "ChatSocket", socket = ?self.id, backlog_bytes = self.backlog_bytes, reason = "slow consumer", "closing socket with 4008");
             self.close(4008, "slow consumer", ctx);
         }
+    }
+}
+
+impl Handler<Stalled> for ChatSocket {
+    type Result = ();
+
+    fn handle(&mut self, _: Stalled, ctx: &mut Self::Context) {
+        self.close(4008, "slow consumer", ctx);
     }
 }
 

@@ -52,6 +52,7 @@ use super::manifest::valid_name;
 use super::plugin_registry::{LookupPort, PluginPort, PluginRegistry};
 use crate::config::MAX_INBOUND_FRAME;
 use crate::heartbeat::Heartbeat;
+use crate::watchdog::{Stalled, WatchedConn};
 
 /// Close code for an invalid plugin name (PROTOCOL.md section 7).
 pub const CLOSE_INVALID_NAME: u16 = 4400;
@@ -97,6 +98,7 @@ pub async fn start_proxy(
     name: &str,
     registry: &Addr<PluginRegistry>,
     heartbeat: Duration,
+    conn: Option<WatchedConn>,
 ) -> Result<HttpResponse, actix_web::Error> {
     let target = if !valid_name(name) {
         Target::Refuse(CLOSE_INVALID_NAME, "Invalid plugin name")
@@ -128,6 +130,7 @@ pub async fn start_proxy(
         handback: None,
         budget: Arc::new(Semaphore::new(UPSTREAM_QUEUE_BYTES as usize)),
         stop_reason: "client closed",
+        conn,
     };
     ws::WsResponseBuilder::new(proxy, req, stream)
         .frame_size(MAX_INBOUND_FRAME)
@@ -164,6 +167,8 @@ pub struct PluginProxy {
     budget: Arc<Semaphore>,
     /// For the supervision log line in `stopped()`.
     stop_reason: &'static str,
+    /// The client's connection, watched for a client that stopped reading.
+    conn: Option<WatchedConn>,
 }
 
 impl Actor for PluginProxy {
@@ -196,6 +201,9 @@ impl Actor for PluginProxy {
             .map(|(), act, ctx| act.plugin_stopping(ctx)),
         );
         tracing::info!(actor = "PluginProxy", plugin = %self.name, port, "actor started");
+        if let Some(conn) = &mut self.conn {
+            conn.watch("PluginProxy", ctx.address().recipient());
+        }
         Heartbeat::start(ctx, self.heartbeat, |a: &mut Self| &mut a.hb, "PluginProxy");
         let url = format!("ws://127.0.0.1:{port}/ws");
         // Waiting here (not spawning) keeps client frames unread until the
@@ -225,6 +233,23 @@ impl Actor for PluginProxy {
             let _ = handback.send(self.upstream.take());
         }
         tracing::info!(actor = "PluginProxy", plugin = %self.name, reason = self.stop_reason, "actor stopped");
+    }
+}
+
+impl Handler<Stalled> for PluginProxy {
+    type Result = ();
+
+    fn handle(&mut self, _: Stalled, ctx: &mut Self::Context) {
+        if stopping(ctx) {
+            return;
+        }
+        self.stop_reason = "slow consumer";
+        self.finish_upstream(None);
+        ctx.close(Some(CloseReason {
+            code: CloseCode::Other(4008),
+            description: Some("slow consumer".to_string()),
+        }));
+        ctx.stop();
     }
 }
 

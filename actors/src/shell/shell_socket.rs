@@ -44,6 +44,7 @@ use super::{EndReason, ServerFrame, SocketHandle, TermSize, MAX_TERM_COLS, MAX_T
 use crate::config::{GatewayConfig, MAX_INBOUND_FRAME};
 use crate::heartbeat::Heartbeat;
 use crate::store::{self, Store};
+use crate::watchdog::{Stalled, WatchedConn};
 use crate::AuthUser;
 
 /// Auth URLs remembered per socket for "announce once"; beyond this the
@@ -125,6 +126,8 @@ pub struct ShellSocket {
     announced: AnnouncedUrls,
     /// A fragmented message being reassembled.
     fragment: Option<Vec<u8>>,
+    /// This socket's connection, watched for a client that stopped reading.
+    conn: Option<WatchedConn>,
 }
 
 impl ShellSocket {
@@ -138,6 +141,7 @@ impl ShellSocket {
             initialized: false,
             announced: AnnouncedUrls::default(),
             fragment: None,
+            conn: None,
         }
     }
 
@@ -147,8 +151,11 @@ impl ShellSocket {
         stream: web::Payload,
         user: AuthUser,
         deps: ShellDeps,
+        conn: Option<WatchedConn>,
     ) -> Result<HttpResponse, actix_web::Error> {
-        ws::WsResponseBuilder::new(ShellSocket::new(user, deps), req, stream)
+        let mut socket = ShellSocket::new(user, deps);
+        socket.conn = conn;
+        ws::WsResponseBuilder::new(socket, req, stream)
             .frame_size(MAX_INBOUND_FRAME)
             .start()
     }
@@ -343,6 +350,9 @@ impl Actor for ShellSocket {
     fn started(&mut self, ctx: &mut Self::Context) {
         // PtySession's ordering argument relies on this capacity (see SOCKET_MAILBOX_CAPACITY).
         ctx.set_mailbox_capacity(SOCKET_MAILBOX_CAPACITY);
+        if let Some(conn) = &mut self.conn {
+            conn.watch("ShellSocket", ctx.address().recipient());
+        }
         Heartbeat::start(
             ctx,
             self.deps.config.heartbeat,
@@ -441,6 +451,18 @@ impl Handler<PtyOutput> for ShellSocket {
         if let Some(frame) = msg.frame {
             ctx.text(frame);
         }
+    }
+}
+
+impl Handler<Stalled> for ShellSocket {
+    type Result = ();
+
+    fn handle(&mut self, _: Stalled, ctx: &mut Self::Context) {
+        ctx.close(Some(CloseReason {
+            code: CloseCode::Other(CLOSE_SLOW_CONSUMER),
+            description: Some("slow consumer".into()),
+        }));
+        ctx.stop();
     }
 }
 
