@@ -102,6 +102,10 @@ pub struct ServeArgs {
     /// PEM private key (PKCS#8, PKCS#1 or SEC1) of `--tls-cert`.
     #[arg(long, env = "AGENTGATE_TLS_KEY", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
+    /// A provider CLI that prints nothing for this many seconds (outside a
+    /// permission prompt) is killed and its run completes as failed.
+    #[arg(long, env = "AGENTGATE_PROVIDER_IDLE_SECS", default_value = "600", value_parser = clap::value_parser!(u64).range(1..))]
+    pub provider_idle_secs: u64,
     #[arg(long, env = "AGENTGATE_CLAUDE_BIN")]
     pub claude_bin: Option<PathBuf>,
     #[arg(long, env = "AGENTGATE_CODEX_BIN")]

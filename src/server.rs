@@ -1,7 +1,7 @@
 //! `agentgate serve`: opens the database, starts the actors and the HTTP
 //! server, and runs the shutdown sequence on SIGINT/SIGTERM.
 //!
-//! Shutdown: stop accepting, tell every supervising actor to finish its
+//! Shutdown: stop accepting connections, tell every supervising actor to finish its
 //! children (runs get their terminal `complete`, child process groups are
 //! killed, sockets close with 1001), then stop the HTTP server and exit 0.
 
@@ -38,6 +38,7 @@ pub fn gateway_config(common: &Common, args: &ServeArgs) -> GatewayConfig {
     config.heartbeat = Duration::from_secs(args.heartbeat_secs);
     config.shell_detach = Duration::from_secs(args.shell_detach_secs);
     config.permission_timeout = Duration::from_secs(args.permission_timeout_secs);
+    config.provider_idle = Duration::from_secs(args.provider_idle_secs);
     let bins = [
         (ProviderKind::Claude, &args.claude_bin),
         (ProviderKind::Codex, &args.codex_bin),
@@ -156,6 +157,9 @@ pub async fn serve(common: Common, args: ServeArgs) -> std::io::Result<()> {
     actix_web::rt::spawn(async move {
         wait_for_signal().await;
         tracing::info!("shutdown requested: finishing runs and closing sockets");
+        // Stop accepting first: no new socket or request starts while the
+        // actors finish (the registry also refuses new runs: SHUTTING_DOWN).
+        handle.pause().await;
         shutdown_actors(&shutdown_state).await;
         handle.stop(true).await;
     });

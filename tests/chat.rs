@@ -143,17 +143,18 @@ async fn events_are_sequenced_under_the_app_id_and_resume_uses_the_native_id() {
     assert_eq!(seqs(&second)[0], s.last().unwrap() + 1);
     assert_ne!(second[0]["runId"], run_id.as_str());
 
-    // seq is persisted: visible over REST, and it survives a restart.
-    let (_, row) = server
-        .get(
-            &format!("/api/providers/sessions/{}", c.session),
-            Some(&c.token),
-        )
-        .await;
-    assert_eq!(
-        row["data"]["lastSeq"].as_u64(),
-        seqs(&second).last().copied()
-    );
+    // seq is persisted (in the background, right after the complete): visible over REST.
+    let path = format!("/api/providers/sessions/{}", c.session);
+    let last = seqs(&second).last().copied();
+    let mut persisted = None;
+    for _ in 0..200 {
+        persisted = server.get(&path, Some(&c.token)).await.1["data"]["lastSeq"].as_u64();
+        if persisted == last {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(persisted, last);
 }
 
 /// A duplicate `result` yields one `complete`; a second send while running is
@@ -594,7 +595,8 @@ async fn slow_consumer_is_closed_with_4008_and_others_are_unaffected() {
     );
 }
 
-/// seq keeps increasing across a gateway restart (it is persisted).
+/// seq keeps increasing across a gateway restart, SIGKILL included (E9: the
+/// next run starts above the seqs reserved before the crash).
 #[actix_rt::test]
 async fn seq_continues_after_a_restart() {
     let server = fake_server();
@@ -623,13 +625,12 @@ async fn seq_continues_after_a_restart() {
     ws.send_json(json!({"type":"chat.subscribe","sessions":[{"sessionId": c.session}]}))
         .await;
     let ack = ws.recv_json().await;
-    assert_eq!(
-        (ack["isProcessing"].clone(), ack["lastSeq"].as_u64()),
-        (json!(false), Some(last))
-    );
+    assert_eq!(ack["isProcessing"], false);
+    assert!(ack["lastSeq"].as_u64().unwrap() >= last, "{ack}");
     send(&mut ws, &c.session, "text:2").await;
     let events = until_complete(&mut ws, &c.session).await;
-    assert_eq!(seqs(&events)[0], last + 1);
+    assert!(seqs(&events)[0] > last, "seq went back after a restart");
+    assert!(seqs(&events).windows(2).all(|w| w[1] == w[0] + 1));
 }
 
 /// SIGTERM mid-run: the run gets its error and complete, the CLI is killed,

@@ -18,6 +18,7 @@ mod support;
 
 mod chat;
 mod claude_e2e;
+mod delivery;
 mod foundation;
 mod plugins;
 mod providers;

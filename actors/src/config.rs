@@ -19,6 +19,9 @@ pub struct GatewayConfig {
     pub shell_detach: Duration,
     /// A pending tool permission is denied after this (interactive tools wait forever).
     pub permission_timeout: Duration,
+    /// A provider CLI that prints nothing for this long (outside a
+    /// permission prompt) is killed and its run completes as failed.
+    pub provider_idle: Duration,
     /// Binary per provider (`--claude-bin` etc.).
     pub provider_bins: BTreeMap<ProviderKind, PathBuf>,
     /// The environment children get: the gateway's minus its secrets and its own settings.
@@ -50,6 +53,7 @@ impl GatewayConfig {
             heartbeat: Duration::from_secs(30),
             shell_detach: Duration::from_secs(1800),
             permission_timeout: Duration::from_secs(300),
+            provider_idle: crate::provider::cli_support::CLI_IDLE_TIMEOUT,
             provider_bins: BTreeMap::new(),
             child_env: Self::child_env_from_process(),
             data_dir,

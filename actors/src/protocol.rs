@@ -94,6 +94,8 @@ pub enum ErrorCode {
     MessageTooLarge,
     /// Extension: too many requests in flight on one socket.
     RateLimited,
+    /// Extension: the gateway is shutting down and starts no new run.
+    ShuttingDown,
     InternalError,
 }
 
@@ -109,6 +111,7 @@ impl ErrorCode {
             ErrorCode::NoActiveRun => "NO_ACTIVE_RUN",
             ErrorCode::MessageTooLarge => "MESSAGE_TOO_LARGE",
             ErrorCode::RateLimited => "RATE_LIMITED",
+            ErrorCode::ShuttingDown => "SHUTTING_DOWN",
             ErrorCode::InternalError => "INTERNAL_ERROR",
         }
     }

@@ -23,6 +23,9 @@ pub struct SessionRow {
     pub archived: bool,
     /// Highest `seq` sent for this session (persisted so seq keeps increasing across restarts).
     pub last_seq: u64,
+    /// Seqs up to this may have been used (reserved before use, E9); a
+    /// session continues above it after a crash.
+    pub seq_reserved: u64,
     pub created_at: String,
     pub updated_at: String,
 }
@@ -41,8 +44,14 @@ pub trait SessionStore: Send + Sync + 'static {
         id: &str,
         provider_session_id: Option<&str>,
     ) -> Result<(), StoreError>;
-    /// Records the session's highest seq.
+    /// Records the session's highest seq (never moves it back).
     fn set_last_seq(&self, id: &str, last_seq: u64) -> Result<(), StoreError>;
+    /// Records that seqs up to `upto` may be used (never moves it back);
+    /// the caller uses none of them before this returns (E9).
+    fn reserve_seq(&self, id: &str, upto: u64) -> Result<(), StoreError>;
+    /// At a clean shutdown: the session's last seq, and no seq reserved
+    /// beyond it (nothing runs any more).
+    fn release_seq(&self, id: &str, last_seq: u64) -> Result<(), StoreError>;
 }
 
 pub type Store = Arc<dyn SessionStore>;

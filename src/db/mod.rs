@@ -214,6 +214,7 @@ pub struct Session {
     pub last_seq: i64,
     pub created_at: String,
     pub updated_at: String,
+    pub seq_reserved: i64,
 }
 
 impl From<Session> for SessionRow {
@@ -227,6 +228,7 @@ impl From<Session> for SessionRow {
             custom_name: s.custom_name,
             archived: s.archived,
             last_seq: u64::try_from(s.last_seq).unwrap_or(0),
+            seq_reserved: u64::try_from(s.seq_reserved).unwrap_or(0),
             created_at: s.created_at,
             updated_at: s.updated_at,
         }
@@ -312,6 +314,28 @@ impl SessionStore for DbStore {
             .map_err(|e| store_err(e.into()))?;
         Ok(())
     }
+
+    fn reserve_seq(&self, id: &str, upto: u64) -> Result<(), StoreError> {
+        let mut conn = self.0.conn().map_err(store_err)?;
+        let upto = i64::try_from(upto).unwrap_or(i64::MAX);
+        diesel::update(sessions::table.find(id))
+            .filter(sessions::seq_reserved.lt(upto))
+            .set(sessions::seq_reserved.eq(upto))
+            .execute(&mut conn)
+            .map_err(|e| store_err(e.into()))?;
+        Ok(())
+    }
+
+    fn release_seq(&self, id: &str, last_seq: u64) -> Result<(), StoreError> {
+        self.set_last_seq(id, last_seq)?;
+        let mut conn = self.0.conn().map_err(store_err)?;
+        let seq = i64::try_from(last_seq).unwrap_or(i64::MAX);
+        diesel::update(sessions::table.find(id))
+            .set(sessions::seq_reserved.eq(seq))
+            .execute(&mut conn)
+            .map_err(|e| store_err(e.into()))?;
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -344,5 +368,21 @@ mod tests {
         store.set_last_seq(&s.id, 10).unwrap();
         store.set_last_seq(&s.id, 4).unwrap();
         assert_eq!(store.session(&s.id).unwrap().unwrap().last_seq, 10);
+    }
+
+    #[test]
+    fn seq_reservations_never_move_back_until_released() {
+        let (_dir, db) = temp_db();
+        let mut conn = db.conn().unwrap();
+        let user = ensure_user(&mut conn, "a").unwrap();
+        let s = create_session(&mut conn, user.id, "claude", "/tmp", None).unwrap();
+        let store = DbStore(db.clone());
+        store.reserve_seq(&s.id, 20_000).unwrap();
+        store.reserve_seq(&s.id, 10_000).unwrap();
+        let row = store.session(&s.id).unwrap().unwrap();
+        assert_eq!((row.last_seq, row.seq_reserved), (0, 20_000));
+        store.release_seq(&s.id, 123).unwrap();
+        let row = store.session(&s.id).unwrap().unwrap();
+        assert_eq!((row.last_seq, row.seq_reserved), (123, 123));
     }
 }

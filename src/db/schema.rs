@@ -32,6 +32,7 @@ diesel::table! {
         last_seq -> BigInt,
         created_at -> Text,
         updated_at -> Text,
+        seq_reserved -> BigInt,
     }
 }
 

@@ -36,7 +36,7 @@ use actix::prelude::*;
 use actix_web_actors::ws;
 
 use crate::chat::run_registry::{
-    resolve_cwd, AbortRun, CloseSocket, Connect, Deliver, Disconnect, RespondPermission,
+    resolve_cwd, AbortRun, CloseSocket, Connect, Deliver, Disconnect, Drained, RespondPermission,
     RunRegistry, SocketId, StartRun, Subscribe,
 };
 use crate::heartbeat::Heartbeat;
@@ -45,11 +45,16 @@ use crate::store::{self, SessionRow, Store};
 use crate::watchdog::{Stalled, WatchedConn};
 use crate::AuthUser;
 
-/// Deliveries queued for one socket before it counts as a slow consumer.
+/// Deliveries queued for one socket (the registry keeps at most
+/// `SUBSCRIBER_MAX_BATCHES` of its own in flight, plus rare out-of-band frames).
 pub const MAILBOX_CAPACITY: usize = 256;
-/// Bytes of delivered frames one socket may hold unwritten (shared with the
-/// replay buffer and other subscribers); more makes it a slow consumer (4008).
-pub const BACKLOG_MAX_BYTES: usize = 16 * 1024 * 1024;
+/// Bytes of delivered frames one socket may hold unwritten. The registry's
+/// budget keeps it near `SUBSCRIBER_HIGH_WATER`; this only guards against a
+/// bug, and closes with 4008.
+pub const BACKLOG_MAX_BYTES: usize = 8 * 1024 * 1024;
+/// Written bytes are reported to the registry ([`Drained`]) in steps of
+/// this, or when the backlog empties.
+const DRAINED_REPORT_BYTES: usize = 32 * 1024;
 /// Frame bytes handed to the WebSocket encoder per poll of this actor. Polls
 /// come when the HTTP layer has room, so this bounds the encoded copy per socket.
 pub const WRITE_BYTES_PER_POLL: usize = 64 * 1024;
@@ -72,6 +77,9 @@ pub struct ChatSocket {
     backlog_next: usize,
     /// Bytes of the frames in `backlog` not yet written.
     backlog_bytes: usize,
+    /// Written and finished since the last [`Drained`] report.
+    drained_bytes: usize,
+    drained_batches: usize,
     /// This socket's connection, watched for a client that stopped reading.
     conn: Option<WatchedConn>,
 }
@@ -94,6 +102,8 @@ impl ChatSocket {
             backlog: VecDeque::new(),
             backlog_next: 0,
             backlog_bytes: 0,
+            drained_bytes: 0,
+            drained_batches: 0,
             conn: None,
         }
     }
@@ -111,7 +121,7 @@ impl ChatSocket {
         let mut written = 0;
         while written < budget {
             let Some(batch) = self.backlog.front() else {
-                return false;
+                break;
             };
             match batch.get(self.backlog_next) {
                 Some(frame) => {
@@ -123,10 +133,35 @@ impl ChatSocket {
                 None => {
                     self.backlog.pop_front();
                     self.backlog_next = 0;
+                    self.drained_batches += 1;
                 }
             }
         }
-        !self.backlog.is_empty()
+        // A batch whose last frame was just written is finished too.
+        if self
+            .backlog
+            .front()
+            .is_some_and(|b| self.backlog_next >= b.len())
+        {
+            self.backlog.pop_front();
+            self.backlog_next = 0;
+            self.drained_batches += 1;
+        }
+        self.drained_bytes += written;
+        let idle = self.backlog.is_empty();
+        if self.drained_bytes >= DRAINED_REPORT_BYTES
+            || (idle && (self.drained_bytes > 0 || self.drained_batches > 0))
+        {
+            if let Some(socket) = self.id {
+                // Returns budget to the registry, which then sends more.
+                self.registry.do_send(Drained {
+                    socket,
+                    bytes: std::mem::take(&mut self.drained_bytes),
+                    batches: std::mem::take(&mut self.drained_batches),
+                });
+            }
+        }
+        !idle
     }
 
     fn close(&mut self, code: u16, reason: &str, ctx: &mut ws::WebsocketContext<Self>) {

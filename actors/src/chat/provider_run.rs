@@ -92,6 +92,8 @@ pub struct ProviderRun {
     /// Set once RunExited was sent, so Drop does not report twice.
     reported: bool,
     aborting: bool,
+    /// Silence (outside a permission prompt) after which the CLI is killed.
+    idle_limit: Option<Duration>,
 }
 
 impl ProviderRun {
@@ -115,7 +117,15 @@ impl ProviderRun {
             stdin: None,
             reported: false,
             aborting: false,
+            idle_limit: None,
         }
+    }
+
+    /// Kills a CLI that prints nothing for `limit` (`--provider-idle-secs`),
+    /// except while it waits for the user's answer to a permission prompt.
+    pub fn idle_limit(mut self, limit: Duration) -> Self {
+        self.idle_limit = Some(limit);
+        self
     }
 
     fn report_exit(&mut self, exit_code: Option<i32>, error: Option<String>) {
@@ -258,7 +268,7 @@ impl Actor for ProviderRun {
             registry: self.registry.clone(),
             stdin: self.stdin.clone(),
             keep_stdin_open: spec.keep_stdin_open,
-            idle_timeout: spec.idle_timeout,
+            idle_timeout: self.idle_limit.or(spec.idle_timeout),
         };
         let pgid = self.pgid;
         ctx.spawn(
@@ -419,12 +429,14 @@ impl StdoutReader {
         let mut reader = BufReader::with_capacity(64 * 1024, stdout);
         let mut line = Vec::with_capacity(4096);
         let mut events = Vec::new();
+        // A permission prompt waits for a person, not for the CLI: no idle limit then.
+        let mut awaiting_user = false;
         let outcome = loop {
             let mut batch_bytes = 0;
             // Parse every complete line already buffered before awaiting the registry.
             let eof = loop {
                 line.clear();
-                let read = match self.idle_timeout {
+                let read = match self.idle_timeout.filter(|_| !awaiting_user) {
                     Some(limit) => {
                         match tokio::time::timeout(limit, read_line(&mut reader, &mut line)).await {
                             Ok(r) => r,
@@ -470,6 +482,9 @@ impl StdoutReader {
                 self.flush(&mut events).await;
                 break ReadOutcome::Eof;
             }
+            awaiting_user = events
+                .iter()
+                .any(|e| matches!(e, ProviderEvent::PermissionRequested { .. }));
             self.flush(&mut events).await;
         };
         outcome

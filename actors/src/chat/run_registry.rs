@@ -1,45 +1,68 @@
 //! `RunRegistry`: the one supervisor of chat runs.
 //!
 //! **Owns**, per app session: the current run (id, provider, status, start
-//! time, its `ProviderRun` address), the seq counter, the bounded replay
-//! buffer, the subscribed sockets, pending permission requests, the
-//! `clientRequestId` dedupe table; and the set of connected chat sockets
-//! (for `session_upserted`, which goes to every socket of the owner).
+//! time, its `ProviderRun` address), the seq counter and its persisted
+//! reservation, the bounded replay buffer, the subscribed sockets with the
+//! last seq each was sent, pending permission requests; per connected
+//! subscriber its delivery budget; and the `clientRequestId` table (its own
+//! 10-minute lifetime, independent of session eviction).
 //!
-//! **Handles**: [`Connect`], [`Disconnect`] (chat sockets); [`StartRun`],
-//! [`AbortRun`], [`Subscribe`], [`RespondPermission`], [`ListRunning`]
-//! (clients, through their socket or REST); [`RunEvents`], [`RunExited`]
-//! (from `ProviderRun`); [`Shutdown`] (the binary).
+//! **Handles**: [`Connect`], [`Disconnect`], [`Drained`] (subscribers);
+//! [`StartRun`], [`AbortRun`], [`Subscribe`], [`RespondPermission`],
+//! [`ListRunning`] (clients, through their socket or REST); [`RunEvents`],
+//! [`RunExited`] (from `ProviderRun`); [`Shutdown`] (the binary).
 //!
-//! **Sends**: [`Deliver`] and [`CloseSocket`] to chat sockets; [`Abort`],
+//! **Sends**: [`Deliver`] and [`CloseSocket`] to subscribers; [`Abort`],
 //! [`Kill`] and [`AnswerPermission`] to `ProviderRun`s.
+//!
+//! **Delivery (PROTOCOL.md E4, E7, E8)**: every sequenced event goes into
+//! the session's replay buffer, once; a subscriber is a cursor into that
+//! buffer (the last seq it was sent) plus a budget of bytes and deliveries
+//! it has been sent and has not yet reported written ([`Drained`]). A
+//! subscriber is sent frames from its cursor while it is under
+//! [`SUBSCRIBER_HIGH_WATER`] bytes and [`SUBSCRIBER_MAX_BATCHES`]
+//! deliveries, each delivery at most [`DELIVERY_MAX_BYTES`]; live events,
+//! replay after `chat.subscribe` and catch-up after completion all take this
+//! one path, so a replay is streamed as the socket drains and a socket never
+//! gets a seq twice. When every subscriber of a run is behind, the answer to
+//! the `ProviderRun`'s [`RunEvents`] is withheld: it reads no more stdout
+//! and the CLI blocks on its pipe. The run resumes when a subscriber has
+//! caught up and is below [`SUBSCRIBER_LOW_WATER`], when subscribers leave,
+//! or when the run ends. A subscriber more than [`FAR_BEHIND_BYTES`] /
+//! [`FAR_BEHIND_EVENTS`] behind (another keeps the run going) is closed with
+//! 4008 while the buffer still holds what it missed, so it catches up by
+//! resubscribing with its `lastSeq`.
 //!
 //! **Invariants**:
 //! - `seq` is assigned only here, +1 per forwarded event, strictly increasing
-//!   per session across runs and restarts (persisted at run end and every
-//!   [`PERSIST_SEQ_EVERY`] events).
+//!   per session across runs and restarts. E9: seqs are reserved in blocks
+//!   of [`SEQ_BLOCK`] that are written to the database before any of them is
+//!   used; after a crash the session continues above the reservation.
 //! - A run's terminal state is set exactly once (`Status::Completed`): the
 //!   first `complete` wins; later ones (a result after an abort, the exit of
 //!   a killed process) are dropped. Messages carry the run id, so a finished
-//!   run's late exit never completes the session's next run.
+//!   run's late exit never completes the session's next run. A new run of a
+//!   session starts only once the previous run's process is gone (bounded by
+//!   [`PREVIOUS_RUN_EXIT_WAIT`]).
 //! - Each event is serialized once; the same bytes go to the replay buffer
 //!   and to every subscriber.
 //!
 //! **Bounds**: the replay buffer keeps the last [`REPLAY_MAX_EVENTS`] events
-//! and at most [`REPLAY_MAX_BYTES`] (oldest dropped first). A subscriber whose
-//! mailbox is full (it is not reading) is detached and closed with 4008; it
-//! resubscribes with its `lastSeq`. `ProviderRun`s deliver with `send().await`,
-//! so a busy registry slows the reading of provider stdout instead of queueing.
+//! and at most [`REPLAY_MAX_BYTES`] (oldest dropped first); per subscriber
+//! at most [`SUBSCRIBER_HIGH_WATER`] plus one delivery is in flight; the
+//! `clientRequestId` table holds [`CLIENT_REQUESTS_MAX`] ids per session for
+//! [`CLIENT_REQUEST_TTL`].
 //!
 //! **Stops** with the system; it never stops on a client's or run's error.
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use serde_json::Value;
+use tokio::sync::oneshot;
 
 use crate::chat::provider_run::{Abort, AnswerPermission, Kill, ProviderRun};
 use crate::config::GatewayConfig;
@@ -59,13 +82,39 @@ pub const COMPLETED_RUN_RETENTION: Duration = Duration::from_secs(300);
 /// A repeated `clientRequestId` within this window starts nothing (E6).
 pub const CLIENT_REQUEST_TTL: Duration = Duration::from_secs(600);
 /// Remembered `clientRequestId`s per session; the oldest is forgotten first.
-const CLIENT_REQUESTS_MAX: usize = 256;
-/// The seq counter is written to the database at least this often while a run streams.
-pub const PERSIST_SEQ_EVERY: u64 = 2_000;
+pub const CLIENT_REQUESTS_MAX: usize = 256;
+/// How often expired `clientRequestId`s are forgotten.
+const CLIENT_REQUEST_SWEEP: Duration = Duration::from_secs(60);
+/// Bytes sent to a subscriber and not yet written to its client, above
+/// which it is sent nothing more (and counts as behind).
+pub const SUBSCRIBER_HIGH_WATER: usize = 1024 * 1024;
+/// A run paused for its subscribers resumes when one of them has caught up
+/// and has less than this in flight.
+pub const SUBSCRIBER_LOW_WATER: usize = 256 * 1024;
+/// Deliveries in flight per subscriber (its mailbox must hold more).
+pub const SUBSCRIBER_MAX_BATCHES: usize = 64;
+/// Most frame bytes in one delivery (a single larger frame goes alone).
+pub const DELIVERY_MAX_BYTES: usize = 64 * 1024;
+/// Most frames in one delivery.
+const DELIVERY_MAX_FRAMES: usize = 256;
+/// A subscriber this far behind the newest event is closed with 4008 while
+/// the replay buffer still holds what it missed (half the buffer).
+pub const FAR_BEHIND_BYTES: u64 = (REPLAY_MAX_BYTES / 2) as u64;
+pub const FAR_BEHIND_EVENTS: u64 = (REPLAY_MAX_EVENTS / 2) as u64;
+/// Seqs reserved (persisted) at a time (E9). A new block is written when
+/// less than half of the current one is left.
+pub const SEQ_BLOCK: u64 = 10_000;
+/// Seqs kept in reserve for events the registry itself adds (error,
+/// complete, permission cancellations): a batch that would eat into it
+/// waits for the next block to be persisted.
+const SEQ_MARGIN: u64 = 1_000;
+/// How long a new run waits for the previous run's process to be gone.
+pub const PREVIOUS_RUN_EXIT_WAIT: Duration = Duration::from_secs(10);
 /// Tools that always wait for the user, without a timeout.
 const INTERACTIVE_TOOLS: [&str; 2] = ["AskUserQuestion", "ExitPlanMode"];
 
-/// Identifies a connected chat socket.
+/// Identifies a connected subscriber (a chat socket, or any other socket
+/// actor that speaks [`Deliver`], [`CloseSocket`] and [`Drained`]).
 pub type SocketId = u64;
 
 /// Frames for one socket, in order. Shared, not copied, across subscribers.
@@ -81,7 +130,9 @@ pub struct CloseSocket {
     pub reason: &'static str,
 }
 
-/// A chat socket opened (sent by `ChatSocket::started`); returns its id.
+/// A subscriber opened (e.g. sent by `ChatSocket::started`); returns its id.
+/// The subscriber reports what it wrote with [`Drained`]; until then each
+/// [`Deliver`] counts against its budget.
 #[derive(Message)]
 #[rtype(result = "SocketId")]
 pub struct Connect {
@@ -90,11 +141,21 @@ pub struct Connect {
     pub close: Recipient<CloseSocket>,
 }
 
-/// A chat socket closed (sent by `ChatSocket::stopped`). Idempotent.
+/// A subscriber closed (sent by `ChatSocket::stopped`). Idempotent.
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Disconnect {
     pub socket: SocketId,
+}
+
+/// From a subscriber: it wrote `bytes` of delivered frames to its client
+/// and finished `batches` deliveries. Returns that much budget.
+#[derive(Message, Debug, Clone, Copy)]
+#[rtype(result = "()")]
+pub struct Drained {
+    pub socket: SocketId,
+    pub bytes: usize,
+    pub batches: usize,
 }
 
 /// `chat.send` from a socket, after the socket checked the row belongs to the user.
@@ -157,7 +218,9 @@ pub struct RunningSession {
     pub run_id: String,
 }
 
-/// Parsed stdout of a run (from `ProviderRun`, awaited: this is its backpressure).
+/// Parsed stdout of a run (from `ProviderRun`, awaited: the answer is
+/// withheld while the run is paused for its subscribers, or while the next
+/// block of seqs is being persisted).
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct RunEvents {
@@ -178,8 +241,9 @@ pub struct RunExited {
     pub error: Option<String>,
 }
 
-/// Gateway shutdown: complete every running run, kill their processes,
-/// close every chat socket with 1001. Answers when done.
+/// Gateway shutdown: refuse new runs (`SHUTTING_DOWN`), complete every
+/// running run, kill their processes, close every chat socket with 1001,
+/// write every seq counter. Answers when done.
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Shutdown;
@@ -206,6 +270,8 @@ struct Run {
     started_at: String,
     /// Seq of the run's first event (E2 `runFirstSeq`).
     first_seq: u64,
+    /// Seq of the run's newest event (E7: who had reached this run).
+    last_seq: u64,
     addr: Option<Addr<ProviderRun>>,
     pending: Vec<Pending>,
     /// Tool patterns allowed for the rest of the run (`rememberEntry`).
@@ -215,6 +281,25 @@ struct Run {
     /// The native id when the run started; a run that dies before its turn
     /// ends may have announced an id whose transcript was never written.
     provider_id_at_start: Option<String>,
+    /// Times this run was paused for its subscribers, and for how long.
+    pauses: u32,
+    paused_for: Duration,
+    /// Sends waiting for this run's process to be gone.
+    exit_waiters: Vec<oneshot::Sender<()>>,
+}
+
+/// One buffered event: its seq, its frame, and the session's byte count
+/// after it (for "how far behind" in bytes).
+struct Buffered {
+    seq: u64,
+    frame: Frame,
+    end: u64,
+}
+
+/// A withheld `RunEvents` answer.
+struct Pause {
+    resume: oneshot::Sender<()>,
+    since: Instant,
 }
 
 struct SessionState {
@@ -225,23 +310,64 @@ struct SessionState {
     created_at: String,
     provider_session_id: Option<String>,
     last_seq: u64,
-    persisted_seq: u64,
-    /// Replay buffer of the current (or retained) run: `(seq, frame)`.
-    buffer: VecDeque<(u64, Frame)>,
+    /// Seqs up to this are persisted as reserved (E9).
+    reserved_seq: u64,
+    /// A reservation write is in flight.
+    reserving: bool,
+    /// Replay buffer: contiguous seqs, oldest first.
+    buffer: VecDeque<Buffered>,
     buffer_bytes: usize,
-    subscribers: BTreeSet<SocketId>,
+    /// Bytes ever buffered for the session.
+    total_bytes: u64,
+    /// Subscribed sockets and the last seq each was sent (E8 watermark).
+    subscribers: BTreeMap<SocketId, u64>,
     run: Option<Run>,
-    /// `clientRequestId` -> (run id, when).
-    client_requests: VecDeque<(String, String, Instant)>,
+    paused: Option<Pause>,
     /// The last database write of the native id, so writes land in order.
     id_write: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl SessionState {
+    /// Bytes of the session's events after `sent`; `None` when some of
+    /// them are no longer buffered.
+    fn lag_bytes(&self, sent: u64) -> Option<u64> {
+        if sent >= self.last_seq {
+            return Some(0);
+        }
+        let front = self.buffer.front()?;
+        if sent + 1 < front.seq {
+            return None;
+        }
+        let before = if sent + 1 == front.seq {
+            front.end - front.frame.len() as u64
+        } else {
+            self.buffer[(sent - front.seq) as usize].end
+        };
+        Some(self.total_bytes - before)
+    }
 }
 
 struct SocketEntry {
     user_id: i64,
     deliver: Recipient<Deliver>,
     close: Recipient<CloseSocket>,
+    /// Delivered and not yet reported written.
+    bytes_in_flight: usize,
+    batches_in_flight: usize,
+    /// Sessions this socket follows.
+    sessions: BTreeSet<String>,
 }
+
+impl SocketEntry {
+    fn has_room(&self) -> bool {
+        self.bytes_in_flight < SUBSCRIBER_HIGH_WATER
+            && self.batches_in_flight < SUBSCRIBER_MAX_BATCHES
+    }
+}
+
+/// The last delivery built in one fan-out, reused by every subscriber that
+/// needs the same range (the common case: all of them caught up).
+type Memo = Option<(u64, u64, Arc<[Frame]>)>;
 
 pub struct RunRegistry {
     config: Arc<GatewayConfig>,
@@ -253,6 +379,10 @@ pub struct RunRegistry {
     sessions: HashMap<String, SessionState>,
     /// Gateway request id -> app session id, for pending permissions.
     permissions: HashMap<String, String>,
+    /// Per session: `clientRequestId` -> (run id, when), oldest first (E6).
+    client_requests: HashMap<String, VecDeque<(String, String, Instant)>>,
+    /// Shutdown began: new runs are refused.
+    shutting_down: bool,
     /// The adapter for each provider ([`provider_for`], or a test's own).
     providers: ProviderLookup,
 }
@@ -279,31 +409,46 @@ impl RunRegistry {
             next_socket: 1,
             sessions: HashMap::new(),
             permissions: HashMap::new(),
+            client_requests: HashMap::new(),
+            shutting_down: false,
             providers,
         }
     }
 
-    /// Sends frames to one socket; a full mailbox marks it a slow consumer.
-    fn deliver_to(&mut self, socket: SocketId, frames: Arc<[Frame]>) {
-        let Some(entry) = self.sockets.get(&socket) else {
-            return;
+    /// Sends frames to one socket and counts them against its budget; a full
+    /// mailbox (only possible for out-of-band frames) marks it a slow consumer.
+    fn deliver_to(&mut self, socket: SocketId, frames: Arc<[Frame]>) -> bool {
+        let Some(entry) = self.sockets.get_mut(&socket) else {
+            return false;
         };
+        let bytes: usize = frames.iter().map(|f| f.len()).sum();
         match entry.deliver.try_send(Deliver(frames)) {
-            Ok(()) => {}
-            Err(SendError::Full(_)) => self.drop_slow_consumer(socket),
-            Err(SendError::Closed(_)) => self.forget_socket(socket),
+            Ok(()) => {
+                entry.bytes_in_flight += bytes;
+                entry.batches_in_flight += 1;
+                true
+            }
+            Err(SendError::Full(_)) => {
+                self.drop_slow_consumer(socket, "mailbox full");
+                false
+            }
+            Err(SendError::Closed(_)) => {
+                self.forget_socket(socket);
+                false
+            }
         }
     }
 
-    fn drop_slow_consumer(&mut self, socket: SocketId) {
-        if let Some(entry) = self.sockets.remove(&socket) {
+    fn drop_slow_consumer(&mut self, socket: SocketId, why: &'static str) {
+        if let Some(entry) = self.sockets.get(&socket) {
             tracing::warn!(
                 actor = "ChatSocket",
                 socket,
                 reason = "slow consumer",
+                detail = why,
                 "closing socket with 4008"
             );
-            // One message past capacity, once: do_send is bounded here by the removal above.
+            // Once per socket: it is forgotten right after.
             entry.close.do_send(CloseSocket {
                 code: 4008,
                 reason: "slow consumer",
@@ -313,39 +458,183 @@ impl RunRegistry {
     }
 
     fn forget_socket(&mut self, socket: SocketId) {
-        self.sockets.remove(&socket);
-        let mut empty = Vec::new();
-        for (id, s) in self.sessions.iter_mut() {
-            s.subscribers.remove(&socket);
-            if s.subscribers.is_empty() && s.run.is_none() {
-                empty.push(id.clone());
+        let Some(entry) = self.sockets.remove(&socket) else {
+            return;
+        };
+        for session_id in entry.sessions {
+            let Some(state) = self.sessions.get_mut(&session_id) else {
+                continue;
+            };
+            state.subscribers.remove(&socket);
+            if state.subscribers.is_empty() && state.run.is_none() {
+                self.sessions.remove(&session_id);
+            } else {
+                self.maybe_resume(&session_id);
             }
-        }
-        for id in empty {
-            self.sessions.remove(&id);
         }
     }
 
-    fn broadcast(&mut self, session_id: &str, frames: Vec<Frame>) {
-        if frames.is_empty() {
+    /// Subscribes the socket to the session with its cursor at `sent` (the
+    /// last seq it has); an existing subscription keeps the higher cursor (E8).
+    fn attach(&mut self, socket: SocketId, session_id: &str, sent: u64) {
+        let (Some(entry), Some(state)) = (
+            self.sockets.get_mut(&socket),
+            self.sessions.get_mut(session_id),
+        ) else {
             return;
+        };
+        entry.sessions.insert(session_id.to_string());
+        let cursor = state.subscribers.entry(socket).or_insert(sent);
+        *cursor = (*cursor).max(sent);
+    }
+
+    /// Sends the socket what it has not been sent of the session, as far as
+    /// its budget allows.
+    fn pump(&mut self, socket: SocketId, session_id: &str, memo: &mut Memo) {
+        loop {
+            let (Some(entry), Some(state)) =
+                (self.sockets.get(&socket), self.sessions.get(session_id))
+            else {
+                return;
+            };
+            let Some(&sent) = state.subscribers.get(&socket) else {
+                return;
+            };
+            if sent >= state.last_seq || !entry.has_room() {
+                return;
+            }
+            let Some(front) = state.buffer.front().map(|b| b.seq) else {
+                return self.drop_slow_consumer(socket, "its events left the replay buffer");
+            };
+            if sent + 1 < front {
+                return self.drop_slow_consumer(socket, "its events left the replay buffer");
+            }
+            let start = (sent + 1 - front) as usize;
+            let limit = DELIVERY_MAX_BYTES.min(SUBSCRIBER_HIGH_WATER - entry.bytes_in_flight);
+            let mut end = start;
+            let mut bytes = 0;
+            while end < state.buffer.len() && end - start < DELIVERY_MAX_FRAMES {
+                let len = state.buffer[end].frame.len();
+                if end > start && bytes + len > limit {
+                    break;
+                }
+                bytes += len;
+                end += 1;
+            }
+            let (from, to) = (state.buffer[start].seq, state.buffer[end - 1].seq);
+            let frames = match memo {
+                Some((f, t, frames)) if *f == from && *t == to => frames.clone(),
+                _ => {
+                    let frames: Arc<[Frame]> = state
+                        .buffer
+                        .range(start..end)
+                        .map(|b| b.frame.clone())
+                        .collect();
+                    *memo = Some((from, to, frames.clone()));
+                    frames
+                }
+            };
+            if let Some(cursor) = self
+                .sessions
+                .get_mut(session_id)
+                .and_then(|s| s.subscribers.get_mut(&socket))
+            {
+                *cursor = to;
+            }
+            if !self.deliver_to(socket, frames) {
+                return;
+            }
+        }
+    }
+
+    /// Sends every subscriber of the session what it can take, and closes
+    /// those that fell too far behind.
+    fn fan_out(&mut self, session_id: &str) {
+        let Some(state) = self.sessions.get(session_id) else {
+            return;
+        };
+        let subscribers: Vec<SocketId> = state.subscribers.keys().copied().collect();
+        let mut memo = None;
+        for socket in subscribers {
+            self.pump(socket, session_id, &mut memo);
         }
         let Some(state) = self.sessions.get(session_id) else {
             return;
         };
-        let frames: Arc<[Frame]> = frames.into();
-        let subscribers: Vec<SocketId> = state.subscribers.iter().copied().collect();
-        for socket in subscribers {
-            self.deliver_to(socket, frames.clone());
+        let far: Vec<SocketId> = state
+            .subscribers
+            .iter()
+            .filter(|(_, sent)| {
+                state.last_seq.saturating_sub(**sent) > FAR_BEHIND_EVENTS
+                    || state.lag_bytes(**sent).is_none_or(|b| b > FAR_BEHIND_BYTES)
+            })
+            .map(|(socket, _)| *socket)
+            .collect();
+        for socket in far {
+            self.drop_slow_consumer(socket, "far behind the run");
         }
     }
 
-    /// Sequences, serializes (once), buffers and returns the frame of one event.
-    fn sequence(&mut self, session_id: &str, event: &Event) -> Option<Frame> {
-        let state = self.sessions.get_mut(session_id)?;
-        let run_id = state.run.as_ref()?.id.clone();
+    /// Every subscriber of the session is behind (so the run should wait).
+    fn all_behind(&self, session_id: &str) -> bool {
+        self.sessions.get(session_id).is_some_and(|s| {
+            !s.subscribers.is_empty() && s.subscribers.values().all(|sent| *sent < s.last_seq)
+        })
+    }
+
+    /// Resumes the session's paused run when it need not wait any more: no
+    /// subscriber, no running run, or a subscriber caught up and below the
+    /// low-water mark.
+    fn maybe_resume(&mut self, session_id: &str) {
+        let Some(state) = self.sessions.get(session_id) else {
+            return;
+        };
+        if state.paused.is_none() {
+            return;
+        }
+        let running = state
+            .run
+            .as_ref()
+            .is_some_and(|r| r.status == Status::Running);
+        let ready = !running
+            || state.subscribers.is_empty()
+            || state.subscribers.iter().any(|(socket, sent)| {
+                *sent >= state.last_seq
+                    && self
+                        .sockets
+                        .get(socket)
+                        .is_some_and(|e| e.bytes_in_flight <= SUBSCRIBER_LOW_WATER)
+            });
+        if ready {
+            self.resume(session_id);
+        }
+    }
+
+    fn resume(&mut self, session_id: &str) {
+        let Some(state) = self.sessions.get_mut(session_id) else {
+            return;
+        };
+        let Some(pause) = state.paused.take() else {
+            return;
+        };
+        if let Some(run) = state.run.as_mut() {
+            run.paused_for += pause.since.elapsed();
+        }
+        let _ = pause.resume.send(());
+    }
+
+    /// Sequences, serializes (once) and buffers one event.
+    fn sequence(&mut self, session_id: &str, event: &Event) {
+        let Some(state) = self.sessions.get_mut(session_id) else {
+            return;
+        };
+        let Some(run) = state.run.as_mut() else {
+            return;
+        };
         state.last_seq += 1;
         let seq = state.last_seq;
+        run.last_seq = seq;
+        let run_id = run.id.as_str();
         let id = format!("{run_id}:{seq}");
         let timestamp = now_iso();
         let frame = Envelope {
@@ -354,34 +643,42 @@ impl RunRegistry {
             timestamp: &timestamp,
             provider: state.provider.as_str(),
             seq,
-            run_id: &run_id,
+            run_id,
             parent_tool_use_id: event.parent_tool_use_id.as_deref(),
             body: &event.body,
         }
         .to_frame();
         state.buffer_bytes += frame.len();
-        state.buffer.push_back((seq, frame.clone()));
+        state.total_bytes += frame.len() as u64;
+        state.buffer.push_back(Buffered {
+            seq,
+            frame,
+            end: state.total_bytes,
+        });
         while state.buffer.len() > REPLAY_MAX_EVENTS
             || (state.buffer_bytes > REPLAY_MAX_BYTES && state.buffer.len() > 1)
         {
-            if let Some((_, old)) = state.buffer.pop_front() {
-                state.buffer_bytes -= old.len();
+            if let Some(old) = state.buffer.pop_front() {
+                state.buffer_bytes -= old.frame.len();
             }
         }
-        if seq - state.persisted_seq >= PERSIST_SEQ_EVERY {
-            self.persist_seq(session_id);
+        if seq > state.reserved_seq {
+            // Only when the database failed to take reservations (logged there).
+            state.reserved_seq = seq;
         }
-        Some(frame)
     }
 
+    /// Emits one event to the session's subscribers.
+    fn emit(&mut self, session_id: &str, body: EventBody) {
+        self.sequence(session_id, &Event::from(body));
+        self.fan_out(session_id);
+    }
+
+    /// Writes the session's last seq (for REST and restarts after a clean stop).
     fn persist_seq(&mut self, session_id: &str) {
-        let Some(state) = self.sessions.get_mut(session_id) else {
+        let Some(state) = self.sessions.get(session_id) else {
             return;
         };
-        if state.last_seq == state.persisted_seq {
-            return;
-        }
-        state.persisted_seq = state.last_seq;
         let (id, seq, store) = (session_id.to_string(), state.last_seq, self.store.clone());
         actix::spawn(async move {
             let sid = id.clone();
@@ -391,10 +688,59 @@ impl RunRegistry {
         });
     }
 
-    /// Emits one event to the session's subscribers.
-    fn emit(&mut self, session_id: &str, body: EventBody) {
-        if let Some(frame) = self.sequence(session_id, &Event::from(body)) {
-            self.broadcast(session_id, vec![frame]);
+    /// E9: when fewer than `needed` + [`SEQ_MARGIN`] reserved seqs are left,
+    /// returns the write of the next block, to await before using them; when
+    /// less than half a block is left, starts that write in the background.
+    fn reserve_seqs(
+        &mut self,
+        session_id: &str,
+        needed: u64,
+        ctx: &mut Context<Self>,
+    ) -> Option<ResponseActFuture<Self, ()>> {
+        let state = self.sessions.get_mut(session_id)?;
+        let left = state.reserved_seq.saturating_sub(state.last_seq);
+        let must_wait = left < needed + SEQ_MARGIN;
+        if !must_wait && (left >= SEQ_BLOCK / 2 || state.reserving) {
+            return None;
+        }
+        let upto = state.last_seq + needed + SEQ_MARGIN + SEQ_BLOCK;
+        state.reserving = true;
+        let (id, store) = (session_id.to_string(), self.store.clone());
+        let write = async move { store::blocking(&store, move |s| s.reserve_seq(&id, upto)).await };
+        let sid = session_id.to_string();
+        let done = write
+            .into_actor(self)
+            .map(move |result, act, _| act.reserved(&sid, upto, result));
+        if must_wait {
+            Some(Box::pin(done))
+        } else {
+            ctx.spawn(done);
+            None
+        }
+    }
+
+    fn reserved(&mut self, session_id: &str, upto: u64, result: Result<(), store::StoreError>) {
+        let Some(state) = self.sessions.get_mut(session_id) else {
+            return;
+        };
+        state.reserving = false;
+        // Even on failure the run goes on (its output is not lost); the
+        // seqs are then only as safe as the database lets them be.
+        state.reserved_seq = state.reserved_seq.max(upto);
+        if let Err(err) = result {
+            tracing::error!(session_id, %err, "failed to persist the seq reservation; seqs may repeat after a crash");
+            let running = state
+                .run
+                .as_ref()
+                .is_some_and(|r| r.status == Status::Running);
+            if running {
+                self.emit(
+                    session_id,
+                    EventBody::error(format!(
+                        "The gateway could not write to its database ({err}); the run continues"
+                    )),
+                );
+            }
         }
     }
 
@@ -417,7 +763,6 @@ impl RunRegistry {
         let run_id = run.id.clone();
         let pending = std::mem::take(&mut run.pending);
         let reason = if aborted { "aborted" } else { "run_ended" };
-        let mut frames = Vec::with_capacity(pending.len() + 1);
         for p in pending {
             if let Some(timer) = p.timer {
                 ctx.cancel_future(timer);
@@ -427,7 +772,7 @@ impl RunRegistry {
                 request_id: p.request_id,
                 reason: reason.to_string(),
             };
-            frames.extend(self.sequence(session_id, &Event::from(body)));
+            self.sequence(session_id, &Event::from(body));
         }
         let body = EventBody::Complete {
             actual_session_id: session_id.to_string(),
@@ -435,10 +780,16 @@ impl RunRegistry {
             success: exit_code == 0 && !aborted,
             aborted,
         };
-        frames.extend(self.sequence(session_id, &Event::from(body)));
-        self.broadcast(session_id, frames);
+        self.sequence(session_id, &Event::from(body));
+        self.fan_out(session_id);
+        self.resume(session_id);
         self.persist_seq(session_id);
-        tracing::info!(actor = "ProviderRun", session_id, run_id = %run_id, exit_code, aborted, "run completed");
+        let (pauses, paused_ms) = self
+            .sessions
+            .get(session_id)
+            .and_then(|s| s.run.as_ref())
+            .map_or((0, 0), |r| (r.pauses, r.paused_for.as_millis() as u64));
+        tracing::info!(actor = "ProviderRun", session_id, run_id = %run_id, exit_code, aborted, pauses, paused_ms, "run completed");
         // Keep the buffer for late subscribers, then forget the run.
         let sid = session_id.to_string();
         ctx.run_later(COMPLETED_RUN_RETENTION, move |act, _| {
@@ -467,6 +818,9 @@ impl RunRegistry {
     }
 
     fn state_for(&mut self, row: &SessionRow, provider: ProviderKind) -> &mut SessionState {
+        // E9: a session loaded from the database continues above every seq
+        // that may have been used before a crash.
+        let floor = row.last_seq.max(row.seq_reserved);
         let state = self
             .sessions
             .entry(row.id.clone())
@@ -477,17 +831,21 @@ impl RunRegistry {
                 custom_name: row.custom_name.clone(),
                 created_at: row.created_at.clone(),
                 provider_session_id: row.provider_session_id.clone(),
-                last_seq: row.last_seq,
-                persisted_seq: row.last_seq,
+                last_seq: floor,
+                reserved_seq: floor,
+                reserving: false,
                 buffer: VecDeque::new(),
                 buffer_bytes: 0,
-                subscribers: BTreeSet::new(),
+                total_bytes: 0,
+                subscribers: BTreeMap::new(),
                 run: None,
-                client_requests: VecDeque::new(),
+                paused: None,
                 id_write: None,
             });
-        // The registry's own counters are newer than a row read earlier.
+        // A row read earlier may lag the registry's own counters, never lead
+        // them (its reservation is not a used seq while the state lives).
         state.last_seq = state.last_seq.max(row.last_seq);
+        state.reserved_seq = state.reserved_seq.max(row.seq_reserved);
         state
     }
 
@@ -581,11 +939,10 @@ impl RunRegistry {
         &mut self,
         session_id: &str,
         event: ProviderEvent,
-        frames: &mut Vec<Frame>,
         ctx: &mut Context<Self>,
     ) {
         match event {
-            ProviderEvent::Emit(event) => frames.extend(self.sequence(session_id, &event)),
+            ProviderEvent::Emit(event) => self.sequence(session_id, &event),
             ProviderEvent::SessionCreated(native) if !safe_id(&native) => {
                 tracing::warn!(
                     session_id,
@@ -598,8 +955,8 @@ impl RunRegistry {
                     .get(session_id)
                     .is_some_and(|s| s.provider_session_id.as_deref() == Some(native.as_str()));
                 if !known {
-                    // Flush what is queued first so events stay in order for subscribers.
-                    self.broadcast(session_id, std::mem::take(frames));
+                    // Send what is sequenced first so events stay in order for subscribers.
+                    self.fan_out(session_id);
                     self.set_provider_id(session_id, Some(native));
                 }
             }
@@ -662,7 +1019,7 @@ impl RunRegistry {
                     input,
                     context,
                 };
-                frames.extend(self.sequence(session_id, &Event::from(body)));
+                self.sequence(session_id, &Event::from(body));
             }
             ProviderEvent::PermissionWithdrawn {
                 provider_request_id,
@@ -677,11 +1034,10 @@ impl RunRegistry {
                         request_id: p.request_id,
                         reason: "cancelled".into(),
                     };
-                    frames.extend(self.sequence(session_id, &Event::from(body)));
+                    self.sequence(session_id, &Event::from(body));
                 }
             }
             ProviderEvent::TurnComplete { exit_code } => {
-                self.broadcast(session_id, std::mem::take(frames));
                 self.complete(session_id, exit_code, false, ctx);
             }
             // Stdin replies are the run's business; it never forwards them.
@@ -721,16 +1077,16 @@ impl RunRegistry {
         );
     }
 
-    fn subscribed_frame(
-        &self,
-        session_id: &str,
-        row_last_seq: u64,
-        last_seq: Option<u64>,
-    ) -> (Frame, Vec<Frame>, bool) {
-        let state = self.sessions.get(session_id);
+    /// `chat.subscribe` for one session: the ack, then (for a live run, or a
+    /// completed run the client had reached, E7) what this socket has not
+    /// been sent, streamed as it drains.
+    fn subscribe(&mut self, msg: Subscribe) {
+        let session_id = msg.session.id.clone();
+        let from = msg.last_seq.unwrap_or(0);
+        let state = self.sessions.get(&session_id);
         let run = state.and_then(|s| s.run.as_ref());
         let running = run.is_some_and(|r| r.status == Status::Running);
-        let session_last = state.map(|s| s.last_seq).unwrap_or(row_last_seq);
+        let session_last = state.map(|s| s.last_seq).unwrap_or(msg.session.last_seq);
         let pending = run
             .map(|r| {
                 r.pending
@@ -746,34 +1102,73 @@ impl RunRegistry {
                     .collect()
             })
             .unwrap_or_default();
-        let oldest = state.and_then(|s| s.buffer.front().map(|(seq, _)| *seq));
-        let from = last_seq.unwrap_or(0);
+        // Where this socket's cursor starts, if it follows the session.
+        let mut cursor = None;
+        let mut subscribed_run = None;
+        if let (Some(run), Some(state)) = (run, state) {
+            // The buffer may still hold the previous run's tail: the run's own
+            // events start at first_seq.
+            let oldest = state
+                .buffer
+                .front()
+                .map(|b| b.seq.max(run.first_seq))
+                .filter(|o| *o <= state.last_seq)
+                .unwrap_or(state.last_seq + 1);
+            let wanted = (from + 1).max(run.first_seq);
+            subscribed_run = Some(SubscribedRun {
+                run_id: run.id.clone(),
+                run_first_seq: run.first_seq,
+                oldest_seq: oldest,
+                replay_truncated: wanted < oldest && wanted <= run.last_seq,
+            });
+            let reached = from > 0 && run.first_seq - 1 <= from && from < run.last_seq;
+            let already = state.subscribers.get(&msg.socket).copied();
+            cursor = match (already, running, reached) {
+                // E8: never back, never twice.
+                (Some(sent), _, _) => Some(sent.max(from)),
+                (None, true, _) => Some(from.max(run.first_seq - 1)),
+                // E7: catch-up of a completed run the client had reached.
+                (None, false, true) => Some(from),
+                (None, false, false) => None,
+            }
+            // A lastSeq from the future means "nothing yet": live from here.
+            .map(|sent| sent.min(state.last_seq));
+        }
         let ack = ServerFrame::ChatSubscribed {
-            session_id: session_id.to_string(),
+            session_id: session_id.clone(),
             is_processing: running,
             last_seq: session_last,
             pending_permissions: pending,
-            run: run.zip(state).map(|(run, state)| SubscribedRun {
-                run_id: run.id.clone(),
-                run_first_seq: run.first_seq,
-                oldest_seq: oldest.unwrap_or(state.last_seq + 1),
-                replay_truncated: oldest.is_some_and(|o| (from + 1).max(run.first_seq) < o),
-            }),
+            run: subscribed_run,
             timestamp: now_iso(),
-        };
-        let replay = match (running, state) {
-            (true, Some(state)) => state
-                .buffer
-                .iter()
-                .filter(|(seq, _)| *seq > from)
-                .map(|(_, f)| f.clone())
-                .collect(),
-            _ => Vec::new(),
-        };
-        (ack.to_frame(), replay, running)
+        }
+        .to_frame();
+        self.deliver_to(msg.socket, vec![ack].into());
+        if let Some(sent) = cursor {
+            self.attach(msg.socket, &session_id, sent);
+            self.pump(msg.socket, &session_id, &mut None);
+        }
+    }
+
+    /// The previous run's process is still winding down (an abort, or the
+    /// exit after its result): a wait for it to be gone.
+    fn previous_run_exit(&mut self, session_id: &str) -> Option<oneshot::Receiver<()>> {
+        let run = self.sessions.get_mut(session_id)?.run.as_mut()?;
+        if run.status != Status::Completed || run.addr.is_none() {
+            return None;
+        }
+        let (tx, rx) = oneshot::channel();
+        run.exit_waiters.push(tx);
+        Some(rx)
     }
 
     fn start_run(&mut self, msg: StartRun, ctx: &mut Context<Self>) -> Result<(), ChatError> {
+        if self.shutting_down {
+            return Err(ChatError::new(
+                ErrorCode::ShuttingDown,
+                "The gateway is shutting down; try again when it is back",
+            ));
+        }
         let row = msg.session;
         let unsupported = || {
             ChatError::new(
@@ -786,20 +1181,26 @@ impl RunRegistry {
         let session_id = row.id.clone();
         let now = Instant::now();
         let bin = self.config.bin(kind);
-        let state = self.state_for(&row, kind);
+        self.state_for(&row, kind);
 
         // E6: a repeated clientRequestId starts nothing and gets the original run id.
-        state
-            .client_requests
-            .retain(|(_, _, at)| now.duration_since(*at) < CLIENT_REQUEST_TTL);
+        let requests = self.client_requests.entry(session_id.clone()).or_default();
+        requests.retain(|(_, _, at)| now.duration_since(*at) < CLIENT_REQUEST_TTL);
         if let Some(crid) = &msg.client_request_id {
-            if let Some((_, run_id, _)) = state.client_requests.iter().find(|(c, _, _)| c == crid) {
+            if let Some((_, run_id, _)) = requests.iter().find(|(c, _, _)| c == crid) {
                 let frame = accepted_frame(&session_id, run_id, crid, true);
-                state.subscribers.insert(msg.socket);
+                let last = self.sessions.get(&session_id).map_or(0, |s| s.last_seq);
+                self.attach(msg.socket, &session_id, last);
                 self.deliver_to(msg.socket, vec![frame].into());
                 return Ok(());
             }
         }
+        let Some(state) = self.sessions.get_mut(&session_id) else {
+            return Err(ChatError::new(
+                ErrorCode::InternalError,
+                "session state missing",
+            ));
+        };
         if state
             .run
             .as_ref()
@@ -827,16 +1228,17 @@ impl RunRegistry {
             cwd: msg.cwd,
             bin,
         };
-        state.buffer.clear();
-        state.buffer_bytes = 0;
-        state.subscribers.insert(msg.socket);
-        if let Some(crid) = &msg.client_request_id {
-            if state.client_requests.len() >= CLIENT_REQUESTS_MAX {
-                state.client_requests.pop_front();
+        // Only what some subscriber has not been sent stays buffered from the previous run.
+        let keep_from = state
+            .subscribers
+            .values()
+            .map(|sent| sent + 1)
+            .min()
+            .unwrap_or(state.last_seq + 1);
+        while state.buffer.front().is_some_and(|b| b.seq < keep_from) {
+            if let Some(old) = state.buffer.pop_front() {
+                state.buffer_bytes -= old.frame.len();
             }
-            state
-                .client_requests
-                .push_back((crid.clone(), run_id.clone(), now));
         }
         let first_seq = state.last_seq + 1;
         state.run = Some(Run {
@@ -844,22 +1246,33 @@ impl RunRegistry {
             status: Status::Running,
             started_at: now_iso(),
             first_seq,
+            last_seq: first_seq - 1,
             addr: None,
             pending: Vec::new(),
             remembered: Vec::new(),
             aborted: false,
             provider_id_at_start: state.provider_session_id.clone(),
+            pauses: 0,
+            paused_for: Duration::ZERO,
+            exit_waiters: Vec::new(),
         });
+        self.attach(msg.socket, &session_id, first_seq - 1);
         if let Some(crid) = &msg.client_request_id {
+            let requests = self.client_requests.entry(session_id.clone()).or_default();
+            if requests.len() >= CLIENT_REQUESTS_MAX {
+                requests.pop_front();
+            }
+            requests.push_back((crid.clone(), run_id.clone(), now));
             let frame = accepted_frame(&session_id, &run_id, crid, false);
             self.deliver_to(msg.socket, vec![frame].into());
         }
 
         let registry = ctx.address();
         let child_env = self.config.child_env.clone();
+        let idle = self.config.provider_idle;
         let (sid, rid) = (session_id.clone(), run_id.clone());
         let addr = ProviderRun::start_in_arbiter(&self.runs_arbiter, move |_| {
-            ProviderRun::new(sid, rid, provider, turn, registry, child_env)
+            ProviderRun::new(sid, rid, provider, turn, registry, child_env).idle_limit(idle)
         });
         if let Some(run) = self
             .sessions
@@ -870,6 +1283,59 @@ impl RunRegistry {
         }
         tracing::info!(actor = "ProviderRun", session_id = %session_id, run_id = %run_id, provider = %kind, "run started");
         Ok(())
+    }
+
+    /// The run's events, once its seqs are reserved: sequenced, buffered,
+    /// fanned out; the answer is withheld while every subscriber is behind.
+    fn run_events(
+        &mut self,
+        msg: RunEvents,
+        ctx: &mut Context<Self>,
+    ) -> ResponseActFuture<Self, ()> {
+        // Output of a previous run's process, or of an aborted run winding
+        // down, belongs to nobody. A run that completed normally may still
+        // print (background work); that is forwarded, as the reference does.
+        let current = self
+            .sessions
+            .get(&msg.session_id)
+            .and_then(|s| s.run.as_ref())
+            .is_some_and(|r| r.id == msg.run_id && !r.aborted);
+        if !current {
+            return Box::pin(fut::ready(()));
+        }
+        for event in msg.events {
+            self.handle_provider_event(&msg.session_id, event, ctx);
+        }
+        self.fan_out(&msg.session_id);
+        let still_current = self
+            .sessions
+            .get(&msg.session_id)
+            .and_then(|s| s.run.as_ref())
+            .is_some_and(|r| r.id == msg.run_id && !r.aborted);
+        if !still_current || !self.all_behind(&msg.session_id) {
+            return Box::pin(fut::ready(()));
+        }
+        let Some(state) = self.sessions.get_mut(&msg.session_id) else {
+            return Box::pin(fut::ready(()));
+        };
+        let (tx, rx) = oneshot::channel();
+        if let Some(old) = state.paused.replace(Pause {
+            resume: tx,
+            since: Instant::now(),
+        }) {
+            // One batch at a time per run; an older pause cannot exist, but never strand it.
+            let _ = old.resume.send(());
+        }
+        if let Some(run) = state.run.as_mut() {
+            run.pauses += 1;
+        }
+        tracing::debug!(session_id = %msg.session_id, run_id = %msg.run_id, "run paused: every subscriber is behind");
+        Box::pin(
+            async move {
+                let _ = rx.await;
+            }
+            .into_actor(self),
+        )
     }
 }
 
@@ -943,6 +1409,14 @@ impl Actor for RunRegistry {
     fn started(&mut self, ctx: &mut Self::Context) {
         // Runs deliver with send().await; this bounds how many batches wait here.
         ctx.set_mailbox_capacity(1024);
+        // E6 ids live 10 minutes whatever happens to their session's state.
+        ctx.run_interval(CLIENT_REQUEST_SWEEP, |act, _| {
+            let now = Instant::now();
+            act.client_requests.retain(|_, ids| {
+                ids.retain(|(_, _, at)| now.duration_since(*at) < CLIENT_REQUEST_TTL);
+                !ids.is_empty()
+            });
+        });
         tracing::info!(actor = "RunRegistry", "actor started");
     }
 
@@ -963,6 +1437,9 @@ impl Handler<Connect> for RunRegistry {
                 user_id: msg.user_id,
                 deliver: msg.deliver,
                 close: msg.close,
+                bytes_in_flight: 0,
+                batches_in_flight: 0,
+                sessions: BTreeSet::new(),
             },
         );
         id
@@ -977,11 +1454,55 @@ impl Handler<Disconnect> for RunRegistry {
     }
 }
 
+impl Handler<Drained> for RunRegistry {
+    type Result = ();
+
+    fn handle(&mut self, msg: Drained, _: &mut Context<Self>) {
+        let Some(entry) = self.sockets.get_mut(&msg.socket) else {
+            return;
+        };
+        entry.bytes_in_flight = entry.bytes_in_flight.saturating_sub(msg.bytes);
+        entry.batches_in_flight = entry.batches_in_flight.saturating_sub(msg.batches);
+        let sessions: Vec<String> = entry.sessions.iter().cloned().collect();
+        for session_id in sessions {
+            self.pump(msg.socket, &session_id, &mut None);
+            self.maybe_resume(&session_id);
+        }
+    }
+}
+
 impl Handler<StartRun> for RunRegistry {
-    type Result = Result<(), ChatError>;
+    type Result = ResponseActFuture<Self, Result<(), ChatError>>;
 
     fn handle(&mut self, msg: StartRun, ctx: &mut Context<Self>) -> Self::Result {
-        self.start_run(msg, ctx)
+        let session_id = msg.session.id.clone();
+        let previous = self.previous_run_exit(&session_id);
+        // E9: the run's first seqs are persisted as reserved before it starts.
+        if let Ok(kind) = msg.session.provider.parse::<ProviderKind>() {
+            self.state_for(&msg.session, kind);
+        }
+        let reservation = self.reserve_seqs(&session_id, 0, ctx);
+        if previous.is_none() && reservation.is_none() {
+            return Box::pin(fut::ready(self.start_run(msg, ctx)));
+        }
+        let sid = session_id.clone();
+        let wait_previous = async move {
+            if let Some(rx) = previous {
+                if tokio::time::timeout(PREVIOUS_RUN_EXIT_WAIT, rx).await.is_err() {
+                    tracing::warn!(session_id = %sid, "the previous run's process is still not gone; starting anyway");
+                }
+            }
+        }
+        .into_actor(self);
+        let reserved: ResponseActFuture<Self, ()> = match reservation {
+            Some(r) => r,
+            None => Box::pin(fut::ready(())),
+        };
+        Box::pin(
+            wait_previous
+                .then(|_, _, _| reserved)
+                .map(move |_, act, ctx| act.start_run(msg, ctx)),
+        )
     }
 }
 
@@ -1017,18 +1538,7 @@ impl Handler<Subscribe> for RunRegistry {
     type Result = ();
 
     fn handle(&mut self, msg: Subscribe, _: &mut Context<Self>) {
-        let session_id = msg.session.id.clone();
-        let (ack, replay, running) =
-            self.subscribed_frame(&session_id, msg.session.last_seq, msg.last_seq);
-        if running {
-            if let Some(state) = self.sessions.get_mut(&session_id) {
-                state.subscribers.insert(msg.socket);
-            }
-        }
-        let mut frames = Vec::with_capacity(replay.len() + 1);
-        frames.push(ack);
-        frames.extend(replay);
-        self.deliver_to(msg.socket, frames.into());
+        self.subscribe(msg);
     }
 }
 
@@ -1092,25 +1602,14 @@ impl Handler<ListRunning> for RunRegistry {
 }
 
 impl Handler<RunEvents> for RunRegistry {
-    type Result = ();
+    type Result = ResponseActFuture<Self, ()>;
 
-    fn handle(&mut self, msg: RunEvents, ctx: &mut Context<Self>) {
-        // Output of a previous run's process, or of an aborted run winding
-        // down, belongs to nobody. A run that completed normally may still
-        // print (background work); that is forwarded, as the reference does.
-        let current = self
-            .sessions
-            .get(&msg.session_id)
-            .and_then(|s| s.run.as_ref())
-            .is_some_and(|r| r.id == msg.run_id && !r.aborted);
-        if !current {
-            return;
+    fn handle(&mut self, msg: RunEvents, ctx: &mut Context<Self>) -> Self::Result {
+        match self.reserve_seqs(&msg.session_id, msg.events.len() as u64, ctx) {
+            None => self.run_events(msg, ctx),
+            // The next block of seqs is persisted before any of it is used.
+            Some(reserved) => Box::pin(reserved.then(move |_, act, ctx| act.run_events(msg, ctx))),
         }
-        let mut frames = Vec::with_capacity(msg.events.len());
-        for event in msg.events {
-            self.handle_provider_event(&msg.session_id, event, &mut frames, ctx);
-        }
-        self.broadcast(&msg.session_id, frames);
     }
 }
 
@@ -1127,6 +1626,10 @@ impl Handler<RunExited> for RunRegistry {
             return;
         };
         run.addr = None;
+        // A send waiting for this process to be gone may start now.
+        for waiter in run.exit_waiters.drain(..) {
+            let _ = waiter.send(());
+        }
         if run.status != Status::Running {
             return;
         }
@@ -1156,6 +1659,7 @@ impl Handler<Shutdown> for RunRegistry {
     type Result = ResponseFuture<()>;
 
     fn handle(&mut self, _: Shutdown, ctx: &mut Context<Self>) -> Self::Result {
+        self.shutting_down = true;
         let running: Vec<String> = self
             .sessions
             .iter()
@@ -1177,21 +1681,48 @@ impl Handler<Shutdown> for RunRegistry {
             );
             self.complete(&session_id, 1, true, ctx);
         }
+        // What a subscriber was not sent yet goes out before its close,
+        // whatever its budget: these are the runs' last events.
+        let follows: Vec<(SocketId, String)> = self
+            .sessions
+            .iter()
+            .flat_map(|(id, s)| {
+                s.subscribers
+                    .keys()
+                    .map(move |socket| (*socket, id.clone()))
+            })
+            .collect();
+        for (socket, session_id) in follows {
+            let Some(state) = self.sessions.get_mut(&session_id) else {
+                continue;
+            };
+            let Some(sent) = state.subscribers.get_mut(&socket) else {
+                continue;
+            };
+            let rest: Arc<[Frame]> = state
+                .buffer
+                .iter()
+                .filter(|b| b.seq > *sent)
+                .map(|b| b.frame.clone())
+                .collect();
+            *sent = state.last_seq;
+            if !rest.is_empty() {
+                self.deliver_to(socket, rest);
+            }
+        }
         for (_, socket) in self.sockets.drain() {
             socket.close.do_send(CloseSocket {
                 code: 1001,
                 reason: "server shutting down",
             });
         }
-        // Write every counter now (not in the background) so seq survives the restart.
+        // Every counter now (not in the background), and the reservations
+        // released: nothing runs any more, so a clean restart continues at
+        // the next seq.
         let seqs: Vec<(String, u64)> = self
             .sessions
-            .iter_mut()
-            .filter(|(_, s)| s.last_seq > s.persisted_seq)
-            .map(|(id, s)| {
-                s.persisted_seq = s.last_seq;
-                (id.clone(), s.last_seq)
-            })
+            .iter()
+            .map(|(id, s)| (id.clone(), s.last_seq))
             .collect();
         let store = self.store.clone();
         tracing::info!(
@@ -1202,7 +1733,7 @@ impl Handler<Shutdown> for RunRegistry {
         Box::pin(async move {
             let result = store::blocking(&store, move |s| {
                 seqs.iter()
-                    .try_for_each(|(id, seq)| s.set_last_seq(id, *seq))
+                    .try_for_each(|(id, seq)| s.release_seq(id, *seq))
             })
             .await;
             if let Err(err) = result {
@@ -1236,6 +1767,12 @@ mod tests {
                 m.insert(id.to_string(), seq);
             }
             Ok(())
+        }
+        fn reserve_seq(&self, _: &str, _: u64) -> Result<(), StoreError> {
+            Ok(())
+        }
+        fn release_seq(&self, id: &str, seq: u64) -> Result<(), StoreError> {
+            self.set_last_seq(id, seq)
         }
     }
 
@@ -1337,6 +1874,7 @@ mod tests {
             custom_name: None,
             archived: false,
             last_seq: 0,
+            seq_reserved: 0,
             created_at: String::new(),
             updated_at: String::new(),
         };

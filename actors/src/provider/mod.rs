@@ -9,7 +9,7 @@
 //! type, so a new provider is one module plus one arm in [`provider_for`].
 
 pub mod claude;
-mod cli_support;
+pub(crate) mod cli_support;
 pub mod codex;
 pub mod cursor;
 pub mod gemini;

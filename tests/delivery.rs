@@ -1,0 +1,288 @@
+//! Delivery that loses nothing (PROTOCOL.md E4, E6-E9): flow control for
+//! slow readers, stuck clients cut off, catch-up after completion, per-socket
+//! watermarks, crash-safe seq and faults, against a real gateway with the
+//! scripted `fake_claude` and real bash PTYs.
+
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use crate::chat::{next_event, of_kind, send, seqs, until_complete};
+use crate::util::{eventually, project_dir, rss_kib, TestServer, WsEvent};
+
+/// Heartbeat for these tests: a stuck client is cut off after two of them.
+const HEARTBEAT_SECS: u64 = 1;
+
+fn server() -> TestServer {
+    TestServer::start_with(|cmd| {
+        cmd.arg("--claude-bin")
+            .arg(env!("CARGO_BIN_EXE_fake_claude"))
+            .arg("--heartbeat-secs")
+            .arg(HEARTBEAT_SECS.to_string());
+    })
+}
+
+/// Client ports of the TCP connections to `port` that the gateway process
+/// `pid` holds a descriptor for (from /proc/net/tcp and /proc/<pid>/fd).
+fn gateway_conns(pid: u32, port: u16) -> std::collections::HashSet<u16> {
+    let inodes: std::collections::HashSet<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .filter_map(|e| std::fs::read_link(e.path()).ok())
+                .filter_map(|l| {
+                    let l = l.to_string_lossy().into_owned();
+                    Some(l.strip_prefix("socket:[")?.strip_suffix(']')?.to_string())
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut out = std::collections::HashSet::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let text = std::fs::read_to_string(table).unwrap_or_default();
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let port_of =
+                |a: &str| u16::from_str_radix(a.rsplit(':').next().unwrap_or(""), 16).ok();
+            if f.len() > 9 && port_of(f[1]) == Some(port) && inodes.contains(f[9]) {
+                out.extend(port_of(f[2]));
+            }
+        }
+    }
+    out
+}
+
+/// Waits until the gateway holds exactly one connection more than `before`, and returns its client port.
+async fn new_conn(server: &TestServer, before: &std::collections::HashSet<u16>) -> u16 {
+    let (pid, port) = (server.pid(), server.addr.port());
+    let mut found = None;
+    eventually("the gateway holds the new connection", || {
+        let now = gateway_conns(pid, port);
+        found = now.difference(before).next().copied();
+        found.is_some()
+    })
+    .await;
+    found.unwrap()
+}
+
+/// A `/ws` client that sends a run of ~20 MB and then never reads is cut off
+/// by the gateway (its descriptor closes while the client still holds the
+/// connection) within a few heartbeat intervals, and the run, paused for it,
+/// then completes. A client that had seen the first event and resubscribes
+/// gets the rest, `complete` included (E7), without a gap.
+#[actix_rt::test]
+async fn a_chat_client_that_stops_reading_is_cut_off_and_loses_nothing() {
+    let server = server();
+    let token = server.token("alice");
+    let project = project_dir();
+    let session = server
+        .create_session(&token, "claude", project.path())
+        .await;
+    let (pid, port) = (server.pid(), server.addr.port());
+    let before = gateway_conns(pid, port);
+    let mut stuck = server.ws(&format!("/ws?token={token}")).await;
+    let conn = new_conn(&server, &before).await;
+    send(&mut stuck, &session, "text:5000 size:4000").await;
+    let started = Instant::now();
+    // The client reads nothing from here on; it keeps its end open.
+    eventually("the stuck connection is dropped by the gateway", || {
+        !gateway_conns(pid, port).contains(&conn)
+    })
+    .await;
+    let cut_after = started.elapsed();
+    assert!(
+        cut_after < Duration::from_secs(8 * HEARTBEAT_SECS),
+        "cut off only after {cut_after:?}"
+    );
+    assert!(
+        server.logs().contains("stuck"),
+        "no supervision log line for the stuck socket"
+    );
+    // The run was not lost: a client that saw seq 1 gets 2..=complete.
+    let mut ws = server.ws(&format!("/ws?token={token}")).await;
+    for _ in 0..500 {
+        let (_, row) = server
+            .get("/api/providers/sessions/running", Some(&token))
+            .await;
+        if row["data"]["sessions"]
+            .as_array()
+            .is_some_and(|s| s.is_empty())
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    ws.send_json(
+        json!({"type":"chat.subscribe","sessions":[{"sessionId": session, "lastSeq": 1}]}),
+    )
+    .await;
+    let ack = ws.recv_json().await;
+    assert_eq!(ack["kind"], "chat_subscribed");
+    assert_eq!(ack["isProcessing"], false, "{ack}");
+    assert_eq!(ack["replayTruncated"], false, "{ack}");
+    let events = until_complete(&mut ws, &session).await;
+    let s = seqs(&events);
+    assert_eq!(s[0], 2);
+    assert!(s.windows(2).all(|w| w[1] == w[0] + 1), "gap in the replay");
+    assert_eq!(of_kind(&events, "stream_delta").len(), 4999);
+    assert_eq!(events.last().unwrap()["success"], true);
+    drop(stuck);
+}
+
+/// A reader ten times slower than the provider is never closed and gets
+/// every event: the run is paused for it (the provider blocks on its pipe)
+/// and the gateway's memory stays bounded.
+#[actix_rt::test]
+async fn a_slow_reader_pauses_the_run_and_gets_everything() {
+    let server = server();
+    let token = server.token("alice");
+    let project = project_dir();
+    let session = server
+        .create_session(&token, "claude", project.path())
+        .await;
+    let mut ws = server.ws(&format!("/ws?token={token}")).await;
+    // 30,000 deltas of 2 KB (60 MB): more than the replay buffer and every
+    // socket budget together, so without pausing something would be lost.
+    send(&mut ws, &session, "text:30000 size:2000").await;
+    let rss_before = rss_kib(server.pid());
+    let mut seq_prev = 0;
+    let mut deltas = 0;
+    let mut peak = 0;
+    loop {
+        let v = match ws.recv().await {
+            WsEvent::Text(t) => serde_json::from_str::<Value>(&t).unwrap(),
+            other => panic!("the slow reader was cut off: {other:?}"),
+        };
+        let Some(seq) = v["seq"].as_u64() else {
+            continue;
+        };
+        assert_eq!(seq, seq_prev + 1, "gap or duplicate");
+        seq_prev = seq;
+        if v["kind"] == "stream_delta" {
+            deltas += 1;
+            if deltas % 500 == 0 {
+                // Slower than the provider: about 25 MB/s at most.
+                tokio::time::sleep(Duration::from_millis(40)).await;
+                peak = peak.max(rss_kib(server.pid()));
+            }
+        }
+        if v["kind"] == "complete" {
+            assert_eq!(v["success"], true);
+            break;
+        }
+    }
+    assert_eq!(deltas, 30_000);
+    let grown = peak.saturating_sub(rss_before);
+    assert!(
+        grown < 48 * 1024,
+        "gateway RSS grew by {grown} KiB while a slow reader followed a 60 MB run"
+    );
+}
+
+/// E8: a repeated `chat.subscribe` on a socket that follows a live run
+/// replays nothing it was already sent (the reference's web UI re-sends it
+/// mid-run).
+#[actix_rt::test]
+async fn a_repeated_subscribe_never_sends_a_seq_twice() {
+    let server = server();
+    let token = server.token("alice");
+    let project = project_dir();
+    let session = server
+        .create_session(&token, "claude", project.path())
+        .await;
+    let mut ws = server.ws(&format!("/ws?token={token}")).await;
+    send(&mut ws, &session, "text:300 delay_ms:5").await;
+    let first = next_event(&mut ws).await;
+    assert_eq!(first["seq"], 1);
+    for last in [0, 1] {
+        ws.send_json(
+            json!({"type":"chat.subscribe","sessions":[{"sessionId": session, "lastSeq": last}]}),
+        )
+        .await;
+    }
+    let mut seen = vec![1];
+    let mut acks = 0;
+    loop {
+        let v = ws.recv_json().await;
+        if v["kind"] == "chat_subscribed" {
+            acks += 1;
+            continue;
+        }
+        if let Some(seq) = v["seq"].as_u64() {
+            seen.push(seq);
+        }
+        if v["kind"] == "complete" {
+            break;
+        }
+    }
+    assert_eq!(acks, 2);
+    let mut sorted = seen.clone();
+    sorted.dedup();
+    assert_eq!(sorted.len(), seen.len(), "a seq arrived twice");
+    assert!(seen.windows(2).all(|w| w[1] == w[0] + 1), "gap or reorder");
+}
+
+/// E7: a completed run is replayed (with its `complete`) to a subscriber
+/// that had reached it, and not at all to one with `lastSeq` 0 or before
+/// the run.
+#[actix_rt::test]
+async fn completed_run_catch_up_only_for_subscribers_that_reached_it() {
+    let server = server();
+    let token = server.token("alice");
+    let project = project_dir();
+    let session = server
+        .create_session(&token, "claude", project.path())
+        .await;
+    let mut ws = server.ws(&format!("/ws?token={token}")).await;
+    send(&mut ws, &session, "text:3").await;
+    let run1 = until_complete(&mut ws, &session).await;
+    send(&mut ws, &session, "text:5").await;
+    let run2 = until_complete(&mut ws, &session).await;
+    let first2 = seqs(&run2)[0];
+    let last1 = *seqs(&run1).last().unwrap();
+    assert_eq!(first2, last1 + 1);
+
+    // A second, idle session marks the end of what a subscribe sent: its
+    // ack comes right after the first entry's ack and replay.
+    let marker = server
+        .create_session(&token, "claude", project.path())
+        .await;
+    let subscribe = |last: u64| {
+        json!({"type":"chat.subscribe","sessions":[
+            {"sessionId": session, "lastSeq": last},
+            {"sessionId": marker},
+        ]})
+    };
+    for (last, expect) in [
+        (0, None),
+        (1, None),
+        (last1, Some(first2)),
+        (first2 + 1, Some(first2 + 2)),
+    ] {
+        let mut c = server.ws(&format!("/ws?token={token}")).await;
+        c.send_json(subscribe(last)).await;
+        let ack = c.recv_json().await;
+        assert_eq!(ack["kind"], "chat_subscribed");
+        assert_eq!(ack["runFirstSeq"], first2);
+        let mut replayed = Vec::new();
+        loop {
+            let v = c.recv_json().await;
+            if v["kind"] == "chat_subscribed" {
+                assert_eq!(v["sessionId"], marker);
+                break;
+            }
+            replayed.push(v);
+        }
+        match expect {
+            None => assert!(
+                replayed.is_empty(),
+                "lastSeq {last}: a completed run was replayed: {replayed:?}"
+            ),
+            Some(from) => {
+                assert_eq!(seqs(&replayed)[0], from, "lastSeq {last}");
+                assert_eq!(replayed.last().unwrap()["kind"], "complete");
+                let s = seqs(&replayed);
+                assert!(s.windows(2).all(|w| w[1] == w[0] + 1));
+            }
+        }
+    }
+}
