@@ -18,7 +18,7 @@ use agentgate_actors::plugin::{PluginRegistry, StopAllPlugins};
 use agentgate_actors::provider::ProviderKind;
 use agentgate_actors::shell::{PtyHub, ShutdownPtys};
 use agentgate_actors::store::Store;
-use agentgate_actors::watchdog::{conn_fd, ConnWatchdog};
+use agentgate_actors::watchdog::{conn_fd, ConnFd, ConnWatchdog};
 use futures_util::FutureExt;
 
 use crate::auth::{redact_query, Keys};
@@ -119,7 +119,7 @@ pub async fn serve(common: Common, args: ServeArgs) -> std::io::Result<()> {
     })
     // The raw descriptor of each connection, for the stall watchdog.
     .on_connect(|io, ext| {
-        if let Some(fd) = conn_fd(io) {
+        if let Some(fd) = conn_fd(io).or_else(|| tls_conn_fd(io)) {
             ext.insert(fd);
         }
     })
@@ -166,6 +166,14 @@ pub async fn serve(common: Common, args: ServeArgs) -> std::io::Result<()> {
     server.await?;
     tracing::info!("agentgate stopped");
     Ok(())
+}
+
+/// The raw descriptor under a TLS connection (what `on_connect` sees with
+/// `--tls-cert`), for the stall watchdog.
+fn tls_conn_fd(io: &dyn std::any::Any) -> Option<ConnFd> {
+    use std::os::fd::AsRawFd;
+    io.downcast_ref::<actix_tls::accept::rustls_0_23::TlsStream<actix_web::rt::net::TcpStream>>()
+        .map(|tls| ConnFd((**tls).get_ref().0.as_raw_fd()))
 }
 
 /// Tells each supervising actor to finish its children, and waits for it.

@@ -24,7 +24,7 @@ fn server() -> TestServer {
 
 /// Client ports of the TCP connections to `port` that the gateway process
 /// `pid` holds a descriptor for (from /proc/net/tcp and /proc/<pid>/fd).
-fn gateway_conns(pid: u32, port: u16) -> std::collections::HashSet<u16> {
+pub fn gateway_conns(pid: u32, port: u16) -> std::collections::HashSet<u16> {
     let inodes: std::collections::HashSet<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
         .map(|d| {
             d.filter_map(Result::ok)
@@ -52,7 +52,7 @@ fn gateway_conns(pid: u32, port: u16) -> std::collections::HashSet<u16> {
 }
 
 /// Waits until the gateway holds exactly one connection more than `before`, and returns its client port.
-async fn new_conn(server: &TestServer, before: &std::collections::HashSet<u16>) -> u16 {
+pub async fn new_conn(server: &TestServer, before: &std::collections::HashSet<u16>) -> u16 {
     let (pid, port) = (server.pid(), server.addr.port());
     let mut found = None;
     eventually("the gateway holds the new connection", || {
@@ -285,4 +285,81 @@ async fn completed_run_catch_up_only_for_subscribers_that_reached_it() {
             }
         }
     }
+}
+
+/// Waits until the gateway no longer holds the connection with client port
+/// `conn` (the client still holds its end), bounded; returns how long it took.
+pub async fn until_dropped(server: &TestServer, conn: u16) -> Duration {
+    let (pid, port) = (server.pid(), server.addr.port());
+    let started = Instant::now();
+    eventually("the stuck connection is dropped by the gateway", || {
+        !gateway_conns(pid, port).contains(&conn)
+    })
+    .await;
+    started.elapsed()
+}
+
+/// Behind TLS the watchdog sees the same socket: a wss:// client that stops
+/// reading is cut off too.
+#[actix_rt::test]
+async fn a_stuck_client_behind_tls_is_cut_off() {
+    let ca = crate::support::tls::TestCa::new();
+    let leaf = ca.leaf(&["localhost", "127.0.0.1"]);
+    let server = TestServer::start_tls(&ca, &leaf, |cmd| {
+        cmd.arg("--claude-bin")
+            .arg(env!("CARGO_BIN_EXE_fake_claude"))
+            .arg("--heartbeat-secs")
+            .arg(HEARTBEAT_SECS.to_string());
+    });
+    let token = server.token("alice");
+    let project = project_dir();
+    let session = server
+        .create_session(&token, "claude", project.path())
+        .await;
+    let before = gateway_conns(server.pid(), server.addr.port());
+    let mut stuck = server.ws(&format!("/ws?token={token}")).await;
+    let conn = new_conn(&server, &before).await;
+    send(&mut stuck, &session, "text:5000 size:4000").await;
+    let took = until_dropped(&server, conn).await;
+    assert!(took < Duration::from_secs(8 * HEARTBEAT_SECS), "{took:?}");
+    assert!(!server.logs().contains("not watched"));
+}
+
+/// `/shell`: a terminal client that stops reading while a command floods
+/// the PTY is cut off; the PTY, detached, keeps running for a reattach.
+#[actix_rt::test]
+async fn a_stuck_shell_client_is_cut_off() {
+    let server = server();
+    let token = server.token("alice");
+    let project = project_dir();
+    let before = gateway_conns(server.pid(), server.addr.port());
+    let mut stuck = server.ws(&format!("/shell?token={token}")).await;
+    let conn = new_conn(&server, &before).await;
+    stuck
+        .send_json(
+            json!({"type": "init", "projectPath": project.path(), "sessionId": "stuck",
+            "initialCommand": "exec bash --norc --noprofile", "cols": 100, "rows": 30}),
+        )
+        .await;
+    stuck
+        .send_json(
+            json!({"type": "input", "data": "yes | head -c 300000000; echo done-flooding\n"}),
+        )
+        .await;
+    let took = until_dropped(&server, conn).await;
+    assert!(took < Duration::from_secs(8 * HEARTBEAT_SECS), "{took:?}");
+    // The terminal survived its client: a new socket reattaches to it.
+    let mut again = server.ws(&format!("/shell?token={token}")).await;
+    again
+        .send_json(
+            json!({"type": "init", "projectPath": project.path(), "sessionId": "stuck",
+            "initialCommand": "exec bash --norc --noprofile", "cols": 100, "rows": 30}),
+        )
+        .await;
+    let mut text = String::new();
+    while !text.contains("Reconnected to existing session") {
+        let v = again.recv_json().await;
+        text.push_str(v["data"].as_str().unwrap_or_default());
+    }
+    drop(stuck);
 }

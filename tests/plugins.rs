@@ -551,3 +551,34 @@ async fn a_slow_side_slows_the_other_and_gateway_memory_stays_bounded() {
         "gateway RSS grew by {growth} KiB while relaying 2 x 64 MiB"
     );
 }
+
+/// A plugin client that stops reading while the plugin echoes megabytes back
+/// is cut off by the gateway within a few heartbeat intervals.
+#[actix_rt::test]
+async fn a_plugin_client_that_stops_reading_is_cut_off() {
+    let (server, token) = start_env(
+        |d| {
+            echo_plugin(d, "echo");
+        },
+        |cmd| {
+            cmd.arg("--heartbeat-secs").arg("1");
+        },
+    );
+    wait_running(&server, &token, "echo").await;
+    let before = crate::delivery::gateway_conns(server.pid(), server.addr.port());
+    let mut ws = server.ws(&format!("/plugin-ws/echo?token={token}")).await;
+    let conn = crate::delivery::new_conn(&server, &before).await;
+    // Send until the gateway stops taking frames (it reads the client only
+    // while the plugin's echoes can be written back); never read.
+    for _ in 0..256 {
+        let send = ws.send_binary(vec![7u8; 1024 * 1024]);
+        if tokio::time::timeout(Duration::from_secs(2), send)
+            .await
+            .is_err()
+        {
+            break;
+        }
+    }
+    let took = crate::delivery::until_dropped(&server, conn).await;
+    assert!(took < Duration::from_secs(10), "{took:?}");
+}
