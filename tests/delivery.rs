@@ -363,3 +363,281 @@ async fn a_stuck_shell_client_is_cut_off() {
     }
     drop(stuck);
 }
+
+/// Processes whose working directory is `dir` (a test's project dir is unique).
+fn procs_in(dir: &std::path::Path) -> Vec<i32> {
+    let dir = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
+    std::fs::read_dir("/proc")
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+                .filter(|pid| {
+                    std::fs::read_link(format!("/proc/{pid}/cwd")).is_ok_and(|c| c == dir)
+                })
+                .filter(|pid| crate::util::pid_alive(*pid))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn server_with(f: impl FnOnce(&mut std::process::Command)) -> TestServer {
+    TestServer::start_with(|cmd| {
+        cmd.arg("--claude-bin")
+            .arg(env!("CARGO_BIN_EXE_fake_claude"))
+            .arg("--heartbeat-secs")
+            .arg(HEARTBEAT_SECS.to_string());
+        f(cmd);
+    })
+}
+
+/// A CLI that closes its output after its result but never exits is
+/// stopped within the exit grace; the next send starts once it is gone.
+/// A CLI that exits but leaves a background job holding its pipes: the job
+/// is killed, and the next send works.
+#[actix_rt::test]
+async fn clis_that_linger_or_leave_jobs_behind_are_stopped_in_bounded_time() {
+    let server = server();
+    let token = server.token("alice");
+    for script in ["text:3 linger", "text:3 orphan"] {
+        let project = project_dir();
+        let session = server
+            .create_session(&token, "claude", project.path())
+            .await;
+        let mut ws = server.ws(&format!("/ws?token={token}")).await;
+        send(&mut ws, &session, script).await;
+        let events = until_complete(&mut ws, &session).await;
+        assert_eq!(events.last().unwrap()["success"], true, "{script}");
+        assert!(
+            !procs_in(project.path()).is_empty(),
+            "{script}: nothing left behind to stop"
+        );
+        let started = Instant::now();
+        eventually(
+            &format!("{script}: every process of the run is gone"),
+            || procs_in(project.path()).is_empty(),
+        )
+        .await;
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "{script}: {:?}",
+            started.elapsed()
+        );
+        // (The heartbeat dropped the unread socket meanwhile.)
+        let mut ws = server.ws(&format!("/ws?token={token}")).await;
+        send(&mut ws, &session, "text:2").await;
+        let next = until_complete(&mut ws, &session).await;
+        assert_eq!(next.last().unwrap()["success"], true, "{script}: {next:?}");
+        assert_eq!(of_kind(&next, "complete").len(), 1);
+    }
+}
+
+/// A CLI that hangs (SIGSTOP) ends in exactly one failed `complete` through
+/// the idle limit, and its process is killed.
+#[actix_rt::test]
+async fn a_stopped_cli_ends_in_one_failed_complete_via_the_idle_limit() {
+    let server = server_with(|cmd| {
+        cmd.arg("--provider-idle-secs").arg("2");
+    });
+    let token = server.token("alice");
+    let project = project_dir();
+    let session = server
+        .create_session(&token, "claude", project.path())
+        .await;
+    let mut ws = server.ws(&format!("/ws?token={token}")).await;
+    send(&mut ws, &session, "text:100000 delay_ms:20").await;
+    let _ = next_event(&mut ws).await;
+    let cli = procs_in(project.path());
+    assert_eq!(cli.len(), 1, "{cli:?}");
+    unsafe { libc::kill(cli[0], libc::SIGSTOP) };
+    let events = until_complete(&mut ws, &session).await;
+    let complete = events.last().unwrap();
+    assert_eq!(complete["success"], false);
+    assert!(of_kind(&events, "error")
+        .iter()
+        .any(|e| e["content"].as_str().unwrap_or("").contains("no output")));
+    eventually("the stopped CLI is killed", || {
+        !crate::util::pid_alive(cli[0])
+    })
+    .await;
+    // Exactly one complete: the next frame is the answer to a new send.
+    send(&mut ws, &session, "text:1").await;
+    let next = until_complete(&mut ws, &session).await;
+    assert_eq!(of_kind(&next, "complete").len(), 1);
+    assert_eq!(next.last().unwrap()["success"], true);
+}
+
+/// A send right after an abort waits until the aborted CLI is gone: two
+/// CLIs never run for one session (both would resume the same native id).
+#[actix_rt::test]
+async fn a_send_right_after_an_abort_waits_for_the_aborted_cli() {
+    let server = server();
+    let token = server.token("alice");
+    let project = project_dir();
+    let session = server
+        .create_session(&token, "claude", project.path())
+        .await;
+    let mut ws = server.ws(&format!("/ws?token={token}")).await;
+    // `hang` ignores the interrupt: it only goes with SIGTERM after the grace.
+    send(&mut ws, &session, "text:4 hang").await;
+    let _ = next_event(&mut ws).await;
+    let old = procs_in(project.path());
+    assert_eq!(old.len(), 1);
+    ws.send_json(json!({"type":"chat.abort","sessionId": session}))
+        .await;
+    send(&mut ws, &session, "text:50 delay_ms:10").await;
+    let aborted = until_complete(&mut ws, &session).await;
+    assert_eq!(aborted.last().unwrap()["aborted"], true);
+    let first = next_event(&mut ws).await;
+    assert_eq!(first["kind"], "stream_delta", "{first}");
+    assert!(
+        !crate::util::pid_alive(old[0]),
+        "the next run started while the aborted CLI was still alive"
+    );
+    let rest = until_complete(&mut ws, &session).await;
+    assert_eq!(rest.last().unwrap()["success"], true);
+}
+
+/// The gateway SIGKILLed mid-run, at a point that differs per run: its CLI
+/// dies with it (PR_SET_PDEATHSIG), and after a restart the session's next
+/// event has a higher seq than anything a client received (E9).
+#[actix_rt::test]
+async fn gateway_sigkill_mid_run_then_restart_continues_above_every_seq() {
+    let server = server();
+    let token = server.token("alice");
+    let project = project_dir();
+    let session = server
+        .create_session(&token, "claude", project.path())
+        .await;
+    let mut ws = server.ws(&format!("/ws?token={token}")).await;
+    send(&mut ws, &session, "text:200000 size:16").await;
+    // A point between 1 and ~30,000 events, from the clock (printed to replay a failure).
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    let stop_after = 1 + (nanos as u64 * 2_654_435_761 % 30_000);
+    eprintln!("SIGKILL after {stop_after} events");
+    let mut max_seq = 0;
+    for _ in 0..stop_after {
+        let v = next_event(&mut ws).await;
+        max_seq = max_seq.max(v["seq"].as_u64().unwrap_or(0));
+    }
+    let cli = procs_in(project.path());
+    assert_eq!(cli.len(), 1);
+    let data = server.kill_keep_data();
+    // Frames already on their way count as received too.
+    while let Some(WsEvent::Text(t)) = ws.recv_within(Duration::from_millis(500)).await {
+        let v: Value = serde_json::from_str(&t).unwrap();
+        max_seq = max_seq.max(v["seq"].as_u64().unwrap_or(0));
+    }
+    eventually("the CLI died with the gateway", || {
+        !crate::util::pid_alive(cli[0])
+    })
+    .await;
+    let server = TestServer::start_in(data, |cmd| {
+        cmd.arg("--claude-bin")
+            .arg(env!("CARGO_BIN_EXE_fake_claude"));
+    });
+    let mut ws = server.ws(&format!("/ws?token={token}")).await;
+    send(&mut ws, &session, "text:2").await;
+    let events = until_complete(&mut ws, &session).await;
+    let first = seqs(&events)[0];
+    assert!(
+        first > max_seq,
+        "seq {first} after a crash, a client had seen {max_seq}"
+    );
+}
+
+/// The database locked by another writer mid-run: the run still completes,
+/// and the failure is logged and told to the client.
+#[actix_rt::test]
+async fn a_locked_database_mid_run_is_reported_and_the_run_completes() {
+    use diesel::connection::SimpleConnection;
+    use diesel::Connection;
+    let server = server();
+    let token = server.token("alice");
+    let project = project_dir();
+    let session = server
+        .create_session(&token, "claude", project.path())
+        .await;
+    let mut ws = server.ws(&format!("/ws?token={token}")).await;
+    // Slow enough to take the lock between the start and the next reservation.
+    send(&mut ws, &session, "text:20000 size:8 delay_ms:0").await;
+    let first = next_event(&mut ws).await;
+    assert_eq!(first["seq"], 1);
+    let db = server.data_dir().join("agentgate.db");
+    let mut lock = diesel::SqliteConnection::establish(db.to_str().unwrap()).unwrap();
+    lock.batch_execute("BEGIN EXCLUSIVE").unwrap();
+    let events = until_complete(&mut ws, &session).await;
+    lock.batch_execute("ROLLBACK").unwrap();
+    assert_eq!(events.last().unwrap()["success"], true);
+    assert_eq!(of_kind(&events, "stream_delta").len() + 1, 20_000);
+    let told = of_kind(&events, "error")
+        .iter()
+        .any(|e| e["content"].as_str().unwrap_or("").contains("database"));
+    assert!(told, "no error event about the database");
+    assert!(server
+        .logs()
+        .contains("failed to persist the seq reservation"));
+}
+
+/// 50 clients that reconnect in a loop, each resubscribing with its
+/// `lastSeq`, while a run streams: every socket's seqs are strictly
+/// increasing and together they cover the run with no gap.
+#[actix_rt::test]
+async fn fifty_reconnecting_clients_see_no_gap_and_no_duplicate() {
+    let server = server();
+    let token = server.token("alice");
+    let project = project_dir();
+    let session = server
+        .create_session(&token, "claude", project.path())
+        .await;
+    let mut ws = server.ws(&format!("/ws?token={token}")).await;
+    send(&mut ws, &session, "text:6000 size:32 delay_ms:1").await;
+    let first = next_event(&mut ws).await;
+    let first_seq = first["seq"].as_u64().unwrap();
+    let mut clients = Vec::new();
+    for i in 0..50u64 {
+        let (url, session) = (
+            server.ws_url(&format!("/ws?token={token}")),
+            session.clone(),
+        );
+        let client = server.client();
+        clients.push(tokio::task::spawn_local(async move {
+            let mut seen: Vec<u64> = Vec::new();
+            let mut last = first_seq - 1;
+            let mut reconnects = 0;
+            loop {
+                let mut c = crate::util::connect_ws_with(&client, &url, None).await.unwrap();
+                c.send_json(json!({"type":"chat.subscribe","sessions":[{"sessionId": session, "lastSeq": last}]}))
+                    .await;
+                // Each connection reads a different number of frames, then drops without a close.
+                let budget = 50 + (i * 37 + reconnects * 11) % 400;
+                let mut read = 0;
+                loop {
+                    let v = c.recv_json().await;
+                    let Some(seq) = v["seq"].as_u64() else { continue };
+                    assert!(seq > last, "client {i}: seq {seq} after {last}");
+                    assert_eq!(seq, last + 1, "client {i}: gap after {last}");
+                    last = seq;
+                    seen.push(seq);
+                    if v["kind"] == "complete" {
+                        return (seen, reconnects);
+                    }
+                    read += 1;
+                    if read >= budget {
+                        break;
+                    }
+                }
+                drop(c);
+                reconnects += 1;
+            }
+        }));
+    }
+    let _ = until_complete(&mut ws, &session).await;
+    for (i, client) in clients.into_iter().enumerate() {
+        let (seen, reconnects) = client.await.unwrap();
+        assert_eq!(seen.first(), Some(&first_seq), "client {i}");
+        assert!(reconnects > 0, "client {i} never reconnected");
+    }
+}

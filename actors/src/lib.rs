@@ -24,6 +24,7 @@
 pub mod chat;
 pub mod config;
 pub mod heartbeat;
+pub mod pidfd;
 pub mod plugin;
 pub mod procfs;
 pub mod protocol;

@@ -26,6 +26,8 @@
 //! | `args` | first delta is the argv (to check `--resume`) |
 //! | `session:ID` | announce ID as the session id (default: the resumed id or a new one) |
 //! | `stderr:TEXT` | write TEXT to stderr first |
+//! | `linger` | after the result, close stdout and stderr and never exit |
+//! | `orphan` | first start `sleep 3600` in its own process group, holding stdout and stderr, and leave it behind |
 
 use std::fmt::Write as _;
 use std::io::{BufRead, Write};
@@ -51,6 +53,8 @@ struct Script {
     session: Option<String>,
     stderr: Option<String>,
     chunk: Option<usize>,
+    linger: bool,
+    orphan: bool,
 }
 
 impl Script {
@@ -65,6 +69,8 @@ impl Script {
             exit: None,
             crash: false,
             hang: false,
+            linger: false,
+            orphan: false,
             garbage: false,
             double_result: false,
             error_result: false,
@@ -85,6 +91,8 @@ impl Script {
                 "exit" => s.exit = value.parse().ok(),
                 "crash" => s.crash = true,
                 "hang" => s.hang = true,
+                "linger" => s.linger = true,
+                "orphan" => s.orphan = true,
                 "garbage" => s.garbage = true,
                 "double_result" => s.double_result = true,
                 "error_result" => s.error_result = true,
@@ -241,6 +249,14 @@ fn main() {
         if let Some(text) = &script.stderr {
             eprintln!("{text}");
         }
+        if script.orphan {
+            use std::os::unix::process::CommandExt;
+            // A background job that outlives the CLI and keeps its pipes open.
+            let _ = std::process::Command::new("sleep")
+                .arg("3600")
+                .process_group(0)
+                .spawn();
+        }
         out.set_session(
             script
                 .session
@@ -354,6 +370,16 @@ fn main() {
             out.line(result);
         }
         out.flush();
+        if script.linger {
+            // SAFETY: closing our own standard streams; nothing writes them after this.
+            unsafe {
+                libc::close(1);
+                libc::close(2);
+            }
+            loop {
+                std::thread::sleep(Duration::from_secs(3600));
+            }
+        }
     }
 }
 

@@ -1,6 +1,6 @@
 //! `ProviderRun`: one live provider CLI process.
 //!
-//! **Owns** the child process (in its own process group, cwd = the turn's
+//! **Owns** the child process (in its own session and process group, cwd = the turn's
 //! project path, the gateway's environment minus its secrets), the writer
 //! side of its stdin (a task fed by a bounded channel), and the reader of
 //! its stdout with the provider's [`LineParser`].
@@ -8,7 +8,18 @@
 //! **Handles** [`Abort`] (interrupt, close stdin, then SIGTERM and SIGKILL to
 //! the group after grace periods), [`Kill`] (SIGKILL to the group, at
 //! shutdown) and [`AnswerPermission`] (writes the provider's permission
-//! reply), all from the RunRegistry.
+//! reply), all from the RunRegistry; and its own `KillGroup`.
+//!
+//! **Process control**: the child gets `PR_SET_PDEATHSIG` (SIGKILL), so a
+//! gateway that dies without its shutdown takes the CLI with it. Signals go
+//! through pidfds: the CLI's, opened at spawn, and one per descendant found
+//! in /proc (checked to still be that descendant once opened), so no signal
+//! can reach a process that reused a remembered pid. The group is signalled
+//! with `killpg` only while the CLI is not reaped: its zombie keeps the
+//! group id reserved. Every wait is bounded: once stdout ends, the CLI has
+//! [`EXIT_GRACE`] to exit, and once it exited, its descendants have as long
+//! to release stdout; then the group and the tree are killed, and the run is
+//! reported once (as failed if its turn had not ended).
 //!
 //! **Sends** [`RunEvents`] to the RunRegistry, awaited, so a busy registry
 //! slows the reading of stdout (backpressure) instead of queueing; and one
@@ -16,10 +27,12 @@
 //! died without reporting, e.g. a panic).
 //!
 //! **Stops** when stdout is closed and the process has exited; the process
-//! group is killed then, so nothing the CLI started outlives its run.
+//! group is killed then (before the CLI is reaped), so nothing the CLI
+//! started outlives its run.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::ffi::OsString;
+use std::os::fd::OwnedFd;
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -36,6 +49,18 @@ use crate::provider::{LineParser, Provider, ProviderEvent, Turn};
 pub const ABORT_GRACE: Duration = Duration::from_secs(2);
 /// After SIGTERM, how long before SIGKILL.
 pub const KILL_GRACE: Duration = Duration::from_secs(2);
+/// After stdout ends, how long the CLI may take to exit (and after it
+/// exited, how long its descendants may hold stdout) before the group and
+/// its tree are killed.
+pub const EXIT_GRACE: Duration = Duration::from_secs(5);
+/// After a SIGKILL, how long until the process must be gone (a process in
+/// uninterruptible sleep may take a moment).
+const KILL_WAIT: Duration = Duration::from_secs(5);
+/// How long the stderr reader may take to finish after the exit.
+const STDERR_GRACE: Duration = Duration::from_secs(2);
+/// Descendants tracked by pidfd at most (a CLI with more is unusual; the
+/// group signal still reaches those in its group).
+const MAX_TRACKED: usize = 1024;
 /// Stdin writes queued for the writer task. Writes are small and rare
 /// (a turn, permission answers, an interrupt); a full queue makes the
 /// sender wait.
@@ -61,6 +86,15 @@ pub struct Abort;
 #[rtype(result = "()")]
 pub struct Kill;
 
+/// From the run's own exit watcher: SIGKILL the group and the tree; with
+/// `reaping`, no group signal is sent any more afterwards (the CLI is about
+/// to be reaped and its group id freed).
+#[derive(Message)]
+#[rtype(result = "()")]
+struct KillGroup {
+    reaping: bool,
+}
+
 /// Answer a permission request (from the RunRegistry).
 #[derive(Message)]
 #[rtype(result = "()")]
@@ -82,12 +116,15 @@ pub struct ProviderRun {
     turn: Option<Turn>,
     registry: Addr<RunRegistry>,
     child_env: Vec<(OsString, OsString)>,
-    /// Process group id (= the child's pid) once spawned.
+    /// Process group id (= the child's pid) once spawned; `None` once the
+    /// child is reaped (the id may then belong to someone else).
     pgid: Option<i32>,
-    /// Descendants seen so far. Some CLIs (Gemini, OpenCode) start tools in
-    /// their own process group, which a group signal misses; they are found
-    /// by walking /proc from the child before it is signalled.
-    tree: HashSet<i32>,
+    /// The child's pidfd.
+    leader: Option<OwnedFd>,
+    /// Descendants seen so far, by pidfd. Some CLIs (Gemini, OpenCode) start
+    /// tools in their own process group, which a group signal misses; they
+    /// are found by walking /proc from the child before it is signalled.
+    tree: HashMap<i32, OwnedFd>,
     stdin: Option<mpsc::Sender<StdinCmd>>,
     /// Set once RunExited was sent, so Drop does not report twice.
     reported: bool,
@@ -113,7 +150,8 @@ impl ProviderRun {
             registry,
             child_env,
             pgid: None,
-            tree: HashSet::new(),
+            leader: None,
+            tree: HashMap::new(),
             stdin: None,
             reported: false,
             aborting: false,
@@ -141,22 +179,52 @@ impl ProviderRun {
         });
     }
 
-    /// Signals the process group and every descendant found so far (and their groups).
+    /// Opens pidfds for processes of the run not tracked yet: descendants
+    /// of the CLI, and members of its session (orphans the CLI left behind
+    /// keep the session id after they were reparented).
+    fn track_descendants(&mut self) {
+        let Some(sid) = self.pgid else {
+            return;
+        };
+        let all = crate::procfs::all();
+        let in_session: Vec<i32> = all
+            .iter()
+            .filter(|p| p.session == sid && p.pid != sid && !p.zombie)
+            .map(|p| p.pid)
+            .collect();
+        for pid in descendants_in(&all, sid).into_iter().chain(in_session) {
+            if self.tree.len() >= MAX_TRACKED || self.tree.contains_key(&pid) {
+                continue;
+            }
+            let ours = |ppid: i32| ppid == sid || self.tree.contains_key(&ppid);
+            let fd = crate::pidfd::open(pid).ok().filter(|_| {
+                // Still the process the walk saw (its pid was not reused).
+                crate::procfs::stat(pid)
+                    .is_some_and(|p| !p.zombie && (p.session == sid || ours(p.ppid)))
+            });
+            if let Some(fd) = fd {
+                self.tree.insert(pid, fd);
+            }
+        }
+    }
+
+    /// Signals the CLI, its process group and every descendant found so far.
     fn signal_group(&mut self, signal: i32) {
         let Some(pgid) = self.pgid else {
             return;
         };
-        self.tree.extend(descendants(pgid));
-        // SAFETY: kill/killpg have no memory-safety preconditions; ESRCH (gone) is fine.
+        self.track_descendants();
+        if let Some(leader) = &self.leader {
+            let _ = crate::pidfd::signal(leader, signal);
+        }
+        // The child is not reaped yet (pgid is cleared before it is), so no
+        // other process can have this group id.
+        // SAFETY: killpg has no memory-safety preconditions; ESRCH (gone) is fine.
         unsafe {
             libc::killpg(pgid, signal);
-            for pid in &self.tree {
-                libc::kill(*pid, signal);
-                let group = libc::getpgid(*pid);
-                if group > 1 && group != pgid && group != libc::getpgrp() {
-                    libc::killpg(group, signal);
-                }
-            }
+        }
+        for fd in self.tree.values() {
+            let _ = crate::pidfd::signal(fd, signal);
         }
     }
 
@@ -199,9 +267,28 @@ impl Actor for ProviderRun {
             })
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
-            // Own process group: abort and exit kill everything the CLI started.
-            .process_group(0)
             .kill_on_drop(true);
+        let gateway = std::process::id() as i32;
+        // SAFETY: only async-signal-safe calls between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                // A gateway that dies without its shutdown (SIGKILL, crash)
+                // takes the CLI with it instead of leaving it editing files.
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                // Own session (so also own process group): abort and exit
+                // kill the group and every process left in the session,
+                // whatever group a tool moved to, and the CLI gets no
+                // controlling terminal of the gateway's.
+                if libc::setsid() < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                if libc::getppid() != gateway {
+                    // The gateway died before the line above: do not run.
+                    return Err(std::io::Error::other("gateway gone"));
+                }
+                Ok(())
+            });
+        }
         let mut child = match cmd.spawn() {
             Ok(child) => child,
             Err(err) => {
@@ -222,6 +309,8 @@ impl Actor for ProviderRun {
             }
         };
         self.pgid = child.id().and_then(|pid| i32::try_from(pid).ok());
+        // Our unreaped child: its pid cannot have been reused yet.
+        self.leader = self.pgid.and_then(|pid| crate::pidfd::open(pid).ok());
         tracing::info!(actor = "ProviderRun", session_id = %self.session_id, run_id = %self.run_id, pid = ?self.pgid, program = %spec.program.display(), "actor started");
 
         if let Some(mut stdin) = child.stdin.take() {
@@ -270,21 +359,52 @@ impl Actor for ProviderRun {
             keep_stdin_open: spec.keep_stdin_open,
             idle_timeout: self.idle_limit.or(spec.idle_timeout),
         };
-        let pgid = self.pgid;
+        let exit_fd = self.leader.as_ref().and_then(|fd| fd.try_clone().ok());
+        let me = ctx.address();
         ctx.spawn(
             async move {
-                let outcome = reader.run(stdout, &mut parser).await;
-                if outcome == ReadOutcome::IdleTimeout {
-                    if let Some(pgid) = pgid {
-                        // SAFETY: see signal_group.
-                        unsafe {
-                            libc::killpg(pgid, libc::SIGKILL);
+                let mut stuck = false;
+                let outcome = {
+                    let read = reader.run(stdout, &mut parser);
+                    tokio::pin!(read);
+                    tokio::select! {
+                        outcome = &mut read => outcome,
+                        () = exited(exit_fd.as_ref()) => {
+                            // The CLI is gone; a descendant may still hold stdout.
+                            match tokio::time::timeout(EXIT_GRACE, &mut read).await {
+                                Ok(outcome) => outcome,
+                                Err(_) => {
+                                    let _ = me.send(KillGroup { reaping: false }).await;
+                                    read.await
+                                }
+                            }
                         }
                     }
+                };
+                if outcome == ReadOutcome::IdleTimeout {
+                    let _ = me.send(KillGroup { reaping: false }).await;
                 }
-                let status = child.wait().await;
+                // Stdout ended: the CLI gets a bounded time to exit.
+                if !exited_within(exit_fd.as_ref(), EXIT_GRACE).await {
+                    stuck = outcome == ReadOutcome::Eof;
+                    let _ = me.send(KillGroup { reaping: false }).await;
+                    exited_within(exit_fd.as_ref(), KILL_WAIT).await;
+                }
+                // Exited and not reaped: its group id is still its own, so
+                // whatever it left running in the group goes with it now.
+                let _ = me.send(KillGroup { reaping: true }).await;
+                let status = match tokio::time::timeout(KILL_WAIT, child.wait()).await {
+                    Ok(status) => status,
+                    Err(_) => Err(std::io::Error::other("the provider did not exit after SIGKILL")),
+                };
                 let tail = match stderr_tail {
-                    Some(handle) => handle.await.unwrap_or_default(),
+                    Some(mut handle) => match tokio::time::timeout(STDERR_GRACE, &mut handle).await {
+                        Ok(tail) => tail.unwrap_or_default(),
+                        Err(_) => {
+                            handle.abort();
+                            String::new()
+                        }
+                    },
                     None => String::new(),
                 };
                 // Providers that end a turn with the process, or report
@@ -296,12 +416,10 @@ impl Actor for ProviderRun {
                 }
                 parser.exited(status.as_ref().ok().and_then(|s| s.code()), &mut events);
                 reader.flush(&mut events).await;
-                (outcome, status, tail)
+                (if stuck { ReadOutcome::Stuck } else { outcome }, status, tail)
             }
             .into_actor(self)
             .map(|(outcome, status, tail), act, ctx| {
-                // Whatever the CLI left running in its group goes with it.
-                act.signal_group(libc::SIGKILL);
                 let (code, signal) = match &status {
                     Ok(s) => {
                         use std::os::unix::process::ExitStatusExt;
@@ -312,6 +430,10 @@ impl Actor for ProviderRun {
                 let error = match outcome {
                     ReadOutcome::IdleTimeout => Some(format!(
                         "{} produced no output for too long and was stopped",
+                        act.provider.kind()
+                    )),
+                    ReadOutcome::Stuck => Some(format!(
+                        "{} closed its output but did not exit, and was stopped",
                         act.provider.kind()
                     )),
                     ReadOutcome::Eof => {
@@ -363,9 +485,7 @@ impl Handler<Abort> for ProviderRun {
         }
         self.aborting = true;
         // Before the CLI can exit and orphan its tools, remember them.
-        if let Some(pgid) = self.pgid {
-            self.tree.extend(descendants(pgid));
-        }
+        self.track_descendants();
         if let Some(bytes) = self.provider.interrupt() {
             self.write_stdin(StdinCmd::Write(bytes), ctx);
         }
@@ -390,6 +510,17 @@ impl Handler<Kill> for ProviderRun {
     }
 }
 
+impl Handler<KillGroup> for ProviderRun {
+    type Result = ();
+
+    fn handle(&mut self, msg: KillGroup, _: &mut Context<Self>) {
+        self.signal_group(libc::SIGKILL);
+        if msg.reaping {
+            self.pgid = None;
+        }
+    }
+}
+
 impl Handler<AnswerPermission> for ProviderRun {
     type Result = ();
 
@@ -408,6 +539,20 @@ impl Handler<AnswerPermission> for ProviderRun {
 enum ReadOutcome {
     Eof,
     IdleTimeout,
+    /// Stdout ended but the CLI did not exit within [`EXIT_GRACE`].
+    Stuck,
+}
+
+/// The CLI's exit (or never, without a pidfd: the callers' bounds apply).
+async fn exited(fd: Option<&OwnedFd>) {
+    match fd {
+        Some(fd) => crate::pidfd::exited(fd).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn exited_within(fd: Option<&OwnedFd>, limit: Duration) -> bool {
+    tokio::time::timeout(limit, exited(fd)).await.is_ok()
 }
 
 /// The stdout loop: read lines, parse in batches, hand batches to the registry.
@@ -602,9 +747,15 @@ async fn read_stderr(stderr: impl AsyncRead + Unpin, run_id: String) -> String {
 }
 
 /// Every descendant of `root` (children, grandchildren, ...), from /proc.
+#[cfg(test)]
 fn descendants(root: i32) -> Vec<i32> {
+    descendants_in(&crate::procfs::all(), root)
+}
+
+/// Every descendant of `root` among `all`.
+fn descendants_in(all: &[crate::procfs::Stat], root: i32) -> Vec<i32> {
     let mut children: HashMap<i32, Vec<i32>> = HashMap::new();
-    for p in crate::procfs::all() {
+    for p in all {
         children.entry(p.ppid).or_default().push(p.pid);
     }
     let mut out = Vec::new();
