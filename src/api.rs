@@ -11,6 +11,8 @@ pub struct ApiError {
     pub status: StatusCode,
     pub code: &'static str,
     pub message: String,
+    /// Seconds for a `Retry-After` header (429, 503).
+    pub retry_after: Option<u64>,
 }
 
 impl ApiError {
@@ -19,7 +21,22 @@ impl ApiError {
             status,
             code,
             message: message.into(),
+            retry_after: None,
         }
+    }
+
+    pub fn retry_after(mut self, secs: u64) -> Self {
+        self.retry_after = Some(secs);
+        self
+    }
+
+    /// The status, with `Retry-After` when set.
+    fn response_builder(&self) -> actix_web::HttpResponseBuilder {
+        let mut res = HttpResponse::build(self.status);
+        if let Some(secs) = self.retry_after {
+            res.insert_header((actix_web::http::header::RETRY_AFTER, secs.to_string()));
+        }
+        res
     }
 
     pub fn unauthorized(message: impl Into<String>) -> Self {
@@ -56,7 +73,7 @@ impl ResponseError for ApiError {
     }
 
     fn error_response(&self) -> HttpResponse {
-        HttpResponse::build(self.status).json(serde_json::json!({
+        self.response_builder().json(serde_json::json!({
             "success": false,
             "error": {"code": self.code, "message": self.message},
         }))
@@ -100,7 +117,7 @@ impl ResponseError for AuthError {
     }
 
     fn error_response(&self) -> HttpResponse {
-        HttpResponse::build(self.0.status).json(serde_json::json!({
+        self.0.response_builder().json(serde_json::json!({
             "success": false,
             "error": self.0.message,
             "code": self.0.code,

@@ -27,6 +27,10 @@ pub enum Command {
     Token {
         #[arg(long)]
         user: String,
+        /// Instead: revoke every token issued to the user so far (their live
+        /// sockets are closed with 1008); prints nothing on stdout.
+        #[arg(long)]
+        revoke: bool,
     },
     /// Apply the embedded database migrations and exit.
     Migrate,
@@ -96,6 +100,26 @@ pub struct ServeArgs {
     /// A pending tool permission is denied after this many seconds.
     #[arg(long, env = "AGENTGATE_PERMISSION_TIMEOUT_SECS", default_value = "300", value_parser = clap::value_parser!(u64).range(1..))]
     pub permission_timeout_secs: u64,
+    /// Browser origins (scheme://host[:port], comma-separated) allowed to open
+    /// sockets and make state-changing calls besides the gateway's own; `*` allows any.
+    #[arg(long, env = "AGENTGATE_ALLOWED_ORIGINS", value_delimiter = ',')]
+    pub allowed_origins: Vec<String>,
+    /// Host names (comma-separated) accepted besides loopback ones while
+    /// listening on a loopback address (the DNS-rebinding rule).
+    #[arg(long, env = "AGENTGATE_ALLOWED_HOSTS", value_delimiter = ',')]
+    pub allowed_hosts: Vec<String>,
+    /// Password hashes (login, register; ~19 MiB each) run at once; beyond it: 503.
+    #[arg(long, env = "AGENTGATE_MAX_CONCURRENT_HASHES", default_value = "4", value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_concurrent_hashes: u32,
+    /// Failed logins per username within --login-window-secs before 429.
+    #[arg(long, env = "AGENTGATE_LOGIN_FAILURES_PER_USER", default_value = "5", value_parser = clap::value_parser!(u32).range(1..))]
+    pub login_failures_per_user: u32,
+    /// Failed logins per client address (IPv6: per /64) within the window before 429.
+    #[arg(long, env = "AGENTGATE_LOGIN_FAILURES_PER_ADDRESS", default_value = "20", value_parser = clap::value_parser!(u32).range(1..))]
+    pub login_failures_per_address: u32,
+    /// The sliding window of the failed-login limits.
+    #[arg(long, env = "AGENTGATE_LOGIN_WINDOW_SECS", default_value = "300", value_parser = clap::value_parser!(u64).range(1..))]
+    pub login_window_secs: u64,
     /// PEM certificate chain (leaf first): serve HTTPS and wss:// instead of plain HTTP.
     #[arg(long, env = "AGENTGATE_TLS_CERT", requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,

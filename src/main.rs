@@ -9,6 +9,10 @@
 //! - [`db`]: SQLite through diesel, off the actor threads.
 //! - [`tls`]: the rustls configuration of `--tls-cert` / `--tls-key`.
 //! - [`web_ui`]: the built web UI served after the API, and `web-ui install`.
+//! - [`guard`]: the middleware before every route: Host and Origin rules,
+//!   authentication (the public routes are listed there), the `Authed` extractor.
+//! - [`throttle`]: the `LoginThrottle` actor (failed logins per user and address).
+//! - [`files`]: data dir 0700, secret/database/WAL 0600 at every start.
 //! - the actors live in the `agentgate-actors` crate (`actors/`): RunRegistry,
 //!   ProviderRun, ChatSocket, the shell and plugin actors.
 //!
@@ -22,14 +26,16 @@ mod api;
 mod auth;
 mod config;
 mod db;
+mod files;
+mod guard;
 mod plugins_api;
 mod routes;
 mod server;
 mod state;
+mod throttle;
 mod tls;
 mod web_ui;
 
-use std::path::Path;
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -66,15 +72,6 @@ fn init_logging(format: LogFormat) {
     }));
 }
 
-/// Creates the data directory (mode 0700: it holds the JWT secret and the database).
-pub fn ensure_data_dir(dir: &Path) -> std::io::Result<()> {
-    use std::os::unix::fs::DirBuilderExt;
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.common.log_format);
@@ -82,7 +79,7 @@ fn main() -> ExitCode {
         Command::Serve(args) => {
             actix_web::rt::System::new().block_on(server::serve(cli.common, *args))
         }
-        Command::Token { user } => token(&cli.common, &user),
+        Command::Token { user, revoke } => token(&cli.common, &user, revoke),
         Command::Migrate => migrate(&cli.common),
         Command::WebUi(WebUiCommand::Install { version }) => {
             web_ui::install::install(&cli.common.data_dir(), &version).map(|dir| {
@@ -103,18 +100,32 @@ fn main() -> ExitCode {
     }
 }
 
-fn token(common: &config::Common, user: &str) -> std::io::Result<()> {
+fn token(common: &config::Common, user: &str, revoke: bool) -> std::io::Result<()> {
     let user = user.trim();
     if user.is_empty() {
         return Err(std::io::Error::other("--user must not be empty"));
     }
     let data_dir = common.data_dir();
-    ensure_data_dir(&data_dir)?;
-    let db = db::Db::open(&common.database_url()).map_err(std::io::Error::other)?;
-    let keys = auth::Keys::load(&data_dir)?;
+    let db = files::open_private(common)?;
     let mut conn = db.conn().map_err(std::io::Error::other)?;
+    if revoke {
+        let row = db::revoke_tokens(&mut conn, user)
+            .map_err(std::io::Error::other)?
+            .ok_or_else(|| std::io::Error::other(format!("no user named {user}")))?;
+        // A running gateway notices within a second and closes the user's sockets.
+        eprintln!(
+            "revoked every earlier token of {} (token version {})",
+            row.username, row.token_version
+        );
+        return Ok(());
+    }
+    let keys = auth::Keys::load(&data_dir)?;
+    files::check_secret_file(&data_dir);
     let row = db::ensure_user(&mut conn, user).map_err(std::io::Error::other)?;
-    println!("{}", keys.issue(i64::from(row.id), &row.username));
+    println!(
+        "{}",
+        keys.issue(i64::from(row.id), &row.username, row.token_version)
+    );
     Ok(())
 }
 
@@ -135,8 +146,7 @@ fn user_add(common: &config::Common, name: &str) -> std::io::Result<()> {
             routes::MAX_CREDENTIAL_LEN
         )));
     }
-    ensure_data_dir(&common.data_dir())?;
-    let db = db::Db::open(&common.database_url()).map_err(std::io::Error::other)?;
+    let db = files::open_private(common)?;
     let hash = auth::hash_password(&password).map_err(std::io::Error::other)?;
     let mut conn = db.conn().map_err(std::io::Error::other)?;
     match db::add_user(&mut conn, name, &hash).map_err(std::io::Error::other)? {
@@ -175,9 +185,8 @@ fn read_password(prompt: &str) -> std::io::Result<String> {
 }
 
 fn migrate(common: &config::Common) -> std::io::Result<()> {
-    ensure_data_dir(&common.data_dir())?;
     // Db::open applies pending migrations; report how many were left.
-    let db = db::Db::open(&common.database_url()).map_err(std::io::Error::other)?;
+    let db = files::open_private(common)?;
     let pending = db.migrate().map_err(std::io::Error::other)?;
     eprintln!("migrations up to date ({pending} pending after open)");
     Ok(())

@@ -1,4 +1,5 @@
-//! Plugin REST routes (envelope of PROTOCOL.md section 2), all authenticated:
+//! Plugin REST routes (envelope of PROTOCOL.md section 2), all authenticated
+//! (by the request guard; handlers take the user with [`Authed`]):
 //!
 //! | route | answer |
 //! |---|---|
@@ -9,13 +10,14 @@
 //! The handlers only translate: the `PluginRegistry` actor owns the state.
 
 use actix_web::http::StatusCode;
-use actix_web::{web, HttpRequest, HttpResponse};
+use actix_web::{web, HttpResponse};
 use agentgate_actors::plugin::{
     valid_name, ListPlugins, PluginError, PluginStatus, StartPlugin, StopPlugin,
 };
 use serde_json::json;
 
 use crate::api::{self, ApiError};
+use crate::guard::Authed;
 use crate::state::AppState;
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
@@ -24,8 +26,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .route("/api/plugins/{name}/stop", web::post().to(stop));
 }
 
-async fn list(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
-    state.authenticate(&req).await?;
+async fn list(_user: Authed, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     let plugins = state
         .plugins
         .send(ListPlugins)
@@ -35,11 +36,10 @@ async fn list(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpRespon
 }
 
 async fn start(
-    req: HttpRequest,
+    Authed(user): Authed,
     state: web::Data<AppState>,
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    let user = state.authenticate(&req).await?;
     let name = checked_name(path.into_inner())?;
     tracing::info!(plugin = %name, user = %user.username, "plugin start requested");
     let answer = state.plugins.send(StartPlugin { name }).await;
@@ -47,11 +47,10 @@ async fn start(
 }
 
 async fn stop(
-    req: HttpRequest,
+    Authed(user): Authed,
     state: web::Data<AppState>,
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    let user = state.authenticate(&req).await?;
     let name = checked_name(path.into_inner())?;
     tracing::info!(plugin = %name, user = %user.username, "plugin stop requested");
     let answer = state.plugins.send(StopPlugin { name }).await;

@@ -1,7 +1,9 @@
 //! HTTP routes and WebSocket upgrades (PROTOCOL.md sections 2 and 3).
 //!
-//! Every upgrade authenticates first: a refused token answers 401 and
-//! nothing is spawned. Unknown paths answer 404 without upgrading.
+//! The request guard (`guard.rs`) runs before every handler here: Host and
+//! Origin rules, then authentication for every route not listed public, so a
+//! refused token answers 401 and nothing is spawned. Handlers take the user
+//! with the [`Authed`] extractor. Unknown paths answer 404 without upgrading.
 
 use actix_web::http::StatusCode;
 use actix_web::{web, HttpRequest, HttpResponse};
@@ -17,7 +19,9 @@ use serde_json::json;
 use crate::api::{self, ApiError, AuthError};
 use crate::auth;
 use crate::db;
+use crate::guard::{Authed, Identity};
 use crate::state::AppState;
+use crate::throttle::{CheckLogin, LoginFailed, LoginSucceeded};
 
 /// Longest accepted username and password (bytes).
 pub const MAX_CREDENTIAL_LEN: usize = 256;
@@ -110,7 +114,9 @@ impl Credentials {
 /// The reference's login answer: `token` and `user` at the top level (the web
 /// UI reads them there), repeated under `data` for envelope clients.
 fn token_answer(state: &AppState, user: &db::User) -> serde_json::Value {
-    let token = state.keys.issue(i64::from(user.id), &user.username);
+    let token = state
+        .keys
+        .issue(i64::from(user.id), &user.username, user.token_version);
     let user = json!({"id": user.id, "username": user.username});
     json!({
         "success": true,
@@ -120,15 +126,44 @@ fn token_answer(state: &AppState, user: &db::User) -> serde_json::Value {
     })
 }
 
+fn registration_closed() -> ApiError {
+    ApiError::new(
+        StatusCode::FORBIDDEN,
+        "REGISTRATION_CLOSED",
+        "A user already exists; log in instead",
+    )
+}
+
+/// A permit to run one password hash now, or 503 at once (never a queue).
+fn hash_permit(state: &AppState) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
+    state.hashes.clone().try_acquire_owned().map_err(|_| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "SERVER_BUSY",
+            "Too many logins at once; try again in a second",
+        )
+        .retry_after(1)
+    })
+}
+
 async fn register(
     state: web::Data<AppState>,
     body: web::Json<Credentials>,
 ) -> Result<HttpResponse, AuthError> {
     body.validate()?;
+    // Closed registration costs no hash: checked first (and again, atomically, on insert).
+    let db = state.db.clone();
+    if web::block(move || db.conn().and_then(|mut c| db::user_count(&mut c))).await?? > 0 {
+        return Err(registration_closed().into());
+    }
+    let permit = hash_permit(&state)?;
     let password = body.password.clone();
-    let hash = web::block(move || auth::hash_password(&password))
-        .await?
-        .map_err(ApiError::internal)?;
+    let hash = web::block(move || {
+        let _permit = permit;
+        auth::hash_password(&password)
+    })
+    .await?
+    .map_err(ApiError::internal)?;
     let db = state.db.clone();
     let name = body.username.trim().to_string();
     let user = web::block(move || {
@@ -136,42 +171,69 @@ async fn register(
             .and_then(|mut c| db::register_first_user(&mut c, &name, &hash))
     })
     .await??
-    .ok_or_else(|| {
-        ApiError::new(
-            StatusCode::FORBIDDEN,
-            "REGISTRATION_CLOSED",
-            "A user already exists; log in instead",
-        )
-    })?;
+    .ok_or_else(registration_closed)?;
     tracing::info!(user = %user.username, "registered first user");
     Ok(HttpResponse::Created().json(token_answer(&state, &user)))
 }
 
+/// Login, in this order so that refusals cost nothing: body checks, the
+/// failed-login throttle (429 + `Retry-After`), a hash permit (503), then
+/// the password check, which hashes against a dummy for unknown users so the
+/// answer's timing does not tell which usernames exist.
 async fn login(
+    req: HttpRequest,
     state: web::Data<AppState>,
     body: web::Json<Credentials>,
 ) -> Result<HttpResponse, AuthError> {
     body.validate()?;
-    let db = state.db.clone();
     let name = body.username.trim().to_string();
+    let addr = req.peer_addr().map(|a| a.ip());
+    let check = CheckLogin {
+        username: name.clone(),
+        addr,
+    };
+    if let Err(wait) = state
+        .throttle
+        .send(check)
+        .await
+        .map_err(ApiError::internal)?
+    {
+        let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
+        tracing::warn!(user = %name, ?addr, retry_after = secs, "login throttled");
+        return Err(ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "TOO_MANY_ATTEMPTS",
+            format!("Too many failed logins; try again in {secs} s"),
+        )
+        .retry_after(secs)
+        .into());
+    }
+    let permit = hash_permit(&state)?;
+    let db = state.db.clone();
+    let lookup = name.clone();
     let password = body.password.clone();
     // Hashing runs on the blocking pool too: argon2 is deliberately slow.
     let user = web::block(move || -> Result<Option<db::User>, db::DbError> {
-        let user = db::user_by_name(&mut *db.conn()?, &name)?;
-        Ok(user.filter(|u| {
-            u.password_hash
-                .as_deref()
-                .is_some_and(|h| auth::verify_password(&password, h))
-        }))
+        let _permit = permit;
+        let user = db::user_by_name(&mut *db.conn()?, &lookup)?;
+        let hash = user.as_ref().and_then(|u| u.password_hash.as_deref());
+        let ok = auth::verify_password_timed(&password, hash);
+        Ok(user.filter(|_| ok))
     })
-    .await??
-    .ok_or_else(|| {
-        ApiError::new(
+    .await??;
+    let Some(user) = user else {
+        state.throttle.do_send(LoginFailed {
+            username: name,
+            addr,
+        });
+        return Err(ApiError::new(
             StatusCode::UNAUTHORIZED,
             "INVALID_CREDENTIALS",
             "Invalid username or password",
         )
-    })?;
+        .into());
+    };
+    state.throttle.do_send(LoginSucceeded { username: name });
     Ok(HttpResponse::Ok().json(token_answer(&state, &user)))
 }
 
@@ -183,30 +245,25 @@ async fn auth_status(state: web::Data<AppState>) -> Result<HttpResponse, AuthErr
 }
 
 /// `{user:{id,username}}` of the token; anything else signs the web UI out.
-async fn auth_user(
-    req: HttpRequest,
-    state: web::Data<AppState>,
-) -> Result<HttpResponse, AuthError> {
-    let user = state.authenticate(&req).await?;
+async fn auth_user(Authed(user): Authed) -> Result<HttpResponse, AuthError> {
     Ok(HttpResponse::Ok().json(json!({"user": {"id": user.id, "username": user.username}})))
 }
 
 /// A fresh token for the caller (the web UI refreshes at half the lifetime).
 async fn auth_refresh(
-    req: HttpRequest,
+    identity: Identity,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, AuthError> {
-    let user = state.authenticate(&req).await?;
-    let token = state.keys.issue(user.id, &user.username);
+    let user = &identity.user;
+    let token = state
+        .keys
+        .issue(user.id, &user.username, identity.token_version);
     Ok(HttpResponse::Ok().json(json!({"success": true, "token": token})))
 }
 
-/// Tokens are not revoked (as in the reference): logging out is the client forgetting it.
-async fn auth_logout(
-    req: HttpRequest,
-    state: web::Data<AppState>,
-) -> Result<HttpResponse, AuthError> {
-    state.authenticate(&req).await?;
+/// Tokens are not revoked (as in the reference): logging out is the client
+/// forgetting it (`agentgate token --revoke` revokes).
+async fn auth_logout(_user: Authed) -> Result<HttpResponse, AuthError> {
     Ok(HttpResponse::Ok().json(json!({"success": true, "message": "Logged out successfully"})))
 }
 
@@ -236,11 +293,10 @@ fn session_json(s: &db::Session) -> serde_json::Value {
 }
 
 async fn create_session(
-    req: HttpRequest,
+    Authed(user): Authed,
     state: web::Data<AppState>,
     body: web::Json<NewSession>,
 ) -> Result<HttpResponse, ApiError> {
-    let user = state.authenticate(&req).await?;
     let body = body.into_inner();
     let provider = body.provider.as_deref().map(str::trim).unwrap_or_default();
     let Ok(kind) = provider.parse::<ProviderKind>() else {
@@ -280,11 +336,10 @@ async fn create_session(
 }
 
 async fn get_session(
-    req: HttpRequest,
+    Authed(user): Authed,
     state: web::Data<AppState>,
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    let user = state.authenticate(&req).await?;
     let db = state.db.clone();
     let id = path.into_inner();
     let session = web::block(move || db.conn().and_then(|mut c| db::session_by_id(&mut c, &id)))
@@ -295,10 +350,9 @@ async fn get_session(
 }
 
 async fn running_sessions(
-    req: HttpRequest,
+    Authed(user): Authed,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
-    let user = state.authenticate(&req).await?;
     let sessions = state
         .registry
         .send(ListRunning { user_id: user.id })
@@ -308,11 +362,11 @@ async fn running_sessions(
 }
 
 async fn chat_ws(
+    Authed(user): Authed,
     req: HttpRequest,
     stream: web::Payload,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, actix_web::Error> {
-    let user = state.authenticate(&req).await?;
     let socket = ChatSocket::new(
         user,
         state.registry.clone(),
@@ -326,11 +380,11 @@ async fn chat_ws(
 }
 
 async fn shell_ws(
+    Authed(user): Authed,
     req: HttpRequest,
     stream: web::Payload,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, actix_web::Error> {
-    let user = state.authenticate(&req).await?;
     let deps = ShellDeps {
         hub: state.shells.clone(),
         store: state.store.clone(),
@@ -340,12 +394,12 @@ async fn shell_ws(
 }
 
 async fn plugin_ws(
+    Authed(_user): Authed,
     req: HttpRequest,
     stream: web::Payload,
     path: web::Path<String>,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, actix_web::Error> {
-    let _user = state.authenticate(&req).await?;
     // Name check (4400), port lookup (4404), then one PluginProxy actor per socket.
     agentgate_actors::plugin::start_proxy(
         &req,

@@ -23,9 +23,11 @@ use futures_util::FutureExt;
 
 use crate::auth::{redact_query, Keys};
 use crate::config::{Common, ServeArgs};
-use crate::db::{Db, DbStore};
+use crate::db::DbStore;
+use crate::guard::Policy;
 use crate::routes;
 use crate::state::AppState;
+use crate::throttle::LoginThrottle;
 use crate::web_ui::WebUi;
 
 /// How long the HTTP server waits for connections after the actors closed them.
@@ -56,11 +58,25 @@ pub fn gateway_config(common: &Common, args: &ServeArgs) -> GatewayConfig {
 
 pub async fn serve(common: Common, args: ServeArgs) -> std::io::Result<()> {
     let data_dir = common.data_dir();
-    crate::ensure_data_dir(&data_dir)?;
-    let db = Db::open(&common.database_url()).map_err(std::io::Error::other)?;
+    let policy = Policy::new(
+        args.listen.ip(),
+        args.tls_cert.is_some(),
+        &args.allowed_origins,
+        &args.allowed_hosts,
+    )
+    .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    if policy.allows_any_origin() {
+        tracing::warn!("--allowed-origins '*': any web page the user visits may open sockets and run commands here");
+    }
+    let db = crate::files::open_private(&common)?;
     let keys = Keys::load(&data_dir)?;
+    crate::files::check_secret_file(&data_dir);
     let config = Arc::new(gateway_config(&common, &args));
     let web_ui = web::Data::new(WebUi::resolve(args.web_dir.as_deref(), &data_dir)?);
+    // The dummy hash is computed now, so the first unknown-user login costs what any login costs.
+    web::block(|| crate::auth::dummy_hash().len())
+        .await
+        .map_err(std::io::Error::other)?;
 
     let store: Store = Arc::new(DbStore(db.clone()));
     // Provider runs parse stdout on their own thread, beside the registry's.
@@ -91,6 +107,16 @@ pub async fn serve(common: Common, args: ServeArgs) -> std::io::Result<()> {
         shells,
         plugins,
         watchdog,
+        policy,
+        hashes: Arc::new(tokio::sync::Semaphore::new(
+            args.max_concurrent_hashes as usize,
+        )),
+        throttle: LoginThrottle::new(
+            args.login_failures_per_user,
+            args.login_failures_per_address,
+            Duration::from_secs(args.login_window_secs),
+        )
+        .start(),
     });
 
     let app_state = state.clone();
@@ -100,6 +126,9 @@ pub async fn serve(common: Common, args: ServeArgs) -> std::io::Result<()> {
             .app_data(app_state.clone())
             .app_data(app_web_ui.clone())
             .app_data(routes::json_config())
+            // Host, Origin and authentication before any handler (guard.rs).
+            .wrap(actix_web::middleware::from_fn(crate::guard::guard))
+            // Outermost: refusals of the guard are logged too.
             .wrap_fn(|req, srv| {
                 // Our own access log: the query token never reaches a log line.
                 let method = req.method().clone();

@@ -16,6 +16,8 @@ use agentgate_actors::AuthUser;
 use crate::api::ApiError;
 use crate::auth::{request_token, Keys};
 use crate::db::{self, Db};
+use crate::guard::{Identity, Policy};
+use crate::throttle::LoginThrottle;
 
 pub struct AppState {
     pub config: Arc<GatewayConfig>,
@@ -33,6 +35,13 @@ pub struct AppState {
     pub plugins: Addr<PluginRegistry>,
     /// Cuts off WebSocket connections whose client stopped reading.
     pub watchdog: Addr<ConnWatchdog>,
+    /// Host and Origin rules (`--allowed-hosts`, `--allowed-origins`).
+    pub policy: Policy,
+    /// Password hashes (argon2, ~19 MiB each) allowed to run at once; beyond
+    /// it a login or register is refused at once (503), never queued.
+    pub hashes: Arc<tokio::sync::Semaphore>,
+    /// Failed-login counters per username and per client address.
+    pub throttle: Addr<LoginThrottle>,
 }
 
 impl AppState {
@@ -45,16 +54,21 @@ impl AppState {
         conn
     }
 
-    /// The user of a request, or 401. Runs before any upgrade or spawn.
-    pub async fn authenticate(&self, req: &HttpRequest) -> Result<AuthUser, ApiError> {
+    /// The user of a request (the request guard calls this for every private
+    /// route, before any upgrade or spawn): platform mode's first user, else
+    /// a valid token of an existing user that was not revoked since it was issued.
+    pub async fn authenticate_request(&self, req: &HttpRequest) -> Result<Identity, ApiError> {
         let db = self.db.clone();
         if self.platform {
             let user = web::block(move || db.conn().and_then(|mut c| db::first_user(&mut c)))
                 .await??
                 .ok_or_else(|| ApiError::unauthorized("Platform mode: no user exists yet"))?;
-            return Ok(AuthUser {
-                id: i64::from(user.id),
-                username: user.username,
+            return Ok(Identity {
+                token_version: user.token_version,
+                user: AuthUser {
+                    id: i64::from(user.id),
+                    username: user.username,
+                },
             });
         }
         let token = request_token(req).ok_or_else(|| ApiError::unauthorized("Missing token"))?;
@@ -68,9 +82,15 @@ impl AppState {
             .await??
             .filter(|u| u.username == claims.sub)
             .ok_or_else(|| ApiError::unauthorized("Unknown user"))?;
-        Ok(AuthUser {
-            id: i64::from(user.id),
-            username: user.username,
+        if claims.ver < user.token_version {
+            return Err(ApiError::unauthorized("Token revoked"));
+        }
+        Ok(Identity {
+            token_version: user.token_version,
+            user: AuthUser {
+                id: i64::from(user.id),
+                username: user.username,
+            },
         })
     }
 }

@@ -1,17 +1,25 @@
 //! Security and bad input (issue 12): TLS, Origin/Host checks, hardened auth,
 //! limits, hostile frames. Every test runs a real `agentgate serve`.
 
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use serde_json::json;
+use serde_json::{json, Value};
 
 use crate::support::tls::TestCa;
-use crate::util::{agentgate_bin, client_for, connect_ws_with, TestServer, WAIT};
+use crate::util::{agentgate_bin, children_of, client_for, connect_ws_with, TestServer, WAIT};
 
 /// Runs `agentgate serve` with `args` on a fresh data dir, expecting it to
 /// refuse to start; returns its stderr.
 fn serve_refuses(args: &[&std::ffi::OsStr]) -> String {
+    serve_refuses_with(args, &[])
+}
+
+fn serve_refuses_with(args: &[&std::ffi::OsStr], env: &[(&str, &str)]) -> String {
     let data = tempfile::tempdir().unwrap();
     let mut child = Command::new(agentgate_bin())
         .arg("serve")
@@ -21,6 +29,7 @@ fn serve_refuses(args: &[&std::ffi::OsStr]) -> String {
         .arg(data.path())
         .args(args)
         .env_remove("AGENTGATE_JWT_SECRET")
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -185,4 +194,530 @@ fn tls_misconfiguration_is_refused_at_start() {
         other.key_path.as_os_str(),
     ]);
     assert!(err.contains("rejected"), "{err}");
+}
+
+/// One raw HTTP/1.1 request (the test controls every header, `Host`
+/// included); returns the status and the body.
+fn raw(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)]) -> (u16, String) {
+    let mut stream = std::net::TcpStream::connect(addr).expect("connect");
+    stream.set_read_timeout(Some(WAIT)).unwrap();
+    let mut req = format!("{method} {path} HTTP/1.1\r\n");
+    if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("host")) {
+        req.push_str(&format!("Host: {addr}\r\n"));
+    }
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    let body = if method == "POST" { "{}" } else { "" };
+    if method == "POST" {
+        req.push_str("Content-Type: application/json\r\n");
+    }
+    if !headers
+        .iter()
+        .any(|(k, _)| k.eq_ignore_ascii_case("connection"))
+    {
+        req.push_str("Connection: close\r\n");
+    }
+    req.push_str(&format!("Content-Length: {}\r\n\r\n{body}", body.len()));
+    stream.write_all(req.as_bytes()).expect("write request");
+    let mut answer = Vec::new();
+    // An accepted upgrade keeps the connection open: read the head only.
+    let mut buf = [0u8; 4096];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => answer.extend_from_slice(&buf[..n]),
+            Err(e) => panic!("read answer of {method} {path}: {e}"),
+        }
+        let text = String::from_utf8_lossy(&answer);
+        if text.starts_with("HTTP/1.1 101") && text.contains("\r\n\r\n") {
+            break;
+        }
+    }
+    let text = String::from_utf8_lossy(&answer).into_owned();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status line in {text:?}"));
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// The headers of a WebSocket upgrade request.
+const UPGRADE: &[(&str, &str)] = &[
+    ("Upgrade", "websocket"),
+    ("Connection", "Upgrade"),
+    ("Sec-WebSocket-Version", "13"),
+    ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="),
+];
+
+fn with<'a>(base: &[(&'a str, &'a str)], more: &[(&'a str, &'a str)]) -> Vec<(&'a str, &'a str)> {
+    base.iter().chain(more).copied().collect()
+}
+
+fn code_of(body: &str) -> Value {
+    let v: Value = serde_json::from_str(body).unwrap_or(Value::Null);
+    if v["error"].is_object() {
+        v["error"]["code"].clone()
+    } else {
+        v["code"].clone()
+    }
+}
+
+/// Cross-site WebSocket hijacking, in platform mode above all (no token in
+/// the way): an upgrade or a POST from another page's origin is refused with
+/// 403 before anything is upgraded or spawned; the gateway's own origin, an
+/// allowed one, and clients without `Origin` get through.
+#[actix_rt::test]
+async fn foreign_origins_are_refused_before_anything_spawns() {
+    let server = TestServer::start_with(|cmd| {
+        cmd.arg("--platform")
+            .arg("--allowed-origins")
+            .arg("http://localhost:5173, https://ui.example");
+    });
+    let _ = server.token("owner");
+    let own = format!("http://{}", server.addr);
+    let project = crate::util::project_dir();
+    let evil = [("Origin", "http://evil.example")];
+    for path in ["/ws", "/shell", "/plugin-ws/echo"] {
+        for origin in [
+            "http://evil.example",
+            "null",
+            "https://127.0.0.1",
+            "http://localhost:5174",
+        ] {
+            let (status, body) = raw(
+                server.addr,
+                "GET",
+                path,
+                &with(UPGRADE, &[("Origin", origin)]),
+            );
+            assert_eq!(status, 403, "{origin} on {path}: {body}");
+            assert_eq!(code_of(&body), "ORIGIN_NOT_ALLOWED", "{body}");
+        }
+    }
+    let sessions = format!(
+        r#"{{"provider":"claude","projectPath":"{}"}}"#,
+        project.path().display()
+    );
+    let _ = sessions;
+    let (status, body) = raw(server.addr, "POST", "/api/providers/sessions", &evil);
+    assert_eq!((status, code_of(&body)), (403, json!("ORIGIN_NOT_ALLOWED")));
+    let (status, _) = raw(server.addr, "POST", "/api/auth/login", &evil);
+    assert_eq!(status, 403);
+    // Nothing was spawned by any of it: the gateway has no child process.
+    assert_eq!(children_of(server.pid()), Vec::<i32>::new());
+    // A GET that changes nothing may come from anywhere (the browser keeps the answer from the page).
+    let (status, _) = raw(server.addr, "GET", "/api/providers/sessions/running", &evil);
+    assert_eq!(status, 200);
+
+    // The gateway's own origin, the allowed ones, and no Origin at all: upgraded.
+    for origin in [own.as_str(), "http://localhost:5173", "https://ui.example"] {
+        let (status, body) = raw(
+            server.addr,
+            "GET",
+            "/ws",
+            &with(UPGRADE, &[("Origin", origin)]),
+        );
+        assert_eq!(status, 101, "{origin}: {body}");
+    }
+    let (status, _) = raw(server.addr, "GET", "/ws", UPGRADE);
+    assert_eq!(status, 101);
+    // And a real terminal from the own origin works.
+    let mut shell = crate::util::connect_ws_with(&server.client(), &server.ws_url("/shell"), None)
+        .await
+        .expect("upgrade");
+    shell
+        .send_json(
+            json!({"type": "init", "projectPath": project.path(), "isPlainShell": true,
+            "initialCommand": "echo origin-$((6*7))"}),
+        )
+        .await;
+    let mut seen = String::new();
+    while !seen.contains("origin-42") {
+        seen.push_str(shell.recv_json().await["data"].as_str().unwrap_or_default());
+    }
+}
+
+/// DNS rebinding: on a loopback listener, a Host that is not a loopback name
+/// is refused on every route, the public ones included, unless allowed.
+#[actix_rt::test]
+async fn a_rebound_host_name_is_refused_on_loopback() {
+    let server = TestServer::start_with(|cmd| {
+        cmd.arg("--platform")
+            .arg("--allowed-hosts")
+            .arg("devbox.internal");
+    });
+    let _ = server.token("owner");
+    let port = server.addr.port();
+    for host in [
+        format!("evil.example:{port}"),
+        format!("192.168.7.7:{port}"),
+        "localhost.evil.example".into(),
+    ] {
+        let (status, body) = raw(server.addr, "GET", "/health", &[("Host", &host)]);
+        assert_eq!(
+            (status, code_of(&body)),
+            (403, json!("HOST_NOT_ALLOWED")),
+            "{host}: {body}"
+        );
+        // Same-origin by its own Host, as a rebound page would be: still refused.
+        let origin = format!("http://{host}");
+        let (status, _) = raw(
+            server.addr,
+            "GET",
+            "/shell",
+            &with(UPGRADE, &[("Host", &host), ("Origin", &origin)]),
+        );
+        assert_eq!(status, 403, "{host}");
+    }
+    assert_eq!(children_of(server.pid()), Vec::<i32>::new());
+    for host in [
+        format!("localhost:{port}"),
+        format!("127.0.0.1:{port}"),
+        format!("[::1]:{port}"),
+        format!("devbox.internal:{port}"),
+    ] {
+        let (status, body) = raw(server.addr, "GET", "/health", &[("Host", &host)]);
+        assert_eq!(status, 200, "{host}: {body}");
+    }
+}
+
+/// Bad `--allowed-origins` / `--allowed-hosts` entries stop the start; `*` is allowed with a warning.
+#[actix_rt::test]
+async fn origin_flags_are_checked_at_start() {
+    let err = serve_refuses(&["--allowed-origins".as_ref(), "localhost:5173".as_ref()]);
+    assert!(err.contains("'localhost:5173'"), "{err}");
+    let err = serve_refuses_with(&[], &[("AGENTGATE_ALLOWED_HOSTS", "box:8080")]);
+    assert!(err.contains("'box:8080'"), "{err}");
+    let server = TestServer::start_with(|cmd| {
+        cmd.env("AGENTGATE_ALLOWED_ORIGINS", "*");
+    });
+    assert!(
+        server.logs().contains("--allowed-origins '*'"),
+        "{}",
+        server.logs()
+    );
+    let token = server.token("ann");
+    let (status, _) = raw(
+        server.addr,
+        "GET",
+        &format!("/ws?token={token}"),
+        &with(UPGRADE, &[("Origin", "http://anything.example")]),
+    );
+    assert_eq!(status, 101);
+}
+
+/// No route is public by omission: every private route answers 401 without
+/// a token, also when its path is percent-encoded; the public ones answer.
+#[actix_rt::test]
+async fn every_route_but_the_public_ones_needs_a_token() {
+    let server = TestServer::start();
+    for (method, path) in [
+        ("POST", "/api/providers/sessions"),
+        ("GET", "/api/providers/sessions/running"),
+        ("GET", "/api/providers/sessions/some-id"),
+        ("GET", "/api/plugins"),
+        ("POST", "/api/plugins/echo/start"),
+        ("POST", "/api/plugins/echo/stop"),
+        ("GET", "/ws"),
+        ("GET", "/shell"),
+        ("GET", "/plugin-ws/echo"),
+        ("GET", "/w%73"),
+        ("GET", "/%73hell"),
+        ("GET", "/api/providers/sessions/%72unning"),
+    ] {
+        let headers = if method == "GET" { UPGRADE } else { &[] };
+        let (status, body) = raw(server.addr, method, path, headers);
+        assert_eq!(status, 401, "{method} {path}: {body}");
+    }
+    assert_eq!(raw(server.addr, "GET", "/health", &[]).0, 200);
+    let (status, body) = raw(server.addr, "POST", "/api/auth/login", &[]);
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(raw(server.addr, "GET", "/no/such/route", &[]).0, 404);
+}
+
+async fn post_with_headers(
+    server: &TestServer,
+    path: &str,
+    body: Value,
+) -> (u16, Option<String>, Value) {
+    let mut res = server
+        .client()
+        .post(server.url(path))
+        .send_json(&body)
+        .await
+        .expect("POST");
+    let retry = res
+        .headers()
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let bytes = res.body().await.expect("body");
+    (
+        res.status().as_u16(),
+        retry,
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    )
+}
+
+fn error_code(body: &Value) -> Value {
+    if body["error"].is_object() {
+        body["error"]["code"].clone()
+    } else {
+        body["code"].clone()
+    }
+}
+
+/// A login flood: with one hash allowed at a time, the extra logins are
+/// refused at once with 503 + Retry-After (never queued), unknown usernames
+/// occupy a hash like known ones (the dummy hash: their timing is a real
+/// user's), and a closed registration answers 403 without needing a hash.
+#[actix_rt::test]
+async fn login_flood_is_bounded_and_registration_checks_first() {
+    let server = TestServer::start_with(|cmd| {
+        cmd.arg("--max-concurrent-hashes").arg("1");
+    });
+    let (status, _, body) = post_with_headers(
+        &server,
+        "/api/auth/register",
+        json!({"username": "ann", "password": "correct horse"}),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    let attempts = (0..16).map(|i| {
+        post_with_headers(
+            &server,
+            "/api/auth/login",
+            json!({"username": format!("nobody{i}"), "password": "guess"}),
+        )
+    });
+    let register = post_with_headers(
+        &server,
+        "/api/auth/register",
+        json!({"username": "mallory", "password": "x"}),
+    );
+    let (answers, register) = tokio::join!(futures_util::future::join_all(attempts), register);
+    let busy: Vec<_> = answers.iter().filter(|(s, _, _)| *s == 503).collect();
+    let refused = answers.iter().filter(|(s, _, _)| *s == 401).count();
+    assert_eq!(busy.len() + refused, answers.len(), "{answers:?}");
+    assert!(
+        !busy.is_empty(),
+        "no login was refused while the only hash slot was taken: {answers:?}"
+    );
+    assert!(refused >= 1, "{answers:?}");
+    for (_, retry, body) in &busy {
+        assert_eq!(retry.as_deref(), Some("1"));
+        assert_eq!(error_code(body), "SERVER_BUSY");
+    }
+    assert_eq!(
+        (register.0, error_code(&register.2)),
+        (403, json!("REGISTRATION_CLOSED"))
+    );
+    // The flood is over: ann logs in.
+    let (status, _, body) = post_with_headers(
+        &server,
+        "/api/auth/login",
+        json!({"username": "ann", "password": "correct horse"}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+}
+
+/// Failed logins are throttled per username and per client address: 429
+/// with Retry-After and a clear error, even for the right password, until the
+/// window has passed.
+#[actix_rt::test]
+async fn failed_logins_are_throttled_per_user_and_per_address() {
+    let server = TestServer::start_with(|cmd| {
+        cmd.args([
+            "--login-failures-per-user",
+            "3",
+            "--login-failures-per-address",
+            "5",
+        ])
+        .args(["--login-window-secs", "600"]);
+    });
+    let good = json!({"username": "ann", "password": "correct horse"});
+    assert_eq!(
+        post_with_headers(&server, "/api/auth/register", good.clone())
+            .await
+            .0,
+        201
+    );
+    let wrong = |user: &str| json!({"username": user, "password": "wrong"});
+    for _ in 0..3 {
+        assert_eq!(
+            post_with_headers(&server, "/api/auth/login", wrong("ann"))
+                .await
+                .0,
+            401
+        );
+    }
+    let (status, retry, body) = post_with_headers(&server, "/api/auth/login", good.clone()).await;
+    assert_eq!(
+        (status, error_code(&body)),
+        (429, json!("TOO_MANY_ATTEMPTS")),
+        "{body}"
+    );
+    let secs: u64 = retry.expect("Retry-After").parse().unwrap();
+    assert!((1..=600).contains(&secs), "{secs}");
+    let message = body["error"]["message"]
+        .as_str()
+        .or(body["error"].as_str())
+        .unwrap_or_default();
+    assert!(message.contains("try again in"), "{body}");
+    // Another username from the same address still has budget: 2 more failures...
+    for _ in 0..2 {
+        assert_eq!(
+            post_with_headers(&server, "/api/auth/login", wrong("bob"))
+                .await
+                .0,
+            401
+        );
+    }
+    // ...then the address is at its limit for every name.
+    let (status, retry, _) = post_with_headers(&server, "/api/auth/login", wrong("carol")).await;
+    assert_eq!(status, 429);
+    assert!(retry.is_some());
+}
+
+/// `AGENTGATE_JWT_SECRET` shorter than 32 bytes stops the start.
+#[test]
+fn a_short_jwt_secret_is_refused() {
+    let err = serve_refuses_with(&[], &[("AGENTGATE_JWT_SECRET", "hunter2")]);
+    assert!(
+        err.contains("AGENTGATE_JWT_SECRET is 7 bytes; at least 32"),
+        "{err}"
+    );
+}
+
+fn mode_of(path: &Path) -> u32 {
+    std::fs::metadata(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .permissions()
+        .mode()
+        & 0o777
+}
+
+/// At start the data dir is made 0700 and the secret, database and WAL files
+/// 0600 (with a warning when they were looser); a half-written secret file is
+/// replaced instead of being used.
+#[actix_rt::test]
+async fn private_files_are_made_private_at_start() {
+    // A fresh data dir: everything private from the first byte.
+    let server = TestServer::start();
+    let token = server.token("ann");
+    let dir = server.data_dir().to_path_buf();
+    assert_eq!(mode_of(&dir), 0o700);
+    for f in [
+        "jwt-secret",
+        "agentgate.db",
+        "agentgate.db-wal",
+        "agentgate.db-shm",
+    ] {
+        assert_eq!(mode_of(&dir.join(f)), 0o600, "{f}");
+    }
+    // Loosen everything, and leave a half-written secret behind.
+    let data = server.kill_keep_data();
+    std::fs::set_permissions(data.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    for f in ["agentgate.db", "agentgate.db-wal", "agentgate.db-shm"] {
+        let p = data.path().join(f);
+        if p.exists() {
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
+        }
+    }
+    let secret = data.path().join("jwt-secret");
+    std::fs::write(&secret, "3f9a").unwrap();
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let server = TestServer::start_in(data, |_| {});
+    let logs = server.logs();
+    assert!(logs.contains("readable by other users"), "{logs}");
+    assert!(logs.contains("JWT secret file is incomplete"), "{logs}");
+    assert_eq!(mode_of(server.data_dir()), 0o700);
+    for f in [
+        "jwt-secret",
+        "agentgate.db",
+        "agentgate.db-wal",
+        "agentgate.db-shm",
+    ] {
+        assert_eq!(mode_of(&server.data_dir().join(f)), 0o600, "{f}");
+    }
+    assert_eq!(
+        std::fs::read(server.data_dir().join("jwt-secret"))
+            .unwrap()
+            .len(),
+        96
+    );
+    // The secret changed, so the token of the old one is refused; a new one works.
+    let (status, _) = server
+        .get("/api/providers/sessions/running", Some(&token))
+        .await;
+    assert_eq!(status, 401);
+    let fresh = server.token("ann");
+    let (status, _) = server
+        .get("/api/providers/sessions/running", Some(&fresh))
+        .await;
+    assert_eq!(status, 200);
+}
+
+/// `agentgate token --revoke --user NAME`: every earlier token of the user is
+/// refused (REST and upgrades); tokens issued afterwards work; other users are untouched.
+#[actix_rt::test]
+async fn revoked_tokens_are_refused() {
+    let server = TestServer::start();
+    let old = server.token("ann");
+    let bobs = server.token("bob");
+    let out = Command::new(agentgate_bin())
+        .args(["token", "--revoke", "--user", "ann", "--data-dir"])
+        .arg(server.data_dir())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.stdout.is_empty());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("revoked"));
+    let (status, body) = server
+        .get("/api/providers/sessions/running", Some(&old))
+        .await;
+    assert_eq!(status, 401, "{body}");
+    assert_eq!(body["error"]["message"], "Token revoked");
+    assert_eq!(
+        server
+            .try_ws(&format!("/ws?token={old}"))
+            .await
+            .err()
+            .as_deref(),
+        Some("status 401")
+    );
+    assert_eq!(
+        server
+            .get("/api/providers/sessions/running", Some(&bobs))
+            .await
+            .0,
+        200
+    );
+    let new = server.token("ann");
+    assert_eq!(
+        server
+            .get("/api/providers/sessions/running", Some(&new))
+            .await
+            .0,
+        200
+    );
+    // An unknown user is an error, not a silent success.
+    let out = Command::new(agentgate_bin())
+        .args(["token", "--revoke", "--user", "nobody", "--data-dir"])
+        .arg(server.data_dir())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no user named nobody"));
 }

@@ -116,6 +116,8 @@ pub struct User {
     pub password_hash: Option<String>,
     #[allow(dead_code)] // selected with the row; kept for a future users listing
     pub created_at: String,
+    /// Tokens issued with an older version are revoked.
+    pub token_version: i32,
 }
 
 pub fn user_by_name(conn: &mut SqliteConnection, name: &str) -> Result<Option<User>, DbError> {
@@ -184,6 +186,35 @@ pub fn add_user(
         }
         create_user(conn, name, Some(password_hash)).map(Some)
     })
+}
+
+/// Revokes every token issued so far to `name`; the user with the new version,
+/// `None` if there is no such user.
+pub fn revoke_tokens(conn: &mut SqliteConnection, name: &str) -> Result<Option<User>, DbError> {
+    Ok(
+        diesel::update(users::table.filter(users::username.eq(name)))
+            .set(users::token_version.eq(users::token_version + 1))
+            .returning(User::as_returning())
+            .get_result(conn)
+            .optional()?,
+    )
+}
+
+/// Sets a user's password hash; earlier tokens are revoked with it.
+#[allow(dead_code)] // the password-changing commands and routes call it
+pub fn set_password(
+    conn: &mut SqliteConnection,
+    user_id: i32,
+    password_hash: &str,
+) -> Result<Option<User>, DbError> {
+    Ok(diesel::update(users::table.find(user_id))
+        .set((
+            users::password_hash.eq(password_hash),
+            users::token_version.eq(users::token_version + 1),
+        ))
+        .returning(User::as_returning())
+        .get_result(conn)
+        .optional()?)
 }
 
 /// Creates the first user; `None` when a user already exists (registration is closed).
@@ -356,6 +387,27 @@ mod tests {
         assert!(register_first_user(&mut conn, "b", "h").unwrap().is_none());
         assert_eq!(ensure_user(&mut conn, "b").unwrap().username, "b");
         assert_eq!(ensure_user(&mut conn, "b").unwrap().id, 2);
+    }
+
+    #[test]
+    fn revocation_and_password_change_bump_the_token_version() {
+        let (_dir, db) = temp_db();
+        let mut conn = db.conn().unwrap();
+        let user = ensure_user(&mut conn, "a").unwrap();
+        assert_eq!(user.token_version, 0);
+        assert_eq!(
+            revoke_tokens(&mut conn, "a")
+                .unwrap()
+                .unwrap()
+                .token_version,
+            1
+        );
+        assert!(revoke_tokens(&mut conn, "nobody").unwrap().is_none());
+        let changed = set_password(&mut conn, user.id, "h").unwrap().unwrap();
+        assert_eq!(
+            (changed.token_version, changed.password_hash.as_deref()),
+            (2, Some("h"))
+        );
     }
 
     #[test]

@@ -6,6 +6,7 @@ diesel::table! {
         username -> Text,
         password_hash -> Nullable<Text>,
         created_at -> Text,
+        token_version -> Integer,
     }
 }
 

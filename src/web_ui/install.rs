@@ -24,7 +24,7 @@ pub fn install(data_dir: &Path, version: &str) -> std::io::Result<PathBuf> {
             "invalid version '{version}' (expected e.g. 1.37.2)"
         )));
     }
-    crate::ensure_data_dir(data_dir)?;
+    crate::files::ensure_private_dir(data_dir)?;
     let target = data_dir.join(INSTALL_DIR);
     let staging = data_dir.join(format!("{INSTALL_DIR}.staging-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&staging);
