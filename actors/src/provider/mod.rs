@@ -82,9 +82,10 @@ impl FromStr for ProviderKind {
     }
 }
 
-/// Whether an id (a native session id, a model name) is safe to pass as a
-/// CLI argument value: the safe pattern `^[a-zA-Z0-9_.:-]+$`, not starting
-/// with `-`, at most 256 bytes.
+/// Whether an id (an app or native session id, a model name) is safe to
+/// pass as a CLI argument value: the safe pattern `^[a-zA-Z0-9_.:-]+$`, not
+/// starting with `-` (it would read as a flag), at most 256 bytes. The one
+/// id check: the registry, the adapters and `/shell` all use it.
 pub fn safe_id(id: &str) -> bool {
     !id.is_empty()
         && id.len() <= 256

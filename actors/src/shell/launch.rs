@@ -7,7 +7,8 @@
 //! in the reference). Provider CLIs run as `bash -c 'exec "$0" "$@"' BIN
 //! ARGS...`: the script is a constant and the binary and the resume id are
 //! separate argv entries, so no quoting can go wrong; the resume id comes
-//! from the session row and must also match [`is_safe_session_id`].
+//! from the session row and, like the client's session id, must pass
+//! [`safe_id`] (the one id check of the gateway).
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -17,7 +18,7 @@ use serde_json::Value;
 
 use super::TermSize;
 use crate::config::GatewayConfig;
-use crate::provider::ProviderKind;
+use crate::provider::{safe_id, ProviderKind};
 
 /// The constant script provider CLIs run under (arguments come from argv).
 const EXEC_ARGV_SCRIPT: &str = "exec \"$0\" \"$@\"";
@@ -149,18 +150,10 @@ impl InitRequest {
     /// The session id must match the safe pattern before anything starts.
     pub fn check_session_id(&self) -> Result<(), InitError> {
         match &self.session_id {
-            Some(id) if !is_safe_session_id(id) => Err(InitError::InvalidSessionId),
+            Some(id) if !safe_id(id) => Err(InitError::InvalidSessionId),
             _ => Ok(()),
         }
     }
-}
-
-/// `^[a-zA-Z0-9_.\-:]+$`
-pub fn is_safe_session_id(id: &str) -> bool {
-    !id.is_empty()
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-' | b':'))
 }
 
 /// Resolves the project path (relative to the gateway's working directory,
@@ -276,7 +269,7 @@ pub fn build_launch(
         }
         Mode::Provider(kind) => {
             let resume = resume_id.filter(|id| {
-                let ok = is_safe_session_id(id);
+                let ok = safe_id(id);
                 if !ok {
                     tracing::warn!(provider = %kind, "stored provider session id fails the safe pattern; starting without resume");
                 }
@@ -429,11 +422,14 @@ mod tests {
 
     #[test]
     fn session_id_must_match_the_safe_pattern() {
-        assert!(is_safe_session_id("abc-DEF_1.2:3"));
+        assert!(safe_id("abc-DEF_1.2:3"));
         for bad in ["", "a b", "a;rm -rf /", "$(id)", "a\"b", "é", "a/b"] {
-            assert!(!is_safe_session_id(bad), "{bad}");
+            assert!(!safe_id(bad), "{bad}");
         }
         let r = init(json!({"projectPath": "/p", "sessionId": "x;y"}));
+        assert_eq!(r.check_session_id(), Err(InitError::InvalidSessionId));
+        // One id check for the whole gateway: an id that reads as a flag is refused here too.
+        let r = init(json!({"projectPath": "/p", "sessionId": "--help"}));
         assert_eq!(r.check_session_id(), Err(InitError::InvalidSessionId));
     }
 
