@@ -13,8 +13,10 @@
 //! Everything else is plain data or functions: [`protocol`] (wire types),
 //! [`provider`] (the adapter trait and the adapters), [`store`] (the database
 //! seam the binary implements), [`config`], [`heartbeat`], [`watchdog`] (cuts
-//! off connections whose client stopped reading), [`procfs`] (finding
-//! the processes a kill must reach).
+//! off connections whose client stopped reading), [`kill`] (every signal
+//! sent to a child by pid or group, and how far each kind of child is
+//! chased) with [`pidfd`] (signals and exit waits that cannot hit a reused
+//! pid) and [`procfs`] (finding the processes a kill must reach).
 //!
 //! Invariants: only the RunRegistry assigns `seq`; each piece of mutable state
 //! has exactly one owning actor and others reach it with typed messages; every
@@ -24,6 +26,7 @@
 pub mod chat;
 pub mod config;
 pub mod heartbeat;
+pub mod kill;
 pub mod pidfd;
 pub mod plugin;
 pub mod procfs;

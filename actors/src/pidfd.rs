@@ -7,42 +7,26 @@
 //! exited, which is how a provider run waits (bounded) for its CLI.
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::time::Duration;
+
+use rustix::process::{pidfd_open, pidfd_send_signal, Pid, PidfdFlags, Signal};
 
 /// Opens a pidfd for `pid`. For our own unreaped child this is race-free;
 /// for another process the caller checks afterwards (in /proc) that it is
 /// still the process it meant.
 pub fn open(pid: i32) -> io::Result<OwnedFd> {
-    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: the kernel just returned this descriptor to us.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+    let pid = Pid::from_raw(pid)
+        .filter(|_| pid > 0)
+        .ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))?;
+    Ok(pidfd_open(pid, PidfdFlags::empty())?)
 }
 
 /// Sends `signal` to the process behind `fd`; `Ok` also when it is gone.
-pub fn signal(fd: &OwnedFd, signal: i32) -> io::Result<()> {
-    // SAFETY: pidfd_send_signal with a null siginfo is kill(2) on the pidfd.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_pidfd_send_signal,
-            fd.as_raw_fd(),
-            signal,
-            std::ptr::null::<libc::siginfo_t>(),
-            0,
-        )
-    };
-    if rc == 0 {
-        return Ok(());
-    }
-    let err = io::Error::last_os_error();
-    if err.raw_os_error() == Some(libc::ESRCH) {
-        Ok(())
-    } else {
-        Err(err)
+pub fn signal(fd: &OwnedFd, signal: Signal) -> io::Result<()> {
+    match pidfd_send_signal(fd, signal) {
+        Ok(()) | Err(rustix::io::Errno::SRCH) => Ok(()),
+        Err(err) => Err(err.into()),
     }
 }
 
@@ -84,10 +68,10 @@ mod tests {
             .unwrap();
         let fd = open(child.id() as i32).unwrap();
         assert!(!exited_within(&fd, Duration::from_millis(50)).await);
-        signal(&fd, libc::SIGKILL).unwrap();
+        signal(&fd, Signal::KILL).unwrap();
         assert!(exited_within(&fd, Duration::from_secs(10)).await);
         let _ = child.wait();
         // Reaped: the pid may be reused, the pidfd still means the dead process.
-        signal(&fd, libc::SIGKILL).unwrap();
+        signal(&fd, Signal::KILL).unwrap();
     }
 }

@@ -49,7 +49,12 @@ mod tests {
     fn reads_our_own_stat() {
         let me = stat(std::process::id() as i32).expect("own stat");
         assert_eq!(me.ppid, std::os::unix::process::parent_id() as i32);
-        assert_eq!(me.session, unsafe { libc::getsid(0) });
+        assert_eq!(
+            Some(me.session),
+            rustix::process::getsid(None)
+                .ok()
+                .map(|p| p.as_raw_nonzero().get())
+        );
         assert!(!me.zombie);
         assert!(all().iter().any(|s| s.pid == me.pid));
     }

@@ -37,11 +37,13 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use actix::prelude::*;
+use rustix::process::Pid;
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWriteExt, BufReader};
 use tokio::sync::mpsc;
 
 use crate::chat::run_registry::{RunEvents, RunExited, RunRegistry};
+use crate::kill::{self, Signal};
 use crate::protocol::PermissionDecision;
 use crate::provider::{LineParser, Provider, ProviderEvent, Turn};
 
@@ -192,7 +194,10 @@ impl ProviderRun {
             .filter(|p| p.session == sid && p.pid != sid && !p.zombie)
             .map(|p| p.pid)
             .collect();
-        for pid in descendants_in(&all, sid).into_iter().chain(in_session) {
+        for pid in kill::descendants_in(&all, sid)
+            .into_iter()
+            .chain(in_session)
+        {
             if self.tree.len() >= MAX_TRACKED || self.tree.contains_key(&pid) {
                 continue;
             }
@@ -209,7 +214,7 @@ impl ProviderRun {
     }
 
     /// Signals the CLI, its process group and every descendant found so far.
-    fn signal_group(&mut self, signal: i32) {
+    fn signal_group(&mut self, signal: Signal) {
         let Some(pgid) = self.pgid else {
             return;
         };
@@ -219,10 +224,7 @@ impl ProviderRun {
         }
         // The child is not reaped yet (pgid is cleared before it is), so no
         // other process can have this group id.
-        // SAFETY: killpg has no memory-safety preconditions; ESRCH (gone) is fine.
-        unsafe {
-            libc::killpg(pgid, signal);
-        }
+        kill::signal_group(pgid, signal);
         for fd in self.tree.values() {
             let _ = crate::pidfd::signal(fd, signal);
         }
@@ -274,15 +276,13 @@ impl Actor for ProviderRun {
             cmd.pre_exec(move || {
                 // A gateway that dies without its shutdown (SIGKILL, crash)
                 // takes the CLI with it instead of leaving it editing files.
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                let _ = rustix::process::set_parent_process_death_signal(Some(Signal::KILL));
                 // Own session (so also own process group): abort and exit
                 // kill the group and every process left in the session,
                 // whatever group a tool moved to, and the CLI gets no
                 // controlling terminal of the gateway's.
-                if libc::setsid() < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                if libc::getppid() != gateway {
+                rustix::process::setsid()?;
+                if rustix::process::getppid() != Pid::from_raw(gateway) {
                     // The gateway died before the line above: do not run.
                     return Err(std::io::Error::other("gateway gone"));
                 }
@@ -467,7 +467,7 @@ impl Drop for ProviderRun {
         // the run still gets its failed complete and its processes die.
         if !self.reported {
             tracing::error!(actor = "ProviderRun", session_id = %self.session_id, run_id = %self.run_id, reason = "actor died", "supervision: run actor crashed");
-            self.signal_group(libc::SIGKILL);
+            self.signal_group(Signal::KILL);
             self.report_exit(
                 None,
                 Some("The provider run crashed inside the gateway".into()),
@@ -492,11 +492,11 @@ impl Handler<Abort> for ProviderRun {
         self.write_stdin(StdinCmd::Close, ctx);
         if self.provider.interrupt().is_none() {
             // No interrupt protocol: terminate at once.
-            self.signal_group(libc::SIGTERM);
+            self.signal_group(Signal::TERM);
         }
         ctx.run_later(ABORT_GRACE, |act, ctx| {
-            act.signal_group(libc::SIGTERM);
-            ctx.run_later(KILL_GRACE, |act, _| act.signal_group(libc::SIGKILL));
+            act.signal_group(Signal::TERM);
+            ctx.run_later(KILL_GRACE, |act, _| act.signal_group(Signal::KILL));
         });
     }
 }
@@ -506,7 +506,7 @@ impl Handler<Kill> for ProviderRun {
 
     fn handle(&mut self, _: Kill, _: &mut Context<Self>) {
         self.aborting = true;
-        self.signal_group(libc::SIGKILL);
+        self.signal_group(Signal::KILL);
     }
 }
 
@@ -514,7 +514,7 @@ impl Handler<KillGroup> for ProviderRun {
     type Result = ();
 
     fn handle(&mut self, msg: KillGroup, _: &mut Context<Self>) {
-        self.signal_group(libc::SIGKILL);
+        self.signal_group(Signal::KILL);
         if msg.reaping {
             self.pgid = None;
         }
@@ -744,63 +744,4 @@ async fn read_stderr(stderr: impl AsyncRead + Unpin, run_id: String) -> String {
         }
     }
     tail
-}
-
-/// Every descendant of `root` (children, grandchildren, ...), from /proc.
-#[cfg(test)]
-fn descendants(root: i32) -> Vec<i32> {
-    descendants_in(&crate::procfs::all(), root)
-}
-
-/// Every descendant of `root` among `all`.
-fn descendants_in(all: &[crate::procfs::Stat], root: i32) -> Vec<i32> {
-    let mut children: HashMap<i32, Vec<i32>> = HashMap::new();
-    for p in all {
-        children.entry(p.ppid).or_default().push(p.pid);
-    }
-    let mut out = Vec::new();
-    let mut stack = vec![root];
-    while let Some(pid) = stack.pop() {
-        if let Some(kids) = children.get(&pid) {
-            for &kid in kids {
-                if !out.contains(&kid) {
-                    out.push(kid);
-                    stack.push(kid);
-                }
-            }
-        }
-    }
-    out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn descendants_finds_grandchildren_in_other_groups() {
-        // A shell whose child starts its own session (another group) with a sleep.
-        let mut child = std::process::Command::new("sh")
-            .arg("-c")
-            .arg("setsid sleep 30 & wait")
-            .spawn()
-            .unwrap();
-        let pid = child.id() as i32;
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        let found = loop {
-            let d = descendants(pid);
-            if !d.is_empty() {
-                break d;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "no descendant appeared"
-            );
-            std::thread::yield_now();
-        };
-        for p in &found {
-            unsafe { libc::kill(*p, libc::SIGKILL) };
-        }
-        let _ = child.wait();
-    }
 }

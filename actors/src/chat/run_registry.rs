@@ -1905,7 +1905,7 @@ mod tests {
             .parse()
             .unwrap();
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while unsafe { libc::kill(pid, 0) } == 0
+        while crate::kill::exists(pid)
             && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
                 .unwrap_or_default()
                 .contains(") Z")

@@ -35,6 +35,7 @@ use tokio::sync::oneshot;
 
 use super::manifest::PluginManifest;
 use super::{PluginState, PluginStatus};
+use crate::kill::{self, Signal};
 
 /// How long a new server has to print its ready line (PROTOCOL.md section 6).
 pub const READY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -246,7 +247,7 @@ impl PluginHost {
             command.pre_exec(|| {
                 // If the gateway dies without stopping it (SIGKILL, crash),
                 // the server gets SIGTERM instead of living on as an orphan.
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+                let _ = rustix::process::set_parent_process_death_signal(Some(Signal::TERM));
                 Ok(())
             });
         }
@@ -336,13 +337,13 @@ impl PluginHost {
     /// SIGTERM to the server's group now, SIGKILL after [`KILL_GRACE`] if
     /// this same process has not exited by then.
     fn terminate(&mut self, pid: u32, after: AfterExit, ctx: &mut Context<Self>) {
-        signal_group(pid, libc::SIGTERM);
+        signal_group(pid, Signal::TERM);
         self.state = HostState::Stopping { pid, after };
         let generation = self.generation;
         ctx.run_later(KILL_GRACE, move |act, _| {
             if act.generation == generation && matches!(act.state, HostState::Stopping { .. }) {
                 tracing::warn!(actor = "PluginHost", plugin = %act.manifest.name, pid, "plugin server ignored SIGTERM; sending SIGKILL");
-                signal_group(pid, libc::SIGKILL);
+                signal_group(pid, Signal::KILL);
             }
         });
     }
@@ -368,7 +369,7 @@ impl Actor for PluginHost {
 
     fn stopped(&mut self, _ctx: &mut Self::Context) {
         if let Some(pid) = self.live_pid() {
-            signal_group(pid, libc::SIGKILL);
+            signal_group(pid, Signal::KILL);
         }
         tracing::info!(actor = "PluginHost", plugin = %self.manifest.name, reason = "gateway exit", "actor stopped");
     }
@@ -547,13 +548,9 @@ pub fn parse_ready_line(line: &str) -> Option<u16> {
 /// Signals the process group led by `pid` (the server was spawned with
 /// `process_group(0)`, so its pgid is its pid). Only called for a process
 /// that has not been reaped, so the pid cannot have been reused.
-fn signal_group(pid: u32, signal: libc::c_int) {
-    let Ok(pgid) = libc::pid_t::try_from(pid) else {
-        return;
-    };
-    // SAFETY: kill(2) with a negative pid only sends a signal; no memory is involved.
-    unsafe {
-        libc::kill(-pgid, signal);
+fn signal_group(pid: u32, signal: Signal) {
+    if let Ok(pgid) = i32::try_from(pid) {
+        kill::signal_group(pgid, signal);
     }
 }
 

@@ -305,8 +305,7 @@ mod tests {
     }
 
     fn alive(pid: u32) -> bool {
-        // SAFETY: signal 0 only checks that the process exists.
-        unsafe { libc::kill(pid as libc::pid_t, 0) == 0 }
+        crate::kill::exists(pid as i32)
     }
 
     /// A server that announces a port (held open by the test) runs; killed,
@@ -336,8 +335,7 @@ mod tests {
             Some(port)
         );
 
-        // SAFETY: signalling the test's own child.
-        unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+        crate::kill::signal_process(pid as i32, crate::kill::Signal::KILL);
         let second = wait_for(&reg, "sleeper", |s| s.running && s.pid != Some(pid)).await;
         assert_eq!(second.restarts, 1);
         assert!(

@@ -9,7 +9,8 @@
 //! | [`ShellSocket`] | [`shell_socket`] | one `/shell` WebSocket connection: parses frames, runs `init`, forwards input and resizes, writes output and `auth_url` frames |
 //!
 //! Plain helpers: [`launch`] (init parsing, key, validation, command),
-//! [`url_detect`], [`utf8`], [`replay`], [`screen`], [`process`].
+//! [`url_detect`], [`utf8`], [`replay`], [`screen`]; the kill of a PTY's
+//! session is [`crate::kill::SessionGuard`].
 //!
 //! # Flow
 //!
@@ -29,7 +30,7 @@
 //!
 //! - A PTY's child, and every process in its session, dies with the
 //!   `PtySession` (exit, detach timeout, replacement, shutdown, or a panic:
-//!   [`process::SessionGuard`] kills on drop).
+//!   [`crate::kill::SessionGuard`] kills on drop).
 //! - Memory per PTY is bounded: replay buffer ([`replay::REPLAY_BUFFER_BYTES`]
 //!   by default), URL text buffer (32 KiB), screen (terminal size, itself
 //!   bounded by [`MAX_TERM_COLS`] x [`MAX_TERM_ROWS`]), input queue
@@ -44,7 +45,6 @@
 //!   starts its own PTY instead of attaching to someone else's terminal.
 
 pub mod launch;
-pub mod process;
 pub mod pty_hub;
 pub mod pty_session;
 pub mod replay;

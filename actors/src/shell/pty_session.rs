@@ -36,7 +36,7 @@
 //! child's whole session is killed first.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::process::ExitStatus;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -48,7 +48,6 @@ use pty_process::{OwnedReadPty, OwnedWritePty};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::launch::LaunchSpec;
-use super::process::SessionGuard;
 use super::replay::ReplayBuffer;
 use super::screen::Screen;
 use super::shell_socket::{PtyEnded, PtyOutput};
@@ -57,6 +56,7 @@ use super::utf8::Utf8Carry;
 use super::{
     exit_line, EndReason, ServerFrame, ShellLimits, SocketHandle, TermSize, RECONNECT_LINE,
 };
+use crate::kill::SessionGuard;
 
 /// Largest single PTY read.
 pub const READ_CHUNK_BYTES: usize = 64 * 1024;
@@ -573,17 +573,17 @@ impl PtySession {
         if self.finished {
             return;
         }
-        let ws = libc::winsize {
+        let ws = rustix::termios::Winsize {
             ws_row: size.rows,
             ws_col: size.cols,
             ws_xpixel: 0,
             ws_ypixel: 0,
         };
         // SAFETY: `fd` is the PTY master, open while this actor runs (see the
-        // field doc); TIOCSWINSZ reads a winsize we own for the call.
-        let rc = unsafe { libc::ioctl(self.fd, libc::TIOCSWINSZ, &ws) };
-        if rc != 0 {
-            tracing::debug!(actor = "PtySession", key = %self.key, "resize failed: {}", std::io::Error::last_os_error());
+        // field doc); the borrow ends with the call.
+        let master = unsafe { BorrowedFd::borrow_raw(self.fd) };
+        if let Err(err) = rustix::termios::tcsetwinsize(master, ws) {
+            tracing::debug!(actor = "PtySession", key = %self.key, "resize failed: {}", std::io::Error::from(err));
             return;
         }
         self.screen.resize(size);
@@ -1054,7 +1054,7 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         // SIGKILL is delivered asynchronously: the job may take a moment to die.
-        while !super::super::process::session_members(pid).is_empty() {
+        while !crate::kill::session_members(pid).is_empty() {
             assert!(Instant::now() < deadline, "background job survived");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
