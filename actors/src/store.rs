@@ -30,9 +30,22 @@ pub struct SessionRow {
     pub updated_at: String,
 }
 
+/// Why a store call failed.
 #[derive(Debug, thiserror::Error)]
-#[error("database error: {0}")]
-pub struct StoreError(pub String);
+pub enum StoreError {
+    /// The backend (the binary's database) failed.
+    #[error("database error: {0}")]
+    Backend(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// The blocking task running the call panicked or was cancelled.
+    #[error("database error: database task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
+}
+
+impl StoreError {
+    pub fn backend(err: impl std::error::Error + Send + Sync + 'static) -> Self {
+        StoreError::Backend(Box::new(err))
+    }
+}
 
 /// Session persistence the actors depend on.
 pub trait SessionStore: Send + Sync + 'static {
@@ -63,10 +76,7 @@ where
     F: FnOnce(&dyn SessionStore) -> Result<T, StoreError> + Send + 'static,
 {
     let store = store.clone();
-    match tokio::task::spawn_blocking(move || f(store.as_ref())).await {
-        Ok(result) => result,
-        Err(err) => Err(StoreError(format!("database task failed: {err}"))),
-    }
+    tokio::task::spawn_blocking(move || f(store.as_ref())).await?
 }
 
 /// Looks up a session the user may see: another user's session is "not found" (E3).

@@ -32,10 +32,16 @@ pub type Conn = PooledConnection<ConnectionManager<SqliteConnection>>;
 pub enum DbError {
     #[error("database: {0}")]
     Query(#[from] diesel::result::Error),
+    #[error("database pool: cannot open {path}: {source}")]
+    Open {
+        path: String,
+        #[source]
+        source: diesel::ConnectionError,
+    },
     #[error("database pool: {0}")]
-    Pool(String),
+    Pool(#[from] diesel::r2d2::PoolError),
     #[error("migrations: {0}")]
-    Migration(String),
+    Migration(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
 
 #[derive(Debug)]
@@ -70,8 +76,10 @@ impl Db {
         // WAL lets readers run beside the writer. Switched once, on one
         // connection: several pool connections switching at once on a new
         // file fail with "database is locked".
-        let mut first = SqliteConnection::establish(path)
-            .map_err(|e| DbError::Pool(format!("cannot open {path}: {e}")))?;
+        let mut first = SqliteConnection::establish(path).map_err(|source| DbError::Open {
+            path: path.to_string(),
+            source,
+        })?;
         first
             .batch_execute(&format!(
                 "PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}; PRAGMA journal_mode = WAL;"
@@ -83,8 +91,7 @@ impl Db {
             .max_size(POOL_SIZE)
             .connection_timeout(Duration::from_secs(10))
             .connection_customizer(Box::new(Pragmas))
-            .build(manager)
-            .map_err(|e| DbError::Pool(e.to_string()))?;
+            .build(manager)?;
         let db = Db { pool };
         db.migrate()?;
         Ok(db)
@@ -95,12 +102,12 @@ impl Db {
         let mut conn = self.conn()?;
         let applied = conn
             .run_pending_migrations(MIGRATIONS)
-            .map_err(|e| DbError::Migration(e.to_string()))?;
+            .map_err(DbError::Migration)?;
         Ok(applied.len())
     }
 
     pub fn conn(&self) -> Result<Conn, DbError> {
-        self.pool.get().map_err(|e| DbError::Pool(e.to_string()))
+        Ok(self.pool.get()?)
     }
 }
 
@@ -311,7 +318,7 @@ pub fn session_by_id(conn: &mut SqliteConnection, id: &str) -> Result<Option<Ses
 pub struct DbStore(pub Db);
 
 fn store_err(e: DbError) -> StoreError {
-    StoreError(e.to_string())
+    StoreError::backend(e)
 }
 
 impl SessionStore for DbStore {

@@ -43,12 +43,21 @@ pub struct LookupPty {
 /// Sent by a ShellSocket after validating an `init` with no live PTY:
 /// start one with `socket` attached.
 #[derive(Message, Debug)]
-#[rtype(result = "Result<Launched, String>")]
+#[rtype(result = "Result<Launched, LaunchError>")]
 pub struct LaunchPty {
     pub owner: i64,
     pub key: String,
     pub spec: LaunchSpec,
     pub socket: SocketHandle,
+}
+
+/// Why [`LaunchPty`] started nothing; the text is the client's `error` frame.
+#[derive(Debug, thiserror::Error)]
+pub enum LaunchError {
+    #[error("Gateway is shutting down")]
+    ShuttingDown,
+    #[error("Failed to start terminal: {0}")]
+    Spawn(#[source] std::io::Error),
 }
 
 #[derive(Debug)]
@@ -153,11 +162,11 @@ impl Handler<LookupPty> for PtyHub {
 }
 
 impl Handler<LaunchPty> for PtyHub {
-    type Result = Result<Launched, String>;
+    type Result = Result<Launched, LaunchError>;
 
     fn handle(&mut self, msg: LaunchPty, ctx: &mut Self::Context) -> Self::Result {
         if self.shutting_down {
-            return Err("Gateway is shutting down".to_string());
+            return Err(LaunchError::ShuttingDown);
         }
         let slot = (msg.owner, msg.key);
         if self.live(&slot).is_some() {
@@ -177,7 +186,7 @@ impl Handler<LaunchPty> for PtyHub {
         })
         .map_err(|err| {
             tracing::warn!(actor = "PtyHub", key = %slot.1, error = %err, "terminal failed to start");
-            format!("Failed to start terminal: {err}")
+            LaunchError::Spawn(err)
         })?;
         let addr = session.start();
         self.sessions.insert(slot, (id, addr.clone()));

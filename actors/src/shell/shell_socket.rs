@@ -34,7 +34,7 @@ use bytestring::ByteString;
 use serde_json::Value;
 
 use super::launch::{build_launch, check_project_dir, InitError, InitRequest, Mode};
-use super::pty_hub::{LaunchPty, Launched, LookupPty, PtyHub};
+use super::pty_hub::{LaunchError, LaunchPty, Launched, LookupPty, PtyHub};
 use super::pty_session::{
     AttachSocket, DetachSocket, InputRejected, PtySession, ResizePty, WriteInput,
     SOCKET_MAILBOX_CAPACITY,
@@ -230,7 +230,7 @@ impl ShellSocket {
                 act.attached = Some(attached);
                 act.initialized = true;
             }
-            Err(message) => Self::send_error(ctx, &message),
+            Err(err) => Self::send_error(ctx, &err.to_string()),
         }));
     }
 
@@ -279,24 +279,38 @@ impl ShellSocket {
     }
 }
 
+/// Why `init` attached to no PTY; the text is the client's `error` frame.
+#[derive(Debug, thiserror::Error)]
+enum OpenError {
+    #[error(transparent)]
+    Invalid(#[from] InitError),
+    #[error(transparent)]
+    Launch(#[from] LaunchError),
+    #[error("Terminal service unavailable")]
+    HubGone(#[from] MailboxError),
+    #[error("Could not load the session")]
+    SessionLookup(#[source] store::StoreError),
+    #[error("Terminal session is busy; try again")]
+    Busy,
+}
+
 /// The `init` sequence: reattach to the key's live PTY, or validate and
-/// launch a new one. Returns the attached PTY or the `error` frame text.
+/// launch a new one.
 async fn open_terminal(
     deps: ShellDeps,
     owner: i64,
     req: InitRequest,
     socket: SocketHandle,
-) -> Result<(u64, Addr<PtySession>), String> {
+) -> Result<(u64, Addr<PtySession>), OpenError> {
     let key = req.key();
     let mut replace = req.replaces_existing();
-    let hub_gone = |_| "Terminal service unavailable".to_string();
     for _ in 0..INIT_ATTEMPTS {
         let lookup = LookupPty {
             owner,
             key: key.clone(),
             replace,
         };
-        if let Some((id, pty)) = deps.hub.send(lookup).await.map_err(hub_gone)? {
+        if let Some((id, pty)) = deps.hub.send(lookup).await? {
             let attach = AttachSocket {
                 socket: socket.clone(),
                 size: req.size,
@@ -313,35 +327,33 @@ async fn open_terminal(
         let path = req.project_path.clone();
         let cwd = tokio::task::spawn_blocking(move || check_project_dir(&path))
             .await
-            .unwrap_or(Err(InitError::InvalidProjectPath))
-            .map_err(|e| e.to_string())?;
-        req.check_session_id().map_err(|e| e.to_string())?;
-        let mode = req.mode().map_err(|e| e.to_string())?;
+            .unwrap_or(Err(InitError::InvalidProjectPath))?;
+        req.check_session_id()?;
+        let mode = req.mode()?;
         let resume = match (mode, req.resume_lookup()) {
             (Mode::Provider(kind), Some(app_id)) => {
                 let row = store::owned_session(&deps.store, app_id, owner).await.map_err(|err| {
                     tracing::warn!(actor = "ShellSocket", error = %err, "session lookup failed");
-                    "Could not load the session".to_string()
+                    OpenError::SessionLookup(err)
                 })?;
                 row.filter(|r| r.provider == kind.as_str())
                     .and_then(|r| r.provider_session_id)
             }
             _ => None,
         };
-        let spec =
-            build_launch(&req, cwd, resume.as_deref(), &deps.config).map_err(|e| e.to_string())?;
+        let spec = build_launch(&req, cwd, resume.as_deref(), &deps.config)?;
         let launch = LaunchPty {
             owner,
             key: key.clone(),
             spec,
             socket: socket.clone(),
         };
-        match deps.hub.send(launch).await.map_err(hub_gone)?? {
+        match deps.hub.send(launch).await?? {
             Launched::Started(id, pty) => return Ok((id, pty)),
             Launched::Existing => continue,
         }
     }
-    Err("Terminal session is busy; try again".to_string())
+    Err(OpenError::Busy)
 }
 
 impl Actor for ShellSocket {
