@@ -80,7 +80,7 @@ struct Args {
     /// Events per run in chat-one (default 200,000; 50,000 with --quick).
     #[arg(long)]
     events: Option<usize>,
-    /// Directory holding agentgate, fake_claude and examples/echo_plugin
+    /// Directory holding agentgate, examples/fake_claude and examples/echo_plugin
     /// (default: the profile dir this tool was built into).
     #[arg(long)]
     bin_dir: Option<PathBuf>,

@@ -1,11 +1,13 @@
 //! The `/ws` chat protocol at the wire level, with the scripted stand-in
-//! CLI (`fake_claude`, see src/bin/fake_claude.rs) as the provider: the
+//! CLI (`fake_claude`, see examples/fake_claude.rs) as the provider: the
 //! reference registry's own test cases, plus crashes, hangs, garbage,
 //! fan-out, replay, permissions and idempotent sends.
 
 use serde_json::{json, Value};
 
-use crate::util::{children_of, eventually, pid_alive, project_dir, TestServer, WsClient};
+use crate::util::{
+    children_of, eventually, example_bin, pid_alive, project_dir, TestServer, WsClient,
+};
 
 fn fake_server() -> TestServer {
     fake_server_with(|_| {})
@@ -13,8 +15,7 @@ fn fake_server() -> TestServer {
 
 fn fake_server_with(f: impl FnOnce(&mut std::process::Command)) -> TestServer {
     TestServer::start_with(|cmd| {
-        cmd.arg("--claude-bin")
-            .arg(env!("CARGO_BIN_EXE_fake_claude"));
+        cmd.arg("--claude-bin").arg(example_bin("fake_claude"));
         f(cmd);
     })
 }
@@ -618,8 +619,7 @@ async fn seq_continues_after_a_restart() {
     assert_eq!(persisted, last);
     let data = server.kill_keep_data();
     let server = TestServer::start_in(data, |cmd| {
-        cmd.arg("--claude-bin")
-            .arg(env!("CARGO_BIN_EXE_fake_claude"));
+        cmd.arg("--claude-bin").arg(example_bin("fake_claude"));
     });
     let mut ws = server.ws(&format!("/ws?token={}", c.token)).await;
     ws.send_json(json!({"type":"chat.subscribe","sessions":[{"sessionId": c.session}]}))

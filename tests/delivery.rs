@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use crate::chat::{next_event, of_kind, send, seqs, until_complete};
-use crate::util::{eventually, project_dir, rss_kib, TestServer, WsEvent};
+use crate::util::{eventually, example_bin, project_dir, rss_kib, TestServer, WsEvent};
 
 /// Heartbeat for these tests: a stuck client is cut off after two of them.
 const HEARTBEAT_SECS: u64 = 1;
@@ -16,7 +16,7 @@ const HEARTBEAT_SECS: u64 = 1;
 fn server() -> TestServer {
     TestServer::start_with(|cmd| {
         cmd.arg("--claude-bin")
-            .arg(env!("CARGO_BIN_EXE_fake_claude"))
+            .arg(example_bin("fake_claude"))
             .arg("--heartbeat-secs")
             .arg(HEARTBEAT_SECS.to_string());
     })
@@ -307,7 +307,7 @@ async fn a_stuck_client_behind_tls_is_cut_off() {
     let leaf = ca.leaf(&["localhost", "127.0.0.1"]);
     let server = TestServer::start_tls(&ca, &leaf, |cmd| {
         cmd.arg("--claude-bin")
-            .arg(env!("CARGO_BIN_EXE_fake_claude"))
+            .arg(example_bin("fake_claude"))
             .arg("--heartbeat-secs")
             .arg(HEARTBEAT_SECS.to_string());
     });
@@ -383,7 +383,7 @@ fn procs_in(dir: &std::path::Path) -> Vec<i32> {
 fn server_with(f: impl FnOnce(&mut std::process::Command)) -> TestServer {
     TestServer::start_with(|cmd| {
         cmd.arg("--claude-bin")
-            .arg(env!("CARGO_BIN_EXE_fake_claude"))
+            .arg(example_bin("fake_claude"))
             .arg("--heartbeat-secs")
             .arg(HEARTBEAT_SECS.to_string());
         f(cmd);
@@ -535,8 +535,7 @@ async fn gateway_sigkill_mid_run_then_restart_continues_above_every_seq() {
     })
     .await;
     let server = TestServer::start_in(data, |cmd| {
-        cmd.arg("--claude-bin")
-            .arg(env!("CARGO_BIN_EXE_fake_claude"));
+        cmd.arg("--claude-bin").arg(example_bin("fake_claude"));
     });
     let mut ws = server.ws(&format!("/ws?token={token}")).await;
     send(&mut ws, &session, "text:2").await;

@@ -4,34 +4,16 @@
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::sync::OnceLock;
+use std::process::Command;
 use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use crate::util::{agentgate_bin, eventually, pid_alive, rss_kib, TestServer, WsEvent, WAIT};
+use crate::util::{eventually, example_bin, pid_alive, rss_kib, TestServer, WsEvent, WAIT};
 
-/// The `echo_plugin` example binary. `cargo test --test tests` builds the
-/// gateway binary but not examples, so this builds it once per test run
-/// (a no-op when it is fresh; cargo releases its lock while tests run).
+/// The `echo_plugin` example binary.
 fn echo_plugin_bin() -> &'static Path {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let profile_dir = Path::new(agentgate_bin()).parent().expect("target dir");
-        let mut cmd = Command::new(env!("CARGO"));
-        cmd.args(["build", "-q", "--example", "echo_plugin", "--manifest-path"])
-            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml"))
-            .stdin(Stdio::null());
-        if profile_dir.ends_with("release") {
-            cmd.arg("--release");
-        }
-        let status = cmd.status().expect("run cargo build --example echo_plugin");
-        assert!(status.success(), "building the echo_plugin example failed");
-        let bin = profile_dir.join("examples").join("echo_plugin");
-        assert!(bin.exists(), "{} missing after the build", bin.display());
-        bin
-    })
+    example_bin("echo_plugin")
 }
 
 fn plugin_dir(data: &Path, name: &str) -> PathBuf {

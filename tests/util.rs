@@ -26,6 +26,36 @@ pub fn agentgate_bin() -> &'static str {
     env!("CARGO_BIN_EXE_agentgate")
 }
 
+/// The binary of example `name` (a test program such as `fake_claude` or
+/// `echo_plugin`). `cargo test --test tests` builds the gateway binary but
+/// not examples, so this builds it once per test run and name (a no-op when
+/// it is fresh; cargo releases its lock while tests run).
+pub fn example_bin(name: &'static str) -> &'static Path {
+    static BINS: Mutex<Vec<(&str, &'static Path)>> = Mutex::new(Vec::new());
+    // A test that panicked while building poisons nothing worth keeping.
+    let mut bins = BINS.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, bin)) = bins.iter().find(|(n, _)| *n == name) {
+        return bin;
+    }
+    let profile_dir = Path::new(agentgate_bin()).parent().expect("target dir");
+    let mut cmd = Command::new(env!("CARGO"));
+    cmd.args(["build", "-q", "--example", name, "--manifest-path"])
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml"))
+        .stdin(Stdio::null());
+    if profile_dir.ends_with("release") {
+        cmd.arg("--release");
+    }
+    let status = cmd
+        .status()
+        .unwrap_or_else(|e| panic!("run cargo build --example {name}: {e}"));
+    assert!(status.success(), "building the {name} example failed");
+    let bin = profile_dir.join("examples").join(name);
+    assert!(bin.exists(), "{} missing after the build", bin.display());
+    let bin: &'static Path = Box::leak(bin.into_boxed_path());
+    bins.push((name, bin));
+    bin
+}
+
 /// A running gateway. Killed when dropped.
 pub struct TestServer {
     child: Child,

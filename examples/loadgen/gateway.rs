@@ -37,7 +37,7 @@ impl Bins {
     pub fn in_dir(dir: &Path) -> Bins {
         Bins {
             agentgate: dir.join("agentgate"),
-            fake_claude: dir.join("fake_claude"),
+            fake_claude: dir.join("examples").join("fake_claude"),
             echo_plugin: dir.join("examples").join("echo_plugin"),
         }
     }

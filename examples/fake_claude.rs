@@ -5,8 +5,11 @@
 //! the real CLI cannot be made to do on demand (crash, hang, garbage, a
 //! duplicate result), and the benchmarks use it as a full-speed provider.
 //!
-//! Run it with `--claude-bin target/release/fake_claude`. The prompt is a list
-//! of `key:value` words, e.g. `text:1000 size:64 ts`:
+//! A test program, so an example rather than a binary of the production
+//! package: `cargo build --example fake_claude`, then run the gateway with
+//! `--claude-bin target/debug/examples/fake_claude` (the tests build and
+//! locate it themselves, see `tests/util.rs`). The prompt is a list of
+//! `key:value` words, e.g. `text:1000 size:64 ts`:
 //!
 //! | word | effect |
 //! |---|---|
