@@ -36,11 +36,15 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 const HTTP_WORKERS: usize = 2;
 
 pub fn gateway_config(common: &Common, args: &ServeArgs) -> GatewayConfig {
-    let mut config = GatewayConfig::for_tests(common.data_dir());
-    config.heartbeat = Duration::from_secs(args.heartbeat_secs);
-    config.shell_detach = Duration::from_secs(args.shell_detach_secs);
-    config.permission_timeout = Duration::from_secs(args.permission_timeout_secs);
-    config.provider_idle = Duration::from_secs(args.provider_idle_secs);
+    let mut config = GatewayConfig {
+        heartbeat: Duration::from_secs(args.heartbeat_secs),
+        shell_detach: Duration::from_secs(args.shell_detach_secs),
+        permission_timeout: Duration::from_secs(args.permission_timeout_secs),
+        provider_idle: Duration::from_secs(args.provider_idle_secs),
+        provider_bins: Default::default(),
+        child_env: GatewayConfig::child_env_from_process(),
+        data_dir: common.data_dir(),
+    };
     let bins = [
         (ProviderKind::Claude, &args.claude_bin),
         (ProviderKind::Codex, &args.codex_bin),

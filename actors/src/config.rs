@@ -47,7 +47,9 @@ impl GatewayConfig {
             .collect()
     }
 
-    /// Defaults for tests and embedding.
+    /// The CLI's defaults, for the actors' unit tests (the binary builds its
+    /// config from its flags).
+    #[cfg(test)]
     pub fn for_tests(data_dir: PathBuf) -> Self {
         GatewayConfig {
             heartbeat: Duration::from_secs(30),
