@@ -32,6 +32,9 @@ use crate::web_ui::WebUi;
 
 /// How long the HTTP server waits for connections after the actors closed them.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+/// After the actors closed every socket, how long their close frames get to
+/// reach the clients before the HTTP server stops.
+const CLOSE_FRAME_FLUSH: Duration = Duration::from_millis(200);
 /// HTTP worker threads; the actors run on the system arbiter beside them.
 const HTTP_WORKERS: usize = 2;
 
@@ -222,8 +225,7 @@ async fn shutdown_actors(state: &AppState) {
     if state.shells.send(ShutdownPtys).await.is_err() {
         tracing::error!("terminal registry did not answer the shutdown");
     }
-    // Let the sockets flush their close frames before the server stops.
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    tokio::time::sleep(CLOSE_FRAME_FLUSH).await;
 }
 
 async fn wait_for_signal() {

@@ -45,6 +45,7 @@ use tokio::sync::mpsc;
 use crate::chat::run_registry::{RunEvents, RunExited, RunRegistry};
 use crate::kill::{self, Signal};
 use crate::protocol::PermissionDecision;
+use crate::provider::cli_support::{preview, STDERR_LINE_MAX};
 use crate::provider::{LineParser, Provider, ProviderEvent, Turn};
 
 /// After an interrupt, how long the CLI gets to exit by itself before SIGTERM.
@@ -731,9 +732,9 @@ async fn read_stderr(stderr: impl AsyncRead + Unpin, run_id: String) -> String {
     let mut lines = BufReader::new(stderr).lines();
     let mut tail = String::new();
     while let Ok(Some(line)) = lines.next_line().await {
-        let line: String = line.chars().take(2000).collect();
+        let line = preview(&line, STDERR_LINE_MAX);
         tracing::debug!(run_id = %run_id, stderr = %line, "provider stderr");
-        tail.push_str(&line);
+        tail.push_str(line);
         tail.push('\n');
         if tail.len() > STDERR_TAIL_BYTES {
             let cut = tail.len() - STDERR_TAIL_BYTES;

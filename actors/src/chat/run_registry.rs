@@ -110,6 +110,10 @@ pub const SEQ_BLOCK: u64 = 10_000;
 const SEQ_MARGIN: u64 = 1_000;
 /// How long a new run waits for the previous run's process to be gone.
 pub const PREVIOUS_RUN_EXIT_WAIT: Duration = Duration::from_secs(10);
+/// Messages queued for the registry. `ProviderRun`s deliver with
+/// `send().await`, so a full mailbox makes them wait (and so stop reading
+/// their CLI's stdout) instead of queueing more.
+pub const MAILBOX_CAPACITY: usize = 1024;
 /// Tools that always wait for the user, without a timeout.
 const INTERACTIVE_TOOLS: [&str; 2] = ["AskUserQuestion", "ExitPlanMode"];
 
@@ -1407,8 +1411,7 @@ impl Actor for RunRegistry {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
-        // Runs deliver with send().await; this bounds how many batches wait here.
-        ctx.set_mailbox_capacity(1024);
+        ctx.set_mailbox_capacity(MAILBOX_CAPACITY);
         // E6 ids live 10 minutes whatever happens to their session's state.
         ctx.run_interval(CLIENT_REQUEST_SWEEP, |act, _| {
             let now = Instant::now();
