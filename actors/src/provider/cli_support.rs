@@ -1,6 +1,7 @@
 //! Helpers shared by the JSON-lines adapters (Codex, Gemini, OpenCode,
 //! Cursor): tolerant line decoding, the text-stream state, permission-mode
-//! mapping, a bounded stderr tail and the hung-CLI timeout.
+//! mapping, a bounded stderr tail, how a turn ends ([`TurnEnd`]) and the
+//! hung-CLI timeout.
 
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -192,9 +193,48 @@ impl StderrTail {
     }
 }
 
-/// A process exit as a turn exit code: a signal (`None`) counts as failure.
-pub fn exit_code_or_failure(code: Option<i32>) -> i32 {
-    code.unwrap_or(1)
+/// How a JSON-lines turn ends, the same for every adapter: the assistant
+/// text stream, the stderr tail that explains a failed exit, and whether
+/// the turn has completed. It completes exactly once, whichever comes
+/// first: the CLI's result line, EOF, or the exit.
+#[derive(Debug, Default)]
+pub struct TurnEnd {
+    pub text: TextStream,
+    pub stderr: StderrTail,
+    pub ended: bool,
+}
+
+impl TurnEnd {
+    /// Closes the text stream and completes the turn (once).
+    pub fn complete(&mut self, out: &mut Vec<ProviderEvent>, exit_code: i32) {
+        self.text.end(out);
+        if !std::mem::replace(&mut self.ended, true) {
+            out.push(ProviderEvent::TurnComplete { exit_code });
+        }
+    }
+
+    /// Keeps a stderr line for the failure message, unless it contains one
+    /// of the CLI's known harmless `noise` lines.
+    pub fn stderr_line(&mut self, line: &str, noise: &[&str]) {
+        if !noise.iter().any(|n| line.contains(n)) {
+            self.stderr.push(line);
+        }
+    }
+
+    /// The exit code of a CLI that exited by itself while its turn was
+    /// open; `None` when the turn had completed or the CLI was killed (an
+    /// abort or the idle timeout: the registry reports those).
+    pub fn open_at_exit(&self, exit_code: Option<i32>) -> Option<i32> {
+        exit_code.filter(|_| !self.ended)
+    }
+
+    /// `"<cli> exited with code N"`, then `": "` and the stderr tail if any.
+    pub fn exit_message(&self, cli: &str, code: i32) -> String {
+        match self.stderr.text() {
+            Some(tail) => format!("{cli} exited with code {code}: {tail}"),
+            None => format!("{cli} exited with code {code}"),
+        }
+    }
 }
 
 /// A short id unique to one run, to make provider item ids (Codex numbers

@@ -30,8 +30,7 @@ use std::collections::HashSet;
 use serde_json::{json, Value};
 
 use super::cli_support::{
-    common_setup, emit, exit_code_or_failure, parse_json_line, run_nonce, str_field, value_text,
-    PermissionMode, StderrTail, TextStream,
+    common_setup, emit, parse_json_line, run_nonce, str_field, value_text, PermissionMode, TurnEnd,
 };
 use super::{CommandSpec, LineParser, Provider, ProviderEvent, ProviderKind, Turn};
 use crate::protocol::EventBody;
@@ -98,11 +97,9 @@ pub struct CodexParser {
     open_tools: HashSet<String>,
     /// Counter for `todo_list` snapshots (each is its own `tool_use`).
     todo_snapshots: u32,
-    text: TextStream,
+    turn: TurnEnd,
     /// The last `error` text sent, so `turn.failed` does not repeat it.
     last_error: Option<String>,
-    turn_ended: bool,
-    stderr: StderrTail,
 }
 
 impl CodexParser {
@@ -112,10 +109,8 @@ impl CodexParser {
             nonce: run_nonce(),
             open_tools: HashSet::new(),
             todo_snapshots: 0,
-            text: TextStream::default(),
+            turn: TurnEnd::default(),
             last_error: None,
-            turn_ended: false,
-            stderr: StderrTail::default(),
         }
     }
 
@@ -128,13 +123,6 @@ impl CodexParser {
         emit(out, EventBody::error(message));
     }
 
-    fn end_turn(&mut self, out: &mut Vec<ProviderEvent>, exit_code: i32) {
-        self.text.end(out);
-        if !std::mem::replace(&mut self.turn_ended, true) {
-            out.push(ProviderEvent::TurnComplete { exit_code });
-        }
-    }
-
     /// Emits the `tool_use` of an item once.
     fn tool_use(
         &mut self,
@@ -144,7 +132,7 @@ impl CodexParser {
         tool_input: Value,
     ) {
         if self.open_tools.insert(item_id.to_string()) {
-            self.text.end(out);
+            self.turn.text.end(out);
             emit(
                 out,
                 EventBody::ToolUse {
@@ -181,14 +169,14 @@ impl CodexParser {
                 // Codex sends whole messages on completion only.
                 if completed {
                     if let Some(text) = str_field(item, "text") {
-                        self.text.message(out, text);
+                        self.turn.text.message(out, text);
                     }
                 }
             }
             "reasoning" => {
                 if completed {
                     if let Some(text) = str_field(item, "text") {
-                        self.text.end(out);
+                        self.turn.text.end(out);
                         emit(
                             out,
                             EventBody::Thinking {
@@ -273,7 +261,7 @@ impl CodexParser {
                 self.todo_snapshots += 1;
                 let id = format!("{item_id}-{}", self.todo_snapshots);
                 let items = item.get("items").cloned().unwrap_or(json!([]));
-                self.text.end(out);
+                self.turn.text.end(out);
                 emit(
                     out,
                     EventBody::ToolUse {
@@ -340,11 +328,11 @@ impl LineParser for CodexParser {
                 }
             }
             "turn.completed" => {
-                self.text.end(out);
+                self.turn.text.end(out);
                 if let Some(usage) = event.get("usage").filter(|u| u.is_object()) {
                     emit(out, token_status(usage));
                 }
-                self.end_turn(out, 0);
+                self.turn.complete(out, 0);
             }
             "turn.failed" => {
                 let msg = event
@@ -352,11 +340,11 @@ impl LineParser for CodexParser {
                     .and_then(|e| str_field(e, "message"))
                     .unwrap_or("Codex turn failed")
                     .to_string();
-                self.text.end(out);
+                self.turn.text.end(out);
                 if self.last_error.as_deref() != Some(msg.as_str()) {
                     self.error(out, &msg);
                 }
-                self.end_turn(out, 1);
+                self.turn.complete(out, 1);
             }
             "error" => {
                 let msg = str_field(&event, "message").unwrap_or("Codex reported an error");
@@ -370,31 +358,22 @@ impl LineParser for CodexParser {
     }
 
     fn finish(&mut self, out: &mut Vec<ProviderEvent>) {
-        self.text.end(out);
+        self.turn.text.end(out);
     }
 
     fn stderr_line(&mut self, line: &str, _out: &mut Vec<ProviderEvent>) {
-        if !STDERR_NOISE.iter().any(|n| line.contains(n)) {
-            self.stderr.push(line);
-        }
+        self.turn.stderr_line(line, &STDERR_NOISE);
     }
 
     fn exited(&mut self, exit_code: Option<i32>, out: &mut Vec<ProviderEvent>) {
-        if self.turn_ended {
-            return;
-        }
-        let Some(code) = exit_code else {
-            // Killed (abort or timeout): the registry reports it.
+        let Some(code) = self.turn.open_at_exit(exit_code) else {
             return;
         };
         if code != 0 {
-            let msg = match self.stderr.text() {
-                Some(tail) => format!("codex exited with code {code}: {tail}"),
-                None => format!("codex exited with code {code}"),
-            };
+            let msg = self.turn.exit_message("codex", code);
             self.error(out, &msg);
         }
-        self.end_turn(out, exit_code_or_failure(exit_code));
+        self.turn.complete(out, code);
     }
 }
 

@@ -27,8 +27,7 @@
 use serde_json::{json, Value};
 
 use super::cli_support::{
-    common_setup, emit, parse_json_line, str_field, value_text, PermissionMode, StderrTail,
-    TextStream,
+    common_setup, emit, parse_json_line, str_field, value_text, PermissionMode, TurnEnd,
 };
 use super::{CommandSpec, LineParser, Provider, ProviderEvent, ProviderKind, Turn};
 use crate::protocol::EventBody;
@@ -83,13 +82,11 @@ pub struct CursorParser {
     /// The id the turn resumed; compared with the first `session_id` seen.
     known_id: Option<String>,
     id_checked: bool,
-    text: TextStream,
+    turn: TurnEnd,
     /// Thinking deltas not yet sent (bounded by `MAX_THINKING_BYTES`).
     thinking: String,
     /// Tool calls announced but not completed (entries leave on completion).
     open_tools: std::collections::HashSet<String>,
-    turn_ended: bool,
-    stderr: StderrTail,
 }
 
 impl CursorParser {
@@ -97,11 +94,9 @@ impl CursorParser {
         CursorParser {
             known_id,
             id_checked: false,
-            text: TextStream::default(),
+            turn: TurnEnd::default(),
             thinking: String::new(),
             open_tools: Default::default(),
-            turn_ended: false,
-            stderr: StderrTail::default(),
         }
     }
 
@@ -131,10 +126,7 @@ impl CursorParser {
 
     fn end_turn(&mut self, out: &mut Vec<ProviderEvent>, exit_code: i32) {
         self.flush_thinking(out);
-        self.text.end(out);
-        if !std::mem::replace(&mut self.turn_ended, true) {
-            out.push(ProviderEvent::TurnComplete { exit_code });
-        }
+        self.turn.complete(out, exit_code);
     }
 
     fn tool_call(&mut self, event: &Value, out: &mut Vec<ProviderEvent>) {
@@ -164,7 +156,7 @@ impl CursorParser {
             (tool_name(key), input)
         };
         if self.open_tools.insert(tool_id.clone()) {
-            self.text.end(out);
+            self.turn.text.end(out);
             emit(
                 out,
                 EventBody::ToolUse {
@@ -265,12 +257,12 @@ impl LineParser for CursorParser {
                 self.capture_session(&event, out);
                 let content = event.get("message").and_then(|m| m.get("content"));
                 match content {
-                    Some(Value::String(s)) => self.text.delta(out, s),
+                    Some(Value::String(s)) => self.turn.text.delta(out, s),
                     Some(Value::Array(blocks)) => {
                         for block in blocks {
                             if str_field(block, "type").unwrap_or("text") == "text" {
                                 if let Some(text) = str_field(block, "text") {
-                                    self.text.delta(out, text);
+                                    self.turn.text.delta(out, text);
                                 }
                             }
                         }
@@ -278,7 +270,7 @@ impl LineParser for CursorParser {
                     _ => {}
                 }
                 // Each line is a whole message between tool calls.
-                self.text.end(out);
+                self.turn.text.end(out);
             }
             "thinking" => {
                 if let Some(text) = event.get("text").and_then(Value::as_str) {
@@ -302,7 +294,7 @@ impl LineParser for CursorParser {
                     let msg = str_field(&event, "error")
                         .or_else(|| str_field(&event, "result"))
                         .unwrap_or("Cursor run failed");
-                    self.text.end(out);
+                    self.turn.text.end(out);
                     emit(out, EventBody::error(msg));
                     self.end_turn(out, 1);
                 }
@@ -315,22 +307,19 @@ impl LineParser for CursorParser {
 
     fn finish(&mut self, out: &mut Vec<ProviderEvent>) {
         self.flush_thinking(out);
-        self.text.end(out);
+        self.turn.text.end(out);
     }
 
     fn stderr_line(&mut self, line: &str, _out: &mut Vec<ProviderEvent>) {
-        self.stderr.push(line);
+        self.turn.stderr_line(line, &[]);
     }
 
     fn exited(&mut self, exit_code: Option<i32>, out: &mut Vec<ProviderEvent>) {
-        if self.turn_ended {
+        let Some(code) = self.turn.open_at_exit(exit_code) else {
             return;
-        }
-        let Some(code) = exit_code else {
-            return; // killed: the registry reports it
         };
         if code != 0 {
-            let msg = match self.stderr.text() {
+            let msg = match self.turn.stderr.text() {
                 Some(tail) => tail,
                 None => format!("cursor-agent exited with code {code}"),
             };

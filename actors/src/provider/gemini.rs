@@ -25,8 +25,7 @@
 use serde_json::{json, Value};
 
 use super::cli_support::{
-    common_setup, emit, exit_code_or_failure, parse_json_line, str_field, value_text,
-    PermissionMode, StderrTail, TextStream,
+    common_setup, emit, parse_json_line, str_field, value_text, PermissionMode, TurnEnd,
 };
 use super::{CommandSpec, LineParser, Provider, ProviderEvent, ProviderKind, Turn};
 use crate::protocol::EventBody;
@@ -84,25 +83,14 @@ impl Provider for Gemini {
 /// Parsing state of one Gemini turn.
 pub struct GeminiParser {
     known_id: Option<String>,
-    text: TextStream,
-    turn_ended: bool,
-    stderr: StderrTail,
+    turn: TurnEnd,
 }
 
 impl GeminiParser {
     pub fn new(known_id: Option<String>) -> Self {
         GeminiParser {
             known_id,
-            text: TextStream::default(),
-            turn_ended: false,
-            stderr: StderrTail::default(),
-        }
-    }
-
-    fn end_turn(&mut self, out: &mut Vec<ProviderEvent>, exit_code: i32) {
-        self.text.end(out);
-        if !std::mem::replace(&mut self.turn_ended, true) {
-            out.push(ProviderEvent::TurnComplete { exit_code });
+            turn: TurnEnd::default(),
         }
     }
 }
@@ -141,13 +129,13 @@ impl LineParser for GeminiParser {
                     return;
                 }
                 let content = event.get("content").and_then(Value::as_str).unwrap_or("");
-                self.text.delta(out, content);
+                self.turn.text.delta(out, content);
                 if event.get("delta").and_then(Value::as_bool) != Some(true) {
-                    self.text.end(out);
+                    self.turn.text.end(out);
                 }
             }
             "tool_use" => {
-                self.text.end(out);
+                self.turn.text.end(out);
                 emit(
                     out,
                     EventBody::ToolUse {
@@ -162,7 +150,7 @@ impl LineParser for GeminiParser {
                 );
             }
             "tool_result" => {
-                self.text.end(out);
+                self.turn.text.end(out);
                 let is_error = str_field(&event, "status") == Some("error");
                 let mut content = value_text(event.get("output"));
                 if content.is_empty() {
@@ -185,19 +173,19 @@ impl LineParser for GeminiParser {
                 emit(out, EventBody::error(msg));
             }
             "result" => {
-                self.text.end(out);
+                self.turn.text.end(out);
                 if let Some(stats) = event.get("stats").filter(|s| s.is_object()) {
                     emit(out, token_status(stats));
                 }
                 if str_field(&event, "status") == Some("success") {
-                    self.end_turn(out, 0);
+                    self.turn.complete(out, 0);
                 } else {
                     let msg = event
                         .get("error")
                         .and_then(|e| str_field(e, "message"))
                         .unwrap_or("Gemini turn failed");
                     emit(out, EventBody::error(msg));
-                    self.end_turn(out, 1);
+                    self.turn.complete(out, 1);
                 }
             }
             other => {
@@ -207,31 +195,26 @@ impl LineParser for GeminiParser {
     }
 
     fn finish(&mut self, out: &mut Vec<ProviderEvent>) {
-        self.text.end(out);
+        self.turn.text.end(out);
     }
 
     fn stderr_line(&mut self, line: &str, _out: &mut Vec<ProviderEvent>) {
-        if !STDERR_NOISE.iter().any(|n| line.contains(n)) {
-            self.stderr.push(line);
-        }
+        self.turn.stderr_line(line, &STDERR_NOISE);
     }
 
     fn exited(&mut self, exit_code: Option<i32>, out: &mut Vec<ProviderEvent>) {
-        if self.turn_ended {
+        let Some(code) = self.turn.open_at_exit(exit_code) else {
             return;
-        }
-        let Some(code) = exit_code else {
-            return; // killed: the registry reports it
         };
         if code != 0 {
             let mut msg = format!("gemini exited with code {code}: {}", exit_meaning(code));
-            if let Some(tail) = self.stderr.text() {
+            if let Some(tail) = self.turn.stderr.text() {
                 msg.push('\n');
                 msg.push_str(&tail);
             }
             emit(out, EventBody::error(msg));
         }
-        self.end_turn(out, exit_code_or_failure(exit_code));
+        self.turn.complete(out, code);
     }
 }
 

@@ -26,8 +26,7 @@
 use serde_json::{json, Value};
 
 use super::cli_support::{
-    common_setup, emit, parse_json_line, str_field, value_text, PermissionMode, StderrTail,
-    TextStream,
+    common_setup, emit, parse_json_line, str_field, value_text, PermissionMode, TurnEnd,
 };
 use super::{CommandSpec, LineParser, Provider, ProviderEvent, ProviderKind, Turn};
 use crate::protocol::EventBody;
@@ -90,13 +89,11 @@ pub struct OpencodeParser {
     /// (later lines repeat it and are not looked at again).
     known_id: Option<String>,
     id_checked: bool,
-    text: TextStream,
+    turn: TurnEnd,
     /// An `error` event was seen: the turn failed even if the exit is 0.
     saw_error: bool,
     /// `part.reason` of the last `step_finish` (`None` while a step runs).
     last_step_reason: Option<String>,
-    turn_ended: bool,
-    stderr: StderrTail,
 }
 
 impl OpencodeParser {
@@ -104,11 +101,9 @@ impl OpencodeParser {
         OpencodeParser {
             known_id,
             id_checked: false,
-            text: TextStream::default(),
+            turn: TurnEnd::default(),
             saw_error: false,
             last_step_reason: None,
-            turn_ended: false,
-            stderr: StderrTail::default(),
         }
     }
 }
@@ -164,12 +159,12 @@ impl LineParser for OpencodeParser {
                     return;
                 }
                 if let Some(text) = part_str(&event, "text") {
-                    self.text.message(out, text);
+                    self.turn.text.message(out, text);
                 }
             }
             "reasoning" => {
                 if let Some(text) = part_str(&event, "text") {
-                    self.text.end(out);
+                    self.turn.text.end(out);
                     emit(
                         out,
                         EventBody::Thinking {
@@ -179,7 +174,7 @@ impl LineParser for OpencodeParser {
                 }
             }
             "tool_use" => {
-                self.text.end(out);
+                self.turn.text.end(out);
                 let state = part_field(&event, "state").cloned().unwrap_or(json!({}));
                 let tool_id = part_str(&event, "callID")
                     .or_else(|| part_str(&event, "id"))
@@ -213,7 +208,7 @@ impl LineParser for OpencodeParser {
             }
             "step_start" => self.last_step_reason = None,
             "step_finish" => {
-                self.text.end(out);
+                self.turn.text.end(out);
                 self.last_step_reason =
                     Some(part_str(&event, "reason").unwrap_or("stop").to_string());
                 if let Some(tokens) = part_field(&event, "tokens").filter(|t| t.is_object()) {
@@ -221,7 +216,7 @@ impl LineParser for OpencodeParser {
                 }
             }
             "error" => {
-                self.text.end(out);
+                self.turn.text.end(out);
                 self.saw_error = true;
                 emit(out, EventBody::error(error_message(&event)));
             }
@@ -233,26 +228,25 @@ impl LineParser for OpencodeParser {
     }
 
     fn finish(&mut self, out: &mut Vec<ProviderEvent>) {
-        self.text.end(out);
+        self.turn.text.end(out);
         let final_step = self
             .last_step_reason
             .as_deref()
             .is_some_and(|r| r != "tool-calls");
-        if final_step && !self.saw_error && !self.turn_ended {
-            self.turn_ended = true;
-            out.push(ProviderEvent::TurnComplete { exit_code: 0 });
+        if final_step && !self.saw_error {
+            self.turn.complete(out, 0);
         }
     }
 
     fn stderr_line(&mut self, line: &str, _out: &mut Vec<ProviderEvent>) {
-        self.stderr.push(line);
+        self.turn.stderr_line(line, &[]);
     }
 
     fn exited(&mut self, exit_code: Option<i32>, out: &mut Vec<ProviderEvent>) {
-        if std::mem::replace(&mut self.turn_ended, true) {
+        if std::mem::replace(&mut self.turn.ended, true) {
             return;
         }
-        self.text.end(out);
+        self.turn.text.end(out);
         let Some(code) = exit_code else {
             return; // killed: the registry reports it
         };
@@ -261,11 +255,10 @@ impl LineParser for OpencodeParser {
             return;
         }
         if !self.saw_error {
-            let msg = match self.stderr.text() {
-                Some(tail) => format!("opencode exited with code {code}: {tail}"),
-                None => format!("opencode exited with code {code}"),
-            };
-            emit(out, EventBody::error(msg));
+            emit(
+                out,
+                EventBody::error(self.turn.exit_message("opencode", code)),
+            );
         }
         out.push(ProviderEvent::TurnComplete {
             exit_code: if code == 0 { 1 } else { code },
