@@ -1118,7 +1118,8 @@ impl RunRegistry {
                 .map(|b| b.seq.max(run.first_seq))
                 .filter(|o| *o <= state.last_seq)
                 .unwrap_or(state.last_seq + 1);
-            let wanted = (from + 1).max(run.first_seq);
+            // Saturating: lastSeq is any u64 a client sends.
+            let wanted = from.saturating_add(1).max(run.first_seq);
             subscribed_run = Some(SubscribedRun {
                 run_id: run.id.clone(),
                 run_first_seq: run.first_seq,
@@ -1850,15 +1851,17 @@ mod tests {
         }
     }
 
-    /// A panic inside one run (a parser bug) ends that run with an error and a
-    /// failed complete, kills its process, and leaves the registry serving.
-    #[actix_rt::test]
-    async fn a_panicking_run_never_takes_down_the_registry() {
+    /// A registry with the [`Buggy`] provider and one connected [`Sink`].
+    async fn registry_and_sink() -> (
+        Addr<RunRegistry>,
+        SocketId,
+        tokio::sync::mpsc::UnboundedReceiver<Value>,
+    ) {
         let config = Arc::new(GatewayConfig::for_tests(std::env::temp_dir()));
         let store: Store = Arc::new(MemStore(Mutex::new(HashMap::new())));
         let registry =
             RunRegistry::with_providers(config, store, Arbiter::current(), buggy).start();
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         let sink = Sink(tx).start();
         let socket = registry
             .send(Connect {
@@ -1868,7 +1871,11 @@ mod tests {
             })
             .await
             .unwrap();
-        let row = SessionRow {
+        (registry, socket, rx)
+    }
+
+    fn row() -> SessionRow {
+        SessionRow {
             id: "s1".into(),
             user_id: 1,
             provider: "claude".into(),
@@ -1880,16 +1887,27 @@ mod tests {
             seq_reserved: 0,
             created_at: String::new(),
             updated_at: String::new(),
-        };
-        let start = |content: &str| StartRun {
+        }
+    }
+
+    fn start_run(socket: SocketId, content: &str) -> StartRun {
+        StartRun {
             socket,
             user_id: 1,
-            session: row.clone(),
+            session: row(),
             content: content.into(),
             options: json!({}),
             client_request_id: None,
             cwd: std::env::temp_dir(),
-        };
+        }
+    }
+
+    /// A panic inside one run (a parser bug) ends that run with an error and a
+    /// failed complete, kills its process, and leaves the registry serving.
+    #[actix_rt::test]
+    async fn a_panicking_run_never_takes_down_the_registry() {
+        let (registry, socket, mut rx) = registry_and_sink().await;
+        let start = |content: &str| start_run(socket, content);
         let pidfile = std::env::temp_dir().join(format!("ag-panic-{}", std::process::id()));
         let script = format!("echo $$ > {}; echo PANIC; sleep 30", pidfile.display());
         registry.send(start(&script)).await.unwrap().unwrap();
@@ -1929,6 +1947,50 @@ mod tests {
         let events = until_complete(&mut rx).await;
         assert_eq!(events.last().unwrap()["success"], true);
         assert_eq!(events[0]["seq"], 3);
+    }
+
+    /// `lastSeq` is any u64 a client sends: the largest one overflowed
+    /// `lastSeq + 1` (a panic that killed the registry in debug builds).
+    #[actix_rt::test]
+    async fn the_largest_last_seq_is_answered_not_a_crash() {
+        let (registry, socket, mut rx) = registry_and_sink().await;
+        registry
+            .send(start_run(socket, "sleep 30"))
+            .await
+            .unwrap()
+            .unwrap();
+        // One event in the replay buffer, as a ProviderRun would report it.
+        let running = registry.send(ListRunning { user_id: 1 }).await.unwrap();
+        let text = EventBody::text(crate::protocol::Role::Assistant, "hi");
+        registry
+            .send(RunEvents {
+                session_id: "s1".into(),
+                run_id: running[0].run_id.clone(),
+                events: vec![ProviderEvent::Emit(text.into())],
+            })
+            .await
+            .unwrap();
+        assert_eq!(rx.recv().await.unwrap()["kind"], "text");
+        let subscribe = Subscribe {
+            socket,
+            session: row(),
+            last_seq: Some(u64::MAX),
+        };
+        registry.send(subscribe).await.unwrap();
+        let ack = rx.recv().await.unwrap();
+        assert_eq!(ack["kind"], "chat_subscribed");
+        assert_eq!(ack["replayTruncated"], false);
+        // Still serving.
+        let running = registry.send(ListRunning { user_id: 1 }).await.unwrap();
+        assert_eq!(running.len(), 1);
+        registry
+            .send(AbortRun {
+                user_id: 1,
+                session_id: "s1".into(),
+            })
+            .await
+            .unwrap()
+            .unwrap();
     }
 
     #[test]
