@@ -1993,6 +1993,91 @@ mod tests {
             .unwrap();
     }
 
+    /// Two subscribes in a row, then what the sink got: the second is
+    /// handled after anything the registry had due when the first was
+    /// answered (timers included).
+    async fn settle(
+        registry: &Addr<RunRegistry>,
+        socket: SocketId,
+        rx: &mut tokio::sync::mpsc::UnboundedReceiver<Value>,
+    ) -> Vec<Value> {
+        for _ in 0..2 {
+            let subscribe = Subscribe {
+                socket,
+                session: row(),
+                last_seq: Some(u64::MAX),
+            };
+            registry.send(subscribe).await.unwrap();
+        }
+        std::iter::from_fn(|| rx.try_recv().ok()).collect()
+    }
+
+    /// On paused time: a pending permission is still pending one
+    /// millisecond before `permission_timeout`, and cancelled with reason
+    /// `timeout` (and denied to the CLI) when it is reached. The subscribes
+    /// ask for replay after `lastSeq` u64::MAX, the largest a client can send.
+    #[actix_rt::test]
+    async fn a_pending_permission_times_out_exactly_at_the_timeout() {
+        let timeout = GatewayConfig::for_tests(std::env::temp_dir()).permission_timeout;
+        let (registry, socket, mut rx) = registry_and_sink().await;
+        registry
+            .send(start_run(socket, "sleep 30"))
+            .await
+            .unwrap()
+            .unwrap();
+        tokio::time::pause();
+        let running = registry.send(ListRunning { user_id: 1 }).await.unwrap();
+        // The CLI asks, as a ProviderRun would report it.
+        registry
+            .send(RunEvents {
+                session_id: "s1".into(),
+                run_id: running[0].run_id.clone(),
+                events: vec![ProviderEvent::PermissionRequested {
+                    provider_request_id: "p1".into(),
+                    tool_name: "Bash".into(),
+                    input: json!({"command": "ls"}),
+                    context: None,
+                }],
+            })
+            .await
+            .unwrap();
+        let request = rx.recv().await.unwrap();
+        assert_eq!(request["kind"], "permission_request");
+        let kinds = |frames: &[Value]| {
+            frames
+                .iter()
+                .map(|v| v["kind"].as_str().unwrap_or_default().to_string())
+                .collect::<Vec<_>>()
+        };
+
+        tokio::time::advance(timeout - Duration::from_millis(1)).await;
+        let frames = settle(&registry, socket, &mut rx).await;
+        assert_eq!(kinds(&frames), ["chat_subscribed", "chat_subscribed"]);
+        assert_eq!(
+            frames[1]["pendingPermissions"][0]["requestId"],
+            request["requestId"]
+        );
+
+        // Timers fire on the runtime's 1 ms ticks: "at" is within one tick.
+        tokio::time::advance(Duration::from_millis(2)).await;
+        let frames = settle(&registry, socket, &mut rx).await;
+        let cancelled = frames
+            .iter()
+            .find(|v| v["kind"] == "permission_cancelled")
+            .unwrap_or_else(|| panic!("not cancelled at the timeout: {frames:?}"));
+        assert_eq!(cancelled["requestId"], request["requestId"]);
+        assert_eq!(cancelled["reason"], "timeout");
+        assert_eq!(frames.last().unwrap()["pendingPermissions"], json!([]));
+        registry
+            .send(AbortRun {
+                user_id: 1,
+                session_id: "s1".into(),
+            })
+            .await
+            .unwrap()
+            .unwrap();
+    }
+
     #[test]
     fn remember_entry_patterns() {
         let input = json!({"command": "git log --oneline"});

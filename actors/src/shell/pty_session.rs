@@ -999,11 +999,8 @@ mod tests {
     async fn reattach_replays_and_detach_timeout_kills_the_session() {
         let (first, mut rx1) = socket(None);
         let first_id = first.id;
-        let (pty, pid, mut hub) = start(
-            "echo READY; sleep 1000 & sleep 1000",
-            first,
-            Duration::from_millis(500),
-        );
+        let detach = Duration::from_millis(500);
+        let (pty, pid, mut hub) = start("echo READY; sleep 1000 & sleep 1000", first, detach);
         loop {
             match rx1.recv().await {
                 Some(Seen::Output(s)) if s.contains("READY") => break,
@@ -1039,12 +1036,24 @@ mod tests {
             1,
             "a repeated close changes nothing"
         );
+        // On paused time the timeout is exact: not a millisecond early, nor late.
+        tokio::time::pause();
+        let detached_at = tokio::time::Instant::now();
         pty.send(DetachSocket { socket: second_id }).await.unwrap();
+        tokio::time::advance(detach - Duration::from_millis(1)).await;
+        pty.send(FlowState).await.unwrap();
+        assert!(hub.try_recv().is_err(), "killed before the detach timeout");
         let closed = tokio::time::timeout(Duration::from_secs(10), hub.recv())
             .await
             .expect("detach timeout")
             .unwrap();
         assert!(closed > 0);
+        // Timers fire on the runtime's 1 ms ticks, so "at" is within one tick.
+        let at = detached_at.elapsed();
+        assert!(
+            at >= detach && at <= detach + Duration::from_millis(1),
+            "killed at {at:?}, not at the detach timeout {detach:?}"
+        );
         let deadline = Instant::now() + Duration::from_secs(10);
         while alive(pid) {
             assert!(
