@@ -196,11 +196,8 @@ async fn one_complete_per_run_and_run_in_progress() {
     let again = until_complete(&mut c.ws, &c.session).await;
     assert_eq!(again.last().unwrap()["success"], true);
     // Duplicate results never leaked a second complete afterwards either.
-    assert!(c
-        .ws
-        .recv_within(std::time::Duration::from_millis(300))
-        .await
-        .is_none());
+    let (late, _) = c.ws.frames_before_probe(&c.session).await;
+    assert!(late.is_empty(), "{late:?}");
 }
 
 /// Abort: one `complete {aborted:true}` at once, the process is gone, a late
@@ -244,11 +241,8 @@ async fn abort_completes_once_and_kills_the_process() {
         eventually("provider process gone after abort", || !pid_alive(pid)).await;
     }
     // The CLI's own late result (error_during_execution) was dropped: no second complete.
-    assert!(c
-        .ws
-        .recv_within(std::time::Duration::from_millis(500))
-        .await
-        .is_none());
+    let (late, _) = c.ws.frames_before_probe(&c.session).await;
+    assert!(late.is_empty(), "{late:?}");
     let (_, list) = server
         .get("/api/providers/sessions/running", Some(&c.token))
         .await;
@@ -397,10 +391,8 @@ async fn subscribe_mid_run_replays_after_last_seq_then_live() {
         (json!("chat_subscribed"), json!(false))
     );
     assert_eq!(ack["lastSeq"].as_u64(), s.last().copied());
-    assert!(second
-        .recv_within(std::time::Duration::from_millis(300))
-        .await
-        .is_none());
+    let (replayed, _) = second.frames_before_probe(&c.session).await;
+    assert!(replayed.is_empty(), "an idle session replayed {replayed:?}");
 
     // Another user's session is not found, not subscribed.
     let mut bob = server.chat("bob").await;
@@ -431,13 +423,9 @@ async fn two_sessions_stream_in_isolation() {
     assert!(ea.iter().all(|e| e["sessionId"] == a.session));
     assert!(eb.iter().all(|e| e["sessionId"] == b.session));
     // Bob never saw Alice's session_upserted (E3).
-    while let Some(ev) =
-        b.ws.recv_within(std::time::Duration::from_millis(200))
-            .await
-    {
-        if let crate::util::WsEvent::Text(t) = ev {
-            assert!(!t.contains(&a.session), "{t}");
-        }
+    let (seen, _) = b.ws.frames_before_probe(&b.session).await;
+    for frame in seen {
+        assert!(!frame.to_string().contains(&a.session), "{frame}");
     }
 }
 
@@ -532,10 +520,8 @@ async fn permissions_allow_deny_pending_and_timeout() {
     .await;
     c.ws.send_json(json!({"type":"chat.permission-response","allow": true}))
         .await;
-    let late =
-        c.ws.recv_within(std::time::Duration::from_millis(300))
-            .await;
-    assert!(late.is_none(), "{late:?}");
+    let (late, _) = c.ws.frames_before_probe(&c.session).await;
+    assert!(late.is_empty(), "{late:?}");
 }
 
 /// E6: a repeated clientRequestId starts nothing and returns the original runId.
@@ -557,12 +543,15 @@ async fn client_request_id_makes_send_idempotent() {
         (json!("chat_accepted"), json!(true))
     );
     assert_eq!(again["runId"], accepted["runId"]);
+    // The registry sent the duplicate's answer while handling it; a probe
+    // after it finds nothing started: no events, the session idle, seq unchanged.
+    let (started, probe) = c.ws.frames_before_probe(&c.session).await;
     assert!(
-        c.ws.recv_within(std::time::Duration::from_millis(400))
-            .await
-            .is_none(),
-        "the duplicate started a run"
+        started.is_empty(),
+        "the duplicate started a run: {started:?}"
     );
+    assert_eq!(probe["isProcessing"], false, "the duplicate started a run");
+    assert_eq!(probe["lastSeq"], events.last().unwrap()["seq"]);
 }
 
 /// E4: a subscriber that stops reading is closed with 4008 after a bounded

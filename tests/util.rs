@@ -458,6 +458,25 @@ impl WsClient {
         }
     }
 
+    /// What reached this `/ws` socket before now, proven without a clock: a
+    /// `chat.subscribe` of `session` (idle, or asking replay after the
+    /// largest `lastSeq`) goes through the RunRegistry, which writes its
+    /// answer to this socket after everything it had sent it before.
+    /// Returns the frames that came first, and the answer.
+    pub async fn frames_before_probe(&mut self, session: &str) -> (Vec<Value>, Value) {
+        self.send_json(serde_json::json!({"type": "chat.subscribe",
+            "sessions": [{"sessionId": session, "lastSeq": u64::MAX}]}))
+            .await;
+        let mut before = Vec::new();
+        loop {
+            let v = self.recv_json().await;
+            if v["kind"] == "chat_subscribed" && v["sessionId"] == session {
+                return (before, v);
+            }
+            before.push(v);
+        }
+    }
+
     /// Reads JSON frames until one has `kind == kind`; returns it and everything before it.
     pub async fn recv_until_kind(&mut self, kind: &str) -> (Value, Vec<Value>) {
         let mut seen = Vec::new();
