@@ -15,6 +15,8 @@ use tokio::time::Instant;
 
 use agentgate_actors::chat::chat_socket::{BACKLOG_MAX_BYTES, MAILBOX_CAPACITY};
 use agentgate_actors::chat::run_registry::REPLAY_MAX_BYTES;
+// The argv the gateway's Claude adapter passes (PROTOCOL.md 4.1); the fake ignores all but `--resume`.
+use agentgate_actors::provider::claude::STREAM_ARGS as CLAUDE_ARGS;
 
 use crate::gateway::{Bins, Gateway};
 use crate::report::{Row, Target, Unit};
@@ -22,18 +24,6 @@ use crate::stats::{median, Histogram, SeqCheck};
 use crate::ws::{self, recv_text, scan, In, Ws};
 use crate::Ctx;
 
-/// The argv the gateway's Claude adapter passes (PROTOCOL.md 4.1); the fake ignores all but `--resume`.
-const CLAUDE_ARGS: [&str; 9] = [
-    "-p",
-    "--input-format",
-    "stream-json",
-    "--output-format",
-    "stream-json",
-    "--verbose",
-    "--include-partial-messages",
-    "--permission-prompt-tool",
-    "stdio",
-];
 /// Payload bytes per chat event (the events are small text deltas).
 const EVENT_BYTES: usize = 64;
 /// Sockets connected at once when opening many (the gateway's accept backlog is larger).

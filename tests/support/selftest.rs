@@ -10,6 +10,9 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use tempfile::TempDir;
 
+// The flags agentgate uses for Claude: the adapter's own list.
+use agentgate_actors::provider::claude::STREAM_ARGS;
+
 use super::anthropic::{AnthropicStub, Reply};
 use super::clis::claude_bin;
 
@@ -20,19 +23,6 @@ const TURN_TIMEOUT: Duration = Duration::from_secs(60);
 const EXIT_TIMEOUT: Duration = Duration::from_secs(20);
 /// How often we check whether the CLI has exited.
 const EXIT_POLL: Duration = Duration::from_millis(20);
-
-/// Flags agentgate uses for Claude (see /work/notes/claude-cli.md).
-const STREAM_ARGS: &[&str] = &[
-    "-p",
-    "--input-format",
-    "stream-json",
-    "--output-format",
-    "stream-json",
-    "--verbose",
-    "--include-partial-messages",
-    "--permission-prompt-tool",
-    "stdio",
-];
 
 fn tempdir() -> TempDir {
     tempfile::tempdir().expect("create temp dir")

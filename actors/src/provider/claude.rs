@@ -47,6 +47,21 @@ fn tool_list(options: &Value, key: &str) -> Option<String> {
     (!list.is_empty()).then(|| list.join(","))
 }
 
+/// The argv every turn starts with (PROTOCOL.md 4.1): stream-json both ways,
+/// partial messages, permission prompts over stdio. The CLI self-test and the
+/// load generator's baseline run the CLI with the same list.
+pub const STREAM_ARGS: [&str; 9] = [
+    "-p",
+    "--input-format",
+    "stream-json",
+    "--output-format",
+    "stream-json",
+    "--verbose",
+    "--include-partial-messages",
+    "--permission-prompt-tool",
+    "stdio",
+];
+
 impl Provider for Claude {
     fn kind(&self) -> ProviderKind {
         ProviderKind::Claude
@@ -54,17 +69,7 @@ impl Provider for Claude {
 
     fn command(&self, turn: &Turn) -> CommandSpec {
         let mut spec = CommandSpec::new(&turn.bin);
-        for arg in [
-            "-p",
-            "--input-format",
-            "stream-json",
-            "--output-format",
-            "stream-json",
-            "--verbose",
-            "--include-partial-messages",
-            "--permission-prompt-tool",
-            "stdio",
-        ] {
+        for arg in STREAM_ARGS {
             spec.arg(arg);
         }
         if let Some(id) = turn.provider_session_id.as_deref() {
