@@ -251,8 +251,8 @@ pub struct SubscribeTarget {
     pub last_seq: Option<u64>,
 }
 
-/// A client's answer to a `permission_request`.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+/// A client's answer to a `permission_request` (the default is a bare deny).
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct PermissionDecision {
     /// JavaScript truthiness, as the reference's `Boolean(allow)`.
@@ -1004,12 +1004,7 @@ mod tests {
         }
         assert_eq!(
             decision(r#"{"type":"chat.permission-response","requestId":"r1"}"#),
-            PermissionDecision {
-                allow: false,
-                updated_input: None,
-                message: None,
-                remember_entry: None,
-            }
+            PermissionDecision::default()
         );
         assert_eq!(
             decision(
@@ -1026,12 +1021,7 @@ mod tests {
             decision(
                 r#"{"type":"chat.permission-response","requestId":"r1","updatedInput":null,"message":3,"rememberEntry":""}"#
             ),
-            PermissionDecision {
-                allow: false,
-                updated_input: None,
-                message: None,
-                remember_entry: None,
-            }
+            PermissionDecision::default()
         );
         assert_eq!(
             ClientMessage::parse(r#"{"type":"chat.permission-response","requestId":7}"#),

@@ -1949,23 +1949,36 @@ mod tests {
         assert_eq!(events[0]["seq"], 3);
     }
 
+    /// Starts a run whose process only sleeps (its events come from the
+    /// test, as a ProviderRun would report them); returns the run id.
+    async fn start_sleeping(registry: &Addr<RunRegistry>, socket: SocketId) -> String {
+        let start = start_run(socket, "sleep 30");
+        registry.send(start).await.unwrap().unwrap();
+        let running = registry.send(ListRunning { user_id: 1 }).await.unwrap();
+        running[0].run_id.clone()
+    }
+
+    /// Ends the test's run (its `sleep` gets SIGTERM at once).
+    async fn abort(registry: &Addr<RunRegistry>) {
+        let abort = AbortRun {
+            user_id: 1,
+            session_id: "s1".into(),
+        };
+        registry.send(abort).await.unwrap().unwrap();
+    }
+
     /// `lastSeq` is any u64 a client sends: the largest one overflowed
     /// `lastSeq + 1` (a panic that killed the registry in debug builds).
     #[actix_rt::test]
     async fn the_largest_last_seq_is_answered_not_a_crash() {
         let (registry, socket, mut rx) = registry_and_sink().await;
-        registry
-            .send(start_run(socket, "sleep 30"))
-            .await
-            .unwrap()
-            .unwrap();
+        let run_id = start_sleeping(&registry, socket).await;
         // One event in the replay buffer, as a ProviderRun would report it.
-        let running = registry.send(ListRunning { user_id: 1 }).await.unwrap();
         let text = EventBody::text(crate::protocol::Role::Assistant, "hi");
         registry
             .send(RunEvents {
                 session_id: "s1".into(),
-                run_id: running[0].run_id.clone(),
+                run_id,
                 events: vec![ProviderEvent::Emit(text.into())],
             })
             .await
@@ -1983,14 +1996,7 @@ mod tests {
         // Still serving.
         let running = registry.send(ListRunning { user_id: 1 }).await.unwrap();
         assert_eq!(running.len(), 1);
-        registry
-            .send(AbortRun {
-                user_id: 1,
-                session_id: "s1".into(),
-            })
-            .await
-            .unwrap()
-            .unwrap();
+        abort(&registry).await;
     }
 
     /// Two subscribes in a row, then what the sink got: the second is
@@ -2020,18 +2026,13 @@ mod tests {
     async fn a_pending_permission_times_out_exactly_at_the_timeout() {
         let timeout = GatewayConfig::for_tests(std::env::temp_dir()).permission_timeout;
         let (registry, socket, mut rx) = registry_and_sink().await;
-        registry
-            .send(start_run(socket, "sleep 30"))
-            .await
-            .unwrap()
-            .unwrap();
+        let run_id = start_sleeping(&registry, socket).await;
         tokio::time::pause();
-        let running = registry.send(ListRunning { user_id: 1 }).await.unwrap();
         // The CLI asks, as a ProviderRun would report it.
         registry
             .send(RunEvents {
                 session_id: "s1".into(),
-                run_id: running[0].run_id.clone(),
+                run_id,
                 events: vec![ProviderEvent::PermissionRequested {
                     provider_request_id: "p1".into(),
                     tool_name: "Bash".into(),
@@ -2068,14 +2069,7 @@ mod tests {
         assert_eq!(cancelled["requestId"], request["requestId"]);
         assert_eq!(cancelled["reason"], "timeout");
         assert_eq!(frames.last().unwrap()["pendingPermissions"], json!([]));
-        registry
-            .send(AbortRun {
-                user_id: 1,
-                session_id: "s1".into(),
-            })
-            .await
-            .unwrap()
-            .unwrap();
+        abort(&registry).await;
     }
 
     #[test]
