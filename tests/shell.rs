@@ -195,6 +195,29 @@ async fn resize_is_visible_to_stty() {
     assert_eq!(t.run("stty size").await.trim(), "43 132");
 }
 
+/// Frames sent back to back, before any answer, run in the order sent:
+/// the inputs and the resize queue behind the `init` (the socket keeps
+/// reading frames while each waits for its PTY), nothing is lost or swapped.
+#[actix_rt::test]
+async fn a_burst_of_frames_keeps_its_order() {
+    let server = server();
+    let token = server.token("alice");
+    let project = project_dir();
+    let mut t = Term::open(&server, &token).await;
+    t.init(bash(project.path(), "burst")).await;
+    for i in 0..50 {
+        t.input(&format!("echo $((1000+{i}))\r")).await;
+    }
+    t.send(json!({"type": "resize", "cols": 120, "rows": 40}))
+        .await;
+    t.input("stty size\r").await;
+    // Each result (not in the echoed command line) after the previous one.
+    for i in 0..50 {
+        t.expect(&format!("{}\r\n", 1000 + i)).await;
+    }
+    t.expect("40 120").await;
+}
+
 #[actix_rt::test]
 async fn env_has_the_terminal_variables() {
     let server = server();

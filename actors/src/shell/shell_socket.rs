@@ -3,8 +3,9 @@
 //! Owns: the connection (an actix-web-actors `WebsocketContext`), its
 //! heartbeat, the PTY it is attached to (by PTY id, so output of a PTY it
 //! left is ignored), the set of auth URLs it already announced (bounded by
-//! [`MAX_ANNOUNCED_URLS`]), and a fragmented message being reassembled
-//! (bounded by [`MAX_INBOUND_FRAME`]).
+//! [`MAX_ANNOUNCED_URLS`]), a fragmented message being reassembled
+//! (bounded by [`MAX_INBOUND_FRAME`]), the client messages queued behind a
+//! command that waits for its PTY, and the PTY messages held during `init`.
 //!
 //! Handles: client frames (`init`, `input`, `resize`; anything else gets an
 //! `error` frame and the socket stays open), [`PtyOutput`] (writes the
@@ -13,9 +14,14 @@
 //!
 //! Sends: [`LookupPty`] / [`LaunchPty`] to the hub; [`AttachSocket`],
 //! [`DetachSocket`], [`WriteInput`], [`ResizePty`] to its PtySession.
-//! `init`, `input` and `resize` wait for the PTY's answer before the next
-//! client frame is read (`ctx.wait`), which keeps their order and gives a
-//! client that floods input backpressure instead of a growing mailbox.
+//! `init`, `input` and `resize` run one at a time, in arrival order: each
+//! waits for its PTY's answer in a spawned future (the heartbeat and the
+//! reading of frames go on), and messages that arrive meanwhile queue behind
+//! it, at most [`MAX_PENDING_BYTES`]; a message beyond is dropped with the
+//! "input buffer is full" error a full PTY input queue gives. PTY messages
+//! that arrive while an `init` runs are held, unacknowledged (so the PTY's
+//! flow control still counts them in flight), until it is done, then
+//! written or dropped as if they had waited in the mailbox.
 //!
 //! Stops: when the client closes, the heartbeat fails, a frame is too large
 //! (close 1009), the PTY lets it go as a slow consumer (close 4008), or on
@@ -32,6 +38,7 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use actix_web_actors::ws::{self, CloseCode, CloseReason, WebsocketContext};
 use bytestring::ByteString;
 use serde_json::Value;
+use tokio::sync::oneshot;
 
 use super::launch::{build_launch, check_project_dir, InitError, InitRequest, Mode};
 use super::pty_hub::{LaunchError, LaunchPty, Launched, LookupPty, PtyHub};
@@ -53,6 +60,9 @@ pub const MAX_ANNOUNCED_URLS: usize = 256;
 /// How often `init` retries when the PTY it found ended or another socket
 /// started one at the same moment.
 const INIT_ATTEMPTS: usize = 3;
+/// Bytes of client messages queued behind a command waiting for its PTY;
+/// a message beyond is dropped with the same error as a full PTY input queue.
+pub const MAX_PENDING_BYTES: usize = MAX_INBOUND_FRAME;
 /// Close code for a socket that fell too far behind (PROTOCOL.md section 7).
 const CLOSE_SLOW_CONSUMER: u16 = 4008;
 
@@ -128,6 +138,21 @@ pub struct ShellSocket {
     fragment: Option<Vec<u8>>,
     /// This socket's connection, watched for a client that stopped reading.
     conn: Option<WatchedConn>,
+    /// A command (`init`, `input`, `resize`) is waiting for its PTY's answer.
+    busy: bool,
+    /// Client messages that arrived while busy, in order (at most
+    /// [`MAX_PENDING_BYTES`]).
+    pending: VecDeque<Vec<u8>>,
+    pending_bytes: usize,
+    /// While an `init` runs: the PTY messages that arrived meanwhile, each
+    /// with the acknowledgement its PTY waits for (see [`PtyOutput`]).
+    held: Option<VecDeque<(Held, oneshot::Sender<()>)>>,
+}
+
+/// A PTY message held while an `init` runs.
+enum Held {
+    Output(PtyOutput),
+    Ended(PtyEnded),
 }
 
 impl ShellSocket {
@@ -142,6 +167,10 @@ impl ShellSocket {
             announced: AnnouncedUrls::default(),
             fragment: None,
             conn: None,
+            busy: false,
+            pending: VecDeque::new(),
+            pending_bytes: 0,
+            held: None,
         }
     }
 
@@ -188,8 +217,51 @@ impl ShellSocket {
         ctx.stop();
     }
 
-    /// One complete client message.
+    /// One complete client message: handled now, or queued behind the
+    /// command that is waiting for its PTY.
     fn on_message(&mut self, bytes: &[u8], ctx: &mut WebsocketContext<Self>) {
+        if !self.busy {
+            return self.handle_message(bytes, ctx);
+        }
+        if self.pending_bytes + bytes.len() > MAX_PENDING_BYTES {
+            Self::send_error(ctx, &InputRejected::QueueFull.to_string());
+            return;
+        }
+        self.pending_bytes += bytes.len();
+        self.pending.push_back(bytes.to_vec());
+    }
+
+    /// The command in flight got its answer: handle what queued meanwhile,
+    /// until the next command waits.
+    fn command_done(&mut self, ctx: &mut WebsocketContext<Self>) {
+        self.busy = false;
+        while !self.busy {
+            let Some(next) = self.pending.pop_front() else {
+                return;
+            };
+            self.pending_bytes -= next.len();
+            self.handle_message(&next, ctx);
+        }
+    }
+
+    /// Runs `request` beside the socket (its heartbeat and frames go on);
+    /// later commands wait until it is answered, so they keep their order.
+    fn run_command<F>(
+        &mut self,
+        request: F,
+        answered: impl FnOnce(&mut Self, F::Output, &mut WebsocketContext<Self>) + 'static,
+        ctx: &mut WebsocketContext<Self>,
+    ) where
+        F: std::future::Future + 'static,
+    {
+        self.busy = true;
+        ctx.spawn(request.into_actor(self).map(|result, act, ctx| {
+            answered(act, result, ctx);
+            act.command_done(ctx);
+        }));
+    }
+
+    fn handle_message(&mut self, bytes: &[u8], ctx: &mut WebsocketContext<Self>) {
         let frame: Value = match serde_json::from_slice(bytes) {
             Ok(v @ Value::Object(_)) => v,
             _ => {
@@ -225,13 +297,29 @@ impl ShellSocket {
         self.announced.clear();
         let socket = self.handle_for(ctx);
         let open = open_terminal(self.deps.clone(), self.user.id, req, socket);
-        ctx.wait(open.into_actor(self).map(|result, act, ctx| match result {
-            Ok(attached) => {
-                act.attached = Some(attached);
-                act.initialized = true;
-            }
-            Err(err) => Self::send_error(ctx, &err.to_string()),
-        }));
+        // The PTY it attaches to may write before `attached` is known: what
+        // any PTY sends meanwhile waits, unacknowledged, until it is.
+        self.held = Some(VecDeque::new());
+        self.run_command(
+            open,
+            |act, result, ctx| {
+                match result {
+                    Ok(attached) => {
+                        act.attached = Some(attached);
+                        act.initialized = true;
+                    }
+                    Err(err) => Self::send_error(ctx, &err.to_string()),
+                }
+                for (msg, ack) in act.held.take().into_iter().flatten() {
+                    match msg {
+                        Held::Output(msg) => act.on_output(msg, ctx),
+                        Held::Ended(msg) => act.on_ended(msg, ctx),
+                    }
+                    let _ = ack.send(());
+                }
+            },
+            ctx,
+        );
     }
 
     fn on_input(&mut self, frame: &Value, ctx: &mut WebsocketContext<Self>) {
@@ -249,11 +337,15 @@ impl ShellSocket {
         let write = addr.send(WriteInput {
             data: data.to_string(),
         });
-        ctx.wait(write.into_actor(self).map(|result, _act, ctx| {
-            if let Ok(Err(InputRejected::QueueFull)) = result {
-                Self::send_error(ctx, &InputRejected::QueueFull.to_string());
-            }
-        }));
+        self.run_command(
+            write,
+            |_, result, ctx| {
+                if let Ok(Err(InputRejected::QueueFull)) = result {
+                    Self::send_error(ctx, &InputRejected::QueueFull.to_string());
+                }
+            },
+            ctx,
+        );
     }
 
     fn on_resize(&mut self, frame: &Value, ctx: &mut WebsocketContext<Self>) {
@@ -275,7 +367,7 @@ impl ShellSocket {
             return;
         };
         let resize = addr.send(ResizePty { size });
-        ctx.wait(resize.into_actor(self).map(|_, _, _| ()));
+        self.run_command(resize, |_, _, _| {}, ctx);
     }
 }
 
@@ -443,9 +535,26 @@ impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for ShellSocket {
 }
 
 impl Handler<PtyOutput> for ShellSocket {
-    type Result = ();
+    /// Acknowledged when written: the PTY counts a frame in flight until
+    /// then (its flow control). A frame held during an `init` is
+    /// acknowledged when the init is done and the frame written or dropped.
+    type Result = Response<()>;
 
-    fn handle(&mut self, msg: PtyOutput, ctx: &mut Self::Context) {
+    fn handle(&mut self, msg: PtyOutput, ctx: &mut Self::Context) -> Response<()> {
+        if let Some(held) = &mut self.held {
+            let (ack, acked) = oneshot::channel();
+            held.push_back((Held::Output(msg), ack));
+            return Response::fut(async move {
+                let _ = acked.await;
+            });
+        }
+        self.on_output(msg, ctx);
+        Response::reply(())
+    }
+}
+
+impl ShellSocket {
+    fn on_output(&mut self, msg: PtyOutput, ctx: &mut WebsocketContext<Self>) {
         if self.attached.as_ref().map(|(id, _)| *id) != Some(msg.pty) {
             return;
         }
@@ -482,6 +591,18 @@ impl Handler<PtyEnded> for ShellSocket {
     type Result = ();
 
     fn handle(&mut self, msg: PtyEnded, ctx: &mut Self::Context) {
+        if let Some(held) = &mut self.held {
+            // Nobody waits for this answer (the PTY sends it with do_send).
+            let (ack, _) = oneshot::channel();
+            held.push_back((Held::Ended(msg), ack));
+            return;
+        }
+        self.on_ended(msg, ctx);
+    }
+}
+
+impl ShellSocket {
+    fn on_ended(&mut self, msg: PtyEnded, ctx: &mut WebsocketContext<Self>) {
         if self.attached.as_ref().map(|(id, _)| *id) != Some(msg.pty) {
             return;
         }
