@@ -6,3 +6,6 @@
 pub mod chat_socket;
 pub mod provider_run;
 pub mod run_registry;
+
+#[cfg(test)]
+mod registry_model;

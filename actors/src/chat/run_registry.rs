@@ -389,6 +389,8 @@ pub struct RunRegistry {
     shutting_down: bool,
     /// The adapter for each provider ([`provider_for`], or a test's own).
     providers: ProviderLookup,
+    /// Start a `ProviderRun` per run (the model test plays its part itself).
+    spawn_processes: bool,
 }
 
 /// How the registry finds a provider's adapter.
@@ -416,7 +418,16 @@ impl RunRegistry {
             client_requests: HashMap::new(),
             shutting_down: false,
             providers,
+            spawn_processes: true,
         }
+    }
+
+    /// Runs get no `ProviderRun`: the caller sends `RunEvents` and
+    /// `RunExited` itself (the model-based test).
+    #[cfg(test)]
+    pub(crate) fn without_processes(mut self) -> Self {
+        self.spawn_processes = false;
+        self
     }
 
     /// Sends frames to one socket and counts them against its budget; a full
@@ -479,8 +490,10 @@ impl RunRegistry {
     }
 
     /// Subscribes the socket to the session with its cursor at `sent` (the
-    /// last seq it has); an existing subscription keeps the higher cursor (E8).
-    fn attach(&mut self, socket: SocketId, session_id: &str, sent: u64) {
+    /// last seq it has). An existing subscription keeps its cursor, or with
+    /// `forward` (a client's `lastSeq`) the higher of both (E8): a cursor
+    /// never moves back, and only the client moves it past undelivered events.
+    fn attach(&mut self, socket: SocketId, session_id: &str, sent: u64, forward: bool) {
         let (Some(entry), Some(state)) = (
             self.sockets.get_mut(&socket),
             self.sessions.get_mut(session_id),
@@ -489,7 +502,9 @@ impl RunRegistry {
         };
         entry.sessions.insert(session_id.to_string());
         let cursor = state.subscribers.entry(socket).or_insert(sent);
-        *cursor = (*cursor).max(sent);
+        if forward {
+            *cursor = (*cursor).max(sent);
+        }
     }
 
     /// Sends the socket what it has not been sent of the session, as far as
@@ -1150,7 +1165,7 @@ impl RunRegistry {
         .to_frame();
         self.deliver_to(msg.socket, vec![ack].into());
         if let Some(sent) = cursor {
-            self.attach(msg.socket, &session_id, sent);
+            self.attach(msg.socket, &session_id, sent, true);
             self.pump(msg.socket, &session_id, &mut None);
         }
     }
@@ -1195,7 +1210,7 @@ impl RunRegistry {
             if let Some((_, run_id, _)) = requests.iter().find(|(c, _, _)| c == crid) {
                 let frame = accepted_frame(&session_id, run_id, crid, true);
                 let last = self.sessions.get(&session_id).map_or(0, |s| s.last_seq);
-                self.attach(msg.socket, &session_id, last);
+                self.attach(msg.socket, &session_id, last, false);
                 self.deliver_to(msg.socket, vec![frame].into());
                 return Ok(());
             }
@@ -1261,7 +1276,7 @@ impl RunRegistry {
             paused_for: Duration::ZERO,
             exit_waiters: Vec::new(),
         });
-        self.attach(msg.socket, &session_id, first_seq - 1);
+        self.attach(msg.socket, &session_id, first_seq - 1, false);
         if let Some(crid) = &msg.client_request_id {
             let requests = self.client_requests.entry(session_id.clone()).or_default();
             if requests.len() >= CLIENT_REQUESTS_MAX {
@@ -1272,19 +1287,21 @@ impl RunRegistry {
             self.deliver_to(msg.socket, vec![frame].into());
         }
 
-        let registry = ctx.address();
-        let child_env = self.config.child_env.clone();
-        let idle = self.config.provider_idle;
-        let (sid, rid) = (session_id.clone(), run_id.clone());
-        let addr = ProviderRun::start_in_arbiter(&self.runs_arbiter, move |_| {
-            ProviderRun::new(sid, rid, provider, turn, registry, child_env).idle_limit(idle)
-        });
-        if let Some(run) = self
-            .sessions
-            .get_mut(&session_id)
-            .and_then(|s| s.run.as_mut())
-        {
-            run.addr = Some(addr);
+        if self.spawn_processes {
+            let registry = ctx.address();
+            let child_env = self.config.child_env.clone();
+            let idle = self.config.provider_idle;
+            let (sid, rid) = (session_id.clone(), run_id.clone());
+            let addr = ProviderRun::start_in_arbiter(&self.runs_arbiter, move |_| {
+                ProviderRun::new(sid, rid, provider, turn, registry, child_env).idle_limit(idle)
+            });
+            if let Some(run) = self
+                .sessions
+                .get_mut(&session_id)
+                .and_then(|s| s.run.as_mut())
+            {
+                run.addr = Some(addr);
+            }
         }
         tracing::info!(actor = "ProviderRun", session_id = %session_id, run_id = %run_id, provider = %kind, "run started");
         Ok(())
@@ -1535,6 +1552,41 @@ impl Handler<AbortRun> for RunRegistry {
         tracing::info!(session_id = %msg.session_id, run_id = %run.id, "abort requested");
         self.complete(&msg.session_id, if delivered { 0 } else { 1 }, true, ctx);
         Ok(())
+    }
+}
+
+/// Test-only view of the delivery state: per socket (bytes, batches in
+/// flight), per session (last seq, buffer front, cursors).
+#[cfg(test)]
+#[derive(Message)]
+#[rtype(result = "String")]
+pub(crate) struct Inspect;
+
+#[cfg(test)]
+impl Handler<Inspect> for RunRegistry {
+    type Result = String;
+
+    fn handle(&mut self, _: Inspect, _: &mut Context<Self>) -> String {
+        let mut out = String::new();
+        for (id, e) in &self.sockets {
+            out += &format!(
+                "socket {id}: {} B / {} in flight, sessions {:?}\n",
+                e.bytes_in_flight, e.batches_in_flight, e.sessions
+            );
+        }
+        for (id, st) in &self.sessions {
+            out += &format!(
+                "session {id}: last {} front {:?} cursors {:?} run {:?} paused {}\n",
+                st.last_seq,
+                st.buffer.front().map(|b| b.seq),
+                st.subscribers,
+                st.run
+                    .as_ref()
+                    .map(|r| (&r.id, r.status, r.first_seq, r.last_seq)),
+                st.paused.is_some()
+            );
+        }
+        out
     }
 }
 
