@@ -640,3 +640,73 @@ async fn fifty_reconnecting_clients_see_no_gap_and_no_duplicate() {
         assert!(reconnects > 0, "client {i} never reconnected");
     }
 }
+
+/// 1,500 chat sockets, each following a session, dropped without a close
+/// frame: the gateway's descriptors return to what they were before.
+#[actix_rt::test]
+async fn fifteen_hundred_sockets_dropped_without_a_close_leave_no_descriptor() {
+    // The test and the gateway (which inherits the limit) need ~1,600 each.
+    unsafe {
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
+        lim.rlim_cur = lim.rlim_max.min(8192).max(lim.rlim_cur);
+        libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        assert!(
+            lim.rlim_cur >= 4096,
+            "RLIMIT_NOFILE hard limit {} too low",
+            lim.rlim_max
+        );
+    }
+    // The default heartbeat: these sockets are not read while they are opened.
+    let server = TestServer::start_with(|cmd| {
+        cmd.arg("--claude-bin")
+            .arg(env!("CARGO_BIN_EXE_fake_claude"));
+    });
+    let token = server.token("alice");
+    let project = project_dir();
+    let session = server
+        .create_session(&token, "claude", project.path())
+        .await;
+    let pid = server.pid();
+    let count = || {
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    };
+    // One socket first, so lazily opened descriptors (database pool) exist.
+    let mut first = server.ws(&format!("/ws?token={token}")).await;
+    first
+        .send_json(json!({"type":"chat.subscribe","sessions":[{"sessionId": session}]}))
+        .await;
+    let _ = first.recv_json().await;
+    drop(first);
+    let mut baseline = 0;
+    eventually("the first socket is gone", || {
+        let now = count();
+        let settled = now == baseline;
+        baseline = now;
+        settled
+    })
+    .await;
+    let mut sockets = Vec::new();
+    for _ in 0..1500 {
+        let mut ws = server.ws(&format!("/ws?token={token}")).await;
+        ws.send_json(json!({"type":"chat.subscribe","sessions":[{"sessionId": session}]}))
+            .await;
+        sockets.push(ws);
+    }
+    for ws in sockets.iter_mut() {
+        assert_eq!(ws.recv_json().await["kind"], "chat_subscribed");
+    }
+    assert!(count() >= baseline + 1500, "the sockets are not open");
+    drop(sockets);
+    eventually("descriptors back to the baseline", || count() <= baseline).await;
+    // And the gateway still serves.
+    let mut ws = server.ws(&format!("/ws?token={token}")).await;
+    send(&mut ws, &session, "text:2").await;
+    let events = until_complete(&mut ws, &session).await;
+    assert_eq!(events.last().unwrap()["success"], true);
+}
