@@ -22,34 +22,9 @@ fn server() -> TestServer {
     })
 }
 
-/// Client ports of the TCP connections to `port` that the gateway process
-/// `pid` holds a descriptor for (from /proc/net/tcp and /proc/<pid>/fd).
-pub fn gateway_conns(pid: u32, port: u16) -> std::collections::HashSet<u16> {
-    let inodes: std::collections::HashSet<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .map(|d| {
-            d.filter_map(Result::ok)
-                .filter_map(|e| std::fs::read_link(e.path()).ok())
-                .filter_map(|l| {
-                    let l = l.to_string_lossy().into_owned();
-                    Some(l.strip_prefix("socket:[")?.strip_suffix(']')?.to_string())
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    let mut out = std::collections::HashSet::new();
-    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
-        let text = std::fs::read_to_string(table).unwrap_or_default();
-        for line in text.lines().skip(1) {
-            let f: Vec<&str> = line.split_whitespace().collect();
-            let port_of =
-                |a: &str| u16::from_str_radix(a.rsplit(':').next().unwrap_or(""), 16).ok();
-            if f.len() > 9 && port_of(f[1]) == Some(port) && inodes.contains(f[9]) {
-                out.extend(port_of(f[2]));
-            }
-        }
-    }
-    out
-}
+#[path = "../examples/loadgen/conns.rs"]
+mod conns;
+pub use conns::client_ports as gateway_conns;
 
 /// Waits until the gateway holds exactly one connection more than `before`, and returns its client port.
 pub async fn new_conn(server: &TestServer, before: &std::collections::HashSet<u16>) -> u16 {
@@ -610,11 +585,18 @@ async fn fifty_reconnecting_clients_see_no_gap_and_no_duplicate() {
                 let mut c = crate::util::connect_ws_with(&client, &url, None).await.unwrap();
                 c.send_json(json!({"type":"chat.subscribe","sessions":[{"sessionId": session, "lastSeq": last}]}))
                     .await;
-                // Each connection reads a different number of frames, then drops without a close.
+                // Each connection reads a different number of frames, then
+                // drops without a close; a connection the gateway ends (its
+                // heartbeat, when this task was starved) is reconnected too.
                 let budget = 50 + (i * 37 + reconnects * 11) % 400;
                 let mut read = 0;
-                loop {
-                    let v = c.recv_json().await;
+                while read < budget {
+                    let text = match c.recv().await {
+                        WsEvent::Text(t) => t,
+                        WsEvent::Ping | WsEvent::Binary(_) => continue,
+                        WsEvent::Close(..) | WsEvent::Ended => break,
+                    };
+                    let v: Value = serde_json::from_str(&text).unwrap();
                     let Some(seq) = v["seq"].as_u64() else { continue };
                     assert!(seq > last, "client {i}: seq {seq} after {last}");
                     assert_eq!(seq, last + 1, "client {i}: gap after {last}");
@@ -624,16 +606,14 @@ async fn fifty_reconnecting_clients_see_no_gap_and_no_duplicate() {
                         return (seen, reconnects);
                     }
                     read += 1;
-                    if read >= budget {
-                        break;
-                    }
                 }
                 drop(c);
                 reconnects += 1;
             }
         }));
     }
-    let _ = until_complete(&mut ws, &session).await;
+    // The sender leaves: the 50 clients alone keep the run going.
+    drop(ws);
     for (i, client) in clients.into_iter().enumerate() {
         let (seen, reconnects) = client.await.unwrap();
         assert_eq!(seen.first(), Some(&first_seq), "client {i}");

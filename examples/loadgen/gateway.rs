@@ -188,6 +188,17 @@ impl Gateway {
     }
 
     /// Current resident set in KiB.
+    /// Client ports of the connections the gateway holds now.
+    pub fn client_ports(&self) -> std::collections::HashSet<u16> {
+        crate::conns::client_ports(self.pid(), self.addr.port())
+    }
+
+    /// The same, as a closure a spawned task can own.
+    pub fn clone_ports_probe(&self) -> impl Fn() -> std::collections::HashSet<u16> {
+        let (pid, port) = (self.pid(), self.addr.port());
+        move || crate::conns::client_ports(pid, port)
+    }
+
     pub fn rss_kib(&self) -> u64 {
         status_kib(self.pid(), "VmRSS:")
     }
