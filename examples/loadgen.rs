@@ -14,8 +14,9 @@
 //! target/release/examples/loadgen --scenario chat-one --json out.json
 //! ```
 //!
-//! Scenarios: chat-one, chat-many, fanout, replay, idle, shell, proxy,
-//! slow-client, and `micro` (the per-event parse and serialization cost,
+//! Scenarios: chat-one, chat-node (a Node `ws` reader), chat-many, fanout,
+//! replay, idle, shell, proxy, slow-client (never reads), slow-reader (ten
+//! times slower than the run), and `micro` (the per-event parse and serialization cost,
 //! in-process; run it under callgrind for instruction counts). Figures are medians over `--reps` repetitions. Traffic goes
 //! to 127.0.0.1 only; every wait is bounded. The tool raises its own
 //! RLIMIT_NOFILE to the hard limit (`idle` needs about 10,200 descriptors
@@ -26,10 +27,14 @@
 
 #[path = "loadgen/chat.rs"]
 mod chat;
+#[path = "loadgen/conns.rs"]
+mod conns;
 #[path = "loadgen/gateway.rs"]
 mod gateway;
 #[path = "loadgen/micro.rs"]
 mod micro;
+#[path = "loadgen/node.rs"]
+mod node;
 #[path = "loadgen/proxy.rs"]
 mod proxy;
 #[path = "loadgen/report.rs"]
@@ -50,8 +55,9 @@ use serde_json::json;
 use gateway::Bins;
 use report::Row;
 
-const SCENARIOS: [&str; 9] = [
+const SCENARIOS: [&str; 11] = [
     "chat-one",
+    "chat-node",
     "chat-many",
     "fanout",
     "replay",
@@ -59,6 +65,7 @@ const SCENARIOS: [&str; 9] = [
     "shell",
     "proxy",
     "slow-client",
+    "slow-reader",
     "micro",
 ];
 
@@ -157,7 +164,9 @@ async fn run_scenario(name: &str, ctx: &Ctx) -> Vec<Row> {
         "idle" => chat::idle(ctx).await,
         "shell" => shell::shell(ctx).await,
         "proxy" => proxy::proxy(ctx).await,
+        "chat-node" => node::chat_node(ctx).await,
         "slow-client" => chat::slow_client(ctx).await,
+        "slow-reader" => chat::slow_reader(ctx).await,
         "micro" => micro::micro(ctx).await,
         other => Err(format!("unknown scenario {other:?}")),
     };

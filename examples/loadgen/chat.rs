@@ -1,5 +1,5 @@
 //! Chat scenarios (`/ws`): chat-one, chat-many, fanout, replay, idle,
-//! slow-client, and the same-run baseline (the fake provider piped straight
+//! slow-client (never reads), slow-reader (ten times slower), and the same-run baseline (the fake provider piped straight
 //! into a reader).
 
 use std::cell::{Cell, RefCell};
@@ -13,8 +13,9 @@ use futures_util::{SinkExt, StreamExt};
 use serde_json::json;
 use tokio::time::Instant;
 
-use agentgate_actors::chat::chat_socket::{BACKLOG_MAX_BYTES, MAILBOX_CAPACITY};
-use agentgate_actors::chat::run_registry::REPLAY_MAX_BYTES;
+use agentgate_actors::chat::run_registry::{
+    DELIVERY_MAX_BYTES, REPLAY_MAX_BYTES, SUBSCRIBER_HIGH_WATER,
+};
 // The argv the gateway's Claude adapter passes (PROTOCOL.md 4.1); the fake ignores all but `--resume`.
 use agentgate_actors::provider::claude::STREAM_ARGS as CLAUDE_ARGS;
 
@@ -218,11 +219,16 @@ pub struct PipeResult {
 /// First and last line times of a pipe reader.
 type PipeSpan = Option<(std::time::Instant, std::time::Instant)>;
 
-fn pipe_one(bins: &Bins, prompt: &str) -> Result<(usize, PipeSpan, Histogram), String> {
-    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+/// The fake CLI started in `dir` as the gateway starts it, with the user
+/// turn `prompt` written to its stdin (kept open, as the gateway does).
+pub fn spawn_fake(
+    bins: &Bins,
+    dir: &std::path::Path,
+    prompt: &str,
+) -> Result<(std::process::Child, std::process::ChildStdin), String> {
     let mut child = Command::new(&bins.fake_claude)
         .args(CLAUDE_ARGS)
-        .current_dir(dir.path())
+        .current_dir(dir)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -232,6 +238,12 @@ fn pipe_one(bins: &Bins, prompt: &str) -> Result<(usize, PipeSpan, Histogram), S
     let user = json!({"type": "user", "message": {"role": "user", "content": prompt}});
     writeln!(stdin, "{user}").map_err(|e| e.to_string())?;
     stdin.flush().map_err(|e| e.to_string())?;
+    Ok((child, stdin))
+}
+
+fn pipe_one(bins: &Bins, prompt: &str) -> Result<(usize, PipeSpan, Histogram), String> {
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let (mut child, stdin) = spawn_fake(bins, dir.path(), prompt)?;
     let stdout = child.stdout.take().ok_or("stdout")?;
     let mut reader = BufReader::with_capacity(64 * 1024, stdout);
     let mut line = Vec::with_capacity(4096);
@@ -798,85 +810,128 @@ pub async fn idle(ctx: &Ctx) -> Result<Vec<Row>, String> {
 
 // ---------------------------------------------------------------- slow-client
 
+/// Heartbeat of the stuck-client scenario: the stuck socket must be gone
+/// within two of these after it stopped reading (plus the watchdog's tick).
+const SLOW_HEARTBEAT_SECS: u64 = 2;
+
+/// Gateway RSS cap for `subscribers` subscribers: the idle gateway, the
+/// replay buffer, and per subscriber its delivery budget (high-water mark
+/// plus one delivery) plus the encoder's share, with 8 MB allocator slack.
+fn rss_cap_mb(base_kib: u64, subscribers: usize) -> (f64, String) {
+    let per_socket = (SUBSCRIBER_HIGH_WATER + 2 * DELIVERY_MAX_BYTES) as f64 / 1048576.0;
+    let replay = REPLAY_MAX_BYTES as f64 / 1048576.0;
+    let cap = mb(base_kib) + replay + subscribers as f64 * per_socket + 8.0;
+    (
+        cap,
+        format!(
+            "cap = idle {:.0} MB + replay buffer {replay:.0} MB + {subscribers} x budget {per_socket:.1} MB + 8 MB slack",
+            mb(base_kib)
+        ),
+    )
+}
+
+/// Samples the gateway's RSS every 20 ms until stopped; returns the peak.
+fn rss_sampler(
+    pid: u32,
+) -> (
+    tokio::sync::watch::Sender<bool>,
+    actix_rt::task::JoinHandle<u64>,
+) {
+    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+    let handle = actix_rt::spawn(async move {
+        let mut peak = 0;
+        loop {
+            peak = peak.max(crate::gateway::status_kib(pid, "VmRSS:"));
+            tokio::select! {
+                _ = stop_rx.changed() => return peak,
+                _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+            }
+        }
+    });
+    (stop_tx, handle)
+}
+
+/// One subscriber never reads while another reads a 1 GB run: the stuck
+/// one is cut off by the gateway (it cannot even take a close frame) within
+/// two heartbeat intervals, memory stays bounded, the other loses nothing.
 pub async fn slow_client(ctx: &Ctx) -> Result<Vec<Row>, String> {
     let event_bytes = 16 * 1024;
     let total_bytes: usize = if ctx.quick { 128 << 20 } else { 1 << 30 };
     let events = total_bytes / event_bytes;
-    let gw = Gateway::start(&ctx.bins, |_, _| {})?;
+    let gw = Gateway::start(&ctx.bins, |_, cmd| {
+        cmd.arg("--heartbeat-secs")
+            .arg(SLOW_HEARTBEAT_SECS.to_string());
+    })?;
     let base_kib = gw.rss_kib();
     let (_project, sid) = session(&gw).await?;
     let mut fast = chat_socket(ctx, &gw).await?;
-    let mut slow = chat_socket(ctx, &gw).await?;
+    let before = gw.client_ports();
+    let mut stuck = chat_socket(ctx, &gw).await?;
+    let stuck_port = {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(p) = gw.client_ports().difference(&before).next() {
+                break *p;
+            }
+            if Instant::now() > deadline {
+                return Err("the stuck socket's connection was not found".into());
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
     let request = start_gated(
         &mut fast,
         &sid,
         &format!("text:{events} size:{event_bytes}"),
     )
     .await?;
-    subscribe(&mut slow, &sid, 0).await?;
-    // From here the slow socket reads nothing until the run is over.
-    let peak = Rc::new(Cell::new(0u64));
-    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
-    let sampler = {
-        let (peak, pid) = (peak.clone(), gw.pid());
-        actix_rt::spawn(async move {
-            loop {
-                peak.set(peak.get().max(crate::gateway::status_kib(pid, "VmRSS:")));
-                tokio::select! {
-                    _ = stop_rx.changed() => return,
-                    _ = tokio::time::sleep(Duration::from_millis(20)) => {}
-                }
-            }
-        })
-    };
+    subscribe(&mut stuck, &sid, 0).await?;
+    // From here the stuck socket reads nothing, ever.
+    let (stop, sampler) = rss_sampler(gw.pid());
     let t0 = Instant::now();
     release_gate(&mut fast, &request).await?;
+    let watcher = {
+        let gw_ports = gw.clone_ports_probe();
+        actix_rt::spawn(async move {
+            let deadline = Instant::now() + Duration::from_secs(120);
+            while gw_ports().contains(&stuck_port) && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Instant::now()
+        })
+    };
     let mut seqc = SeqCheck::default();
     let seen = read_run(&mut fast, &mut seqc, run_deadline(events * 20)).await;
     let elapsed = secs(t0.elapsed());
-    let _ = stop_tx.send(true);
-    let _ = sampler.await;
+    let cut_at = watcher.await.map_err(|e| e.to_string())?;
+    let _ = stop.send(true);
+    let peak = sampler.await.unwrap_or(0);
     let seen = seen?;
-    // Now drain the slow socket: everything it was sent, then its close code.
-    let mut code = None;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        match ws::recv(&mut slow, deadline).await {
-            Ok(In::Close(c)) => {
-                code = c;
-                break;
-            }
-            Ok(In::Ended) | Err(_) => break,
-            Ok(_) => {}
-        }
-    }
+    let cut_secs = secs(cut_at.duration_since(t0));
+    let still_open = gw.client_ports().contains(&stuck_port);
+    drop(stuck);
     let hwm = gw.hwm_kib();
-    // The configured caps over the idle gateway: the replay buffer, and per
-    // subscriber a full mailbox of 64 KiB batches plus a full backlog.
-    let per_socket = (MAILBOX_CAPACITY * 64 * 1024 + BACKLOG_MAX_BYTES) as f64 / 1048576.0;
-    let replay = REPLAY_MAX_BYTES as f64 / 1048576.0;
-    let cap_mb = mb(base_kib) + replay + 2.0 * per_socket;
+    let (cap_mb, cap_note) = rss_cap_mb(base_kib, 2);
     let fast_ok = seen.deltas == events && seqc.gaps == 0;
     let s = "slow-client";
     Ok(vec![
         Row::new(
             s,
             &format!("peak RSS while streaming {} MB", total_bytes >> 20),
-            mb(hwm.max(peak.get())),
+            mb(hwm.max(peak)),
             Unit::MB,
             Target::Below(cap_mb),
         )
-        .note(format!(
-            "cap = idle {:.0} MB + replay buffer {replay:.0} MB + 2 subscribers x (mailbox + backlog) {per_socket:.0} MB",
-            mb(base_kib)
-        )),
+        .note(cap_note),
         Row::new(
             s,
-            "slow socket close code",
-            code.map_or(0.0, f64::from),
-            Unit::Code,
-            Target::Equals(4008.0),
-        ),
+            &format!("stuck socket dropped after (heartbeat {SLOW_HEARTBEAT_SECS} s)"),
+            cut_secs,
+            Unit::Secs,
+            Target::AtMost(2.0 * SLOW_HEARTBEAT_SECS as f64 + 1.0),
+        )
+        .also(!still_open)
+        .note("from the run's start; the target is two heartbeat intervals plus the watchdog's tick and grace"),
         Row::new(
             s,
             "other subscriber: events missed",
@@ -892,5 +947,103 @@ pub async fn slow_client(ctx: &Ctx) -> Result<Vec<Row>, String> {
             Unit::MBps,
             Target::None,
         ),
+    ])
+}
+
+// ---------------------------------------------------------------- slow-reader
+
+/// One reader ten times slower than the provider (measured in the same
+/// run: the fake CLI piped into a reader): it is never closed, gets every
+/// event, and the run is paused for it; memory stays bounded.
+pub async fn slow_reader(ctx: &Ctx) -> Result<Vec<Row>, String> {
+    let event_bytes = 1024;
+    let events = if ctx.quick { 50_000 } else { 200_000 };
+    let prompt = format!("text:{events} size:{event_bytes}");
+    let producer = pipe_baseline(&ctx.bins, &prompt, 1).await?.lines_per_sec;
+    let target_rate = producer / 10.0;
+    let gw = Gateway::start(&ctx.bins, |_, _| {})?;
+    let base_kib = gw.rss_kib();
+    let (_project, sid) = session(&gw).await?;
+    let mut ws = chat_socket(ctx, &gw).await?;
+    let (stop, sampler) = rss_sampler(gw.pid());
+    send_chat(&mut ws, &sid, &prompt).await?;
+    let deadline =
+        run_deadline(events) + Duration::from_secs_f64(events as f64 / target_rate * 2.0);
+    let mut seqc = SeqCheck::default();
+    let (mut deltas, mut closed) = (0usize, None);
+    let mut first = None;
+    let step = 200;
+    loop {
+        let frame = match ws::recv(&mut ws, deadline).await? {
+            In::Text(b) => b,
+            In::Binary => continue,
+            In::Close(code) => {
+                closed = Some(code.unwrap_or(0));
+                break;
+            }
+            In::Ended => {
+                closed = Some(0);
+                break;
+            }
+        };
+        let sc = scan(&frame);
+        let Some(seq) = sc.seq else { continue };
+        seqc.see(seq);
+        if sc.kind == "stream_delta" {
+            let t = *first.get_or_insert_with(Instant::now);
+            deltas += 1;
+            if deltas % step == 0 {
+                // Hold the reading back to the target rate.
+                let due = t + Duration::from_secs_f64(deltas as f64 / target_rate);
+                tokio::time::sleep_until(due).await;
+            }
+        }
+        if sc.kind == "complete" {
+            break;
+        }
+    }
+    let rate = first.map_or(0.0, |t| deltas as f64 / secs(t.elapsed()));
+    let _ = stop.send(true);
+    let peak = sampler.await.unwrap_or(0);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (pauses, paused_ms) = crate::node::pauses(&gw);
+    let hwm = gw.hwm_kib();
+    let (cap_mb, cap_note) = rss_cap_mb(base_kib, 1);
+    let s = "slow-reader";
+    Ok(vec![
+        Row::new(
+            s,
+            "reader events/s (10x slower than the provider)",
+            rate,
+            Unit::PerSec,
+            Target::None,
+        )
+        .baseline(producer)
+        .note("baseline: the fake CLI piped into a reader, same run"),
+        Row::new(
+            s,
+            "closes of the slow reader",
+            closed.map_or(0.0, |_| 1.0),
+            Unit::Count,
+            Target::Equals(0.0),
+        )
+        .note(closed.map_or(String::new(), |c| format!("closed with {c}"))),
+        Row::new(
+            s,
+            "events missed",
+            (events - deltas.min(events)) as f64 + seqc.gaps as f64,
+            Unit::Count,
+            Target::Equals(0.0),
+        ),
+        Row::new(s, "run pauses", pauses, Unit::Count, Target::AtLeast(1.0)),
+        Row::new(s, "paused time", paused_ms, Unit::Millis, Target::None),
+        Row::new(
+            s,
+            &format!("peak RSS ({} MB run)", (events * event_bytes) >> 20),
+            mb(hwm.max(peak)),
+            Unit::MB,
+            Target::Below(cap_mb),
+        )
+        .note(cap_note),
     ])
 }

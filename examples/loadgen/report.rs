@@ -25,11 +25,11 @@ pub enum Unit {
     PerSec,
     MBps,
     Millis,
+    Secs,
     Micros,
     MB,
     KiB,
     Count,
-    Code,
 }
 
 #[derive(Clone, Debug)]
@@ -146,11 +146,11 @@ fn unit_name(u: Unit) -> &'static str {
         Unit::PerSec => "1/s",
         Unit::MBps => "MB/s",
         Unit::Millis => "ms",
+        Unit::Secs => "s",
         Unit::Micros => "us",
         Unit::MB => "MB",
         Unit::KiB => "KiB",
         Unit::Count => "count",
-        Unit::Code => "code",
     }
 }
 
@@ -182,11 +182,11 @@ pub fn fmt(v: f64, unit: Unit) -> String {
         Unit::Millis if v < 0.1 => format!("{v:.3} ms"),
         Unit::Millis if v < 10.0 => format!("{v:.2} ms"),
         Unit::Millis => format!("{v:.1} ms"),
+        Unit::Secs => format!("{v:.2} s"),
         Unit::Micros => format!("{v:.1} us"),
         Unit::MB => format!("{v:.1} MB"),
         Unit::KiB => format!("{v:.1} KiB"),
         Unit::Count => thousands(v),
-        Unit::Code => format!("{v:.0}"),
     }
 }
 
