@@ -11,7 +11,7 @@ use crate::chat::{next_event, of_kind, send, seqs, until_complete};
 use crate::util::{eventually, example_bin, project_dir, rss_kib, TestServer, WsEvent};
 
 /// Heartbeat for these tests: a stuck client is cut off after two of them.
-const HEARTBEAT_SECS: u64 = 1;
+const HEARTBEAT_SECS: u64 = 2;
 
 fn server() -> TestServer {
     TestServer::start_with(|cmd| {
@@ -72,9 +72,9 @@ async fn a_chat_client_that_stops_reading_is_cut_off_and_loses_nothing() {
         server.logs().contains("stuck"),
         "no supervision log line for the stuck socket"
     );
-    // The run was not lost: a client that saw seq 1 gets 2..=complete.
-    let mut ws = server.ws(&format!("/ws?token={token}")).await;
-    for _ in 0..500 {
+    // The run was not lost: once it completed, a client that saw seq 1 gets
+    // 2..=complete (its socket opened only then: unread, it would miss pings).
+    for _ in 0..1500 {
         let (_, row) = server
             .get("/api/providers/sessions/running", Some(&token))
             .await;
@@ -86,6 +86,7 @@ async fn a_chat_client_that_stops_reading_is_cut_off_and_loses_nothing() {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    let mut ws = server.ws(&format!("/ws?token={token}")).await;
     ws.send_json(
         json!({"type":"chat.subscribe","sessions":[{"sessionId": session, "lastSeq": 1}]}),
     )
@@ -642,8 +643,7 @@ async fn fifteen_hundred_sockets_dropped_without_a_close_leave_no_descriptor() {
     }
     // The default heartbeat: these sockets are not read while they are opened.
     let server = TestServer::start_with(|cmd| {
-        cmd.arg("--claude-bin")
-            .arg(env!("CARGO_BIN_EXE_fake_claude"));
+        cmd.arg("--claude-bin").arg(example_bin("fake_claude"));
     });
     let token = server.token("alice");
     let project = project_dir();
