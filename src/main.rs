@@ -29,6 +29,7 @@ mod db;
 mod files;
 mod guard;
 mod plugins_api;
+mod remote_api;
 mod routes;
 mod server;
 mod state;

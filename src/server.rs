@@ -16,6 +16,7 @@ use agentgate_actors::chat::run_registry::{RunRegistry, Shutdown as RunShutdown}
 use agentgate_actors::config::GatewayConfig;
 use agentgate_actors::plugin::{PluginRegistry, StopAllPlugins};
 use agentgate_actors::provider::ProviderKind;
+use agentgate_actors::remote::followers::Followers;
 use agentgate_actors::shell::{PtyHub, ShutdownPtys};
 use agentgate_actors::store::Store;
 use agentgate_actors::watchdog::{conn_fd, ConnFd, ConnWatchdog};
@@ -103,6 +104,7 @@ pub async fn serve(common: Common, args: ServeArgs) -> std::io::Result<()> {
     let watchdog = ConnWatchdog::start_in_arbiter(&watchdog_arbiter.handle(), move |_| {
         ConnWatchdog::new(heartbeat)
     });
+    let followers = Followers::default().start();
 
     let state = web::Data::new(AppState {
         config: config.clone(),
@@ -124,6 +126,7 @@ pub async fn serve(common: Common, args: ServeArgs) -> std::io::Result<()> {
             Duration::from_secs(args.login_window_secs),
         )
         .start(),
+        followers,
     });
 
     let app_state = state.clone();
@@ -150,6 +153,7 @@ pub async fn serve(common: Common, args: ServeArgs) -> std::io::Result<()> {
             })
             .configure(routes::configure)
             .configure(crate::plugins_api::configure)
+            .configure(crate::remote_api::configure)
             // After every API and WebSocket route: the web UI, else the JSON 404.
             .default_service(web::to(crate::web_ui::serve))
     })

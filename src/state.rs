@@ -8,6 +8,7 @@ use actix_web::{web, HttpRequest};
 use agentgate_actors::chat::run_registry::RunRegistry;
 use agentgate_actors::config::GatewayConfig;
 use agentgate_actors::plugin::PluginRegistry;
+use agentgate_actors::remote::followers::Followers;
 use agentgate_actors::shell::PtyHub;
 use agentgate_actors::store::Store;
 use agentgate_actors::watchdog::{watched_conn, ConnFd, ConnWatchdog, WatchedConn};
@@ -42,6 +43,8 @@ pub struct AppState {
     pub hashes: Arc<tokio::sync::Semaphore>,
     /// Failed-login counters per username and per client address.
     pub throttle: Addr<LoginThrottle>,
+    /// Where closed remote-session sockets left off (PROTOCOL.md 8).
+    pub followers: Addr<Followers>,
 }
 
 impl AppState {

@@ -9,6 +9,7 @@
 //! - `shell`: `/shell` terminals: real bash in real PTYs, reattach, replay, screen restore, auth URLs, flow control.
 //! - `security`: TLS, Origin/Host checks, hardened auth, limits, hostile input.
 //! - `plugins`: plugin servers (the `echo_plugin` example, shell scripts), `/plugin-ws/{name}`, plugin REST.
+//! - `remote`: remote sessions (`/v1/...`) with the `agentgate-client` library: follow, steer, permissions, reconnects.
 //! - `web_ui`: static serving of a built web UI, the help page, `user add`, the REST routes the web UI reads.
 
 mod util;
@@ -22,6 +23,7 @@ mod delivery;
 mod foundation;
 mod plugins;
 mod providers;
+mod remote;
 mod security;
 mod shell;
 mod web_ui;

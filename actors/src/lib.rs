@@ -9,6 +9,7 @@
 //! | `ChatSocket` | [`chat::chat_socket`] | one `/ws` connection: parses frames, dispatches to the registry, writes frames |
 //! | `PluginRegistry`, `PluginHost`, `PluginProxy` | [`plugin`] | plugin servers under supervision (one host each) and one proxy per `/plugin-ws/{name}` socket |
 //! | `PtyHub`, `PtySession`, `ShellSocket` | [`shell`] | `/shell` terminals: the registry of live PTYs by (user, key), one actor per PTY (child, replay, screen, attached sockets), one per socket |
+//! | `RemoteSocket`, `EventStream`, `Followers` | [`remote`] | Claude Code's remote-session client: one follower of a session's runs per WebSocket or SSE stream, rendered as stream-json messages; where closed sockets left off |
 //!
 //! Everything else is plain data or functions: [`protocol`] (wire types),
 //! [`provider`] (the adapter trait and the adapters), [`store`] (the database
@@ -32,6 +33,7 @@ pub mod plugin;
 pub mod procfs;
 pub mod protocol;
 pub mod provider;
+pub mod remote;
 pub mod shell;
 pub mod store;
 pub mod watchdog;

@@ -306,6 +306,19 @@ pub fn create_session(
     })
 }
 
+/// The user's projects (each a session was ever created in) as `(path,
+/// created_at)`, newest first.
+pub fn user_projects(
+    conn: &mut SqliteConnection,
+    user_id: i32,
+) -> Result<Vec<(String, String)>, DbError> {
+    Ok(projects::table
+        .filter(projects::user_id.eq(user_id))
+        .order((projects::created_at.desc(), projects::id.desc()))
+        .select((projects::path, projects::created_at))
+        .load(conn)?)
+}
+
 pub fn session_by_id(conn: &mut SqliteConnection, id: &str) -> Result<Option<Session>, DbError> {
     Ok(sessions::table
         .find(id)

@@ -81,7 +81,8 @@ impl WebUi {
 pub async fn serve(req: HttpRequest, ui: web::Data<WebUi>) -> Result<HttpResponse, ApiError> {
     let path = req.path();
     let is_read = req.method() == Method::GET || req.method() == Method::HEAD;
-    if !is_read || path == "/api" || path.starts_with("/api/") {
+    // The remote-session API (`/v1/...`) answers JSON too, never the SPA.
+    if !is_read || path == "/api" || path.starts_with("/api/") || path.starts_with("/v1/") {
         return crate::routes::not_found().await;
     }
     let Some(root) = ui.root() else {

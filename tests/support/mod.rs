@@ -16,6 +16,7 @@ pub mod clis;
 pub mod gemini;
 pub mod model_stub;
 pub mod openai;
+pub mod proxy;
 pub mod tls;
 
 mod selftest;

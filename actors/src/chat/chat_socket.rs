@@ -233,7 +233,7 @@ impl ChatSocket {
                         .await
                         .map_err(internal)?;
                     let start = StartRun {
-                        socket,
+                        socket: Some(socket),
                         user_id,
                         session,
                         content,
@@ -241,7 +241,7 @@ impl ChatSocket {
                         client_request_id,
                         cwd,
                     };
-                    registry.send(start).await.map_err(internal)?
+                    registry.send(start).await.map_err(internal)?.map(|_| ())
                 };
                 refusal(start.await, session_id)
             }),
@@ -263,6 +263,7 @@ impl ChatSocket {
                                 socket,
                                 session,
                                 last_seq: target.last_seq,
+                                follow: false,
                             };
                             if let Err(e) = registry.send(subscribe).await {
                                 refusals.push((internal(e), target.session_id));

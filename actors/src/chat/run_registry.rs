@@ -162,11 +162,13 @@ pub struct Drained {
     pub batches: usize,
 }
 
-/// `chat.send` from a socket, after the socket checked the row belongs to the user.
+/// `chat.send` from a socket (or a remote-session turn over REST, without
+/// one), after the caller checked the row belongs to the user.
 #[derive(Message)]
-#[rtype(result = "Result<(), ChatError>")]
+#[rtype(result = "Result<RunStarted, ChatError>")]
 pub struct StartRun {
-    pub socket: SocketId,
+    /// The sending socket, which becomes a subscriber; `None` for REST.
+    pub socket: Option<SocketId>,
     pub user_id: i64,
     pub session: SessionRow,
     pub content: String,
@@ -175,6 +177,16 @@ pub struct StartRun {
     /// The run's working directory, from [`resolve_cwd`] (the socket resolves
     /// it on the blocking pool: it touches the filesystem).
     pub cwd: PathBuf,
+}
+
+/// What [`StartRun`] started (or, for a repeated `clientRequestId`, had started).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunStarted {
+    pub run_id: String,
+    /// Seq of the run's first event (0 when a repeated request names a run already gone).
+    pub first_seq: u64,
+    /// A repeated `clientRequestId`: nothing was started.
+    pub duplicate: bool,
 }
 
 /// `chat.abort` from a socket.
@@ -194,6 +206,10 @@ pub struct Subscribe {
     pub socket: SocketId,
     pub session: SessionRow,
     pub last_seq: Option<u64>,
+    /// A remote-session follower (PROTOCOL.md 8): attached even while no run
+    /// runs (it follows the session's next turns), and sent the current or
+    /// retained run from `max(lastSeq + 1, runFirstSeq)`, completed or not.
+    pub follow: bool,
 }
 
 /// `chat.permission-response` from a socket. Unknown ids are ignored.
@@ -1101,6 +1117,12 @@ impl RunRegistry {
     /// been sent, streamed as it drains.
     fn subscribe(&mut self, msg: Subscribe) {
         let session_id = msg.session.id.clone();
+        if msg.follow {
+            // A follower stays for the session's next runs: it needs the state now.
+            if let Ok(kind) = msg.session.provider.parse() {
+                self.state_for(&msg.session, kind);
+            }
+        }
         let from = msg.last_seq.unwrap_or(0);
         let state = self.sessions.get(&session_id);
         let run = state.and_then(|s| s.run.as_ref());
@@ -1147,12 +1169,17 @@ impl RunRegistry {
                 // E8: never back, never twice.
                 (Some(sent), _, _) => Some(sent.max(from)),
                 (None, true, _) => Some(from.max(run.first_seq - 1)),
+                // A follower: the run from its start (or after lastSeq), completed or not.
+                (None, false, _) if msg.follow => Some(from.max(run.first_seq - 1)),
                 // E7: catch-up of a completed run the client had reached.
                 (None, false, true) => Some(from),
                 (None, false, false) => None,
             }
             // A lastSeq from the future means "nothing yet": live from here.
             .map(|sent| sent.min(state.last_seq));
+        } else if let Some(state) = state.filter(|_| msg.follow) {
+            // No run in memory: a follower waits for the next one.
+            cursor = Some(state.last_seq);
         }
         let ack = ServerFrame::ChatSubscribed {
             session_id: session_id.clone(),
@@ -1182,7 +1209,11 @@ impl RunRegistry {
         Some(rx)
     }
 
-    fn start_run(&mut self, msg: StartRun, ctx: &mut Context<Self>) -> Result<(), ChatError> {
+    fn start_run(
+        &mut self,
+        msg: StartRun,
+        ctx: &mut Context<Self>,
+    ) -> Result<RunStarted, ChatError> {
         if self.shutting_down {
             return Err(ChatError::new(
                 ErrorCode::ShuttingDown,
@@ -1208,11 +1239,22 @@ impl RunRegistry {
         requests.retain(|(_, _, at)| now.duration_since(*at) < CLIENT_REQUEST_TTL);
         if let Some(crid) = &msg.client_request_id {
             if let Some((_, run_id, _)) = requests.iter().find(|(c, _, _)| c == crid) {
+                let state = self.sessions.get(&session_id);
+                let started = RunStarted {
+                    run_id: run_id.clone(),
+                    first_seq: state
+                        .and_then(|s| s.run.as_ref())
+                        .filter(|r| &r.id == run_id)
+                        .map_or(0, |r| r.first_seq),
+                    duplicate: true,
+                };
                 let frame = accepted_frame(&session_id, run_id, crid, true);
-                let last = self.sessions.get(&session_id).map_or(0, |s| s.last_seq);
-                self.attach(msg.socket, &session_id, last, false);
-                self.deliver_to(msg.socket, vec![frame].into());
-                return Ok(());
+                if let Some(socket) = msg.socket {
+                    let last = state.map_or(0, |s| s.last_seq);
+                    self.attach(socket, &session_id, last, false);
+                    self.deliver_to(socket, vec![frame].into());
+                }
+                return Ok(started);
             }
         }
         let Some(state) = self.sessions.get_mut(&session_id) else {
@@ -1276,15 +1318,19 @@ impl RunRegistry {
             paused_for: Duration::ZERO,
             exit_waiters: Vec::new(),
         });
-        self.attach(msg.socket, &session_id, first_seq - 1, false);
+        if let Some(socket) = msg.socket {
+            self.attach(socket, &session_id, first_seq - 1, false);
+        }
         if let Some(crid) = &msg.client_request_id {
             let requests = self.client_requests.entry(session_id.clone()).or_default();
             if requests.len() >= CLIENT_REQUESTS_MAX {
                 requests.pop_front();
             }
             requests.push_back((crid.clone(), run_id.clone(), now));
-            let frame = accepted_frame(&session_id, &run_id, crid, false);
-            self.deliver_to(msg.socket, vec![frame].into());
+            if let Some(socket) = msg.socket {
+                let frame = accepted_frame(&session_id, &run_id, crid, false);
+                self.deliver_to(socket, vec![frame].into());
+            }
         }
 
         if self.spawn_processes {
@@ -1304,7 +1350,11 @@ impl RunRegistry {
             }
         }
         tracing::info!(actor = "ProviderRun", session_id = %session_id, run_id = %run_id, provider = %kind, "run started");
-        Ok(())
+        Ok(RunStarted {
+            run_id,
+            first_seq,
+            duplicate: false,
+        })
     }
 
     /// The run's events, once its seqs are reserved: sequenced, buffered,
@@ -1493,7 +1543,7 @@ impl Handler<Drained> for RunRegistry {
 }
 
 impl Handler<StartRun> for RunRegistry {
-    type Result = ResponseActFuture<Self, Result<(), ChatError>>;
+    type Result = ResponseActFuture<Self, Result<RunStarted, ChatError>>;
 
     fn handle(&mut self, msg: StartRun, ctx: &mut Context<Self>) -> Self::Result {
         let session_id = msg.session.id.clone();
@@ -1630,6 +1680,15 @@ impl Handler<RespondPermission> for RunRegistry {
                 original_input: p.input,
             });
         }
+        // The first answer wins: every other follower (a second /ws client, a
+        // remote-session client) sees the prompt withdrawn.
+        self.emit(
+            &session_id,
+            EventBody::PermissionCancelled {
+                request_id,
+                reason: "answered".into(),
+            },
+        );
     }
 }
 
@@ -1944,7 +2003,7 @@ mod tests {
 
     fn start_run(socket: SocketId, content: &str) -> StartRun {
         StartRun {
-            socket,
+            socket: Some(socket),
             user_id: 1,
             session: row(),
             content: content.into(),
