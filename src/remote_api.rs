@@ -427,11 +427,12 @@ async fn post_events(
                 state.registry.send(abort).await.map_err(internal)??;
                 json!({"sequence_num": 0})
             }
-            Inbound::UnsupportedControl { subtype, .. } => {
-                return Err(V1Error::bad_request(format!(
-                    "Unsupported control request subtype: {subtype}"
-                )))
-            }
+            // Accepted and not acted on: a client's other requests (model or
+            // mode switches) must not fail the turns posted beside them.
+            Inbound::UnsupportedControl { subtype, .. } => json!({
+                "sequence_num": 0,
+                "error": format!("Unsupported control request subtype: {subtype}"),
+            }),
             Inbound::Ignored => json!({"sequence_num": 0}),
         };
         results.push(result);

@@ -450,3 +450,134 @@ fn jwt_claims(token: &str) -> Value {
         .expect("base64url");
     serde_json::from_slice(&bytes).expect("claims")
 }
+
+/// One SSE event of the stream: (event, id, data).
+type SseEvent = (String, Option<u64>, Value);
+
+/// Reads SSE events from a streaming response until `done` says so.
+async fn read_sse(
+    res: &mut awc::ClientResponse<
+        impl futures_util::Stream<Item = Result<actix_web::web::Bytes, awc::error::PayloadError>>
+            + Unpin,
+    >,
+    mut done: impl FnMut(&SseEvent) -> bool,
+) -> Vec<SseEvent> {
+    let mut text = String::new();
+    let mut events = Vec::new();
+    loop {
+        let chunk = tokio::time::timeout(WAIT, res.next())
+            .await
+            .expect("SSE data in time")
+            .expect("the stream is open")
+            .expect("a chunk");
+        text.push_str(&String::from_utf8_lossy(&chunk));
+        while let Some(end) = text.find("\n\n") {
+            let block: String = text.drain(..end + 2).collect();
+            let (mut event, mut id, mut data) = (String::new(), None, Value::Null);
+            for line in block.lines() {
+                if let Some(v) = line.strip_prefix("event: ") {
+                    event = v.to_string();
+                } else if let Some(v) = line.strip_prefix("id: ") {
+                    id = v.parse().ok();
+                } else if let Some(v) = line.strip_prefix("data: ") {
+                    data = serde_json::from_str(v).expect("data is JSON");
+                }
+            }
+            let e = (event, id, data);
+            let stop = done(&e);
+            events.push(e);
+            if stop {
+                return events;
+            }
+        }
+    }
+}
+
+fn is_result(e: &SseEvent) -> bool {
+    e.0 == "client_event" && e.2["payload"]["type"] == "result"
+}
+
+async fn open_sse(
+    server: &TestServer,
+    r: &Remote,
+    last_event_id: Option<u64>,
+) -> awc::ClientResponse<
+    impl futures_util::Stream<Item = Result<actix_web::web::Bytes, awc::error::PayloadError>> + Unpin,
+> {
+    let mut req = awc::Client::builder()
+        .disable_timeout()
+        .finish()
+        .get(server.url(&format!("/v1/code/sessions/{}/events/stream", r.id)))
+        .bearer_auth(&r.token)
+        .insert_header(("accept", "text/event-stream"));
+    if let Some(id) = last_event_id {
+        req = req.insert_header(("last-event-id", id.to_string()));
+    }
+    let res = req.send().await.expect("GET events/stream");
+    assert_eq!(res.status().as_u16(), 200);
+    assert_eq!(
+        res.headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok()),
+        Some("text/event-stream")
+    );
+    res
+}
+
+/// The SSE generation: `client_event` ids are agentgate's seqs (the same as
+/// `/ws` sees), deltas come as `ephemeral_event`, a turn POSTed to
+/// `/v1/code/sessions/{id}/events` answers the seq its run starts at, a
+/// stream resumed with `Last-Event-ID` continues right after it (no second
+/// `init`), and one whose cursor the buffer no longer reaches gets
+/// `catch_up_truncated` first.
+#[actix_rt::test]
+async fn the_sse_stream_numbers_by_seq_and_resumes_from_last_event_id() {
+    let server = fake_server();
+    let r = remote(&server, "alice", "text:3").await;
+    let mut res = open_sse(&server, &r, None).await;
+    let first = read_sse(&mut res, is_result).await;
+    let kinds: Vec<&str> = first.iter().map(|e| e.0.as_str()).collect();
+    assert_eq!(kinds.iter().filter(|k| **k == "ephemeral_event").count(), 3);
+    let numbered: Vec<(u64, u64)> = first
+        .iter()
+        .filter_map(|e| Some((e.1?, e.2["sequence_num"].as_u64()?)))
+        .collect();
+    assert!(numbered.iter().all(|(id, n)| id == n), "{numbered:?}");
+    assert!(numbered.windows(2).all(|w| w[0].0 < w[1].0));
+    let first_end = numbered.last().unwrap().0;
+
+    // The next turn, posted the SSE generation's way.
+    let (status, body) = server
+        .post(
+            &format!("/v1/code/sessions/{}/events", r.id),
+            Some(&r.token),
+            json!({"events": [{"payload": {"type": "user", "uuid": "u-2", "session_id": r.id,
+                "parent_tool_use_id": null, "message": {"role": "user", "content": "text:4"}}}]}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let run_start = body["results"][0]["sequence_num"].as_u64().unwrap();
+    assert_eq!(run_start, first_end + 1);
+    let second = read_sse(&mut res, is_result).await;
+    assert_eq!(second[0].2["payload"]["subtype"], "init");
+    let ids: Vec<u64> = second.iter().filter_map(|e| e.1).collect();
+    assert!(ids[0] >= run_start);
+    drop(res);
+
+    // Resume in the middle of the second run.
+    let cursor = ids[0];
+    let mut res = open_sse(&server, &r, Some(cursor)).await;
+    let resumed = read_sse(&mut res, is_result).await;
+    let resumed_ids: Vec<u64> = resumed.iter().filter_map(|e| e.1).collect();
+    assert_eq!(resumed_ids, ids[1..].to_vec());
+    assert!(
+        !resumed.iter().any(|e| e.2["payload"]["subtype"] == "init"),
+        "no second init: {resumed:?}"
+    );
+    drop(res);
+
+    // A cursor in the first run: that run is no longer buffered.
+    let mut res = open_sse(&server, &r, Some(1)).await;
+    let behind = read_sse(&mut res, is_result).await;
+    assert_eq!(behind[0].0, "catch_up_truncated");
+}

@@ -9,7 +9,8 @@
 //! - `shell`: `/shell` terminals: real bash in real PTYs, reattach, replay, screen restore, auth URLs, flow control.
 //! - `security`: TLS, Origin/Host checks, hardened auth, limits, hostile input.
 //! - `plugins`: plugin servers (the `echo_plugin` example, shell scripts), `/plugin-ws/{name}`, plugin REST.
-//! - `remote`: remote sessions (`/v1/...`) with the `agentgate-client` library: follow, steer, permissions, reconnects.
+//! - `remote`: remote sessions (`/v1/...`) with the `agentgate-client` library: follow, steer, permissions, reconnects, SSE.
+//! - `remote_cli`: the real Claude Code remote-session clients (2.1.100 `--remote`, 2.1.330 `--cloud`) in a PTY.
 //! - `web_ui`: static serving of a built web UI, the help page, `user add`, the REST routes the web UI reads.
 
 mod util;
@@ -24,6 +25,7 @@ mod foundation;
 mod plugins;
 mod providers;
 mod remote;
+mod remote_cli;
 mod security;
 mod shell;
 mod web_ui;

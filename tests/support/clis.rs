@@ -30,6 +30,96 @@ pub fn claude_bin() -> PathBuf {
     npm_cli("@anthropic-ai/claude-code", CLAUDE_CODE_VERSION, "claude")
 }
 
+/// Claude Code's last plain-JS build whose `--remote` client speaks the
+/// WebSocket protocol of seed 001 and whose permission dialogs work
+/// (2.1.112 - 2.1.117 crash on them; 2.1.118 and later use SSE).
+pub const CLAUDE_CODE_JS_VERSION: &str = "2.1.100";
+
+/// `cli.js` of Claude Code [`CLAUDE_CODE_JS_VERSION`], fetched on first use
+/// with `npm pack` (no install scripts, no dependencies: it runs with `node`).
+pub fn claude_js() -> PathBuf {
+    npm_pack(
+        "@anthropic-ai/claude-code",
+        CLAUDE_CODE_JS_VERSION,
+        "cli.js",
+    )
+}
+
+/// Fetches `package@version` with `npm pack` and unpacks it into
+/// `<repo>/.cache/agent-clis/pack-<name>-<version>/package/` once; returns
+/// `<that>/package/<file>`. Same concurrency rules as [`npm_cli`].
+pub fn npm_pack(package: &str, version: &str, file: &str) -> PathBuf {
+    static CELLS: OnceLock<Mutex<HashMap<String, Arc<OnceLock<PathBuf>>>>> = OnceLock::new();
+    let key = format!("{package}@{version}#{file}");
+    let cell = {
+        let mut cells = CELLS
+            .get_or_init(Default::default)
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        Arc::clone(cells.entry(key).or_default())
+    };
+    cell.get_or_init(|| pack_once(package, version, file))
+        .clone()
+}
+
+fn pack_once(package: &str, version: &str, file: &str) -> PathBuf {
+    let root = cache_root();
+    let name = package.rsplit('/').next().unwrap_or(package);
+    let dir_name = format!("pack-{name}-{version}");
+    let target = root.join(&dir_name);
+    let path = target.join("package").join(file);
+    if is_complete(&target, &path) {
+        return path;
+    }
+    std::fs::create_dir_all(&root)
+        .unwrap_or_else(|e| panic!("cannot create CLI cache dir {}: {e}", root.display()));
+    remove_stale_temps(&root, &dir_name);
+    let nanos = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    let tmp = root.join(format!(".tmp-{dir_name}-{}-{nanos}", std::process::id()));
+    std::fs::create_dir_all(&tmp)
+        .unwrap_or_else(|e| panic!("cannot create temp dir {}: {e}", tmp.display()));
+    let spec = format!("{package}@{version}");
+    run_npm(&tmp, &["pack", &spec, "--silent"], &spec);
+    let tarball = std::fs::read_dir(&tmp)
+        .ok()
+        .and_then(|entries| {
+            entries
+                .flatten()
+                .map(|e| e.path())
+                .find(|p| p.extension().is_some_and(|x| x == "tgz"))
+        })
+        .unwrap_or_else(|| panic!("`npm pack {spec}` left no .tgz in {}", tmp.display()));
+    let status = Command::new("tar")
+        .arg("xzf")
+        .arg(&tarball)
+        .arg("-C")
+        .arg(&tmp)
+        .status()
+        .unwrap_or_else(|e| panic!("cannot run tar to unpack {spec}: {e}"));
+    assert!(
+        status.success(),
+        "tar could not unpack {}",
+        tarball.display()
+    );
+    let _ = std::fs::remove_file(&tarball);
+    if !tmp.join("package").join(file).is_file() {
+        let _ = std::fs::remove_dir_all(&tmp);
+        panic!("{spec} has no package/{file}");
+    }
+    std::fs::write(tmp.join(COMPLETE_MARKER), format!("{spec}\n"))
+        .unwrap_or_else(|e| panic!("cannot write marker in {}: {e}", tmp.display()));
+    if let Err(e) = std::fs::rename(&tmp, &target) {
+        let _ = std::fs::remove_dir_all(&tmp);
+        if !is_complete(&target, &path) {
+            panic!("cannot move {spec} into {}: {e}", target.display());
+        }
+    }
+    path
+}
+
 /// Root of the CLI cache: `<repo>/.cache/agent-clis` (gitignored).
 pub fn cache_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -128,8 +218,18 @@ fn is_complete(dir: &Path, bin: &Path) -> bool {
 }
 
 fn run_npm_install(dir: &Path, package: &str, version: &str) {
+    run_npm(
+        dir,
+        &["install", "--no-audit", "--no-fund", "--loglevel=error"],
+        &format!("{package}@{version}"),
+    );
+}
+
+/// Runs `npm <args>` in `dir` (bounded by [`NPM_INSTALL_TIMEOUT`]); panics
+/// with npm's output when it fails. `spec` names the package in messages.
+fn run_npm(dir: &Path, args: &[&str], spec: &str) {
     let mut child = Command::new("npm")
-        .args(["install", "--no-audit", "--no-fund", "--loglevel=error"])
+        .args(args)
         .current_dir(dir)
         .stdin(Stdio::null())
         // npm output is small; it goes to files so a full pipe can never block npm.
@@ -139,7 +239,7 @@ fn run_npm_install(dir: &Path, package: &str, version: &str) {
         .unwrap_or_else(|e| {
             let _ = std::fs::remove_dir_all(dir);
             panic!(
-                "cannot run `npm` to install {package}@{version} for the integration tests: {e}. \
+                "cannot run `npm` for {spec} (the integration tests need it): {e}. \
                  Install Node.js + npm (node >= 20) and make sure `npm` is on PATH."
             )
         });
@@ -153,8 +253,9 @@ fn run_npm_install(dir: &Path, package: &str, version: &str) {
                 let log = read_logs(dir);
                 let _ = std::fs::remove_dir_all(dir);
                 panic!(
-                    "`npm install {package}@{version}` did not finish within {NPM_INSTALL_TIMEOUT:?} \
-                     (registry unreachable?)\n{log}"
+                    "`npm {}` for {spec} did not finish within {NPM_INSTALL_TIMEOUT:?} \
+                     (registry unreachable?)\n{log}",
+                    args.join(" ")
                 );
             }
             Ok(None) => std::thread::sleep(NPM_POLL_INTERVAL),
@@ -164,7 +265,10 @@ fn run_npm_install(dir: &Path, package: &str, version: &str) {
     if !status.success() {
         let log = read_logs(dir);
         let _ = std::fs::remove_dir_all(dir);
-        panic!("`npm install {package}@{version}` failed ({status}):\n{log}");
+        panic!(
+            "`npm {}` for {spec} failed ({status}):\n{log}",
+            args.join(" ")
+        );
     }
 }
 

@@ -17,6 +17,7 @@ pub mod gemini;
 pub mod model_stub;
 pub mod openai;
 pub mod proxy;
+pub mod terminal;
 pub mod tls;
 
 mod selftest;
