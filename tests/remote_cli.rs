@@ -53,7 +53,8 @@ fn rig() -> Rig {
     let agent_home = tempfile::tempdir().expect("agent home");
     let agent_env = stub.claude_env(agent_home.path());
     let ca = TestCa::new();
-    let leaf = ca.leaf(&["api.anthropic.com"]);
+    // The client asks for api.anthropic.com; the test's own REST calls dial 127.0.0.1.
+    let leaf = ca.leaf(&["api.anthropic.com", "127.0.0.1"]);
     let server = TestServer::start_tls(&ca, &leaf, |cmd| {
         cmd.arg("--claude-bin").arg(&claude);
         for (k, v) in agent_env {
@@ -161,19 +162,54 @@ fn count(screen: &str, text: &str) -> usize {
 /// Subscribes `ws` to the user's running run (the one the client started)
 /// and waits for its first streamed text.
 async fn await_first_delta(ws: &mut WsClient, server: &TestServer, token: &str) {
-    let (status, body) = server
-        .get("/api/providers/sessions/running", Some(token))
-        .await;
-    assert_eq!(status, 200, "{body}");
-    let session = body["data"]["sessions"][0]["sessionId"]
-        .as_str()
-        .unwrap_or_else(|| panic!("a running run: {body}"))
-        .to_string();
+    // The client posts the turn on its own time: wait (bounded) for its run.
+    let deadline = std::time::Instant::now() + SCREEN_WAIT;
+    let session = loop {
+        let (status, body) = server
+            .get("/api/providers/sessions/running", Some(token))
+            .await;
+        assert_eq!(status, 200, "{body}");
+        if let Some(id) = body["data"]["sessions"][0]["sessionId"].as_str() {
+            break id.to_string();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no run started: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
     ws.send_json(
         json!({"type":"chat.subscribe","sessions":[{"sessionId": session, "lastSeq": 0}]}),
     )
     .await;
     ws.recv_until_kind("stream_delta").await;
+}
+
+/// The option of the dialog the cursor (`❯`) is on.
+fn selected(screen: &str) -> Option<String> {
+    screen.lines().find_map(|line| {
+        let rest = line.trim_start().strip_prefix("❯ ")?;
+        let (number, label) = rest.split_once(". ")?;
+        number
+            .chars()
+            .all(|c| c.is_ascii_digit())
+            .then(|| label.trim().to_string())
+    })
+}
+
+/// Moves the dialog's cursor down to the option labelled `label`.
+async fn select_option(term: &mut Terminal, label: &str) {
+    for _ in 0..5 {
+        let screen = term.screen();
+        if selected(&screen).as_deref() == Some(label) {
+            return;
+        }
+        term.type_text("\x1b[B").await; // Down
+        let before = selected(&screen);
+        term.wait_for("the cursor to move", SCREEN_WAIT, |s| selected(s) != before)
+            .await;
+    }
+    panic!("no option {label:?} in the dialog:\n{}", term.screen());
 }
 
 /// The WebSocket generation end to end: the first answer renders, a second
@@ -248,7 +284,7 @@ async fn claude_code_2_1_100_remote_follows_and_steers_a_session() {
         s.contains("Do you want to proceed?") && s.contains("refused.txt")
     })
     .await;
-    term.type_text("\x1b[B").await; // Down: "2. No"
+    select_option(&mut term, "No").await;
     term.enter().await;
     term.wait_for("the answer after the refusal", SCREEN_WAIT, |s| {
         s.contains("NOT-MADE")

@@ -63,7 +63,7 @@ pub struct RemoteSocket {
     id: Option<SocketId>,
     /// Rendered frames not yet written, each with what writing it tells and
     /// the registry bytes it finishes (reported [`Drained`] when written).
-    backlog: VecDeque<(Mark, ByteString, Option<(usize, usize)>)>,
+    backlog: VecDeque<(Mark, ByteString, Option<Drains>)>,
     backlog_bytes: usize,
     /// Where a reconnecting client must continue (left in `Followers` on close).
     resume: Option<ResumePoint>,
@@ -71,6 +71,9 @@ pub struct RemoteSocket {
     /// This socket's connection, watched for a client that stopped reading.
     conn: Option<WatchedConn>,
 }
+
+/// Registry bytes and deliveries a written frame finishes (reported [`Drained`]).
+type Drains = (usize, usize);
 
 /// What writing a backlog frame tells about the client.
 enum Mark {
@@ -104,7 +107,7 @@ impl RemoteSocket {
     }
 
     /// Returns budget to the registry: `bytes` of `batches` deliveries are written.
-    fn drained(&self, (bytes, batches): (usize, usize)) {
+    fn drained(&self, (bytes, batches): Drains) {
         if let Some(socket) = self.id {
             self.deps.registry.do_send(Drained {
                 socket,
