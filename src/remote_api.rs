@@ -23,7 +23,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use actix::Actor;
 use actix_web::http::StatusCode;
-use actix_web::{web, HttpRequest, HttpResponse, ResponseError};
+use actix_web::{web, HttpMessage, HttpRequest, HttpResponse, ResponseError};
 use actix_web_actors::ws;
 use agentgate_actors::chat::run_registry::{
     AbortRun, ListRunning, RespondPermission, RunStarted, StartRun,
@@ -42,6 +42,7 @@ use serde_json::{json, Value};
 use crate::api::ApiError;
 use crate::auth::request_token;
 use crate::db;
+use crate::guard::Identity;
 use crate::state::AppState;
 
 /// User events accepted in one POST.
@@ -148,17 +149,44 @@ fn internal(err: impl std::fmt::Display) -> V1Error {
 }
 
 /// The caller and when its token expires (`None` in platform mode).
-async fn caller(
-    state: &AppState,
-    req: &HttpRequest,
-) -> Result<(AuthUser, Option<SystemTime>), V1Error> {
-    let user = state.authenticate(req).await?;
-    let expires = (!state.platform)
+/// The caller of a request.
+struct Caller {
+    user: AuthUser,
+    /// When its token expires, and the token version it carries (`None`
+    /// in platform mode: no token).
+    expires: Option<SystemTime>,
+    token_version: Option<i64>,
+}
+
+fn caller(state: &AppState, req: &HttpRequest) -> Result<Caller, V1Error> {
+    // The request guard authenticated the request before any handler runs.
+    let identity = req
+        .extensions()
+        .get::<Identity>()
+        .cloned()
+        .ok_or_else(|| V1Error::from(ApiError::unauthorized("Missing token")))?;
+    let claims = (!state.platform)
         .then(|| request_token(req))
         .flatten()
-        .and_then(|t| state.keys.verify(&t))
-        .map(|claims| UNIX_EPOCH + Duration::from_secs(claims.exp));
-    Ok((user, expires))
+        .and_then(|t| state.keys.verify(&t));
+    Ok(Caller {
+        user: identity.user,
+        expires: claims
+            .as_ref()
+            .map(|c| UNIX_EPOCH + Duration::from_secs(c.exp)),
+        token_version: claims.map(|_| i64::from(identity.token_version)),
+    })
+}
+
+impl Caller {
+    fn target(self, session: SessionRow) -> Target {
+        Target {
+            user: self.user,
+            session,
+            token_expires: self.expires,
+            token_version: self.token_version,
+        }
+    }
 }
 
 /// The user's session named by a remote id, or 404 (another user's too).
@@ -204,7 +232,7 @@ async fn environment_providers(
     req: HttpRequest,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, V1Error> {
-    let (user, _) = caller(&state, &req).await?;
+    let user = caller(&state, &req)?.user;
     let environments: Vec<Value> = projects(&state, &user)
         .await?
         .into_iter()
@@ -316,7 +344,7 @@ async fn create_session(
     state: web::Data<AppState>,
     body: web::Json<Value>,
 ) -> Result<HttpResponse, V1Error> {
-    let (user, _) = caller(&state, &req).await?;
+    let user = caller(&state, &req)?.user;
     let body = body.into_inner();
     let environment = body
         .get("environment_id")
@@ -383,7 +411,7 @@ async fn get_session(
     state: web::Data<AppState>,
     path: web::Path<String>,
 ) -> Result<HttpResponse, V1Error> {
-    let (user, _) = caller(&state, &req).await?;
+    let user = caller(&state, &req)?.user;
     let session = owned(&state, &user, &path).await?;
     let running = is_running(&state, &user, &session.id).await;
     Ok(HttpResponse::Ok().json(session_json(&session, running, None)))
@@ -397,7 +425,7 @@ async fn post_events(
     path: web::Path<String>,
     body: web::Json<Value>,
 ) -> Result<HttpResponse, V1Error> {
-    let (user, _) = caller(&state, &req).await?;
+    let user = caller(&state, &req)?.user;
     let session = owned(&state, &user, &path).await?;
     let mut results = Vec::new();
     for event in events_of(&body)? {
@@ -444,6 +472,7 @@ fn deps(state: &AppState) -> RemoteDeps {
     RemoteDeps {
         registry: state.registry.clone(),
         followers: state.followers.clone(),
+        store: state.store.clone(),
         heartbeat: state.config.heartbeat,
     }
 }
@@ -454,13 +483,9 @@ async fn subscribe(
     state: web::Data<AppState>,
     path: web::Path<String>,
 ) -> Result<HttpResponse, actix_web::Error> {
-    let (user, token_expires) = caller(&state, &req).await?;
-    let session = owned(&state, &user, &path).await?;
-    let target = Target {
-        user,
-        session,
-        token_expires,
-    };
+    let caller = caller(&state, &req)?;
+    let session = owned(&state, &caller.user, &path).await?;
+    let target = caller.target(session);
     let socket = RemoteSocket::new(deps(&state), target).watched(state.watched(&req));
     ws::WsResponseBuilder::new(socket, &req, stream)
         .frame_size(MAX_INBOUND_FRAME)
@@ -489,13 +514,9 @@ async fn event_stream(
     state: web::Data<AppState>,
     path: web::Path<String>,
 ) -> Result<HttpResponse, V1Error> {
-    let (user, token_expires) = caller(&state, &req).await?;
-    let session = owned(&state, &user, &path).await?;
-    let target = Target {
-        user,
-        session,
-        token_expires,
-    };
+    let caller = caller(&state, &req)?;
+    let session = owned(&state, &caller.user, &path).await?;
+    let target = caller.target(session);
     let (actor, rx) = EventStream::new(deps(&state), target, cursor(&req));
     actor.start();
     let body = futures_util::stream::unfold(rx, |mut rx| async move {
@@ -514,7 +535,7 @@ async fn presence(
     state: web::Data<AppState>,
     path: web::Path<String>,
 ) -> Result<HttpResponse, V1Error> {
-    let (user, _) = caller(&state, &req).await?;
+    let user = caller(&state, &req)?.user;
     owned(&state, &user, &path).await?;
     Ok(HttpResponse::Ok().json(json!({})))
 }

@@ -414,6 +414,31 @@ async fn an_expiring_token_closes_with_4003_for_good() {
     assert_eq!(asked.load(std::sync::atomic::Ordering::SeqCst), 1);
 }
 
+/// A token revoked while the socket is open (`agentgate token --revoke`):
+/// closed with 4003 at the next check, and the client stops for good.
+#[actix_rt::test]
+async fn a_revoked_token_closes_with_4003_for_good() {
+    let server = TestServer::start_with(|cmd| {
+        cmd.arg("--claude-bin")
+            .arg(env!("CARGO_BIN_EXE_fake_claude"))
+            .arg("--heartbeat-secs")
+            .arg("1");
+    });
+    let r = remote(&server, "alice", "text:1").await;
+    let mut s = follow(&server.url(""), &r);
+    assert_eq!(next(&mut s).await, Event::Connected);
+    until_result(&mut s).await;
+    server.revoke("alice");
+    assert_eq!(
+        closed(&mut s).await,
+        Closed {
+            reason: Some(FinalClose::Permanent(4003)),
+            close_code: Some(4003),
+            http_status: None
+        }
+    );
+}
+
 /// Gateway shutdown closes with 1001: the client schedules a reconnect
 /// (not final), and the attempt, finding no gateway, ends it.
 #[actix_rt::test]

@@ -56,6 +56,8 @@ fn rig() -> Rig {
     // The client asks for api.anthropic.com; the test's own REST calls dial 127.0.0.1.
     let leaf = ca.leaf(&["api.anthropic.com", "127.0.0.1"]);
     let server = TestServer::start_tls(&ca, &leaf, |cmd| {
+        // The client's requests say `Host: api.anthropic.com`.
+        cmd.arg("--allowed-hosts").arg("api.anthropic.com");
         cmd.arg("--claude-bin").arg(&claude);
         for (k, v) in agent_env {
             cmd.env(k, v);
@@ -215,8 +217,8 @@ async fn select_option(term: &mut Terminal, label: &str) {
 /// The WebSocket generation end to end: the first answer renders, a second
 /// turn goes out by POST and renders, a permission dialog appears and "Yes"
 /// lets the tool really run in the project while "No" keeps it from
-/// running, and a connection dropped mid-turn is survived with the answer
-/// shown once.
+/// running, a connection dropped mid-turn is survived with the answer shown
+/// once, and a revoked token stops the client for good (4003).
 #[actix_rt::test]
 async fn claude_code_2_1_100_remote_follows_and_steers_a_session() {
     let rig = rig();
@@ -301,7 +303,8 @@ async fn claude_code_2_1_100_remote_follows_and_steers_a_session() {
         !s.contains("esc to interrupt")
     })
     .await;
-    let tunnels_before = rig.proxy.opened();
+    let subscribes = |logs: &str| logs.matches("/subscribe").count();
+    let dialled = subscribes(&rig.server.logs());
     term.type_text("stream slowly").await;
     term.enter().await;
     // The model is streaming its ~4.5 s answer: cut every connection now.
@@ -313,11 +316,24 @@ async fn claude_code_2_1_100_remote_follows_and_steers_a_session() {
         })
         .await;
     assert_eq!(count(&screen, "RESUMED-0 "), 1, "shown once:\n{screen}");
-    assert!(
-        rig.proxy.opened() > tunnels_before,
-        "the client reconnected"
+    assert_eq!(
+        subscribes(&rig.server.logs()),
+        dialled + 1,
+        "the client dialled the socket again, once"
     );
     assert!(term.running());
+
+    // A revoked token: the socket is closed with 4003 and the client, taking
+    // that as final, never dials again (it would after 2 s otherwise).
+    let dialled = subscribes(&rig.server.logs());
+    rig.server.revoke("alice");
+    let deadline = std::time::Instant::now() + SCREEN_WAIT;
+    while !rig.server.logs().contains("closing socket with 4003") {
+        assert!(std::time::Instant::now() < deadline, "no 4003 close");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert_eq!(subscribes(&rig.server.logs()), dialled, "it dialled again");
     term.kill().await;
 }
 

@@ -226,6 +226,21 @@ impl TestServer {
             .to_string()
     }
 
+    /// `agentgate token --revoke --user NAME`: every earlier token of the user is revoked.
+    pub fn revoke(&self, user: &str) {
+        let out = Command::new(agentgate_bin())
+            .args(["token", "--revoke", "--user", user, "--data-dir"])
+            .arg(self.data.path())
+            .env_remove("AGENTGATE_JWT_SECRET")
+            .output()
+            .expect("run agentgate token --revoke");
+        assert!(
+            out.status.success(),
+            "agentgate token --revoke failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     pub fn url(&self, path: &str) -> String {
         let scheme = if self.tls.is_some() { "https" } else { "http" };
         format!("{scheme}://{}{}", self.addr, path)

@@ -65,6 +65,12 @@ pub trait SessionStore: Send + Sync + 'static {
     /// At a clean shutdown: the session's last seq, and no seq reserved
     /// beyond it (nothing runs any more).
     fn release_seq(&self, id: &str, last_seq: u64) -> Result<(), StoreError>;
+    /// The user's current token version: a token carrying an older one is
+    /// revoked; `None` when the user is gone. Remote-session sockets check it
+    /// while open (closed with 4003). Default: nothing is ever revoked.
+    fn token_version(&self, _user_id: i64) -> Result<Option<i64>, StoreError> {
+        Ok(Some(0))
+    }
 }
 
 pub type Store = Arc<dyn SessionStore>;

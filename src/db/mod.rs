@@ -366,6 +366,13 @@ impl SessionStore for DbStore {
         Ok(())
     }
 
+    fn token_version(&self, user_id: i64) -> Result<Option<i64>, StoreError> {
+        let mut conn = self.0.conn().map_err(store_err)?;
+        user_by_id(&mut conn, user_id)
+            .map(|u| u.map(|u| i64::from(u.token_version)))
+            .map_err(store_err)
+    }
+
     fn reserve_seq(&self, id: &str, upto: u64) -> Result<(), StoreError> {
         let mut conn = self.0.conn().map_err(store_err)?;
         let upto = i64::try_from(upto).unwrap_or(i64::MAX);

@@ -25,15 +25,13 @@
 //! **Stops** when the client goes away (noticed at the next chunk or
 //! heartbeat), at [`CloseSocket`], or when the token expires.
 
-use std::time::SystemTime;
-
 use actix::prelude::*;
 use actix_web::web::Bytes;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
 use super::sdk::Rendered;
-use super::{Follow, RemoteDeps, Target};
+use super::{guard_token, Follow, RemoteDeps, Target};
 use crate::chat::run_registry::{
     CloseSocket, Connect, Deliver, Disconnect, Drained, SocketId, Subscribe,
 };
@@ -167,15 +165,15 @@ impl Actor for EventStream {
             );
             act.push(out, None, ctx);
         });
-        if let Some(expires) = self.target.token_expires {
-            let left = expires
-                .duration_since(SystemTime::now())
-                .unwrap_or_default();
-            ctx.run_later(left, |act, ctx| {
-                tracing::info!(actor = "EventStream", socket = ?act.id, reason = "token expired", "ending the stream");
+        guard_token(
+            ctx,
+            &self.deps,
+            &self.target,
+            |act: &mut Self, ctx, reason| {
+                tracing::info!(actor = "EventStream", socket = ?act.id, reason, "ending the stream");
                 ctx.stop();
-            });
-        }
+            },
+        );
         let connect = Connect {
             user_id: self.target.user.id,
             deliver: ctx.address().recipient(),

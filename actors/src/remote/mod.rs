@@ -32,12 +32,12 @@ pub mod sdk;
 
 use std::time::{Duration, SystemTime};
 
-use actix::Addr;
+use actix::prelude::*;
 use serde_json::Value;
 
 use crate::chat::run_registry::RunRegistry;
 use crate::protocol::Frame;
-use crate::store::SessionRow;
+use crate::store::{self, SessionRow, Store};
 use crate::AuthUser;
 use sdk::{Rendered, Renderer};
 
@@ -63,6 +63,9 @@ pub fn app_id(remote_id: &str) -> &str {
 pub struct RemoteDeps {
     pub registry: Addr<RunRegistry>,
     pub followers: Addr<followers::Followers>,
+    /// Token versions (revocation) are read through it.
+    pub store: Store,
+    /// Ping interval; also how often a follower checks its token is not revoked.
     pub heartbeat: Duration,
 }
 
@@ -73,6 +76,49 @@ pub struct Target {
     pub session: SessionRow,
     /// When the connection's token stops being valid (closed with 4003 then).
     pub token_expires: Option<SystemTime>,
+    /// The token version the connection's token carries; a newer one in the
+    /// database (`agentgate token --revoke`) closes it with 4003. `None`:
+    /// platform mode, no token.
+    pub token_version: Option<i64>,
+}
+
+/// Ends a follower when its token runs out or is revoked: `end` runs at the
+/// token's expiry, or at the first check (every heartbeat) that finds the
+/// user's token version moved past the connection's (or the user gone).
+pub fn guard_token<A, C>(
+    ctx: &mut C,
+    deps: &RemoteDeps,
+    target: &Target,
+    end: fn(&mut A, &mut C, &'static str),
+) where
+    A: Actor<Context = C>,
+    C: AsyncContext<A> + 'static,
+{
+    if let Some(expires) = target.token_expires {
+        let left = expires
+            .duration_since(SystemTime::now())
+            .unwrap_or_default();
+        ctx.run_later(left, move |act, ctx| end(act, ctx, "token expired"));
+    }
+    let Some(version) = target.token_version else {
+        return;
+    };
+    let (store, user_id) = (deps.store.clone(), target.user.id);
+    ctx.run_interval(deps.heartbeat, move |act, ctx| {
+        let store = store.clone();
+        let check = async move { store::blocking(&store, move |s| s.token_version(user_id)).await };
+        ctx.spawn(check.into_actor(act).map(move |current, act, ctx| {
+            // A database error is no proof of revocation: the next check decides.
+            let revoked = match current {
+                Ok(Some(current)) => current > version,
+                Ok(None) => true,
+                Err(_) => false,
+            };
+            if revoked {
+                end(act, ctx, "token revoked");
+            }
+        }));
+    });
 }
 
 /// The `chat_subscribed` ack the registry sends first.

@@ -29,7 +29,7 @@
 use std::collections::VecDeque;
 use std::pin::Pin;
 use std::task::{Context as TaskContext, Poll};
-use std::time::{Instant, SystemTime};
+use std::time::Instant;
 
 use actix::fut::ActorFuture;
 use actix::prelude::*;
@@ -39,7 +39,7 @@ use serde_json::Value;
 
 use super::followers::{Claim, Leave, ResumePoint};
 use super::sdk::{control_response, error_message, Inbound};
-use super::{Follow, RemoteDeps, Target, KEEP_ALIVE_EVERY};
+use super::{guard_token, Follow, RemoteDeps, Target, KEEP_ALIVE_EVERY};
 use crate::chat::run_registry::{
     AbortRun, CloseSocket, Connect, Deliver, Disconnect, Drained, RespondPermission, SocketId,
     Subscribe,
@@ -257,15 +257,15 @@ impl Actor for RemoteSocket {
                 act.reply(serde_json::json!({"type": "keep_alive"}), ctx);
             }
         });
-        if let Some(expires) = self.target.token_expires {
-            let left = expires
-                .duration_since(SystemTime::now())
-                .unwrap_or_default();
-            ctx.run_later(left, |act, ctx| {
-                tracing::info!(actor = "RemoteSocket", socket = ?act.id, reason = "token expired", "closing socket with 4003");
-                act.close(4003, "token expired", ctx);
-            });
-        }
+        guard_token(
+            ctx,
+            &self.deps,
+            &self.target,
+            |act: &mut Self, ctx, reason| {
+                tracing::info!(actor = "RemoteSocket", socket = ?act.id, reason, "closing socket with 4003");
+                act.close(4003, reason, ctx);
+            },
+        );
         let connect = Connect {
             user_id: self.target.user.id,
             deliver: ctx.address().recipient(),
