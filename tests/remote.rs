@@ -90,6 +90,15 @@ async fn next(session: &mut RemoteSession) -> Event {
         .expect("the session stream is open")
 }
 
+/// The next permission request (other events skipped).
+async fn next_permission(session: &mut RemoteSession) -> agentgate_client::PermissionRequest {
+    loop {
+        if let Event::PermissionRequest(p) = next(session).await {
+            return p;
+        }
+    }
+}
+
 /// Events up to and including the next `result` message.
 async fn until_result(session: &mut RemoteSession) -> Vec<Event> {
     let mut events = Vec::new();
@@ -206,11 +215,7 @@ async fn the_first_permission_answer_wins_across_ws_and_remote_clients() {
         .send_message("permission:Bash text:1")
         .await
         .unwrap();
-    let remote_req = loop {
-        if let Event::PermissionRequest(p) = next(&mut session).await {
-            break p;
-        }
-    };
+    let remote_req = next_permission(&mut session).await;
     let mut ws = ws_follow(&server, &r).await;
     let (ws_req, _) = ws.recv_until_kind("permission_request").await;
     assert_eq!(remote_req.request_id, ws_req["requestId"].as_str().unwrap());
@@ -241,11 +246,7 @@ async fn the_first_permission_answer_wins_across_ws_and_remote_clients() {
         .send_message("permission:Bash text:1")
         .await
         .unwrap();
-    let p = loop {
-        if let Event::PermissionRequest(p) = next(&mut session).await {
-            break p;
-        }
-    };
+    let p = next_permission(&mut session).await;
     let mut ws = ws_follow(&server, &r).await;
     session.deny(&p.request_id, "not now");
     let ws_events = until_complete(&mut ws, &r.app_id).await;

@@ -187,6 +187,16 @@ async fn await_first_delta(ws: &mut WsClient, server: &TestServer, token: &str) 
     ws.recv_until_kind("stream_delta").await;
 }
 
+/// Types a turn into the input box once the previous turn has ended.
+async fn ask(term: &mut Terminal, text: &str) {
+    term.wait_for("the input box", SCREEN_WAIT, |s| {
+        !s.contains("esc to interrupt")
+    })
+    .await;
+    term.type_text(text).await;
+    term.enter().await;
+}
+
 /// The option of the dialog the cursor (`❯`) is on.
 fn selected(screen: &str) -> Option<String> {
     screen.lines().find_map(|line| {
@@ -238,12 +248,7 @@ async fn claude_code_2_1_100_remote_follows_and_steers_a_session() {
 
     // A second turn: typed, POSTed, answered, rendered.
     rig.stub.push(Reply::text("SECOND-ANSWER-0815"));
-    term.wait_for("the input box", SCREEN_WAIT, |s| {
-        !s.contains("esc to interrupt")
-    })
-    .await;
-    term.type_text("and the second").await;
-    term.enter().await;
+    ask(&mut term, "and the second").await;
     let screen = term
         .wait_for("the second answer", SCREEN_WAIT, |s| {
             s.contains("SECOND-ANSWER-0815")
@@ -254,12 +259,7 @@ async fn claude_code_2_1_100_remote_follows_and_steers_a_session() {
     // A permission dialog; "Yes" runs the tool in the project.
     rig.stub.push(Reply::bash("echo made > made.txt"));
     rig.stub.push(Reply::text("MADE-IT"));
-    term.wait_for("the input box", SCREEN_WAIT, |s| {
-        !s.contains("esc to interrupt")
-    })
-    .await;
-    term.type_text("make the file").await;
-    term.enter().await;
+    ask(&mut term, "make the file").await;
     term.wait_for("the permission dialog", SCREEN_WAIT, |s| {
         s.contains("Do you want to proceed?") && s.contains("echo made > made.txt")
     })
@@ -276,12 +276,7 @@ async fn claude_code_2_1_100_remote_follows_and_steers_a_session() {
     // "No": the tool never runs.
     rig.stub.push(Reply::bash("echo refused > refused.txt"));
     rig.stub.push(Reply::text("NOT-MADE"));
-    term.wait_for("the input box", SCREEN_WAIT, |s| {
-        !s.contains("esc to interrupt")
-    })
-    .await;
-    term.type_text("make another file").await;
-    term.enter().await;
+    ask(&mut term, "make another file").await;
     term.wait_for("the second permission dialog", SCREEN_WAIT, |s| {
         s.contains("Do you want to proceed?") && s.contains("refused.txt")
     })
@@ -299,14 +294,9 @@ async fn claude_code_2_1_100_remote_follows_and_steers_a_session() {
     let chunks: Vec<String> = (0..30).map(|i| format!("RESUMED-{i} ")).collect();
     rig.stub
         .push(Reply::chunks(chunks.clone()).with_delay(Duration::from_millis(150)));
-    term.wait_for("the input box", SCREEN_WAIT, |s| {
-        !s.contains("esc to interrupt")
-    })
-    .await;
     let subscribes = |logs: &str| logs.matches("/subscribe").count();
     let dialled = subscribes(&rig.server.logs());
-    term.type_text("stream slowly").await;
-    term.enter().await;
+    ask(&mut term, "stream slowly").await;
     // The model is streaming its ~4.5 s answer: cut every connection now.
     await_first_delta(&mut ws, &rig.server, &rig.token).await;
     assert!(rig.proxy.cut() >= 1);

@@ -37,6 +37,7 @@ pub mod remote;
 pub mod shell;
 pub mod store;
 pub mod watchdog;
+pub mod write_pump;
 
 /// The authenticated user of a connection, established by the binary before
 /// any upgrade.

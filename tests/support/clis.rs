@@ -1,5 +1,7 @@
 //! Installs pinned provider CLIs from npm into `<repo>/.cache/agent-clis/` on first use, so
-//! integration tests can run the REAL binaries offline (only the npm registry is needed, once).
+//! integration tests can run the REAL binaries offline (only the npm registry is needed, once):
+//! `npm install` for packages with dependencies or native parts ([`npm_cli`]), `npm pack` for a
+//! plain-JS package that runs with `node` as it is ([`npm_pack`], Claude Code 2.1.100).
 //!
 //! Safe under concurrency: threads of one test process share one `OnceLock` per CLI; several test
 //! processes each install into a private temp dir beside the target and `rename` it into place
@@ -49,75 +51,47 @@ pub fn claude_js() -> PathBuf {
 /// `<repo>/.cache/agent-clis/pack-<name>-<version>/package/` once; returns
 /// `<that>/package/<file>`. Same concurrency rules as [`npm_cli`].
 pub fn npm_pack(package: &str, version: &str, file: &str) -> PathBuf {
-    static CELLS: OnceLock<Mutex<HashMap<String, Arc<OnceLock<PathBuf>>>>> = OnceLock::new();
-    let key = format!("{package}@{version}#{file}");
-    let cell = {
-        let mut cells = CELLS
-            .get_or_init(Default::default)
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        Arc::clone(cells.entry(key).or_default())
-    };
-    cell.get_or_init(|| pack_once(package, version, file))
-        .clone()
+    once_per_key(format!("pack:{package}@{version}#{file}"), || {
+        pack_once(package, version, file)
+    })
 }
 
 fn pack_once(package: &str, version: &str, file: &str) -> PathBuf {
-    let root = cache_root();
     let name = package.rsplit('/').next().unwrap_or(package);
-    let dir_name = format!("pack-{name}-{version}");
-    let target = root.join(&dir_name);
-    let path = target.join("package").join(file);
-    if is_complete(&target, &path) {
-        return path;
-    }
-    std::fs::create_dir_all(&root)
-        .unwrap_or_else(|e| panic!("cannot create CLI cache dir {}: {e}", root.display()));
-    remove_stale_temps(&root, &dir_name);
-    let nanos = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
-    let tmp = root.join(format!(".tmp-{dir_name}-{}-{nanos}", std::process::id()));
-    std::fs::create_dir_all(&tmp)
-        .unwrap_or_else(|e| panic!("cannot create temp dir {}: {e}", tmp.display()));
     let spec = format!("{package}@{version}");
-    run_npm(&tmp, &["pack", &spec, "--silent"], &spec);
-    let tarball = std::fs::read_dir(&tmp)
-        .ok()
-        .and_then(|entries| {
-            entries
-                .flatten()
-                .map(|e| e.path())
-                .find(|p| p.extension().is_some_and(|x| x == "tgz"))
-        })
-        .unwrap_or_else(|| panic!("`npm pack {spec}` left no .tgz in {}", tmp.display()));
-    let status = Command::new("tar")
-        .arg("xzf")
-        .arg(&tarball)
-        .arg("-C")
-        .arg(&tmp)
-        .status()
-        .unwrap_or_else(|e| panic!("cannot run tar to unpack {spec}: {e}"));
-    assert!(
-        status.success(),
-        "tar could not unpack {}",
-        tarball.display()
-    );
-    let _ = std::fs::remove_file(&tarball);
-    if !tmp.join("package").join(file).is_file() {
-        let _ = std::fs::remove_dir_all(&tmp);
-        panic!("{spec} has no package/{file}");
-    }
-    std::fs::write(tmp.join(COMPLETE_MARKER), format!("{spec}\n"))
-        .unwrap_or_else(|e| panic!("cannot write marker in {}: {e}", tmp.display()));
-    if let Err(e) = std::fs::rename(&tmp, &target) {
-        let _ = std::fs::remove_dir_all(&tmp);
-        if !is_complete(&target, &path) {
-            panic!("cannot move {spec} into {}: {e}", target.display());
-        }
-    }
-    path
+    let wanted = Path::new("package").join(file);
+    let missing = "the package has no such file";
+    into_cache(
+        &format!("pack-{name}-{version}"),
+        &wanted,
+        &spec,
+        missing,
+        |tmp| {
+            run_npm(tmp, &["pack", &spec, "--silent"], &spec);
+            let tarball = std::fs::read_dir(tmp)
+                .ok()
+                .and_then(|entries| {
+                    entries
+                        .flatten()
+                        .map(|e| e.path())
+                        .find(|p| p.extension().is_some_and(|x| x == "tgz"))
+                })
+                .unwrap_or_else(|| panic!("`npm pack {spec}` left no .tgz in {}", tmp.display()));
+            let status = Command::new("tar")
+                .arg("xzf")
+                .arg(&tarball)
+                .arg("-C")
+                .arg(tmp)
+                .status()
+                .unwrap_or_else(|e| panic!("cannot run tar to unpack {spec}: {e}"));
+            assert!(
+                status.success(),
+                "tar could not unpack {}",
+                tarball.display()
+            );
+            let _ = std::fs::remove_file(&tarball);
+        },
+    )
 }
 
 /// Root of the CLI cache: `<repo>/.cache/agent-clis` (gitignored).
@@ -136,8 +110,16 @@ pub fn cache_root() -> PathBuf {
 /// # Panics
 /// When npm is missing, the install fails or times out, or the package has no such bin.
 pub fn npm_cli(package: &str, version: &str, bin_name: &str) -> PathBuf {
+    once_per_key(format!("{package}@{version}#{bin_name}"), || {
+        install_once(package, version, bin_name)
+    })
+}
+
+/// Runs `init` once per key in this process; other threads asking for the
+/// same key wait for it. If it panics the cell stays empty and the next
+/// caller tries again (and fails loudly in its own test).
+fn once_per_key(key: String, init: impl FnOnce() -> PathBuf) -> PathBuf {
     static CELLS: OnceLock<Mutex<HashMap<String, Arc<OnceLock<PathBuf>>>>> = OnceLock::new();
-    let key = format!("{package}@{version}#{bin_name}");
     let cell = {
         let mut cells = CELLS
             .get_or_init(Default::default)
@@ -145,23 +127,52 @@ pub fn npm_cli(package: &str, version: &str, bin_name: &str) -> PathBuf {
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         Arc::clone(cells.entry(key).or_default())
     };
-    // get_or_init blocks the other threads until the first one finished; if it panics the cell
-    // stays empty and the next caller tries again (and fails loudly in its own test).
-    cell.get_or_init(|| install_once(package, version, bin_name))
-        .clone()
+    cell.get_or_init(init).clone()
 }
 
 fn install_once(package: &str, version: &str, bin_name: &str) -> PathBuf {
+    let spec = format!("{package}@{version}");
+    let bin = Path::new("node_modules").join(".bin").join(bin_name);
+    let missing = "wrong bin name, or the platform's optional native package was not installed";
+    into_cache(
+        &format!("{bin_name}-{version}"),
+        &bin,
+        &spec,
+        missing,
+        |tmp| {
+            let manifest = serde_json::json!({
+                "name": format!("agent-cli-{bin_name}"),
+                "private": true,
+                "dependencies": { package: version },
+            });
+            std::fs::write(tmp.join("package.json"), manifest.to_string())
+                .unwrap_or_else(|e| panic!("cannot write package.json in {}: {e}", tmp.display()));
+            run_npm_install(tmp, package, version);
+        },
+    )
+}
+
+/// Fills `<cache>/<dir_name>/` once per machine: `fill` works in a private
+/// temp dir beside it, which is renamed into place (atomic; the loser of a
+/// race between processes deletes its copy and uses the winner's). Returns
+/// the path of `wanted` inside it; panics when `fill` did not produce it
+/// (`missing` says why that may be).
+fn into_cache(
+    dir_name: &str,
+    wanted: &Path,
+    spec: &str,
+    missing: &str,
+    fill: impl FnOnce(&Path),
+) -> PathBuf {
     let root = cache_root();
-    let dir_name = format!("{bin_name}-{version}");
-    let target = root.join(&dir_name);
-    let bin = bin_path(&target, bin_name);
-    if is_complete(&target, &bin) {
-        return bin;
+    let target = root.join(dir_name);
+    let path = target.join(wanted);
+    if is_complete(&target, &path) {
+        return path;
     }
     std::fs::create_dir_all(&root)
         .unwrap_or_else(|e| panic!("cannot create CLI cache dir {}: {e}", root.display()));
-    remove_stale_temps(&root, &dir_name);
+    remove_stale_temps(&root, dir_name);
 
     let nanos = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
@@ -170,47 +181,28 @@ fn install_once(package: &str, version: &str, bin_name: &str) -> PathBuf {
     let tmp = root.join(format!(".tmp-{dir_name}-{}-{nanos}", std::process::id()));
     std::fs::create_dir_all(&tmp)
         .unwrap_or_else(|e| panic!("cannot create temp install dir {}: {e}", tmp.display()));
-    let manifest = serde_json::json!({
-        "name": format!("agent-cli-{bin_name}"),
-        "private": true,
-        "dependencies": { package: version },
-    });
-    std::fs::write(tmp.join("package.json"), manifest.to_string())
-        .unwrap_or_else(|e| panic!("cannot write package.json in {}: {e}", tmp.display()));
-
-    run_npm_install(&tmp, package, version);
-
-    let tmp_bin = bin_path(&tmp, bin_name);
-    if !tmp_bin.exists() {
+    fill(&tmp);
+    if !tmp.join(wanted).exists() {
         let _ = std::fs::remove_dir_all(&tmp);
         panic!(
-            "npm installed {package}@{version} but {} does not exist (wrong bin name, or the \
-             platform's optional native package was not installed)",
-            tmp_bin.display()
+            "{spec} was fetched but {} does not exist ({missing})",
+            tmp.join(wanted).display()
         );
     }
-    std::fs::write(tmp.join(COMPLETE_MARKER), format!("{package}@{version}\n"))
+    std::fs::write(tmp.join(COMPLETE_MARKER), format!("{spec}\n"))
         .unwrap_or_else(|e| panic!("cannot write install marker in {}: {e}", tmp.display()));
-
-    match std::fs::rename(&tmp, &target) {
-        Ok(()) => {}
-        Err(e) => {
-            // Another process won the race (target now exists and is complete): use its copy.
-            let _ = std::fs::remove_dir_all(&tmp);
-            if !is_complete(&target, &bin) {
-                panic!(
-                    "cannot move installed {package}@{version} into {}: {e} (an incomplete \
-                     directory is in the way? delete it and rerun)",
-                    target.display()
-                );
-            }
+    if let Err(e) = std::fs::rename(&tmp, &target) {
+        // Another process won the race (target now exists and is complete): use its copy.
+        let _ = std::fs::remove_dir_all(&tmp);
+        if !is_complete(&target, &path) {
+            panic!(
+                "cannot move {spec} into {}: {e} (an incomplete directory is in the way? \
+                 delete it and rerun)",
+                target.display()
+            );
         }
     }
-    bin
-}
-
-fn bin_path(dir: &Path, bin_name: &str) -> PathBuf {
-    dir.join("node_modules").join(".bin").join(bin_name)
+    path
 }
 
 fn is_complete(dir: &Path, bin: &Path) -> bool {

@@ -26,12 +26,9 @@
 //! protocol error; `stopped` tells the registry.
 
 use std::collections::VecDeque;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context as TaskContext, Poll};
 use std::time::Duration;
 
-use actix::fut::ActorFuture;
 use actix::prelude::*;
 use actix_web_actors::ws;
 
@@ -43,6 +40,7 @@ use crate::heartbeat::Heartbeat;
 use crate::protocol::{protocol_error, ChatError, ClientMessage, ErrorCode, Frame};
 use crate::store::{self, SessionRow, Store};
 use crate::watchdog::{Stalled, WatchedConn};
+use crate::write_pump::{Backlog, WritePump};
 use crate::AuthUser;
 
 /// Deliveries queued for one socket (the registry keeps at most
@@ -332,7 +330,7 @@ impl Actor for ChatSocket {
 
     fn started(&mut self, ctx: &mut Self::Context) {
         ctx.set_mailbox_capacity(MAILBOX_CAPACITY);
-        ctx.spawn(DeliveryPump);
+        ctx.spawn(WritePump(WRITE_BYTES_PER_POLL));
         if let Some(conn) = &mut self.conn {
             conn.watch("ChatSocket", ctx.address().recipient());
         }
@@ -402,24 +400,9 @@ impl Handler<CloseSocket> for ChatSocket {
     }
 }
 
-/// Runs for the life of the socket: moves up to [`WRITE_BYTES_PER_POLL`] of
-/// backlog frames to the encoder per poll, and wakes itself while frames
-/// remain so the next poll (when the HTTP layer has written) continues.
-struct DeliveryPump;
-
-impl ActorFuture<ChatSocket> for DeliveryPump {
-    type Output = ();
-
-    fn poll(
-        self: Pin<&mut Self>,
-        act: &mut ChatSocket,
-        ctx: &mut ws::WebsocketContext<ChatSocket>,
-        task: &mut TaskContext<'_>,
-    ) -> Poll<()> {
-        if act.write_backlog(WRITE_BYTES_PER_POLL, ctx) {
-            task.waker().wake_by_ref();
-        }
-        Poll::Pending
+impl Backlog for ChatSocket {
+    fn write_backlog(&mut self, budget: usize, ctx: &mut ws::WebsocketContext<Self>) -> bool {
+        ChatSocket::write_backlog(self, budget, ctx)
     }
 }
 

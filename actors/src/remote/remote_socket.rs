@@ -27,11 +27,8 @@
 //! shutdown), or the token's expiry (4003, which the client takes as final).
 
 use std::collections::VecDeque;
-use std::pin::Pin;
-use std::task::{Context as TaskContext, Poll};
 use std::time::Instant;
 
-use actix::fut::ActorFuture;
 use actix::prelude::*;
 use actix_web_actors::ws;
 use bytestring::ByteString;
@@ -47,6 +44,7 @@ use crate::chat::run_registry::{
 use crate::heartbeat::Heartbeat;
 use crate::protocol::frame_of;
 use crate::watchdog::{Stalled, WatchedConn};
+use crate::write_pump::{Backlog, WritePump};
 
 /// Deliveries queued before the registry counts the socket as a slow consumer.
 pub const MAILBOX_CAPACITY: usize = 256;
@@ -242,7 +240,7 @@ impl Actor for RemoteSocket {
 
     fn started(&mut self, ctx: &mut Self::Context) {
         ctx.set_mailbox_capacity(MAILBOX_CAPACITY);
-        ctx.spawn(DeliveryPump);
+        ctx.spawn(WritePump(WRITE_BYTES_PER_POLL));
         if let Some(conn) = &mut self.conn {
             conn.watch("RemoteSocket", ctx.address().recipient());
         }
@@ -376,22 +374,9 @@ impl Handler<CloseSocket> for RemoteSocket {
     }
 }
 
-/// Moves up to [`WRITE_BYTES_PER_POLL`] of backlog to the encoder per poll.
-struct DeliveryPump;
-
-impl ActorFuture<RemoteSocket> for DeliveryPump {
-    type Output = ();
-
-    fn poll(
-        self: Pin<&mut Self>,
-        act: &mut RemoteSocket,
-        ctx: &mut ws::WebsocketContext<RemoteSocket>,
-        task: &mut TaskContext<'_>,
-    ) -> Poll<()> {
-        if act.write_backlog(WRITE_BYTES_PER_POLL, ctx) {
-            task.waker().wake_by_ref();
-        }
-        Poll::Pending
+impl Backlog for RemoteSocket {
+    fn write_backlog(&mut self, budget: usize, ctx: &mut ws::WebsocketContext<Self>) -> bool {
+        RemoteSocket::write_backlog(self, budget, ctx)
     }
 }
 
