@@ -15,15 +15,14 @@ use serde_json::{json, Value};
 
 use crate::chat::{of_kind, streamed_text, until_complete};
 use crate::support::proxy::Proxy;
-use crate::util::{project_dir, TestServer, WsClient};
+use crate::util::{example_bin, project_dir, TestServer, WsClient};
 
 /// Bound on waiting for one event (CLIs start slowly on a loaded machine).
 const WAIT: Duration = Duration::from_secs(60);
 
 fn fake_server() -> TestServer {
     TestServer::start_with(|cmd| {
-        cmd.arg("--claude-bin")
-            .arg(env!("CARGO_BIN_EXE_fake_claude"));
+        cmd.arg("--claude-bin").arg(example_bin("fake_claude"));
     })
 }
 
@@ -421,7 +420,7 @@ async fn an_expiring_token_closes_with_4003_for_good() {
 async fn a_revoked_token_closes_with_4003_for_good() {
     let server = TestServer::start_with(|cmd| {
         cmd.arg("--claude-bin")
-            .arg(env!("CARGO_BIN_EXE_fake_claude"))
+            .arg(example_bin("fake_claude"))
             .arg("--heartbeat-secs")
             .arg("1");
     });

@@ -2099,6 +2099,7 @@ mod tests {
             socket,
             session: row(),
             last_seq: Some(u64::MAX),
+            follow: false,
         };
         registry.send(subscribe).await.unwrap();
         let ack = rx.recv().await.unwrap();
@@ -2123,6 +2124,7 @@ mod tests {
                 socket,
                 session: row(),
                 last_seq: Some(u64::MAX),
+                follow: false,
             };
             registry.send(subscribe).await.unwrap();
         }
