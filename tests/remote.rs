@@ -421,8 +421,10 @@ async fn a_revoked_token_closes_with_4003_for_good() {
     let server = TestServer::start_with(|cmd| {
         cmd.arg("--claude-bin")
             .arg(example_bin("fake_claude"))
+            // Revocation is checked every heartbeat (a shorter one drops
+            // sockets of tasks starved on a loaded machine).
             .arg("--heartbeat-secs")
-            .arg("1");
+            .arg("2");
     });
     let r = remote(&server, "alice", "text:1").await;
     let mut s = follow(&server.url(""), &r);
