@@ -320,7 +320,7 @@ impl Case {
                 let _ = self
                     .registry
                     .send(StartRun {
-                        socket: self.sockets[i].id,
+                        socket: Some(self.sockets[i].id),
                         user_id: 1,
                         session: session.clone(),
                         content: String::new(),
@@ -364,6 +364,7 @@ impl Case {
                         socket: s.id,
                         session: session.clone(),
                         last_seq,
+                        follow: false,
                     })
                     .await
                     .unwrap();
