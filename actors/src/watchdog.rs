@@ -18,9 +18,9 @@
 //! actix-http closes its own descriptor).
 //!
 //! **Sends** [`Stalled`] to the socket actor when its client has taken no
-//! byte for two heartbeat intervals while bytes wait in the kernel's send
-//! queue (a polled actor closes with 4008). If the connection is still
-//! watched one tick later, it is dropped from here: `SO_LINGER` 0 and
+//! byte for nearly two heartbeat intervals while bytes wait in the kernel's
+//! send queue (a polled actor closes with 4008). If the connection is still
+//! watched at two intervals (checked every eighth of one), it is dropped from here: `SO_LINGER` 0 and
 //! `shutdown(2)` on the duplicate, which wakes actix-http's dispatcher with
 //! an error, so it drops the connection (and the actor, whose `stopped`
 //! runs) and the kernel discards the unsent bytes with a reset.
@@ -118,8 +118,11 @@ pub struct Unwatch {
 #[rtype(result = "()")]
 pub struct Stalled;
 
-/// How many watch ticks per heartbeat interval.
-const TICKS_PER_INTERVAL: u32 = 4;
+/// How many watch ticks per heartbeat interval (a cut comes at most one
+/// tick after two intervals without progress).
+const TICKS_PER_INTERVAL: u32 = 8;
+/// How long before the cut the actor is asked to close itself (4008).
+const POLITE_TICKS: u32 = 2;
 /// Intervals without progress before a connection counts as stuck.
 const STALL_INTERVALS: u32 = 2;
 
@@ -148,7 +151,7 @@ impl ConnWatchdog {
     fn tick(&mut self) {
         let now = Instant::now();
         let limit = self.interval * STALL_INTERVALS;
-        let grace = self.interval / TICKS_PER_INTERVAL;
+        let polite = limit.saturating_sub(self.interval * POLITE_TICKS / TICKS_PER_INTERVAL);
         let mut dropped = Vec::new();
         for (id, conn) in self.conns.iter_mut() {
             let Some((acked, unsent)) = send_progress(conn.fd.as_raw_fd()) else {
@@ -162,11 +165,12 @@ impl ConnWatchdog {
                 conn.told_at = None;
                 continue;
             }
-            if now.duration_since(conn.progress_at) < limit {
+            let stalled_for = now.duration_since(conn.progress_at);
+            if stalled_for < polite {
                 continue;
             }
             match conn.told_at {
-                None => {
+                None if stalled_for < limit => {
                     tracing::warn!(
                         actor = conn.kind,
                         conn = id,
@@ -177,7 +181,7 @@ impl ConnWatchdog {
                     conn.told_at = Some(now);
                     conn.stalled.do_send(Stalled);
                 }
-                Some(at) if now.duration_since(at) >= grace => {
+                _ if stalled_for >= limit => {
                     tracing::warn!(
                         actor = conn.kind,
                         conn = id,
@@ -188,7 +192,7 @@ impl ConnWatchdog {
                     cut(conn.fd.as_raw_fd());
                     dropped.push(*id);
                 }
-                Some(_) => {}
+                _ => {}
             }
         }
         for id in dropped {

@@ -110,7 +110,24 @@ fn pipe_baseline(bins: &Bins, modules: &Path, prompt: &str) -> Result<Read, Stri
 
 /// `pauses` and `paused_ms` of the gateway's last "run completed" log line.
 pub fn pauses(gw: &Gateway) -> (f64, f64) {
-    let tail = gw.log_tail();
+    // The text log colours its fields: drop the escape sequences first.
+    let tail: String = {
+        let raw = gw.log_tail();
+        let mut out = String::with_capacity(raw.len());
+        let mut chars = raw.chars();
+        while let Some(c) = chars.next() {
+            if c == '\u{1b}' {
+                for c in chars.by_ref() {
+                    if c.is_ascii_alphabetic() {
+                        break;
+                    }
+                }
+            } else {
+                out.push(c);
+            }
+        }
+        out
+    };
     let Some(line) = tail.lines().rev().find(|l| l.contains("run completed")) else {
         return (0.0, 0.0);
     };
