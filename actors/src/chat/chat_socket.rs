@@ -51,8 +51,16 @@ pub const MAILBOX_CAPACITY: usize = 256;
 /// bug, and closes with 4008.
 pub const BACKLOG_MAX_BYTES: usize = 8 * 1024 * 1024;
 /// Written bytes are reported to the registry ([`Drained`]) in steps of
-/// this, or when the backlog empties.
+/// this many bytes or [`DRAINED_REPORT_BATCHES`] deliveries. What is left
+/// unreported stays far below the registry's budget (1 MiB, 64 deliveries),
+/// so it never waits for a report that does not come; a stream of
+/// one-event deliveries costs one report per 16 events, not one each.
 const DRAINED_REPORT_BYTES: usize = 32 * 1024;
+const DRAINED_REPORT_BATCHES: usize = 16;
+const _: () = assert!(
+    DRAINED_REPORT_BYTES < crate::chat::run_registry::SUBSCRIBER_LOW_WATER
+        && DRAINED_REPORT_BATCHES < crate::chat::run_registry::SUBSCRIBER_MAX_BATCHES
+);
 /// Frame bytes handed to the WebSocket encoder per poll of this actor. Polls
 /// come when the HTTP layer has room, so this bounds the encoded copy per socket.
 pub const WRITE_BYTES_PER_POLL: usize = 64 * 1024;
@@ -148,7 +156,7 @@ impl ChatSocket {
         self.drained_bytes += written;
         let idle = self.backlog.is_empty();
         if self.drained_bytes >= DRAINED_REPORT_BYTES
-            || (idle && (self.drained_bytes > 0 || self.drained_batches > 0))
+            || self.drained_batches >= DRAINED_REPORT_BATCHES
         {
             if let Some(socket) = self.id {
                 // Returns budget to the registry, which then sends more.
