@@ -140,6 +140,10 @@ pub struct ServeArgs {
     pub gemini_bin: Option<PathBuf>,
     #[arg(long, env = "AGENTGATE_OPENCODE_BIN")]
     pub opencode_bin: Option<PathBuf>,
+    /// Messages of history kept per session for the web UI (the oldest are
+    /// deleted first); 0 records no history.
+    #[arg(long, env = "AGENTGATE_HISTORY_MAX_MESSAGES", default_value_t = agentgate_actors::config::DEFAULT_HISTORY_MAX_MESSAGES)]
+    pub history_max_messages: usize,
     /// A built single-page web UI to serve after the API routes (default:
     /// <data-dir>/web-ui/dist when `agentgate web-ui install` put one there).
     #[arg(long, env = "AGENTGATE_WEB_DIR")]

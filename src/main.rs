@@ -8,6 +8,7 @@
 //! - [`auth`]: JWTs, the secret, password hashes.
 //! - [`db`]: SQLite through diesel, off the actor threads.
 //! - [`tls`]: the rustls configuration of `--tls-cert` / `--tls-key`.
+//! - [`ui_api`]: the REST routes the web UI reads (projects, history pages).
 //! - [`web_ui`]: the built web UI served after the API, and `web-ui install`.
 //! - [`guard`]: the middleware before every route: Host and Origin rules,
 //!   authentication (the public routes are listed there), the `Authed` extractor.
@@ -35,6 +36,7 @@ mod server;
 mod state;
 mod throttle;
 mod tls;
+mod ui_api;
 mod web_ui;
 
 use std::process::ExitCode;

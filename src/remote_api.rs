@@ -192,13 +192,19 @@ impl Caller {
 /// The user's session named by a remote id, or 404 (another user's too).
 async fn owned(state: &AppState, user: &AuthUser, id: &str) -> Result<SessionRow, V1Error> {
     let (db, id, uid) = (state.db.clone(), app_id(id).to_string(), user.id);
-    web::block(move || db.conn().and_then(|mut c| db::session_by_id(&mut c, &id)))
-        .await
-        .map_err(internal)?
-        .map_err(internal)?
-        .filter(|s| i64::from(s.user_id) == uid)
-        .map(SessionRow::from)
-        .ok_or_else(V1Error::not_found)
+    // The row with its project and summary (what session_upserted names).
+    web::block(move || {
+        db.conn().and_then(|mut c| {
+            db::session_by_id(&mut c, &id)?
+                .filter(|s| i64::from(s.user_id) == uid)
+                .map(|s| db::session_row(&mut c, s))
+                .transpose()
+        })
+    })
+    .await
+    .map_err(internal)?
+    .map_err(internal)?
+    .ok_or_else(V1Error::not_found)
 }
 
 /// `env_<hex of the project path>`: stable, and decodable without a table.
@@ -382,13 +388,13 @@ async fn create_session(
     let uid = i32::try_from(user.id).map_err(internal)?;
     let session = web::block(move || {
         db.conn().and_then(|mut c| {
-            db::create_session(&mut c, uid, kind.as_str(), &project, title.as_deref())
+            let s = db::create_session(&mut c, uid, kind.as_str(), &project, title.as_deref())?;
+            db::session_row(&mut c, s)
         })
     })
     .await
     .map_err(internal)?
     .map_err(internal)?;
-    let session = SessionRow::from(session);
     tracing::info!(session_id = %session.id, provider = %session.provider, user = %user.username, "remote session created");
     let model = body
         .pointer("/session_context/model")

@@ -49,7 +49,10 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
             "/api/providers/sessions/running",
             web::get().to(running_sessions),
         )
-        .route("/api/providers/sessions/{id}", web::get().to(get_session))
+        .route(
+            "/api/providers/sessions/{id}",
+            web::get().to(crate::ui_api::session_details),
+        )
         .route("/ws", web::get().to(chat_ws))
         .route("/shell", web::get().to(shell_ws))
         .route("/plugin-ws/{name}", web::get().to(plugin_ws));
@@ -278,20 +281,6 @@ struct NewSession {
     initial_message: Option<String>,
 }
 
-fn session_json(s: &db::Session) -> serde_json::Value {
-    // provider_session_id never reaches a client (PROTOCOL.md section 2).
-    json!({
-        "sessionId": s.id,
-        "provider": s.provider,
-        "projectPath": s.project_path,
-        "sessionName": s.custom_name,
-        "archived": s.archived,
-        "lastSeq": s.last_seq,
-        "createdAt": s.created_at,
-        "updatedAt": s.updated_at,
-    })
-}
-
 async fn create_session(
     Authed(user): Authed,
     state: web::Data<AppState>,
@@ -333,20 +322,6 @@ async fn create_session(
         "projectPath": session.project_path,
         "sessionName": session.custom_name,
     })))
-}
-
-async fn get_session(
-    Authed(user): Authed,
-    state: web::Data<AppState>,
-    path: web::Path<String>,
-) -> Result<HttpResponse, ApiError> {
-    let db = state.db.clone();
-    let id = path.into_inner();
-    let session = web::block(move || db.conn().and_then(|mut c| db::session_by_id(&mut c, &id)))
-        .await??
-        .filter(|s| i64::from(s.user_id) == user.id)
-        .ok_or_else(|| ApiError::not_found("SESSION_NOT_FOUND", "Session not found"))?;
-    Ok(api::ok(session_json(&session)))
 }
 
 async fn running_sessions(

@@ -48,6 +48,7 @@ pub fn gateway_config(common: &Common, args: &ServeArgs) -> GatewayConfig {
         provider_bins: Default::default(),
         child_env: GatewayConfig::child_env_from_process(),
         data_dir: common.data_dir(),
+        history_max_messages: args.history_max_messages,
     };
     let bins = [
         (ProviderKind::Claude, &args.claude_bin),
@@ -154,6 +155,7 @@ pub async fn serve(common: Common, args: ServeArgs) -> std::io::Result<()> {
             .configure(routes::configure)
             .configure(crate::plugins_api::configure)
             .configure(crate::remote_api::configure)
+            .configure(crate::ui_api::configure)
             // After every API and WebSocket route: the web UI, else the JSON 404.
             .default_service(web::to(crate::web_ui::serve))
     })

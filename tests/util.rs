@@ -290,6 +290,14 @@ impl TestServer {
         read_json(req.send_json(&body).await.expect("POST")).await
     }
 
+    pub async fn put(&self, path: &str, token: Option<&str>, body: Value) -> (u16, Value) {
+        let mut req = self.client().put(self.url(path));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        read_json(req.send_json(&body).await.expect("PUT")).await
+    }
+
     /// Creates a session over REST and returns its id.
     pub async fn create_session(&self, token: &str, provider: &str, project: &Path) -> String {
         let (status, body) = self

@@ -8,9 +8,14 @@ use std::net::TcpStream;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-use serde_json::json;
+use diesel::connection::SimpleConnection;
+use diesel::{Connection, SqliteConnection};
+use serde_json::{json, Value};
 
-use crate::util::{agentgate_bin, eventually, TestServer, WAIT};
+use crate::chat::{send, streamed_text};
+use crate::util::{
+    agentgate_bin, children_of, eventually, example_bin, pid_alive, TestServer, WsClient, WAIT,
+};
 
 /// One raw HTTP/1.1 GET with the path sent byte for byte (no client-side
 /// normalization of `..` or `%2e`): `(status, lower-cased head, body)`.
@@ -288,4 +293,346 @@ async fn user_add_reads_the_password_from_stdin() {
         (403, json!("REGISTRATION_CLOSED"))
     );
     assert!(body["error"].is_string());
+}
+
+fn fake_claude_server(data: Option<tempfile::TempDir>, extra: &[&str]) -> TestServer {
+    let add = |cmd: &mut Command| {
+        cmd.arg("--claude-bin").arg(example_bin("fake_claude"));
+        cmd.args(extra);
+    };
+    match data {
+        Some(data) => TestServer::start_in(data, add),
+        None => TestServer::start_with(add),
+    }
+}
+
+/// Every frame until the session's `complete` (gateway kinds included).
+async fn frames_until_complete(ws: &mut WsClient, session: &str) -> Vec<Value> {
+    let mut frames = Vec::new();
+    loop {
+        let v = ws.recv_json().await;
+        let done = v["kind"] == "complete" && v["sessionId"] == session;
+        frames.push(v);
+        if done {
+            return frames;
+        }
+    }
+}
+
+fn kinds(messages: &Value) -> Vec<(String, String)> {
+    messages
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            (
+                m["kind"].as_str().unwrap_or_default().to_string(),
+                m["role"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect()
+}
+
+/// The gateway records each conversation itself: durable before `complete`
+/// goes out (fetched right after it), paged newest-first, with summary,
+/// count and project on the session, per user, and kept across a SIGKILL.
+#[actix_rt::test]
+async fn history_is_recorded_paged_and_survives_a_kill() {
+    let server = fake_claude_server(None, &[]);
+    let token = server.token("alice");
+    let project = crate::util::project_dir();
+    let session = server
+        .create_session(&token, "claude", project.path())
+        .await;
+    let mut ws = server.ws(&format!("/ws?token={token}")).await;
+
+    // A tool that asks for permission, then three streamed deltas, while the
+    // test holds the database's write lock: the turn ends, but `complete`
+    // waits until its history is written.
+    let mut lock =
+        SqliteConnection::establish(server.data_dir().join("agentgate.db").to_str().unwrap())
+            .expect("open the gateway's database");
+    send(&mut ws, &session, "text:3 permission:Bash").await;
+    let (req, mut frames) = ws.recv_until_kind("permission_request").await;
+    lock.batch_execute("PRAGMA busy_timeout = 5000; BEGIN IMMEDIATE;")
+        .unwrap();
+    ws.send_json(
+        json!({"type":"chat.permission-response","requestId": req["requestId"],"allow": true}),
+    )
+    .await;
+    frames.push(req);
+    let (end, before_end) = ws.recv_until_kind("stream_end").await;
+    frames.extend(before_end);
+    frames.push(end);
+    // The CLI printed its result and is gone; whatever the registry sent
+    // before its answer to a probe has arrived: no complete among it.
+    let cli = children_of(server.pid());
+    for pid in cli {
+        eventually("the CLI exits after its result", || !pid_alive(pid)).await;
+    }
+    let (early, probe) = ws.frames_before_probe(&session).await;
+    assert!(
+        early.iter().all(|f| f["kind"] != "complete"),
+        "complete was sent before its history was written: {early:?}"
+    );
+    assert_eq!(
+        probe["isProcessing"], true,
+        "a finishing run is still processing"
+    );
+    frames.extend(early);
+    lock.batch_execute("COMMIT;").unwrap();
+    frames.extend(frames_until_complete(&mut ws, &session).await);
+    let upserted = frames
+        .iter()
+        .find(|f| f["kind"] == "session_upserted")
+        .expect("session_upserted");
+    let (status, body) = server
+        .get(
+            &format!("/api/providers/sessions/{session}/messages"),
+            Some(&token),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let first = &body["data"];
+    assert_eq!(
+        kinds(&first["messages"]),
+        [
+            ("text".into(), "user".into()),
+            ("tool_use".into(), String::new()),
+            ("tool_result".into(), String::new()),
+            ("text".into(), "assistant".into()),
+        ],
+        "{first:#}"
+    );
+    let messages = first["messages"].as_array().unwrap();
+    assert_eq!(messages[0]["content"], "text:3 permission:Bash");
+    assert_eq!(messages[3]["content"], streamed_text(&frames).as_str());
+    assert_eq!(messages[1]["toolResult"]["content"], "done");
+    assert!(messages.iter().all(|m| m["sessionId"] == session.as_str()));
+    assert_eq!(
+        (first["total"].clone(), first["hasMore"].clone()),
+        (json!(4), json!(false))
+    );
+
+    send(&mut ws, &session, "text:2").await;
+    frames_until_complete(&mut ws, &session).await;
+    // Newest first: offset 0 is the latest two, in order; offset 2 the two before.
+    let page = |offset: u64| {
+        let path = format!("/api/providers/sessions/{session}/messages?limit=2&offset={offset}");
+        let (server, token) = (&server, &token);
+        async move { server.get(&path, Some(token)).await }
+    };
+    let (_, latest) = page(0).await;
+    assert_eq!(latest["data"]["messages"][0]["content"], "text:2");
+    assert_eq!(latest["data"]["messages"][1]["role"], "assistant");
+    assert_eq!(
+        (
+            latest["data"]["total"].clone(),
+            latest["data"]["hasMore"].clone()
+        ),
+        (json!(6), json!(true))
+    );
+    let (_, older) = page(2).await;
+    assert_eq!(kinds(&older["data"]["messages"])[0].0, "tool_result");
+    let (_, oldest) = page(4).await;
+    assert_eq!(
+        oldest["data"]["messages"][0]["content"],
+        "text:3 permission:Bash"
+    );
+    assert_eq!(oldest["data"]["hasMore"], false);
+
+    // The session's details and the project list say the same.
+    let (_, details) = server
+        .get(&format!("/api/providers/sessions/{session}"), Some(&token))
+        .await;
+    let details = &details["data"];
+    assert_eq!(details["summary"], "text:3 permission:Bash");
+    assert_eq!(details["messageCount"], 6);
+    assert!(details["lastActivity"]
+        .as_str()
+        .is_some_and(|t| t.len() > 10));
+    assert!(details.get("providerSessionId").is_none());
+    let (status, projects) = server.get("/api/projects", Some(&token)).await;
+    assert_eq!(status, 200);
+    let listed = &projects[0];
+    assert_eq!(projects.as_array().unwrap().len(), 1, "{projects}");
+    assert_eq!(listed["projectId"], details["project"]["projectId"]);
+    assert_eq!(listed["fullPath"], project.path().to_str().unwrap());
+    assert_eq!(listed["sessions"][0]["id"], session.as_str());
+    assert_eq!(listed["sessions"][0]["messageCount"], 6);
+    assert_eq!(listed["sessionMeta"], json!({"hasMore": false, "total": 1}));
+    // session_upserted names the same project, as the web UI files sessions by projectId.
+    assert_eq!(upserted["project"]["projectId"], listed["projectId"]);
+    assert_eq!(upserted["project"]["isStarred"], false);
+    assert!(upserted["session"]["lastActivity"].is_string());
+
+    // Another user sees none of it.
+    let bob = server.token("bob");
+    let (status, body) = server
+        .get(
+            &format!("/api/providers/sessions/{session}/messages"),
+            Some(&bob),
+        )
+        .await;
+    assert_eq!(
+        (status, body["error"]["code"].clone()),
+        (404, json!("SESSION_NOT_FOUND"))
+    );
+    let (_, theirs) = server.get("/api/projects", Some(&bob)).await;
+    assert_eq!(theirs, json!([]));
+
+    // History was durable before each complete: a SIGKILL loses none of it.
+    drop(ws);
+    let server = fake_claude_server(Some(server.kill_keep_data()), &[]);
+    let (_, after) = server
+        .get(
+            &format!("/api/providers/sessions/{session}/messages"),
+            Some(&token),
+        )
+        .await;
+    assert_eq!(after["data"]["total"], 6);
+    assert_eq!(after["data"]["messages"], {
+        let (_, all) = page_of(&server, &session, &token).await;
+        all
+    });
+}
+
+async fn page_of(server: &TestServer, session: &str, token: &str) -> (u16, Value) {
+    let (status, body) = server
+        .get(
+            &format!("/api/providers/sessions/{session}/messages"),
+            Some(token),
+        )
+        .await;
+    (status, body["data"]["messages"].clone())
+}
+
+/// `--history-max-messages` keeps the newest messages of a session.
+#[actix_rt::test]
+async fn history_is_bounded_per_session() {
+    let server = fake_claude_server(None, &["--history-max-messages", "3"]);
+    let token = server.token("alice");
+    let project = crate::util::project_dir();
+    let session = server
+        .create_session(&token, "claude", project.path())
+        .await;
+    let mut ws = server.ws(&format!("/ws?token={token}")).await;
+    for prompt in ["text:1 size:4", "text:2 size:4", "text:3 size:4"] {
+        send(&mut ws, &session, prompt).await;
+        frames_until_complete(&mut ws, &session).await;
+    }
+    let (_, messages) = page_of(&server, &session, &token).await;
+    assert_eq!(
+        kinds(&messages),
+        [
+            ("text".into(), "assistant".into()),
+            ("text".into(), "user".into()),
+            ("text".into(), "assistant".into()),
+        ]
+    );
+    assert_eq!(messages[1]["content"], "text:3 size:4");
+}
+
+/// Projects as the web UI manages them: create (the folder too), refuse
+/// duplicates and system folders, star, rename, list sessions per project.
+#[actix_rt::test]
+async fn projects_are_created_listed_and_starred_per_user() {
+    let server = TestServer::start();
+    let token = server.token("alice");
+    let base = tempfile::tempdir().unwrap();
+    let dir = base.path().join("new-app");
+    let (status, body) = server
+        .post(
+            "/api/projects/create-project",
+            Some(&token),
+            json!({"path": dir, "customName": "My App"}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert!(dir.is_dir(), "the folder was created");
+    let created = &body["project"];
+    assert_eq!(created["displayName"], "My App");
+    assert_eq!(created["sessions"], json!([]));
+    let id = created["projectId"].as_str().unwrap().to_string();
+
+    let (status, body) = server
+        .post(
+            "/api/projects/create-project",
+            Some(&token),
+            json!({"path": dir}),
+        )
+        .await;
+    assert_eq!(
+        (status, body["error"]["code"].clone()),
+        (409, json!("PROJECT_ALREADY_EXISTS"))
+    );
+    for (path, code) in [
+        (json!("relative/dir"), "INVALID_PROJECT_PATH"),
+        (json!("/etc"), "INVALID_PROJECT_PATH"),
+        (json!("/usr/lib/x"), "INVALID_PROJECT_PATH"),
+        (json!(""), "PROJECT_PATH_REQUIRED"),
+    ] {
+        let (status, body) = server
+            .post(
+                "/api/projects/create-project",
+                Some(&token),
+                json!({"path": path}),
+            )
+            .await;
+        assert_eq!(
+            (status, body["error"]["code"].clone()),
+            (400, json!(code)),
+            "{path}"
+        );
+    }
+
+    let (status, body) = server
+        .post(
+            &format!("/api/projects/{id}/toggle-star"),
+            Some(&token),
+            json!({}),
+        )
+        .await;
+    assert_eq!((status, body["isStarred"].clone()), (200, json!(true)));
+    let (status, _) = server
+        .put(
+            &format!("/api/projects/{id}/rename"),
+            Some(&token),
+            json!({"displayName": "Renamed"}),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let session = server.create_session(&token, "claude", &dir).await;
+    let (_, projects) = server.get("/api/projects", Some(&token)).await;
+    assert_eq!(projects[0]["isStarred"], true);
+    assert_eq!(projects[0]["displayName"], "Renamed");
+    assert_eq!(projects[0]["sessions"][0]["id"], session.as_str());
+    let (status, page) = server
+        .get(
+            &format!("/api/projects/{id}/sessions?limit=5&offset=0"),
+            Some(&token),
+        )
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(page["projectId"], id.as_str());
+    assert_eq!(page["sessions"][0]["id"], session.as_str());
+    assert_eq!(page["sessionMeta"], json!({"hasMore": false, "total": 1}));
+
+    let bob = server.token("bob");
+    let (status, body) = server
+        .get(&format!("/api/projects/{id}/sessions"), Some(&bob))
+        .await;
+    assert_eq!(
+        (status, body["error"]["code"].clone()),
+        (404, json!("PROJECT_NOT_FOUND"))
+    );
+    let (status, _) = server
+        .get(
+            &format!("/api/projects/{id}/sessions?limit=-1"),
+            Some(&token),
+        )
+        .await;
+    assert_eq!(status, 400);
+    let (status, _) = server.get("/api/projects", None).await;
+    assert_eq!(status, 401);
 }

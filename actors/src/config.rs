@@ -28,7 +28,12 @@ pub struct GatewayConfig {
     pub child_env: Vec<(OsString, OsString)>,
     /// Gateway data directory (plugins live below it).
     pub data_dir: PathBuf,
+    /// Messages of history kept per session (oldest deleted first); 0 records none.
+    pub history_max_messages: usize,
 }
+
+/// Default of `--history-max-messages`.
+pub const DEFAULT_HISTORY_MAX_MESSAGES: usize = 10_000;
 
 impl GatewayConfig {
     /// The binary for a provider: the configured path or the plain command name.
@@ -59,6 +64,7 @@ impl GatewayConfig {
             provider_bins: BTreeMap::new(),
             child_env: Self::child_env_from_process(),
             data_dir,
+            history_max_messages: DEFAULT_HISTORY_MAX_MESSAGES,
         }
     }
 }

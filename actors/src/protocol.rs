@@ -234,9 +234,12 @@ pub struct UpsertedSession {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct UpsertedProject {
+    /// The project row's id, as the web UI files sessions by it.
+    pub project_id: Option<String>,
     pub path: String,
     pub full_path: String,
     pub display_name: String,
+    pub is_starred: bool,
 }
 
 /// `{kind:"protocol_error", code, error, sessionId, timestamp}`.
@@ -522,8 +525,9 @@ pub enum EventBody {
     #[serde(rename_all = "camelCase")]
     InteractivePrompt { content: String },
     #[serde(rename_all = "camelCase")]
+    /// A background task's update; the web UI shows `summary`.
     TaskNotification {
-        content: String,
+        summary: String,
         #[serde(skip_serializing_if = "Option::is_none")]
         status: Option<String>,
     },
@@ -755,11 +759,11 @@ mod tests {
                 content: odd.into(),
             },
             EventBody::TaskNotification {
-                content: odd.into(),
+                summary: odd.into(),
                 status: Some("done".into()),
             },
             EventBody::TaskNotification {
-                content: String::new(),
+                summary: String::new(),
                 status: None,
             },
             EventBody::Complete {
@@ -1106,9 +1110,11 @@ mod tests {
                 created_at: "c".into(),
             },
             project: UpsertedProject {
+                project_id: Some("3".into()),
                 path: "/p/x".into(),
                 full_path: "/p/x".into(),
                 display_name: "x".into(),
+                is_starred: true,
             },
             timestamp: "t".into(),
         };
@@ -1117,7 +1123,7 @@ mod tests {
             serde_json::json!({"kind": "session_upserted", "sessionId": "s",
                 "providerSessionId": null, "provider": "claude",
                 "session": {"id": "s", "summary": "", "messageCount": 0, "lastActivity": "t", "createdAt": "c"},
-                "project": {"path": "/p/x", "fullPath": "/p/x", "displayName": "x"},
+                "project": {"projectId": "3", "path": "/p/x", "fullPath": "/p/x", "displayName": "x", "isStarred": true},
                 "timestamp": "t"})
         );
     }
@@ -1199,5 +1205,16 @@ mod tests {
         assert_eq!(v["seq"], 4);
         assert_eq!(v["sessionId"], "s");
         assert!(v.get("parentToolUseId").is_none());
+    }
+
+    #[test]
+    fn task_notification_carries_the_summary_the_web_ui_shows() {
+        let body = EventBody::TaskNotification {
+            summary: "Background task finished".into(),
+            status: Some("completed".into()),
+        };
+        let v: Value = serde_json::to_value(&body).unwrap();
+        assert_eq!(v["kind"], "task_notification");
+        assert_eq!(v["summary"], "Background task finished");
     }
 }

@@ -28,6 +28,36 @@ pub struct SessionRow {
     pub seq_reserved: u64,
     pub created_at: String,
     pub updated_at: String,
+    /// The user's project row for `project_path` (`session_upserted.project`).
+    pub project: Option<ProjectRef>,
+    /// The name a client gave it, else its first prompt (from the history).
+    pub summary: String,
+    /// Messages recorded in its history.
+    pub message_count: u64,
+}
+
+/// The project a session belongs to, as the web UI names it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProjectRef {
+    /// The row id, as a string (the reference's `projectId`).
+    pub id: String,
+    pub display_name: String,
+    pub is_starred: bool,
+}
+
+/// One message of a session's recorded conversation
+/// ([`chat::history`](crate::chat::history)).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HistoryEntry {
+    /// `text`, `tool_use`, `tool_result`, `thinking`, `error`, ...
+    pub kind: &'static str,
+    /// `user` or `assistant` for `text`.
+    pub role: Option<&'static str>,
+    /// Pairs a `tool_result` with its `tool_use`.
+    pub tool_id: Option<String>,
+    /// The message as clients read it (JSON).
+    pub body: crate::protocol::Frame,
+    pub timestamp: String,
 }
 
 /// Why a store call failed.
@@ -71,6 +101,14 @@ pub trait SessionStore: Send + Sync + 'static {
     fn token_version(&self, _user_id: i64) -> Result<Option<i64>, StoreError> {
         Ok(Some(0))
     }
+    /// Appends to the session's history in one transaction, keeping its
+    /// newest `keep` messages.
+    fn append_history(
+        &self,
+        id: &str,
+        entries: &[HistoryEntry],
+        keep: usize,
+    ) -> Result<(), StoreError>;
 }
 
 pub type Store = Arc<dyn SessionStore>;

@@ -6,11 +6,13 @@
 //! which they call on tokio's blocking pool. Queries are plain functions over
 //! `&mut SqliteConnection` so they can be tested without HTTP.
 
+pub mod history;
+pub mod project;
 pub mod schema;
 
 use std::time::Duration;
 
-use agentgate_actors::store::{SessionRow, SessionStore, StoreError};
+use agentgate_actors::store::{HistoryEntry, ProjectRef, SessionRow, SessionStore, StoreError};
 use diesel::connection::SimpleConnection;
 use diesel::prelude::*;
 use diesel::r2d2::{ConnectionManager, CustomizeConnection, Pool, PooledConnection};
@@ -111,7 +113,7 @@ impl Db {
     }
 }
 
-fn now() -> String {
+pub(crate) fn now() -> String {
     agentgate_actors::protocol::now_iso()
 }
 
@@ -255,22 +257,31 @@ pub struct Session {
     pub seq_reserved: i64,
 }
 
-impl From<Session> for SessionRow {
-    fn from(s: Session) -> Self {
-        SessionRow {
-            id: s.id,
-            user_id: i64::from(s.user_id),
-            provider: s.provider,
-            provider_session_id: s.provider_session_id,
-            project_path: s.project_path,
-            custom_name: s.custom_name,
-            archived: s.archived,
-            last_seq: u64::try_from(s.last_seq).unwrap_or(0),
-            seq_reserved: u64::try_from(s.seq_reserved).unwrap_or(0),
-            created_at: s.created_at,
-            updated_at: s.updated_at,
-        }
-    }
+/// The row as the actors see it: with its project, summary and message count.
+pub fn session_row(conn: &mut SqliteConnection, s: Session) -> Result<SessionRow, DbError> {
+    let summary = project::summary_of(conn, &s)?;
+    let project =
+        project::project_for_path(conn, s.user_id, &s.project_path)?.map(|p| ProjectRef {
+            id: p.id.to_string(),
+            display_name: p.name(),
+            is_starred: p.is_starred,
+        });
+    Ok(SessionRow {
+        id: s.id,
+        user_id: i64::from(s.user_id),
+        provider: s.provider,
+        provider_session_id: s.provider_session_id,
+        project_path: s.project_path,
+        custom_name: s.custom_name,
+        archived: s.archived,
+        last_seq: u64::try_from(s.last_seq).unwrap_or(0),
+        seq_reserved: u64::try_from(s.seq_reserved).unwrap_or(0),
+        created_at: s.created_at,
+        updated_at: s.updated_at,
+        project,
+        summary: summary.summary,
+        message_count: u64::try_from(summary.message_count).unwrap_or(0),
+    })
 }
 
 pub fn create_session(
@@ -338,8 +349,18 @@ impl SessionStore for DbStore {
     fn session(&self, id: &str) -> Result<Option<SessionRow>, StoreError> {
         let mut conn = self.0.conn().map_err(store_err)?;
         session_by_id(&mut conn, id)
-            .map(|s| s.map(SessionRow::from))
+            .and_then(|s| s.map(|s| session_row(&mut conn, s)).transpose())
             .map_err(store_err)
+    }
+
+    fn append_history(
+        &self,
+        id: &str,
+        entries: &[HistoryEntry],
+        keep: usize,
+    ) -> Result<(), StoreError> {
+        let mut conn = self.0.conn().map_err(store_err)?;
+        history::append(&mut conn, id, entries, keep).map_err(store_err)
     }
 
     fn set_provider_session_id(&self, id: &str, psid: Option<&str>) -> Result<(), StoreError> {

@@ -37,6 +37,19 @@ diesel::table! {
     }
 }
 
+diesel::table! {
+    messages (id) {
+        id -> Integer,
+        session_id -> Text,
+        kind -> Text,
+        role -> Nullable<Text>,
+        tool_id -> Nullable<Text>,
+        body -> Text,
+        created_at -> Text,
+    }
+}
+
 diesel::joinable!(projects -> users (user_id));
 diesel::joinable!(sessions -> users (user_id));
-diesel::allow_tables_to_appear_in_same_query!(users, projects, sessions);
+diesel::joinable!(messages -> sessions (session_id));
+diesel::allow_tables_to_appear_in_same_query!(users, projects, sessions, messages);

@@ -41,6 +41,14 @@ impl SessionStore for MemStore {
     fn release_seq(&self, _: &str, _: u64) -> Result<(), StoreError> {
         Ok(())
     }
+    fn append_history(
+        &self,
+        _: &str,
+        _: &[crate::store::HistoryEntry],
+        _: usize,
+    ) -> Result<(), StoreError> {
+        Ok(())
+    }
 }
 
 /// Never started: the model plays the ProviderRun's part itself.
@@ -500,6 +508,9 @@ async fn run_case(seed: u64) {
             seq_reserved: 0,
             created_at: String::new(),
             updated_at: String::new(),
+            project: None,
+            summary: String::new(),
+            message_count: 0,
         });
     }
     for _ in 0..1 + case.rng.below(3) {

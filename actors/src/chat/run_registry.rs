@@ -64,6 +64,7 @@ use actix::prelude::*;
 use serde_json::Value;
 use tokio::sync::oneshot;
 
+use crate::chat::history::HistoryLog;
 use crate::chat::provider_run::{Abort, AnswerPermission, Kill, ProviderRun};
 use crate::config::GatewayConfig;
 use crate::protocol::{
@@ -71,7 +72,7 @@ use crate::protocol::{
     PermissionDecision, ServerFrame, SubscribedRun, UpsertedProject, UpsertedSession,
 };
 use crate::provider::{provider_for, safe_id, Provider, ProviderEvent, ProviderKind, Turn};
-use crate::store::{self, SessionRow, Store};
+use crate::store::{self, ProjectRef, SessionRow, Store};
 
 /// Events kept for replay per session (PROTOCOL.md asks for at least 5000).
 pub const REPLAY_MAX_EVENTS: usize = 10_000;
@@ -114,6 +115,12 @@ pub const PREVIOUS_RUN_EXIT_WAIT: Duration = Duration::from_secs(10);
 /// `send().await`, so a full mailbox makes them wait (and so stop reading
 /// their CLI's stdout) instead of queueing more.
 pub const MAILBOX_CAPACITY: usize = 1024;
+/// Longest summary taken from a first prompt (chars), as the database's.
+const SUMMARY_CHARS: usize = 100;
+/// Pending history is written at least this often.
+const HISTORY_FLUSH_EVERY: Duration = Duration::from_secs(1);
+/// A turn's `complete` waits at most this long for its history to be written.
+const HISTORY_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Tools that always wait for the user, without a timeout.
 const INTERACTIVE_TOOLS: [&str; 2] = ["AskUserQuestion", "ExitPlanMode"];
 
@@ -271,6 +278,8 @@ pub struct Shutdown;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Status {
     Running,
+    /// The turn ended; its history is being written, then `complete` goes out.
+    Finishing,
     Completed,
 }
 
@@ -308,6 +317,13 @@ struct Run {
     exit_waiters: Vec<oneshot::Sender<()>>,
 }
 
+impl Run {
+    /// Not completed yet (a finishing run still counts as processing).
+    fn is_live(&self) -> bool {
+        self.status != Status::Completed
+    }
+}
+
 /// One buffered event: its seq, its frame, and the session's byte count
 /// after it (for "how far behind" in bytes).
 struct Buffered {
@@ -326,7 +342,6 @@ struct SessionState {
     owner: i64,
     provider: ProviderKind,
     project_path: String,
-    custom_name: Option<String>,
     created_at: String,
     provider_session_id: Option<String>,
     last_seq: u64,
@@ -345,6 +360,13 @@ struct SessionState {
     paused: Option<Pause>,
     /// The last database write of the native id, so writes land in order.
     id_write: Option<tokio::task::JoinHandle<()>>,
+    /// The conversation not yet written to the database.
+    history: HistoryLog,
+    /// What `session_upserted` says of it (row values, kept current here).
+    summary: String,
+    message_count: u64,
+    last_activity: String,
+    project: Option<ProjectRef>,
 }
 
 impl SessionState {
@@ -497,7 +519,9 @@ impl RunRegistry {
                 continue;
             };
             state.subscribers.remove(&socket);
-            if state.subscribers.is_empty() && state.run.is_none() {
+            // A history write still under way keeps it until the periodic flush.
+            let idle = !state.history.has_pending() && !state.history.writing();
+            if state.subscribers.is_empty() && state.run.is_none() && idle {
                 self.sessions.remove(&session_id);
             } else {
                 self.maybe_resume(&session_id);
@@ -683,6 +707,14 @@ impl RunRegistry {
             body: &event.body,
         }
         .to_frame();
+        if self.config.history_max_messages > 0 {
+            let provider = state.provider.as_str();
+            state
+                .history
+                .record(session_id, provider, &id, &timestamp, &event.body, &frame);
+        }
+        state.last_activity = timestamp;
+        let history_batch = state.history.batch_ready();
         state.buffer_bytes += frame.len();
         state.total_bytes += frame.len() as u64;
         state.buffer.push_back(Buffered {
@@ -701,6 +733,103 @@ impl RunRegistry {
             // Only when the database failed to take reservations (logged there).
             state.reserved_seq = seq;
         }
+        if history_batch {
+            self.flush_history(session_id, None);
+        }
+    }
+
+    /// Hands the session's pending history to the store, after its previous
+    /// write; `done` is told when this write (and every earlier one) ended.
+    fn flush_history(&mut self, session_id: &str, done: Option<oneshot::Sender<()>>) {
+        let keep = self.config.history_max_messages;
+        let Some(state) = self.sessions.get_mut(session_id) else {
+            if let Some(done) = done {
+                let _ = done.send(());
+            }
+            return;
+        };
+        let (entries, dropped) = state.history.take();
+        if dropped > 0 {
+            tracing::error!(
+                session_id,
+                dropped,
+                "history: the database fell behind; messages left out of the history"
+            );
+        }
+        if entries.is_empty() && done.is_none() {
+            return;
+        }
+        let (store, sid) = (self.store.clone(), session_id.to_string());
+        state.history.chain(async move {
+            if !entries.is_empty() {
+                let id = sid.clone();
+                let write = store::blocking(&store, move |s| s.append_history(&id, &entries, keep));
+                if let Err(err) = write.await {
+                    tracing::error!(session_id = %sid, %err, "failed to write history");
+                }
+            }
+            if let Some(done) = done {
+                let _ = done.send(());
+            }
+        });
+    }
+
+    /// Writes every session's pending history (the periodic flush), and
+    /// forgets sessions nobody follows any more once their history is written.
+    fn flush_all_history(&mut self) {
+        let pending: Vec<String> = self
+            .sessions
+            .iter()
+            .filter(|(_, s)| s.history.has_pending())
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in pending {
+            self.flush_history(&id, None);
+        }
+        self.sessions.retain(|_, s| {
+            !(s.subscribers.is_empty()
+                && s.run.is_none()
+                && s.paused.is_none()
+                && !s.history.writing())
+        });
+    }
+
+    /// The turn ended: its history is made durable first, then `complete`
+    /// goes out (the web UI reads the history as soon as it sees `complete`).
+    /// Meanwhile the run still counts as processing.
+    fn finish(&mut self, session_id: &str, exit_code: i32, ctx: &mut Context<Self>) {
+        let Some(state) = self.sessions.get_mut(session_id) else {
+            return;
+        };
+        let provider = state.provider.as_str();
+        let Some(run) = state.run.as_mut().filter(|r| r.status == Status::Running) else {
+            return;
+        };
+        run.status = Status::Finishing;
+        let run_id = run.id.clone();
+        state.history.close_text(session_id, provider);
+        let (done, written) = oneshot::channel();
+        self.flush_history(session_id, Some(done));
+        let sid = session_id.to_string();
+        let wait = async move {
+            if tokio::time::timeout(HISTORY_WRITE_TIMEOUT, written)
+                .await
+                .is_err()
+            {
+                tracing::error!(session_id = %sid, "history write timed out; completing the run anyway");
+            }
+            sid
+        };
+        ctx.spawn(wait.into_actor(self).map(move |sid, act, ctx| {
+            let finishing = act
+                .sessions
+                .get(&sid)
+                .and_then(|s| s.run.as_ref())
+                .is_some_and(|r| r.id == run_id && r.status == Status::Finishing);
+            if finishing {
+                act.complete(&sid, exit_code, false, ctx);
+            }
+        }));
     }
 
     /// Emits one event to the session's subscribers.
@@ -790,7 +919,7 @@ impl RunRegistry {
         let Some(state) = self.sessions.get_mut(session_id) else {
             return false;
         };
-        let Some(run) = state.run.as_mut().filter(|r| r.status == Status::Running) else {
+        let Some(run) = state.run.as_mut().filter(|r| r.is_live()) else {
             return false;
         };
         run.status = Status::Completed;
@@ -819,6 +948,12 @@ impl RunRegistry {
         self.fan_out(session_id);
         self.resume(session_id);
         self.persist_seq(session_id);
+        // An abort or a shutdown completes at once; what the run said is still kept.
+        if let Some(state) = self.sessions.get_mut(session_id) {
+            let provider = state.provider.as_str();
+            state.history.close_text(session_id, provider);
+        }
+        self.flush_history(session_id, None);
         let (pauses, paused_ms) = self
             .sessions
             .get(session_id)
@@ -847,7 +982,9 @@ impl RunRegistry {
         state.run = None;
         state.buffer.clear();
         state.buffer_bytes = 0;
-        if state.subscribers.is_empty() {
+        // A history write still under way keeps it until the periodic flush.
+        let idle = !state.history.has_pending() && !state.history.writing();
+        if state.subscribers.is_empty() && idle {
             self.sessions.remove(session_id);
         }
     }
@@ -863,7 +1000,6 @@ impl RunRegistry {
                 owner: row.user_id,
                 provider,
                 project_path: row.project_path.clone(),
-                custom_name: row.custom_name.clone(),
                 created_at: row.created_at.clone(),
                 provider_session_id: row.provider_session_id.clone(),
                 last_seq: floor,
@@ -876,11 +1012,18 @@ impl RunRegistry {
                 run: None,
                 paused: None,
                 id_write: None,
+                history: HistoryLog::default(),
+                summary: row.summary.clone(),
+                message_count: row.message_count,
+                last_activity: row.updated_at.clone(),
+                project: row.project.clone(),
             });
         // A row read earlier may lag the registry's own counters, never lead
         // them (its reservation is not a used seq while the state lives).
         state.last_seq = state.last_seq.max(row.last_seq);
         state.reserved_seq = state.reserved_seq.max(row.seq_reserved);
+        // The project may have been renamed or starred since.
+        state.project.clone_from(&row.project);
         state
     }
 
@@ -895,18 +1038,26 @@ impl RunRegistry {
             provider: state.provider.as_str().to_string(),
             session: UpsertedSession {
                 id: session_id.to_string(),
-                summary: state.custom_name.clone().unwrap_or_default(),
-                message_count: 0,
-                last_activity: now.clone(),
+                summary: state.summary.clone(),
+                message_count: state.message_count + state.history.recorded(),
+                last_activity: state.last_activity.clone(),
                 created_at: state.created_at.clone(),
             },
+            // The web UI files the session under this project (by projectId).
             project: UpsertedProject {
+                project_id: state.project.as_ref().map(|p| p.id.clone()),
                 path: state.project_path.clone(),
                 full_path: state.project_path.clone(),
-                display_name: Path::new(&state.project_path)
-                    .file_name()
-                    .map(|n| n.to_string_lossy().into_owned())
-                    .unwrap_or_else(|| state.project_path.clone()),
+                display_name: state.project.as_ref().map_or_else(
+                    || {
+                        Path::new(&state.project_path)
+                            .file_name()
+                            .map(|n| n.to_string_lossy().into_owned())
+                            .unwrap_or_else(|| state.project_path.clone())
+                    },
+                    |p| p.display_name.clone(),
+                ),
+                is_starred: state.project.as_ref().is_some_and(|p| p.is_starred),
             },
             timestamp: now,
         }
@@ -1073,7 +1224,7 @@ impl RunRegistry {
                 }
             }
             ProviderEvent::TurnComplete { exit_code } => {
-                self.complete(session_id, exit_code, false, ctx);
+                self.finish(session_id, exit_code, ctx);
             }
             // Stdin replies are the run's business; it never forwards them.
             ProviderEvent::Reply(_) => {}
@@ -1126,7 +1277,7 @@ impl RunRegistry {
         let from = msg.last_seq.unwrap_or(0);
         let state = self.sessions.get(&session_id);
         let run = state.and_then(|s| s.run.as_ref());
-        let running = run.is_some_and(|r| r.status == Status::Running);
+        let running = run.is_some_and(Run::is_live);
         let session_last = state.map(|s| s.last_seq).unwrap_or(msg.session.last_seq);
         let pending = run
             .map(|r| {
@@ -1232,6 +1383,7 @@ impl RunRegistry {
         let session_id = row.id.clone();
         let now = Instant::now();
         let bin = self.config.bin(kind);
+        let record_history = self.config.history_max_messages > 0;
         self.state_for(&row, kind);
 
         // E6: a repeated clientRequestId starts nothing and gets the original run id.
@@ -1263,11 +1415,7 @@ impl RunRegistry {
                 "session state missing",
             ));
         };
-        if state
-            .run
-            .as_ref()
-            .is_some_and(|r| r.status == Status::Running)
-        {
+        if state.run.as_ref().is_some_and(Run::is_live) {
             return Err(ChatError::new(
                 ErrorCode::RunInProgress,
                 "A run is already in progress for this session",
@@ -1275,6 +1423,16 @@ impl RunRegistry {
         }
 
         let run_id = uuid::Uuid::new_v4().to_string();
+        if record_history {
+            let (prompt_id, now) = (format!("{run_id}:prompt"), now_iso());
+            state
+                .history
+                .prompt(&session_id, kind.as_str(), &prompt_id, &now, &msg.content);
+            state.last_activity = now;
+        }
+        if state.summary.is_empty() {
+            state.summary = msg.content.trim().chars().take(SUMMARY_CHARS).collect();
+        }
         let turn = Turn {
             app_session_id: session_id.clone(),
             // Never hand an id that could be read as a flag to any CLI.
@@ -1480,6 +1638,7 @@ impl Actor for RunRegistry {
 
     fn started(&mut self, ctx: &mut Self::Context) {
         ctx.set_mailbox_capacity(MAILBOX_CAPACITY);
+        ctx.run_interval(HISTORY_FLUSH_EVERY, |act, _| act.flush_all_history());
         // E6 ids live 10 minutes whatever happens to their session's state.
         ctx.run_interval(CLIENT_REQUEST_SWEEP, |act, _| {
             let now = Instant::now();
@@ -1592,7 +1751,7 @@ impl Handler<AbortRun> for RunRegistry {
         let run = state
             .run
             .as_ref()
-            .filter(|r| r.status == Status::Running)
+            .filter(|r| r.is_live())
             .ok_or_else(no_run)?;
         // exitCode 0 when the interrupt reached the run, as the reference.
         let delivered = run.addr.as_ref().is_some_and(|a| {
@@ -1701,7 +1860,7 @@ impl Handler<ListRunning> for RunRegistry {
             .iter()
             .filter(|(_, s)| s.owner == msg.user_id)
             .filter_map(|(id, s)| {
-                let run = s.run.as_ref().filter(|r| r.status == Status::Running)?;
+                let run = s.run.as_ref().filter(|r| r.is_live())?;
                 Some(RunningSession {
                     session_id: id.clone(),
                     provider: s.provider.as_str().to_string(),
@@ -1766,7 +1925,7 @@ impl Handler<RunExited> for RunRegistry {
         tracing::warn!(actor = "ProviderRun", session_id = %msg.session_id, run_id = %msg.run_id, exit_code = ?msg.exit_code, reason = %error, "run ended without a result");
         self.emit(&msg.session_id, EventBody::error(error));
         let code = msg.exit_code.filter(|c| *c != 0).unwrap_or(1);
-        self.complete(&msg.session_id, code, false, ctx);
+        self.finish(&msg.session_id, code, ctx);
     }
 }
 
@@ -1778,7 +1937,7 @@ impl Handler<Shutdown> for RunRegistry {
         let running: Vec<String> = self
             .sessions
             .iter()
-            .filter(|(_, s)| s.run.as_ref().is_some_and(|r| r.status == Status::Running))
+            .filter(|(_, s)| s.run.as_ref().is_some_and(Run::is_live))
             .map(|(id, _)| id.clone())
             .collect();
         for session_id in running {
@@ -1845,7 +2004,22 @@ impl Handler<Shutdown> for RunRegistry {
             reason = "shutdown",
             "runs completed and sockets closed"
         );
+        // Every session's history is written before the gateway exits.
+        let ids: Vec<String> = self.sessions.keys().cloned().collect();
+        let mut written = Vec::with_capacity(ids.len());
+        for id in ids {
+            let (done, rx) = oneshot::channel();
+            self.flush_history(&id, Some(done));
+            written.push(rx);
+        }
         Box::pin(async move {
+            let all = futures_util::future::join_all(written);
+            if tokio::time::timeout(HISTORY_WRITE_TIMEOUT, all)
+                .await
+                .is_err()
+            {
+                tracing::error!("history writes did not finish before shutdown");
+            }
             let result = store::blocking(&store, move |s| {
                 seqs.iter()
                     .try_for_each(|(id, seq)| s.release_seq(id, *seq))
@@ -1888,6 +2062,14 @@ mod tests {
         }
         fn release_seq(&self, id: &str, seq: u64) -> Result<(), StoreError> {
             self.set_last_seq(id, seq)
+        }
+        fn append_history(
+            &self,
+            _: &str,
+            _: &[crate::store::HistoryEntry],
+            _: usize,
+        ) -> Result<(), StoreError> {
+            Ok(())
         }
     }
 
@@ -1998,6 +2180,9 @@ mod tests {
             seq_reserved: 0,
             created_at: String::new(),
             updated_at: String::new(),
+            project: None,
+            summary: String::new(),
+            message_count: 0,
         }
     }
 

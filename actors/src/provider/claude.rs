@@ -77,7 +77,7 @@ impl Provider for Claude {
             // registry only hands out ids that pass `safe_id`).
             spec.arg(format!("--resume={id}"));
         }
-        if let Some(model) = turn.option_str("model").filter(|m| safe_id(m)) {
+        if let Some(model) = turn.model().filter(|m| safe_id(m)) {
             spec.arg("--model").arg(model);
         }
         let skip = turn
@@ -889,6 +889,19 @@ not json at all
         assert!(!args
             .iter()
             .any(|a| a.contains("dangerously") || a == "--permission-mode"));
+
+        // The web UI's "default" model is the CLI's own default: no flag.
+        let web_ui = Turn {
+            options: json!({"model": "default", "effort": "default", "permissionMode": "default"}),
+            ..evil
+        };
+        let args: Vec<String> = Claude
+            .command(&web_ui)
+            .args
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        assert!(!args.iter().any(|a| a == "--model"), "{args:?}");
     }
 
     #[test]

@@ -54,7 +54,7 @@ impl Provider for Codex {
     fn command(&self, turn: &Turn) -> CommandSpec {
         let mut spec = CommandSpec::new(&turn.bin);
         spec.arg("exec").arg("--json").arg("--skip-git-repo-check");
-        if let Some(model) = turn.option_str("model") {
+        if let Some(model) = turn.model() {
             spec.arg(format!("--model={model}"));
         }
         let sandbox = match PermissionMode::of(turn) {
@@ -63,7 +63,7 @@ impl Provider for Codex {
             PermissionMode::Plan => "read-only",
         };
         spec.arg(format!("--sandbox={sandbox}"));
-        if let Some(effort) = turn.option_str("effort").filter(|e| EFFORTS.contains(e)) {
+        if let Some(effort) = turn.effort().filter(|e| EFFORTS.contains(e)) {
             spec.arg("-c")
                 .arg(format!("model_reasoning_effort=\"{effort}\""));
         }

@@ -52,7 +52,7 @@ impl Provider for Cursor {
         if let Some(id) = &turn.provider_session_id {
             spec.arg(format!("--resume={id}"));
         }
-        if let Some(model) = turn.option_str("model") {
+        if let Some(model) = turn.model() {
             spec.arg(format!("--model={model}"));
         }
         match PermissionMode::of(turn) {

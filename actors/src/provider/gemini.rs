@@ -52,7 +52,7 @@ impl Provider for Gemini {
         spec.arg("--output-format")
             .arg("stream-json")
             .arg("--skip-trust");
-        if let Some(model) = turn.option_str("model") {
+        if let Some(model) = turn.model() {
             spec.arg(format!("--model={model}"));
         }
         match PermissionMode::of(turn) {

@@ -122,6 +122,17 @@ impl Turn {
             .map(str::trim)
             .filter(|s| !s.is_empty())
     }
+
+    /// The `model` option; the web UI's `"default"` means "no model flag"
+    /// (the CLI's own default), not a model named default.
+    pub fn model(&self) -> Option<&str> {
+        self.option_str("model").filter(|m| *m != "default")
+    }
+
+    /// The `effort` option, with `"default"` meaning none, as for [`Turn::model`].
+    pub fn effort(&self) -> Option<&str> {
+        self.option_str("effort").filter(|e| *e != "default")
+    }
 }
 
 /// What to spawn for a turn.

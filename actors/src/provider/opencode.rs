@@ -50,12 +50,12 @@ impl Provider for Opencode {
         if let Some(id) = &turn.provider_session_id {
             spec.arg(format!("--session={id}"));
         }
-        if let Some(model) = turn.option_str("model") {
+        if let Some(model) = turn.model() {
             spec.arg(format!("--model={model}"));
         }
         // Variants are provider-specific words (high, max, minimal, ...).
         if let Some(effort) = turn
-            .option_str("effort")
+            .effort()
             .filter(|e| e.len() <= 32 && e.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'))
         {
             spec.arg(format!("--variant={effort}"));
