@@ -12,6 +12,7 @@
 //! - `remote`: remote sessions (`/v1/...`) with the `agentgate-client` library: follow, steer, permissions, reconnects, SSE.
 //! - `remote_cli`: the real Claude Code remote-session clients (2.1.100 `--remote`, 2.1.330 `--cloud`) in a PTY.
 //! - `web_ui`: static serving of a built web UI, the help page, `user add`, the REST routes the web UI reads.
+//! - `web_ui_browser`: the web UI in headless Chromium (support::browser): the help page, the real CloudCLI build end to end.
 
 mod util;
 
@@ -29,3 +30,4 @@ mod remote_cli;
 mod security;
 mod shell;
 mod web_ui;
+mod web_ui_browser;

@@ -62,6 +62,7 @@ fn pack_once(package: &str, version: &str, file: &str) -> PathBuf {
     let wanted = Path::new("package").join(file);
     let missing = "the package has no such file";
     into_cache(
+        &cache_root(),
         &format!("pack-{name}-{version}"),
         &wanted,
         &spec,
@@ -118,7 +119,7 @@ pub fn npm_cli(package: &str, version: &str, bin_name: &str) -> PathBuf {
 /// Runs `init` once per key in this process; other threads asking for the
 /// same key wait for it. If it panics the cell stays empty and the next
 /// caller tries again (and fails loudly in its own test).
-fn once_per_key(key: String, init: impl FnOnce() -> PathBuf) -> PathBuf {
+pub fn once_per_key(key: String, init: impl FnOnce() -> PathBuf) -> PathBuf {
     static CELLS: OnceLock<Mutex<HashMap<String, Arc<OnceLock<PathBuf>>>>> = OnceLock::new();
     let cell = {
         let mut cells = CELLS
@@ -131,48 +132,84 @@ fn once_per_key(key: String, init: impl FnOnce() -> PathBuf) -> PathBuf {
 }
 
 fn install_once(package: &str, version: &str, bin_name: &str) -> PathBuf {
-    let spec = format!("{package}@{version}");
     let bin = Path::new("node_modules").join(".bin").join(bin_name);
     let missing = "wrong bin name, or the platform's optional native package was not installed";
-    into_cache(
+    install_into(
+        &cache_root(),
         &format!("{bin_name}-{version}"),
+        package,
+        version,
         &bin,
-        &spec,
         missing,
-        |tmp| {
-            let manifest = serde_json::json!({
-                "name": format!("agent-cli-{bin_name}"),
-                "private": true,
-                "dependencies": { package: version },
-            });
-            std::fs::write(tmp.join("package.json"), manifest.to_string())
-                .unwrap_or_else(|e| panic!("cannot write package.json in {}: {e}", tmp.display()));
-            run_npm_install(tmp, package, version);
-        },
     )
 }
 
-/// Fills `<cache>/<dir_name>/` once per machine: `fill` works in a private
+/// Installs `package@version` with `npm install` into `<root>/<dir_name>/`
+/// once per machine (same concurrency rules as [`npm_cli`]) and returns
+/// `<that dir>/<wanted>`; e.g. the browser harness's `playwright-core` in
+/// `.cache/browser/`.
+pub fn npm_install_at(
+    root: &Path,
+    dir_name: &str,
+    package: &str,
+    version: &str,
+    wanted: &Path,
+) -> PathBuf {
+    let key = format!("{}/{dir_name}:{package}@{version}", root.display());
+    once_per_key(key, || {
+        install_into(
+            root,
+            dir_name,
+            package,
+            version,
+            wanted,
+            "the package has no such file",
+        )
+    })
+}
+
+fn install_into(
+    root: &Path,
+    dir_name: &str,
+    package: &str,
+    version: &str,
+    wanted: &Path,
+    missing: &str,
+) -> PathBuf {
+    let spec = format!("{package}@{version}");
+    into_cache(root, dir_name, wanted, &spec, missing, |tmp| {
+        let manifest = serde_json::json!({
+            "name": format!("cache-{dir_name}"),
+            "private": true,
+            "dependencies": { package: version },
+        });
+        std::fs::write(tmp.join("package.json"), manifest.to_string())
+            .unwrap_or_else(|e| panic!("cannot write package.json in {}: {e}", tmp.display()));
+        run_npm_install(tmp, package, version);
+    })
+}
+
+/// Fills `<root>/<dir_name>/` once per machine: `fill` works in a private
 /// temp dir beside it, which is renamed into place (atomic; the loser of a
 /// race between processes deletes its copy and uses the winner's). Returns
 /// the path of `wanted` inside it; panics when `fill` did not produce it
 /// (`missing` says why that may be).
 fn into_cache(
+    root: &Path,
     dir_name: &str,
     wanted: &Path,
     spec: &str,
     missing: &str,
     fill: impl FnOnce(&Path),
 ) -> PathBuf {
-    let root = cache_root();
     let target = root.join(dir_name);
     let path = target.join(wanted);
     if is_complete(&target, &path) {
         return path;
     }
-    std::fs::create_dir_all(&root)
-        .unwrap_or_else(|e| panic!("cannot create CLI cache dir {}: {e}", root.display()));
-    remove_stale_temps(&root, dir_name);
+    std::fs::create_dir_all(root)
+        .unwrap_or_else(|e| panic!("cannot create cache dir {}: {e}", root.display()));
+    remove_stale_temps(root, dir_name);
 
     let nanos = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)

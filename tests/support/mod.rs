@@ -4,6 +4,8 @@
 //!   `<repo>/.cache/agent-clis/` once and return the executable path.
 //! - [`anthropic`]: `AnthropicStub`, a scripted Anthropic Messages API on 127.0.0.1:0 with a log of
 //!   the requests it received; `stub.claude_env(home)` gives the env a Claude child needs.
+//! - [`browser`]: Debian's Chromium and a pinned playwright-core (installed on first use), running the
+//!   Node scripts of `tests/browser/` that report steps as JSON lines.
 //! - [`tls`]: `TestCa`, a throw-away CA (rcgen) signing leaf certificates, and a client config trusting it.
 //!
 //! Facts about the Claude CLI stream: /work/notes/claude-cli.md and tests/fixtures/claude/*.jsonl.
@@ -12,6 +14,7 @@
 #![allow(dead_code)]
 
 pub mod anthropic;
+pub mod browser;
 pub mod clis;
 pub mod gemini;
 pub mod model_stub;
