@@ -104,6 +104,17 @@ impl Keys {
 
     /// A token for the user at its current token `version`.
     pub fn issue(&self, user_id: i64, username: &str, version: i32) -> String {
+        self.issue_for(user_id, username, version, TOKEN_LIFETIME)
+    }
+
+    /// The same, valid for `lifetime`.
+    pub fn issue_for(
+        &self,
+        user_id: i64,
+        username: &str,
+        version: i32,
+        lifetime: Duration,
+    ) -> String {
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default()
@@ -112,7 +123,7 @@ impl Keys {
             sub: username.to_string(),
             uid: user_id,
             iat: now,
-            exp: now + TOKEN_LIFETIME.as_secs(),
+            exp: now.saturating_add(lifetime.as_secs()),
             ver: version,
         };
         // unwrap: HS256 signing of a plain struct cannot fail.
@@ -125,9 +136,17 @@ impl Keys {
         let mut validation = Validation::new(Algorithm::HS256);
         validation.leeway = 0;
         validation.set_required_spec_claims(&["exp", "sub"]);
-        jsonwebtoken::decode::<Claims>(token, &self.decoding, &validation)
-            .ok()
-            .map(|d| d.claims)
+        let claims = jsonwebtoken::decode::<Claims>(token, &self.decoding, &validation)
+            .ok()?
+            .claims;
+        // RFC 7519 4.1.4: not accepted *on or after* `exp` (jsonwebtoken
+        // still accepts the second of `exp` itself), the moment open
+        // sockets are closed.
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs();
+        (claims.exp > now).then_some(claims)
     }
 }
 

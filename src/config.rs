@@ -31,6 +31,10 @@ pub enum Command {
         /// sockets are closed with 1008); prints nothing on stdout.
         #[arg(long)]
         revoke: bool,
+        /// Lifetime of the printed token in seconds (default 30 days); a
+        /// socket opened with it is closed with 1008 when it runs out.
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..), conflicts_with = "revoke")]
+        ttl_secs: Option<u64>,
     },
     /// Apply the embedded database migrations and exit.
     Migrate,

@@ -284,6 +284,20 @@ pub struct Identity {
     /// The user's token version the request's token carries (current: the
     /// guard refuses older ones). A refreshed token gets the same.
     pub token_version: i32,
+    /// When the request's token expires; `None` in platform mode (no token).
+    pub expires: Option<std::time::SystemTime>,
+}
+
+impl Identity {
+    /// What a socket opened with this request watches: its token's expiry
+    /// and version (platform mode: nothing).
+    pub fn token_watch(&self) -> agentgate_actors::token_watch::TokenWatch {
+        agentgate_actors::token_watch::TokenWatch {
+            user_id: self.user.id,
+            expires: self.expires,
+            version: self.expires.map(|_| i64::from(self.token_version)),
+        }
+    }
 }
 
 impl FromRequest for Identity {

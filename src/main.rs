@@ -82,7 +82,11 @@ fn main() -> ExitCode {
         Command::Serve(args) => {
             actix_web::rt::System::new().block_on(server::serve(cli.common, *args))
         }
-        Command::Token { user, revoke } => token(&cli.common, &user, revoke),
+        Command::Token {
+            user,
+            revoke,
+            ttl_secs,
+        } => token(&cli.common, &user, revoke, ttl_secs),
         Command::Migrate => migrate(&cli.common),
         Command::WebUi(WebUiCommand::Install { version }) => {
             web_ui::install::install(&cli.common.data_dir(), &version).map(|dir| {
@@ -103,7 +107,12 @@ fn main() -> ExitCode {
     }
 }
 
-fn token(common: &config::Common, user: &str, revoke: bool) -> std::io::Result<()> {
+fn token(
+    common: &config::Common,
+    user: &str,
+    revoke: bool,
+    ttl_secs: Option<u64>,
+) -> std::io::Result<()> {
     let user = user.trim();
     if user.is_empty() {
         return Err(std::io::Error::other("--user must not be empty"));
@@ -115,7 +124,7 @@ fn token(common: &config::Common, user: &str, revoke: bool) -> std::io::Result<(
         let row = db::revoke_tokens(&mut conn, user)
             .map_err(std::io::Error::other)?
             .ok_or_else(|| std::io::Error::other(format!("no user named {user}")))?;
-        // A running gateway notices within a second and closes the user's sockets.
+        // A running gateway notices within a heartbeat interval and closes the user's sockets.
         eprintln!(
             "revoked every earlier token of {} (token version {})",
             row.username, row.token_version
@@ -127,7 +136,12 @@ fn token(common: &config::Common, user: &str, revoke: bool) -> std::io::Result<(
     let row = db::ensure_user(&mut conn, user).map_err(std::io::Error::other)?;
     println!(
         "{}",
-        keys.issue(i64::from(row.id), &row.username, row.token_version)
+        keys.issue_for(
+            i64::from(row.id),
+            &row.username,
+            row.token_version,
+            ttl_secs.map_or(auth::TOKEN_LIFETIME, std::time::Duration::from_secs),
+        )
     );
     Ok(())
 }

@@ -337,25 +337,26 @@ async fn running_sessions(
 }
 
 async fn chat_ws(
-    Authed(user): Authed,
+    identity: Identity,
     req: HttpRequest,
     stream: web::Payload,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, actix_web::Error> {
     let socket = ChatSocket::new(
-        user,
+        identity.user.clone(),
         state.registry.clone(),
         state.store.clone(),
         state.config.heartbeat,
     )
-    .watched(state.watched(&req));
+    .watched(state.watched(&req))
+    .token(identity.token_watch());
     ws::WsResponseBuilder::new(socket, &req, stream)
         .frame_size(MAX_INBOUND_FRAME)
         .start()
 }
 
 async fn shell_ws(
-    Authed(user): Authed,
+    identity: Identity,
     req: HttpRequest,
     stream: web::Payload,
     state: web::Data<AppState>,
@@ -365,7 +366,15 @@ async fn shell_ws(
         store: state.store.clone(),
         config: state.config.clone(),
     };
-    ShellSocket::start(&req, stream, user, deps, state.watched(&req))
+    let token = identity.token_watch();
+    ShellSocket::start(
+        &req,
+        stream,
+        identity.user,
+        deps,
+        state.watched(&req),
+        token,
+    )
 }
 
 async fn plugin_ws(

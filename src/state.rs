@@ -68,6 +68,7 @@ impl AppState {
                 .ok_or_else(|| ApiError::unauthorized("Platform mode: no user exists yet"))?;
             return Ok(Identity {
                 token_version: user.token_version,
+                expires: None,
                 user: AuthUser {
                     id: i64::from(user.id),
                     username: user.username,
@@ -90,6 +91,7 @@ impl AppState {
         }
         Ok(Identity {
             token_version: user.token_version,
+            expires: Some(std::time::UNIX_EPOCH + std::time::Duration::from_secs(claims.exp)),
             user: AuthUser {
                 id: i64::from(user.id),
                 username: user.username,

@@ -11,7 +11,10 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use crate::support::tls::TestCa;
-use crate::util::{agentgate_bin, children_of, client_for, connect_ws_with, TestServer, WAIT};
+use crate::util::{
+    agentgate_bin, children_of, client_for, connect_ws_with, example_bin, project_dir, TestServer,
+    WsEvent, WAIT,
+};
 
 /// Runs `agentgate serve` with `args` on a fresh data dir, expecting it to
 /// refuse to start; returns its stderr.
@@ -720,4 +723,293 @@ async fn revoked_tokens_are_refused() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("no user named nobody"));
+}
+
+/// The close code and reason a socket ends with (pings answered meanwhile).
+async fn close_of(ws: &mut crate::util::WsClient) -> (Option<u16>, String) {
+    loop {
+        match ws.recv().await {
+            WsEvent::Close(code, reason) => return (code, reason),
+            WsEvent::Ended => return (None, String::new()),
+            _ => {}
+        }
+    }
+}
+
+/// A token revoked while `/ws` and `/shell` are open closes both with 1008
+/// (checked every heartbeat), and a token that runs out closes them at its
+/// expiry; another user's socket stays open.
+#[actix_rt::test]
+async fn revoked_or_expired_tokens_close_live_sockets_with_1008() {
+    let server = TestServer::start_with(|cmd| {
+        cmd.arg("--heartbeat-secs").arg("2");
+    });
+    let ann = server.token("ann");
+    let bob = server.token("bob");
+    let mut chat = server.ws(&format!("/ws?token={ann}")).await;
+    let mut shell = server.ws(&format!("/shell?token={ann}")).await;
+    let mut bobs = server.ws(&format!("/ws?token={bob}")).await;
+    server.revoke("ann");
+    assert_eq!(
+        close_of(&mut chat).await,
+        (Some(1008), "token revoked".into())
+    );
+    assert_eq!(
+        close_of(&mut shell).await,
+        (Some(1008), "token revoked".into())
+    );
+    // Bob's socket still answers (a bad frame gets its protocol_error).
+    bobs.send_text("{").await;
+    assert_eq!(bobs.recv_json().await["code"], "INVALID_PAYLOAD");
+
+    let out = Command::new(agentgate_bin())
+        .args(["token", "--user", "bob", "--ttl-secs", "3", "--data-dir"])
+        .arg(server.data_dir())
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let short = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let opened = Instant::now();
+    let mut chat = server.ws(&format!("/ws?token={short}")).await;
+    let mut shell = server.ws(&format!("/shell?token={short}")).await;
+    assert_eq!(
+        close_of(&mut chat).await,
+        (Some(1008), "token expired".into())
+    );
+    assert_eq!(
+        close_of(&mut shell).await,
+        (Some(1008), "token expired".into())
+    );
+    // Expiry is in whole seconds: 3 s after issue is at least 2 s after opening.
+    assert!(
+        opened.elapsed() >= Duration::from_secs(2),
+        "{:?}",
+        opened.elapsed()
+    );
+    assert_eq!(
+        server
+            .try_ws(&format!("/ws?token={short}"))
+            .await
+            .err()
+            .as_deref(),
+        Some("status 401")
+    );
+    // Bob's long-lived token was not touched (his first socket, unread
+    // meanwhile, was dropped by the heartbeat: a new one).
+    let mut bobs = server.ws(&format!("/ws?token={bob}")).await;
+    bobs.send_text("{").await;
+    assert_eq!(bobs.recv_json().await["code"], "INVALID_PAYLOAD");
+}
+
+/// A WebSocket client over a plain TCP stream that writes any frame, legal
+/// or not (fragments, invalid UTF-8 in text frames, raw opcodes).
+pub struct RawWs(std::net::TcpStream);
+
+impl RawWs {
+    /// Upgrades `path` (a token in its query); panics unless 101.
+    pub fn open(addr: SocketAddr, path: &str) -> RawWs {
+        let mut stream = std::net::TcpStream::connect(addr).expect("connect");
+        stream.set_read_timeout(Some(WAIT)).unwrap();
+        let mut req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n");
+        for (k, v) in UPGRADE {
+            req.push_str(&format!("{k}: {v}\r\n"));
+        }
+        req.push_str("\r\n");
+        stream.write_all(req.as_bytes()).unwrap();
+        // Byte by byte up to the end of the head: nothing after it is consumed.
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            stream.read_exact(&mut byte).expect("upgrade answer");
+            head.push(byte[0]);
+        }
+        let head = String::from_utf8_lossy(&head);
+        assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+        RawWs(stream)
+    }
+
+    /// Writes one client frame (masked with a zero key, which leaves the payload as is).
+    pub fn send(&mut self, opcode: u8, fin: bool, payload: &[u8]) {
+        let mut frame = vec![(u8::from(fin) << 7) | opcode];
+        match payload.len() {
+            n if n < 126 => frame.push(0x80 | n as u8),
+            n if n <= 0xffff => {
+                frame.push(0x80 | 126);
+                frame.extend_from_slice(&(n as u16).to_be_bytes());
+            }
+            n => {
+                frame.push(0x80 | 127);
+                frame.extend_from_slice(&(n as u64).to_be_bytes());
+            }
+        }
+        frame.extend_from_slice(&[0, 0, 0, 0]);
+        frame.extend_from_slice(payload);
+        // The server may close before reading everything (an oversized message).
+        let _ = self.0.write_all(&frame);
+    }
+
+    pub fn text(&mut self, text: &str) {
+        self.send(1, true, text.as_bytes());
+    }
+
+    /// The next server frame: opcode and payload; `None` at the end of the connection.
+    pub fn recv(&mut self) -> Option<(u8, Vec<u8>)> {
+        let mut head = [0u8; 2];
+        self.0.read_exact(&mut head).ok()?;
+        let len = match head[1] & 0x7f {
+            126 => {
+                let mut b = [0u8; 2];
+                self.0.read_exact(&mut b).ok()?;
+                u64::from(u16::from_be_bytes(b))
+            }
+            127 => {
+                let mut b = [0u8; 8];
+                self.0.read_exact(&mut b).ok()?;
+                u64::from_be_bytes(b)
+            }
+            n => u64::from(n),
+        };
+        let mut payload = vec![0u8; len as usize];
+        self.0.read_exact(&mut payload).ok()?;
+        Some((head[0] & 0x0f, payload))
+    }
+
+    /// The next text frame as JSON (pings skipped).
+    pub fn recv_json(&mut self) -> Value {
+        loop {
+            match self.recv() {
+                Some((1, payload)) => return serde_json::from_slice(&payload).unwrap(),
+                Some((9, _)) => continue,
+                other => panic!("expected a text frame, got {other:?}"),
+            }
+        }
+    }
+
+    /// The close code the server ends with (text frames before it are returned too).
+    pub fn recv_close(&mut self) -> (Option<u16>, Vec<Value>) {
+        let mut texts = Vec::new();
+        loop {
+            match self.recv() {
+                Some((8, payload)) => {
+                    let code =
+                        (payload.len() >= 2).then(|| u16::from_be_bytes([payload[0], payload[1]]));
+                    return (code, texts);
+                }
+                Some((1, payload)) => texts.push(serde_json::from_slice(&payload).unwrap()),
+                Some(_) => {}
+                None => return (None, texts),
+            }
+        }
+    }
+}
+
+/// RFC 6455 frames on `/ws`: a fragmented text message (a character split
+/// between fragments) is reassembled and handled; binary frames, fragmented
+/// or not, get `protocol_error` and the socket stays open; JSON nested
+/// deeper than 128 levels is refused; a message above 8 MiB across
+/// fragments is refused with 1009; invalid UTF-8 closes with 1007, whole or
+/// fragmented, on `/ws` and `/shell`.
+#[actix_rt::test]
+async fn ws_frames_are_reassembled_and_checked() {
+    let server = TestServer::start();
+    let token = server.token("ann");
+    let path = format!("/ws?token={token}");
+    let mut ws = RawWs::open(server.addr, &path);
+    let msg = r#"{"type":"chat.subscribe","sessions":[{"sessionId":"né"}]}"#.as_bytes();
+    let split = msg.iter().position(|&b| b == 0xc3).unwrap() + 1;
+    ws.send(1, false, &msg[..10]);
+    ws.send(0, false, &msg[10..split]);
+    ws.send(0, true, &msg[split..]);
+    let v = ws.recv_json();
+    assert_eq!(
+        (v["code"].as_str(), v["sessionId"].as_str()),
+        (Some("SESSION_NOT_FOUND"), Some("né")),
+        "{v}"
+    );
+
+    ws.send(2, true, b"\x00\x01binary");
+    let v = ws.recv_json();
+    assert_eq!(v["code"], "INVALID_PAYLOAD", "{v}");
+    assert!(v["error"].as_str().unwrap().contains("binary"), "{v}");
+    ws.send(2, false, b"part");
+    ws.send(0, false, b"part");
+    ws.send(0, true, b"part");
+    assert_eq!(ws.recv_json()["code"], "INVALID_PAYLOAD");
+
+    let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+    ws.text(&deep);
+    let v = ws.recv_json();
+    assert_eq!(v["code"], "INVALID_PAYLOAD");
+    assert!(
+        v["error"].as_str().unwrap().contains("deeper than 128"),
+        "{v}"
+    );
+    // Still open and answering after all of it.
+    ws.text("{");
+    assert_eq!(ws.recv_json()["code"], "INVALID_PAYLOAD");
+
+    // 8 fragments of 1 MiB after "{": each is below the limit, the message is not.
+    let chunk = vec![b' '; 1 << 20];
+    ws.send(1, false, b"{");
+    for _ in 0..8 {
+        ws.send(0, false, &chunk);
+    }
+    let (code, texts) = ws.recv_close();
+    assert_eq!(code, Some(1009));
+    assert_eq!(
+        texts.last().map(|v| v["code"].clone()),
+        Some(json!("MESSAGE_TOO_LARGE"))
+    );
+
+    let mut ws = RawWs::open(server.addr, &path);
+    ws.send(1, false, b"{\"type\":\"");
+    ws.send(0, true, b"\xff\"}");
+    assert_eq!(ws.recv_close().0, Some(1007));
+    for path in [path.clone(), format!("/shell?token={token}")] {
+        let mut ws = RawWs::open(server.addr, &path);
+        ws.send(1, true, b"{\"type\":\"\xc3\"}");
+        assert_eq!(ws.recv_close().0, Some(1007), "{path}");
+    }
+    assert!(!server.logs().contains("panicked"), "{}", server.logs());
+}
+
+/// Client values that would reach a CLI's argv (model, effort, tool
+/// patterns) are checked before anything is spawned: one starting with `-`
+/// is refused with a `protocol_error` naming the field, and no process starts.
+#[actix_rt::test]
+async fn option_values_that_look_like_flags_are_refused() {
+    let server = TestServer::start_with(|cmd| {
+        cmd.arg("--claude-bin").arg(example_bin("fake_claude"));
+    });
+    let token = server.token("ann");
+    let project = project_dir();
+    let session = server
+        .create_session(&token, "claude", project.path())
+        .await;
+    let mut ws = server.ws(&format!("/ws?token={token}")).await;
+    for (options, field) in [
+        (
+            json!({"model": "--dangerously-skip-permissions"}),
+            "options.model",
+        ),
+        (json!({"effort": "-c"}), "options.effort"),
+        (
+            json!({"toolsSettings": {"allowedTools": ["Read", "--dangerously-skip-permissions"]}}),
+            "options.toolsSettings.allowedTools",
+        ),
+    ] {
+        ws.send_json(
+            json!({"type": "chat.send", "sessionId": session, "content": "hi", "options": options}),
+        )
+        .await;
+        let v = ws.recv_json().await;
+        assert_eq!(
+            (v["kind"].as_str(), v["code"].as_str()),
+            (Some("protocol_error"), Some("INVALID_PAYLOAD")),
+            "{v}"
+        );
+        assert!(v["error"].as_str().unwrap().contains(field), "{v}");
+        assert_eq!(v["sessionId"], session.as_str());
+    }
+    assert!(children_of(server.pid()).is_empty(), "a CLI was started");
 }

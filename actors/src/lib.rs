@@ -13,7 +13,7 @@
 //!
 //! Everything else is plain data or functions: [`protocol`] (wire types),
 //! [`provider`] (the adapter trait and the adapters), [`store`] (the database
-//! seam the binary implements), [`config`], [`heartbeat`], [`watchdog`] (cuts
+//! seam the binary implements), [`config`], [`heartbeat`], [`token_watch`] (ends connections whose token expired or was revoked), [`watchdog`] (cuts
 //! off connections whose client stopped reading), [`kill`] (every signal
 //! sent to a child by pid or group, and how far each kind of child is
 //! chased) with [`pidfd`] (signals and exit waits that cannot hit a reused
@@ -36,6 +36,7 @@ pub mod provider;
 pub mod remote;
 pub mod shell;
 pub mod store;
+pub mod token_watch;
 pub mod watchdog;
 pub mod write_pump;
 

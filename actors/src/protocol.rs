@@ -317,11 +317,16 @@ pub enum ClientMessage {
 impl ClientMessage {
     /// Parses one text frame. Errors carry the `protocol_error` to answer with.
     pub fn parse(text: &str) -> Result<ClientMessage, ChatError> {
-        let value: Value = serde_json::from_str(text).map_err(|_| {
-            ChatError::new(
-                ErrorCode::InvalidPayload,
-                "Invalid websocket payload: not JSON",
-            )
+        // serde_json stops at 128 levels of nesting (its recursion limit,
+        // on by default), so a deeply nested frame is refused without deep
+        // recursion.
+        let value: Value = serde_json::from_str(text).map_err(|e| {
+            let message = if e.to_string().contains("recursion limit") {
+                "Invalid websocket payload: JSON nested deeper than 128 levels"
+            } else {
+                "Invalid websocket payload: not JSON"
+            };
+            ChatError::new(ErrorCode::InvalidPayload, message)
         })?;
         // Checked first: serde would also read a tagged enum from an array.
         if !value.is_object() {
@@ -703,6 +708,35 @@ fn push_json_str(buf: &mut Vec<u8>, s: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A frame nested a million levels deep is refused by serde_json's
+    /// recursion limit (128) with a clear error, on a 256 KiB stack: the
+    /// parser never recurses deeper than that limit.
+    #[test]
+    fn deeply_nested_frames_are_refused_without_deep_recursion() {
+        let run = std::thread::Builder::new()
+            .stack_size(256 * 1024)
+            .spawn(|| {
+                let deep = format!("{}{}", "[".repeat(1_000_000), "]".repeat(1_000_000));
+                let err = ClientMessage::parse(&deep).unwrap_err();
+                assert_eq!(err.code, ErrorCode::InvalidPayload);
+                assert!(err.message.contains("deeper than 128"), "{}", err.message);
+                let opts = |depth: usize| {
+                    format!(
+                        r#"{{"type":"chat.send","sessionId":"s","content":"hi","options":{{"a":{}1{}}}}}"#,
+                        "[".repeat(depth),
+                        "]".repeat(depth)
+                    )
+                };
+                assert!(ClientMessage::parse(&opts(200)).is_err());
+                assert!(matches!(
+                    ClientMessage::parse(&opts(100)),
+                    Ok(ClientMessage::Send { .. })
+                ));
+            })
+            .unwrap();
+        run.join().expect("no stack overflow, no panic");
+    }
 
     /// One body of every kind, with strings that need escaping and optional
     /// fields both set and unset.

@@ -22,8 +22,9 @@
 //! of the stream, not a thousand encoded ones. A backlog above
 //! [`BACKLOG_MAX_BYTES`] closes the socket with 4008 as well.
 //!
-//! **Stops** on client close, heartbeat timeout, [`CloseSocket`], or a
-//! protocol error; `stopped` tells the registry.
+//! **Stops** on client close, heartbeat timeout, [`CloseSocket`], a
+//! protocol error, or when its token expires or is revoked (close 1008,
+//! [`TokenWatch`]); `stopped` tells the registry.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -36,9 +37,11 @@ use crate::chat::run_registry::{
     resolve_cwd, AbortRun, CloseSocket, Connect, Deliver, Disconnect, Drained, RespondPermission,
     RunRegistry, SocketId, StartRun, Subscribe,
 };
+use crate::config::MAX_INBOUND_FRAME;
 use crate::heartbeat::Heartbeat;
 use crate::protocol::{protocol_error, ChatError, ClientMessage, ErrorCode, Frame};
 use crate::store::{self, SessionRow, Store};
+use crate::token_watch::{TokenWatch, CLOSE_TOKEN_INVALID};
 use crate::watchdog::{Stalled, WatchedConn};
 use crate::write_pump::{Backlog, WritePump};
 use crate::AuthUser;
@@ -88,6 +91,26 @@ pub struct ChatSocket {
     drained_batches: usize,
     /// This socket's connection, watched for a client that stopped reading.
     conn: Option<WatchedConn>,
+    /// The token it was opened with (closed with 1008 when it ends).
+    token: TokenWatch,
+    /// A fragmented message being reassembled (at most
+    /// [`MAX_INBOUND_FRAME`] bytes in all).
+    fragment: Option<Fragment>,
+}
+
+/// A fragmented message in progress.
+enum Fragment {
+    /// A text message: its bytes so far (UTF-8 is checked when complete,
+    /// since a character may be split between fragments).
+    Text(Vec<u8>),
+    /// A binary message: refused at its first fragment, the rest skipped.
+    Binary,
+}
+
+/// The text of a frame actix could not decode as UTF-8 (it reports it as an
+/// I/O error carrying `Utf8Error`'s text).
+fn is_utf8_error(err: &ws::ProtocolError) -> bool {
+    matches!(err, ws::ProtocolError::Io(e) if e.to_string().contains("utf-8"))
 }
 
 impl ChatSocket {
@@ -98,6 +121,7 @@ impl ChatSocket {
         heartbeat_interval: Duration,
     ) -> Self {
         ChatSocket {
+            token: TokenWatch::none(user.id),
             user,
             registry,
             store,
@@ -111,7 +135,14 @@ impl ChatSocket {
             drained_bytes: 0,
             drained_batches: 0,
             conn: None,
+            fragment: None,
         }
+    }
+
+    /// Closes the socket with 1008 when `token` expires or is revoked.
+    pub fn token(mut self, token: TokenWatch) -> Self {
+        self.token = token;
+        self
     }
 
     /// Lets the [`ConnWatchdog`](crate::watchdog::ConnWatchdog) cut off this
@@ -233,6 +264,9 @@ impl ChatSocket {
                 client_request_id,
             } => self.answer(ctx, async move {
                 let start = async {
+                    // Values that reach the CLI's argv are checked first (a clear refusal).
+                    crate::provider::check_options(&options)
+                        .map_err(|m| ChatError::new(ErrorCode::InvalidPayload, m))?;
                     let session = owned_row(&store, &session_id, user_id).await?;
                     let (project, opts) = (session.project_path.clone(), options.clone());
                     let cwd = tokio::task::spawn_blocking(move || resolve_cwd(&project, &opts))
@@ -348,6 +382,15 @@ impl Actor for ChatSocket {
             |a: &mut Self| &mut a.hb,
             "ChatSocket",
         );
+        self.token.start(
+            ctx,
+            &self.store.clone(),
+            self.heartbeat_interval,
+            |act: &mut Self, ctx, reason| {
+                tracing::info!(actor = "ChatSocket", socket = ?act.id, reason, "closing socket with 1008");
+                act.close(CLOSE_TOKEN_INVALID, reason, ctx);
+            },
+        );
         let connect = Connect {
             user_id: self.user.id,
             deliver: ctx.address().recipient(),
@@ -414,26 +457,92 @@ impl Backlog for ChatSocket {
     }
 }
 
+impl ChatSocket {
+    fn binary_refused(ctx: &mut ws::WebsocketContext<Self>) {
+        Self::send_error(
+            ctx,
+            &ChatError::new(
+                ErrorCode::InvalidPayload,
+                "Invalid websocket payload: binary frames are not accepted; send JSON text",
+            ),
+            None,
+        );
+    }
+
+    /// Refused from the frame header or the reassembled length; the
+    /// payload beyond the limit is never buffered (E5).
+    fn too_large(ctx: &mut ws::WebsocketContext<Self>) {
+        let err = ChatError::new(
+            ErrorCode::MessageTooLarge,
+            format!("Message exceeds the {} MiB limit", MAX_INBOUND_FRAME >> 20),
+        );
+        Self::send_error(ctx, &err, None);
+        ctx.close(Some(ws::CloseReason {
+            code: ws::CloseCode::Size,
+            description: Some("message too large".into()),
+        }));
+        ctx.stop();
+    }
+
+    /// RFC 6455 8.1: a text message that is not UTF-8 fails the connection with 1007.
+    fn invalid_utf8(ctx: &mut ws::WebsocketContext<Self>) {
+        ctx.close(Some(ws::CloseReason {
+            code: ws::CloseCode::Invalid,
+            description: Some("text frame is not valid UTF-8".into()),
+        }));
+        ctx.stop();
+    }
+
+    /// One fragment of a fragmented message (RFC 6455 5.4); the codec
+    /// already refuses fragments out of order.
+    fn on_fragment(&mut self, item: actix_http::ws::Item, ctx: &mut ws::WebsocketContext<Self>) {
+        use actix_http::ws::Item;
+        let (bytes, last) = match item {
+            Item::FirstText(b) => {
+                self.fragment = Some(Fragment::Text(Vec::with_capacity(b.len())));
+                (b, false)
+            }
+            Item::FirstBinary(_) => {
+                self.fragment = Some(Fragment::Binary);
+                return Self::binary_refused(ctx);
+            }
+            Item::Continue(b) => (b, false),
+            Item::Last(b) => (b, true),
+        };
+        let buf = match self.fragment.as_mut() {
+            Some(Fragment::Text(buf)) => buf,
+            Some(Fragment::Binary) => {
+                if last {
+                    self.fragment = None;
+                }
+                return;
+            }
+            None => return,
+        };
+        if buf.len() + bytes.len() > MAX_INBOUND_FRAME {
+            self.fragment = None;
+            return Self::too_large(ctx);
+        }
+        buf.extend_from_slice(&bytes);
+        if !last {
+            return;
+        }
+        let Some(Fragment::Text(whole)) = self.fragment.take() else {
+            return;
+        };
+        match String::from_utf8(whole) {
+            Ok(text) => self.on_text(&text, ctx),
+            Err(_) => Self::invalid_utf8(ctx),
+        }
+    }
+}
+
 impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for ChatSocket {
     fn handle(&mut self, item: Result<ws::Message, ws::ProtocolError>, ctx: &mut Self::Context) {
         match item {
             Ok(ws::Message::Text(text)) => self.on_text(&text, ctx),
-            Ok(ws::Message::Binary(_)) => Self::send_error(
-                ctx,
-                &ChatError::new(
-                    ErrorCode::InvalidPayload,
-                    "Invalid websocket payload: binary frames are not accepted",
-                ),
-                None,
-            ),
-            Ok(ws::Message::Continuation(_)) => Self::send_error(
-                ctx,
-                &ChatError::new(
-                    ErrorCode::InvalidPayload,
-                    "Invalid websocket payload: fragmented frames are not accepted",
-                ),
-                None,
-            ),
+            Ok(ws::Message::Binary(_)) => Self::binary_refused(ctx),
+            Ok(ws::Message::Continuation(item)) => self.on_fragment(item, ctx),
             Ok(ws::Message::Ping(payload)) => {
                 self.hb.pong();
                 ctx.pong(&payload);
@@ -444,17 +553,8 @@ impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for ChatSocket {
                 ctx.stop();
             }
             Ok(ws::Message::Nop) => {}
-            Err(ws::ProtocolError::Overflow) => {
-                // Refused from the frame header; the payload is never buffered (E5).
-                let err =
-                    ChatError::new(ErrorCode::MessageTooLarge, "Frame exceeds the 8 MiB limit");
-                Self::send_error(ctx, &err, None);
-                ctx.close(Some(ws::CloseReason {
-                    code: ws::CloseCode::Size,
-                    description: Some("frame too large".into()),
-                }));
-                ctx.stop();
-            }
+            Err(ws::ProtocolError::Overflow) => Self::too_large(ctx),
+            Err(err) if is_utf8_error(&err) => Self::invalid_utf8(ctx),
             Err(err) => {
                 tracing::debug!(actor = "ChatSocket", %err, "protocol error; closing");
                 ctx.close(Some(ws::CloseCode::Protocol.into()));

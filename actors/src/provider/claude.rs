@@ -42,7 +42,8 @@ fn tool_list(options: &Value, key: &str) -> Option<String> {
         .and_then(Value::as_array)?
         .iter()
         .filter_map(Value::as_str)
-        .filter(|s| !s.trim().is_empty())
+        .map(str::trim)
+        .filter(|s| super::valid_tool_pattern(s))
         .collect();
     (!list.is_empty()).then(|| list.join(","))
 }
@@ -77,8 +78,10 @@ impl Provider for Claude {
             // registry only hands out ids that pass `safe_id`).
             spec.arg(format!("--resume={id}"));
         }
-        if let Some(model) = turn.model().filter(|m| safe_id(m)) {
-            spec.arg("--model").arg(model);
+        // Every client-chosen value goes as `--flag=value`: it cannot
+        // become a flag of its own, whatever it starts with.
+        if let Some(model) = turn.model() {
+            spec.arg(format!("--model={model}"));
         }
         let skip = turn
             .options
@@ -96,13 +99,13 @@ impl Provider for Claude {
             (mode, false) => mode.filter(|m| *m != "default"),
         };
         if let Some(mode) = mode {
-            spec.arg("--permission-mode").arg(mode);
+            spec.arg(format!("--permission-mode={mode}"));
         }
         if let Some(allowed) = tool_list(&turn.options, "allowedTools") {
-            spec.arg("--allowedTools").arg(allowed);
+            spec.arg(format!("--allowedTools={allowed}"));
         }
         if let Some(denied) = tool_list(&turn.options, "disallowedTools") {
-            spec.arg("--disallowedTools").arg(denied);
+            spec.arg(format!("--disallowedTools={denied}"));
         }
         let mut line = json!({
             "type": "user",
@@ -865,13 +868,9 @@ not json at all
             .map(|a| a.to_string_lossy().into_owned())
             .collect();
         assert!(args.contains(&"--resume=0f6e2d1c-5b4a".to_string()));
-        assert!(args
-            .windows(2)
-            .any(|w| w == ["--permission-mode", "acceptEdits"]));
-        assert!(args.windows(2).any(|w| w == ["--model", "sonnet"]));
-        assert!(args
-            .windows(2)
-            .any(|w| w == ["--allowedTools", "Read,Bash(git log:*)"]));
+        assert!(args.contains(&"--permission-mode=acceptEdits".to_string()));
+        assert!(args.contains(&"--model=sonnet".to_string()));
+        assert!(args.contains(&"--allowedTools=Read,Bash(git log:*)".to_string()));
         let stdin: Value = serde_json::from_slice(spec.stdin.as_ref().unwrap()).unwrap();
         assert_eq!(stdin["message"]["content"], "hi \"there\"");
         assert!(spec.keep_stdin_open);
@@ -888,7 +887,7 @@ not json at all
             .collect();
         assert!(!args
             .iter()
-            .any(|a| a.contains("dangerously") || a == "--permission-mode"));
+            .any(|a| a.contains("dangerously") || a.starts_with("--permission-mode")));
 
         // The web UI's "default" model is the CLI's own default: no flag.
         let web_ui = Turn {
@@ -901,7 +900,7 @@ not json at all
             .iter()
             .map(|a| a.to_string_lossy().into_owned())
             .collect();
-        assert!(!args.iter().any(|a| a == "--model"), "{args:?}");
+        assert!(!args.iter().any(|a| a.starts_with("--model")), "{args:?}");
     }
 
     #[test]

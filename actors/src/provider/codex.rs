@@ -2,7 +2,7 @@
 //!
 //! Command (checked against codex-cli 0.169.0):
 //! `codex exec --json --skip-git-repo-check [--model=M] --sandbox=<mode>
-//! [-c model_reasoning_effort="E"] --cd=<cwd> [resume <thread id>] -`, with
+//! [--config=model_reasoning_effort="E"] --cd=<cwd> [resume <thread id>] -`, with
 //! the prompt on stdin (`-`; stdin is then closed). Exec options must come
 //! before `resume`. Sandbox from the permission mode: default/acceptEdits ->
 //! `workspace-write`, bypass -> `danger-full-access`, plan -> `read-only`
@@ -64,13 +64,14 @@ impl Provider for Codex {
         };
         spec.arg(format!("--sandbox={sandbox}"));
         if let Some(effort) = turn.effort().filter(|e| EFFORTS.contains(e)) {
-            spec.arg("-c")
-                .arg(format!("model_reasoning_effort=\"{effort}\""));
+            spec.arg(format!("--config=model_reasoning_effort=\"{effort}\""));
         }
         let mut cd = std::ffi::OsString::from("--cd=");
         cd.push(&turn.cwd);
         spec.arg(cd);
         if let Some(id) = &turn.provider_session_id {
+            // A positional: the registry only hands out `safe_id`s, which
+            // never start with `-`.
             spec.arg("resume").arg(id);
         }
         // The prompt comes on stdin: no argv length limit, not visible in ps,
@@ -418,8 +419,7 @@ mod tests {
                 "--skip-git-repo-check",
                 "--model=gpt-5.5",
                 "--sandbox=workspace-write",
-                "-c",
-                "model_reasoning_effort=\"high\"",
+                "--config=model_reasoning_effort=\"high\"",
                 "--cd=/work/project",
                 "-"
             ]

@@ -5,10 +5,10 @@
 //! documentation (https://cursor.com/docs/cli/reference/output-format and
 //! the parameter reference) and is tested against a fake executable:
 //! `cursor-agent --print --output-format stream-json --trust
-//! [--resume=<id>] [--model=M] [--force | --mode=plan] <prompt>`.
+//! [--resume=<id>] [--model=M] [--force | --mode=plan] -- <prompt>`.
 //! The prompt is the positional argument (the CLI appends piped stdin to it
 //! rather than reading the prompt from stdin); it is passed as one argv
-//! element, never through a shell, behind `--` when it starts with a dash.
+//! element, never through a shell, always behind `--`.
 //! stdin is closed at once. `--trust` because headless runs in a folder the
 //! CLI does not yet trust otherwise die with "Workspace Trust Required" (the
 //! reference retried with it; the gateway session already names the folder).
@@ -64,9 +64,8 @@ impl Provider for Cursor {
             }
             PermissionMode::Default | PermissionMode::AcceptEdits => {}
         }
-        if turn.content.starts_with('-') {
-            spec.arg("--");
-        }
+        // The prompt is the one positional, always after `--`.
+        spec.arg("--");
         spec.arg(turn.content.as_str());
         common_setup(&mut spec);
         spec
@@ -349,6 +348,7 @@ mod tests {
                 "--trust",
                 "--resume=c6b62c6f",
                 "--model=sonnet-4",
+                "--",
                 "hello there"
             ]
         );

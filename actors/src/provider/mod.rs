@@ -95,6 +95,111 @@ pub fn safe_id(id: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-' | ':'))
 }
 
+/// Longest model name, effort word and tool pattern accepted from a client.
+pub const MAX_MODEL_LEN: usize = 128;
+pub const MAX_EFFORT_LEN: usize = 32;
+pub const MAX_TOOL_PATTERN_LEN: usize = 512;
+
+/// A model name a client may pick: `sonnet`, `claude-opus-4-1`,
+/// `opus[1m]`, `gpt-5.5`, `anthropic/claude-sonnet-4`, `gemini-2.5-pro`.
+/// Never starts with `-` and holds no space, quote or shell character.
+pub fn valid_model(m: &str) -> bool {
+    !m.is_empty()
+        && m.len() <= MAX_MODEL_LEN
+        && !m.starts_with('-')
+        && m.chars().all(|c| {
+            c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-' | ':' | '/' | '@' | '[' | ']')
+        })
+}
+
+/// A reasoning effort or variant word (`low`, `high`, `xhigh`, `max`).
+pub fn valid_effort(e: &str) -> bool {
+    !e.is_empty()
+        && e.len() <= MAX_EFFORT_LEN
+        && !e.starts_with('-')
+        && e.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+/// A tool permission pattern: a tool name (`Read`, `mcp__server__tool`,
+/// `Bash`) optionally followed by one parenthesised specifier
+/// (`Bash(git log:*)`, `Edit(src/**)`). No control characters, no comma
+/// (the list is joined with commas), never a leading `-`.
+pub fn valid_tool_pattern(p: &str) -> bool {
+    let (name, rest) = match p.find('(') {
+        Some(i) => (&p[..i], Some(&p[i..])),
+        None => (p, None),
+    };
+    let name_ok = !name.is_empty()
+        && !name.starts_with('-')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | '*'));
+    let rest_ok = rest.is_none_or(|r| {
+        r.len() >= 2 && r.ends_with(')') && !r[1..r.len() - 1].contains(['(', ')'])
+    });
+    name_ok
+        && rest_ok
+        && p.len() <= MAX_TOOL_PATTERN_LEN
+        && !p.chars().any(|c| c.is_control() || c == ',')
+}
+
+/// Checks the client-chosen `options` that reach a CLI's argv (`model`,
+/// `effort`, `toolsSettings.allowedTools` / `disallowedTools`); the error
+/// names the field and says what is accepted. Blank values and the web
+/// UI's `"default"` are no choice and pass. The adapters also pass every
+/// value as `--flag=value`, so even a value that slipped through could not
+/// become a flag.
+pub fn check_options(options: &Value) -> Result<(), String> {
+    let chosen = |key: &str| {
+        options
+            .get(key)
+            .and_then(Value::as_str)
+            .map(str::trim)
+            .filter(|s| !s.is_empty() && *s != "default")
+    };
+    let shown = |v: &str| v.chars().take(60).collect::<String>();
+    if let Some(model) = chosen("model").filter(|m| !valid_model(m)) {
+        return Err(format!(
+            "Invalid options.model '{}': a model name is 1-{MAX_MODEL_LEN} letters, digits and _ . - : / @ [ ], not starting with -",
+            shown(model)
+        ));
+    }
+    if let Some(effort) = chosen("effort").filter(|e| !valid_effort(e)) {
+        return Err(format!(
+            "Invalid options.effort '{}': an effort is one word of letters, digits, - and _ (e.g. low, high)",
+            shown(effort)
+        ));
+    }
+    for key in ["allowedTools", "disallowedTools"] {
+        let list = options.get("toolsSettings").and_then(|t| t.get(key));
+        let Some(list) = list else { continue };
+        let Some(items) = list.as_array() else {
+            if list.is_null() {
+                continue;
+            }
+            return Err(format!(
+                "Invalid options.toolsSettings.{key}: expected an array of tool patterns"
+            ));
+        };
+        for item in items {
+            let Some(p) = item.as_str() else {
+                return Err(format!(
+                    "Invalid options.toolsSettings.{key}: every entry must be a string"
+                ));
+            };
+            let p = p.trim();
+            if !p.is_empty() && !valid_tool_pattern(p) {
+                return Err(format!(
+                    "Invalid tool pattern '{}' in options.toolsSettings.{key}: expected Tool or Tool(specifier), e.g. Bash(git log:*)",
+                    shown(p)
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Everything a provider needs to build one turn's command.
 #[derive(Debug, Clone)]
 pub struct Turn {
@@ -124,14 +229,17 @@ impl Turn {
     }
 
     /// The `model` option; the web UI's `"default"` means "no model flag"
-    /// (the CLI's own default), not a model named default.
+    /// (the CLI's own default), not a model named default. Only a
+    /// [`valid_model`] (the chat socket refuses others with a clear error).
     pub fn model(&self) -> Option<&str> {
-        self.option_str("model").filter(|m| *m != "default")
+        self.option_str("model")
+            .filter(|m| *m != "default" && valid_model(m))
     }
 
     /// The `effort` option, with `"default"` meaning none, as for [`Turn::model`].
     pub fn effort(&self) -> Option<&str> {
-        self.option_str("effort").filter(|e| *e != "default")
+        self.option_str("effort")
+            .filter(|e| *e != "default" && valid_effort(e))
     }
 }
 
@@ -257,7 +365,105 @@ pub fn provider_for(kind: ProviderKind) -> Option<&'static dyn Provider> {
 
 #[cfg(test)]
 mod tests {
-    use super::safe_id;
+    use super::cli_support::test_util::{args, turn};
+    use super::*;
+    use serde_json::json;
+
+    /// Client values that start with `-` (or are flags outright) never
+    /// become argv entries of their own, for every provider: they are
+    /// dropped, or glued to their flag as `--flag=value`, and the prompt
+    /// comes on stdin or after `--`.
+    #[test]
+    fn client_values_never_become_flags() {
+        let hostile = json!({
+            "model": "--dangerously-skip-permissions",
+            "effort": "-c",
+            "permissionMode": "--yolo",
+            "toolsSettings": {"allowedTools": ["--dangerously-skip-permissions", "-x", "Read"],
+                              "disallowedTools": ["-rf"]},
+        });
+        let valid = json!({
+            "model": "claude-opus-4-1[1m]",
+            "effort": "high",
+            "toolsSettings": {"allowedTools": ["Bash(git log:*)"]},
+        });
+        for kind in ProviderKind::ALL {
+            let provider = provider_for(kind).unwrap();
+            let mut t = turn(hostile.clone(), None);
+            t.content = "--help; -rf".into();
+            let argv = args(&provider.command(&t));
+            let prompt_at = argv.iter().position(|a| a == "--");
+            for (i, a) in argv.iter().enumerate() {
+                if prompt_at.is_some_and(|p| i > p) {
+                    continue;
+                }
+                for bad in ["--dangerously", "-c", "-x", "-rf", "--yolo", "--help"] {
+                    assert!(
+                        a != bad && !a.starts_with("--dangerously") && !a.ends_with("=-c"),
+                        "{kind:?}: {a} in {argv:?}"
+                    );
+                }
+            }
+            assert!(check_options(&hostile).is_err());
+            let argv = args(&provider.command(&turn(valid.clone(), None)));
+            assert!(
+                argv.contains(&"--model=claude-opus-4-1[1m]".to_string()),
+                "{kind:?}: {argv:?}"
+            );
+            assert!(check_options(&valid).is_ok());
+        }
+    }
+
+    #[test]
+    fn option_checks_name_the_field() {
+        for (options, field) in [
+            (json!({"model": "-m"}), "options.model"),
+            (json!({"model": "a b"}), "options.model"),
+            (json!({"model": "x".repeat(129)}), "options.model"),
+            (json!({"effort": "--high"}), "options.effort"),
+            (json!({"effort": "hi gh"}), "options.effort"),
+            (
+                json!({"toolsSettings": {"allowedTools": ["-x"]}}),
+                "allowedTools",
+            ),
+            (
+                json!({"toolsSettings": {"allowedTools": "Read"}}),
+                "allowedTools",
+            ),
+            (
+                json!({"toolsSettings": {"disallowedTools": [1]}}),
+                "disallowedTools",
+            ),
+            (
+                json!({"toolsSettings": {"allowedTools": ["Bash(a,b)"]}}),
+                "allowedTools",
+            ),
+            (
+                json!({"toolsSettings": {"allowedTools": ["Bash(x"]}}),
+                "allowedTools",
+            ),
+            (
+                json!({"toolsSettings": {"allowedTools": ["Bash(x)y)"]}}),
+                "allowedTools",
+            ),
+            (
+                json!({"toolsSettings": {"allowedTools": ["Bash(l\ns)"]}}),
+                "allowedTools",
+            ),
+        ] {
+            let err = check_options(&options).unwrap_err();
+            assert!(err.contains(field), "{options}: {err}");
+        }
+        for ok in [
+            json!({}),
+            json!({"model": "default", "effort": "default"}),
+            json!({"model": "", "effort": "  "}),
+            json!({"model": "anthropic/claude-sonnet-4", "effort": "xhigh"}),
+            json!({"toolsSettings": {"allowedTools": ["mcp__srv__tool", "Edit(src/**)", "Bash(npm run test:*)", ""], "disallowedTools": null}}),
+        ] {
+            assert!(check_options(&ok).is_ok(), "{ok}");
+        }
+    }
 
     #[test]
     fn safe_ids_cannot_be_flags_or_shell_text() {

@@ -37,7 +37,7 @@ use serde_json::Value;
 
 use crate::chat::run_registry::RunRegistry;
 use crate::protocol::Frame;
-use crate::store::{self, SessionRow, Store};
+use crate::store::{SessionRow, Store};
 use crate::AuthUser;
 use sdk::{Rendered, Renderer};
 
@@ -82,9 +82,8 @@ pub struct Target {
     pub token_version: Option<i64>,
 }
 
-/// Ends a follower when its token runs out or is revoked: `end` runs at the
-/// token's expiry, or at the first check (every heartbeat) that finds the
-/// user's token version moved past the connection's (or the user gone).
+/// Ends a follower when its token runs out or is revoked (see
+/// [`TokenWatch`](crate::token_watch::TokenWatch)).
 pub fn guard_token<A, C>(
     ctx: &mut C,
     deps: &RemoteDeps,
@@ -94,31 +93,12 @@ pub fn guard_token<A, C>(
     A: Actor<Context = C>,
     C: AsyncContext<A> + 'static,
 {
-    if let Some(expires) = target.token_expires {
-        let left = expires
-            .duration_since(SystemTime::now())
-            .unwrap_or_default();
-        ctx.run_later(left, move |act, ctx| end(act, ctx, "token expired"));
-    }
-    let Some(version) = target.token_version else {
-        return;
+    let watch = crate::token_watch::TokenWatch {
+        user_id: target.user.id,
+        expires: target.token_expires,
+        version: target.token_version,
     };
-    let (store, user_id) = (deps.store.clone(), target.user.id);
-    ctx.run_interval(deps.heartbeat, move |act, ctx| {
-        let store = store.clone();
-        let check = async move { store::blocking(&store, move |s| s.token_version(user_id)).await };
-        ctx.spawn(check.into_actor(act).map(move |current, act, ctx| {
-            // A database error is no proof of revocation: the next check decides.
-            let revoked = match current {
-                Ok(Some(current)) => current > version,
-                Ok(None) => true,
-                Err(_) => false,
-            };
-            if revoked {
-                end(act, ctx, "token revoked");
-            }
-        }));
-    });
+    watch.start(ctx, &deps.store, deps.heartbeat, end);
 }
 
 /// The `chat_subscribed` ack the registry sends first.

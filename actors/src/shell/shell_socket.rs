@@ -24,7 +24,8 @@
 //! written or dropped as if they had waited in the mailbox.
 //!
 //! Stops: when the client closes, the heartbeat fails, a frame is too large
-//! (close 1009), the PTY lets it go as a slow consumer (close 4008), or on
+//! (close 1009), the PTY lets it go as a slow consumer (close 4008), its
+//! token expires or is revoked (close 1008, [`TokenWatch`]), or on
 //! shutdown (close 1001). Stopping detaches it from its PTY (by its own id),
 //! which keeps running.
 
@@ -51,6 +52,7 @@ use super::{EndReason, ServerFrame, SocketHandle, TermSize, MAX_TERM_COLS, MAX_T
 use crate::config::{GatewayConfig, MAX_INBOUND_FRAME};
 use crate::heartbeat::Heartbeat;
 use crate::store::{self, Store};
+use crate::token_watch::{TokenWatch, CLOSE_TOKEN_INVALID};
 use crate::watchdog::{Stalled, WatchedConn};
 use crate::AuthUser;
 
@@ -147,6 +149,8 @@ pub struct ShellSocket {
     /// While an `init` runs: the PTY messages that arrived meanwhile, each
     /// with the acknowledgement its PTY waits for (see [`PtyOutput`]).
     held: Option<VecDeque<(Held, oneshot::Sender<()>)>>,
+    /// The token it was opened with (closed with 1008 when it ends).
+    token: TokenWatch,
 }
 
 /// A PTY message held while an `init` runs.
@@ -159,6 +163,7 @@ impl ShellSocket {
     pub fn new(user: AuthUser, deps: ShellDeps) -> Self {
         ShellSocket {
             id: NEXT_SOCKET_ID.fetch_add(1, Ordering::Relaxed),
+            token: TokenWatch::none(user.id),
             user,
             deps,
             hb: Heartbeat::default(),
@@ -181,9 +186,11 @@ impl ShellSocket {
         user: AuthUser,
         deps: ShellDeps,
         conn: Option<WatchedConn>,
+        token: TokenWatch,
     ) -> Result<HttpResponse, actix_web::Error> {
         let mut socket = ShellSocket::new(user, deps);
         socket.conn = conn;
+        socket.token = token;
         ws::WsResponseBuilder::new(socket, req, stream)
             .frame_size(MAX_INBOUND_FRAME)
             .start()
@@ -463,6 +470,24 @@ impl Actor for ShellSocket {
             |a: &mut ShellSocket| &mut a.hb,
             "ShellSocket",
         );
+        self.token.start(
+            ctx,
+            &self.deps.store.clone(),
+            self.deps.config.heartbeat,
+            |act: &mut Self, ctx, reason| {
+                tracing::info!(
+                    actor = "ShellSocket",
+                    socket = act.id,
+                    reason,
+                    "closing socket with 1008"
+                );
+                ctx.close(Some(CloseReason {
+                    code: CloseCode::Other(CLOSE_TOKEN_INVALID),
+                    description: Some(reason.into()),
+                }));
+                ctx.stop();
+            },
+        );
         tracing::info!(actor = "ShellSocket", socket = self.id, user = %self.user.username, "actor started");
     }
 
@@ -484,6 +509,16 @@ impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for ShellSocket {
             Ok(msg) => msg,
             Err(ws::ProtocolError::Overflow) => {
                 Self::too_large(ctx);
+                return;
+            }
+            // A text frame that is not UTF-8 (actix reports it as an I/O
+            // error with Utf8Error's text): 1007, RFC 6455 8.1.
+            Err(ws::ProtocolError::Io(err)) if err.to_string().contains("utf-8") => {
+                ctx.close(Some(CloseReason {
+                    code: CloseCode::Invalid,
+                    description: Some("text frame is not valid UTF-8".into()),
+                }));
+                ctx.stop();
                 return;
             }
             Err(err) => {
