@@ -1,12 +1,21 @@
 //! The web UI in a real browser (Debian's Chromium driven by playwright-core,
-//! see support::browser): the help page of a gateway without a UI.
+//! see support::browser): the help page of a gateway without a UI, and the
+//! reference's own UI (CloudCLI) end to end with the real Claude CLI.
 
 use std::time::Duration;
 
 use serde_json::json;
 
+use crate::support::anthropic::{AnthropicStub, Reply};
 use crate::support::browser::{artifacts_dir, BrowserScript};
-use crate::util::TestServer;
+use crate::support::clis::{claude_bin, npm_pack};
+use crate::util::{eventually, project_dir, TestServer};
+use crate::web_ui::user_add;
+
+/// The reference's web UI on npm (AGPL-3.0: fetched at test time into
+/// `.cache`, never committed).
+const CLOUDCLI_PACKAGE: &str = "@cloudcli-ai/cloudcli";
+const CLOUDCLI_VERSION: &str = "1.37.2";
 
 /// Installing the browser and playwright-core on a fresh machine takes a while.
 const FIRST_STEP: Duration = Duration::from_secs(300);
@@ -37,4 +46,212 @@ fn help_page_reads_in_a_real_browser() {
         "no screenshot at {}",
         shot.display()
     );
+}
+
+/// The stand-in model's streamed answer after the tool ran: `tok0 ... tok39`.
+fn answer() -> Reply {
+    Reply::chunks((0..ANSWER_WORDS).map(|i| format!("tok{i} ")))
+        // Slow enough that the page shows part of it before the rest.
+        .with_delay(Duration::from_millis(60))
+}
+const ANSWER_WORDS: usize = 40;
+/// What the tool call creates in the project, and what the Shell tab creates.
+const TOOL_FILE: &str = "made-by-claude.txt";
+const SHELL_FILE: &str = "made-in-shell.txt";
+
+/// A new user's whole path through the reference's own web UI (CloudCLI,
+/// fetched from npm at test time) served by agentgate, with the real Claude
+/// CLI against the Anthropic stand-in: register, project listed, new session,
+/// permission prompt answered "Allow once" (the tool really runs), streamed
+/// answer, run complete; after a reload the conversation comes from history;
+/// the Shell tab's keys reach a PTY; another user sees none of it.
+#[actix_rt::test]
+async fn cloudcli_end_to_end() {
+    let dist = npm_pack(CLOUDCLI_PACKAGE, CLOUDCLI_VERSION, "dist/index.html")
+        .parent()
+        .expect("dist/")
+        .to_path_buf();
+    let claude = claude_bin();
+    let stub = AnthropicStub::start();
+    let home = tempfile::tempdir().expect("home");
+    let project = project_dir();
+    let project_path = project.path().canonicalize().expect("project path");
+    // The Shell tab runs Claude's interactive TUI: no onboarding, trusted
+    // folder, the stand-in's key accepted without asking.
+    let config = json!({
+        "hasCompletedOnboarding": true,
+        "customApiKeyResponses": {"approved": ["test"], "rejected": []},
+        "projects": {project_path.to_str().unwrap(): {"hasTrustDialogAccepted": true}},
+    });
+    std::fs::write(home.path().join(".claude.json"), config.to_string()).expect("~/.claude.json");
+    let env = stub.claude_env(home.path());
+    let server = TestServer::start_with(|cmd| {
+        cmd.arg("--claude-bin")
+            .arg(&claude)
+            .arg("--web-dir")
+            .arg(&dist);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+    });
+    let tool_command = format!("echo tool-ran > {TOOL_FILE}");
+    stub.push(Reply::bash(&tool_command));
+    stub.push(answer());
+    stub.set_default(Reply::text("(nothing more)"));
+
+    let artifacts = artifacts_dir("cloudcli");
+    let name = project_path
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .to_string();
+    let mut script = BrowserScript::start(
+        "cloudcli.js",
+        json!({
+            "url": server.url("/"),
+            "username": "alice",
+            "password": "alice password 1",
+            "projectName": name,
+            "prompt": "Please write the file",
+            "answerWords": ANSWER_WORDS,
+            "shellFile": SHELL_FILE,
+            "other": {"username": "bob", "password": "bobs password 2"},
+        }),
+        &artifacts,
+    );
+    script.wait_step("launched", FIRST_STEP);
+    let setup = script.wait_step("setup_form", STEP);
+    assert_eq!(setup["needsSetup"], true, "{setup}");
+    script.wait_step("registered", STEP);
+
+    // The first user exists: registration is closed, an admin adds bob.
+    let (status, _) = server
+        .post(
+            "/api/auth/register",
+            None,
+            json!({"username": "mallory", "password": "pw"}),
+        )
+        .await;
+    assert_eq!(status, 403);
+    let out = user_add(server.data_dir(), "bob", "bobs password 2\n");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let token = login(&server, "alice", "alice password 1").await;
+    let (status, body) = server
+        .post(
+            "/api/projects/create-project",
+            Some(&token),
+            json!({"path": project_path}),
+        )
+        .await;
+    assert!(status < 300, "create-project: {status} {body}");
+    script.send(json!({"projectCreated": true}));
+
+    script.wait_step("project_listed", STEP);
+    let asked = script.wait_step("permission_shown", STEP);
+    assert!(
+        asked["text"].as_str().unwrap_or_default().contains("Bash"),
+        "{asked}"
+    );
+    assert!(
+        !project_path.join(TOOL_FILE).exists(),
+        "the tool ran before it was allowed"
+    );
+    let partial = script.wait_step("answer_streaming", STEP);
+    let shown = partial["words"].as_u64().unwrap_or(0);
+    assert!(
+        shown > 0 && shown < ANSWER_WORDS as u64,
+        "the answer did not arrive in parts: {partial}"
+    );
+    script.wait_step("answered", STEP);
+    let done = script.wait_step("completed", STEP);
+    // Each event once (PROTOCOL.md E8: the UI re-subscribes mid-run and
+    // does not drop repeated seqs itself).
+    assert_eq!(done["lastWordShown"], 1, "{done}");
+    assert_eq!(
+        std::fs::read_to_string(project_path.join(TOOL_FILE))
+            .unwrap_or_default()
+            .trim(),
+        "tool-ran"
+    );
+    let session = done["sessionId"].as_str().expect("sessionId").to_string();
+    // What the page showed is what the gateway recorded.
+    let (status, body) = server
+        .get(
+            &format!("/api/providers/sessions/{session}/messages?limit=50&offset=0"),
+            Some(&token),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let history = body["data"]["messages"].to_string();
+    assert!(history.contains("Please write the file"), "{history}");
+    assert!(history.contains("tok39"), "{history}");
+    let (_, running) = server
+        .get("/api/providers/sessions/running", Some(&token))
+        .await;
+    assert_eq!(running["data"]["sessions"], json!([]), "{running}");
+
+    let reloaded = script.wait_step("reloaded", STEP);
+    assert_eq!(reloaded["lastWordShown"], 1, "{reloaded}");
+    let text = reloaded["text"].as_str().unwrap_or_default();
+    assert!(
+        text.contains("Please write the file") && text.contains("tok39"),
+        "{text}"
+    );
+
+    let typed = script.wait_step("shell_typed", STEP);
+    let inputs = typed["sent"]
+        .as_array()
+        .map(|a| a.iter().filter(|m| m["type"] == "input").count())
+        .unwrap_or(0);
+    assert!(
+        inputs >= SHELL_FILE.len(),
+        "one input frame per key: {typed}"
+    );
+    // The keys reached a PTY: the command they typed ran in the project.
+    let shell_file = project_path.join(SHELL_FILE);
+    eventually("the Shell tab's command to create its file", || {
+        shell_file.exists()
+    })
+    .await;
+    script.send(json!({"shellFileSeen": true}));
+
+    let other = script.wait_step("other_user", STEP);
+    let text = other["text"].as_str().unwrap_or_default();
+    assert_eq!(other["username"], "bob", "{other}");
+    for secret in [name.as_str(), "Please write the file", "tok39"] {
+        assert!(!text.contains(secret), "bob sees {secret:?}: {text}");
+    }
+    let bob = login(&server, "bob", "bobs password 2").await;
+    let (_, projects) = server.get("/api/projects", Some(&bob)).await;
+    assert_eq!(projects, json!([]));
+    let (status, _) = server
+        .get(&format!("/api/providers/sessions/{session}"), Some(&bob))
+        .await;
+    assert_eq!(status, 404);
+
+    script.finish(STEP);
+    let shots = std::fs::read_dir(&artifacts)
+        .map(|d| {
+            d.flatten()
+                .filter(|e| e.path().extension().is_some_and(|x| x == "png"))
+                .count()
+        })
+        .unwrap_or(0);
+    assert!(shots >= 6, "screenshots missing in {}", artifacts.display());
+}
+
+async fn login(server: &TestServer, username: &str, password: &str) -> String {
+    let (status, body) = server
+        .post(
+            "/api/auth/login",
+            None,
+            json!({"username": username, "password": password}),
+        )
+        .await;
+    assert_eq!(status, 200, "login {username}: {body}");
+    body["token"].as_str().expect("token").to_string()
 }
