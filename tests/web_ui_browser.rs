@@ -112,6 +112,7 @@ async fn cloudcli_end_to_end() {
             "username": "alice",
             "password": "alice password 1",
             "projectName": name,
+            "projectPath": project_path,
             "prompt": "Please write the file",
             "answerWords": ANSWER_WORDS,
             "shellFile": SHELL_FILE,
@@ -139,18 +140,16 @@ async fn cloudcli_end_to_end() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let token = login(&server, "alice", "alice password 1").await;
-    let (status, body) = server
-        .post(
-            "/api/projects/create-project",
-            Some(&token),
-            json!({"path": project_path}),
-        )
-        .await;
-    assert!(status < 300, "create-project: {status} {body}");
-    script.send(json!({"projectCreated": true}));
-
     script.wait_step("project_listed", STEP);
+    let token = login(&server, "alice", "alice password 1").await;
+    let (_, projects) = server.get("/api/projects", Some(&token)).await;
+    assert_eq!(
+        projects[0]["fullPath"]
+            .as_str()
+            .map(std::path::PathBuf::from),
+        Some(project_path.clone()),
+        "{projects}"
+    );
     let asked = script.wait_step("permission_shown", STEP);
     assert!(
         asked["text"].as_str().unwrap_or_default().contains("Bash"),

@@ -41,10 +41,14 @@ main(async (browser) => {
   const page = await context.newPage();
   await register(page);
 
-  // The test adds the project over REST; the page lists it after a reload.
-  await fromTest();
-  await page.reload();
-  await visible(page.getByText(config.projectName)).waitFor();
+  // The sidebar's "Create new project" wizard: a typed absolute path (the
+  // folder browser is one of the routes agentgate does not serve).
+  await visible(page.locator('button[title="Create new project"]')).click();
+  await page.fill('input[placeholder="/path/to/project/workspace"]', config.projectPath);
+  await page.getByText('Next', { exact: true }).click();
+  await screenshot(page, 'new-project-confirm');
+  await page.getByRole('button', { name: 'Create Project' }).click();
+  await visible(page.getByText(config.projectName, { exact: true })).waitFor();
   await screenshot(page, 'project-listed');
   step('project_listed');
   await visible(page.getByText('New Session', { exact: true })).click();
