@@ -167,9 +167,10 @@ async fn cloudcli_end_to_end() {
     );
     script.wait_step("answered", STEP);
     let done = script.wait_step("completed", STEP);
-    // Each event once (PROTOCOL.md E8: the UI re-subscribes mid-run and
-    // does not drop repeated seqs itself).
+    // Each event once: the UI does not drop repeated seqs itself, so a
+    // socket must never get one twice (PROTOCOL.md E8).
     assert_eq!(done["lastWordShown"], 1, "{done}");
+    assert_eq!(done["seqsReceivedTwice"], 0, "{done}");
     assert_eq!(
         std::fs::read_to_string(project_path.join(TOOL_FILE))
             .unwrap_or_default()

@@ -53,6 +53,7 @@ main(async (browser) => {
   step('project_listed');
   await visible(page.getByText('New Session', { exact: true })).click();
 
+  const chat = watchChat(page);
   await page.waitForSelector('textarea');
   await screenshot(page, 'composer');
   await page.fill('textarea', config.prompt);
@@ -80,7 +81,13 @@ main(async (browser) => {
   await page.waitForLoadState('networkidle');
   const sessionId = new URL(page.url()).pathname.split('/').pop();
   await screenshot(page, 'completed');
-  step('completed', { sessionId, url: page.url(), lastWordShown: await occurrences(page, lastWord) });
+  step('completed', {
+    sessionId,
+    url: page.url(),
+    lastWordShown: await occurrences(page, lastWord),
+    subscribesDuringRun: chat.subscribesDuringRun(),
+    seqsReceivedTwice: chat.seqsReceivedTwice(),
+  });
 
   // A reload shows the conversation from the gateway's history.
   await page.reload();
@@ -139,6 +146,48 @@ async function chatText(page) {
   const text = await bodyText(page);
   const start = text.indexOf('Source Control');
   return start >= 0 ? text.slice(start) : text;
+}
+
+// Frames on the page's `/ws` sockets: how often the UI re-sent
+// `chat.subscribe` while its run was live, and how many seqs one socket
+// received twice (PROTOCOL.md E8: none).
+function watchChat(page) {
+  let running = false;
+  let subscribes = 0;
+  const seqs = new Map();
+  let sockets = 0;
+  page.on('websocket', (ws) => {
+    if (new URL(ws.url()).pathname !== '/ws') return;
+    sockets += 1;
+    const socket = sockets;
+    ws.on('framesent', (f) => {
+      let msg;
+      try {
+        msg = JSON.parse(f.payload);
+      } catch (e) {
+        return;
+      }
+      if (msg.type === 'chat.send') running = true;
+      if (msg.type === 'chat.subscribe' && running) subscribes += 1;
+    });
+    ws.on('framereceived', (f) => {
+      let msg;
+      try {
+        msg = JSON.parse(f.payload);
+      } catch (e) {
+        return;
+      }
+      if (typeof msg.seq === 'number' && msg.sessionId) {
+        const key = `${socket}:${msg.sessionId}:${msg.seq}`;
+        seqs.set(key, (seqs.get(key) || 0) + 1);
+      }
+      if (msg.kind === 'complete') running = false;
+    });
+  });
+  return {
+    subscribesDuringRun: () => subscribes,
+    seqsReceivedTwice: () => [...seqs.values()].filter((n) => n > 1).length,
+  };
 }
 
 // Frames on the page's `/shell` socket: what the browser sent and the
