@@ -384,15 +384,20 @@ async fn data_survives_restart() {
     );
 }
 
-/// SIGTERM: sockets are closed with 1001 and the process exits 0.
+/// SIGTERM: sockets are closed with 1001, a socket opened after that is
+/// never upgraded (the server stopped accepting before the actors closed
+/// the first), and the process exits 0.
 #[actix_rt::test]
 async fn sigterm_closes_sockets_and_exits_zero() {
     let mut server = TestServer::start();
-    let mut ws = server.chat("alice").await;
+    let token = server.token("alice");
+    let mut ws = server.ws(&format!("/ws?token={token}")).await;
     ws.send_text("{").await;
     ws.recv_json().await;
     unsafe { libc::kill(server.pid() as i32, libc::SIGTERM) };
     assert_eq!(ws.recv_close().await, Some(1001));
+    let late = server.try_ws(&format!("/ws?token={token}")).await;
+    assert!(late.is_err(), "a socket was upgraded during shutdown");
     let status = server.wait_exit();
     assert!(status.success(), "exit status {status:?}");
 }

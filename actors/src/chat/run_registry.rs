@@ -58,11 +58,13 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use actix::prelude::*;
 use serde_json::Value;
 use tokio::sync::oneshot;
+// The runtime's clock: timers and ages agree, and tests can pause it.
+use tokio::time::Instant;
 
 use crate::chat::history::HistoryLog;
 use crate::chat::provider_run::{Abort, AnswerPermission, Kill, ProviderRun};
@@ -1661,6 +1663,14 @@ impl Handler<Connect> for RunRegistry {
     fn handle(&mut self, msg: Connect, _: &mut Context<Self>) -> SocketId {
         let id = self.next_socket;
         self.next_socket += 1;
+        if self.shutting_down {
+            // Its upgrade raced the HTTP server's pause: it would never be closed.
+            msg.close.do_send(CloseSocket {
+                code: 1001,
+                reason: "server shutting down",
+            });
+            return id;
+        }
         self.sockets.insert(
             id,
             SocketEntry {
@@ -2124,9 +2134,12 @@ mod tests {
         }
     }
 
+    /// A close request reaches the test as `{"kind": "close", "code": N}`.
     impl Handler<CloseSocket> for Sink {
         type Result = ();
-        fn handle(&mut self, _: CloseSocket, _: &mut Context<Self>) {}
+        fn handle(&mut self, msg: CloseSocket, _: &mut Context<Self>) {
+            let _ = self.0.send(json!({"kind": "close", "code": msg.code}));
+        }
     }
 
     async fn until_complete(rx: &mut tokio::sync::mpsc::UnboundedReceiver<Value>) -> Vec<Value> {
@@ -2144,16 +2157,30 @@ mod tests {
         }
     }
 
+    type Frames = tokio::sync::mpsc::UnboundedReceiver<Value>;
+
     /// A registry with the [`Buggy`] provider and one connected [`Sink`].
-    async fn registry_and_sink() -> (
-        Addr<RunRegistry>,
-        SocketId,
-        tokio::sync::mpsc::UnboundedReceiver<Value>,
-    ) {
+    async fn registry_and_sink() -> (Addr<RunRegistry>, SocketId, Frames) {
         let config = Arc::new(GatewayConfig::for_tests(std::env::temp_dir()));
         let store: Store = Arc::new(MemStore(Mutex::new(HashMap::new())));
         let registry =
             RunRegistry::with_providers(config, store, Arbiter::current(), buggy).start();
+        let (socket, rx) = connect_sink(&registry).await;
+        (registry, socket, rx)
+    }
+
+    /// A registry whose runs get no process: the test reports their events.
+    async fn registry_without_processes() -> (Addr<RunRegistry>, SocketId, Frames) {
+        let config = Arc::new(GatewayConfig::for_tests(std::env::temp_dir()));
+        let store: Store = Arc::new(MemStore(Mutex::new(HashMap::new())));
+        let registry = RunRegistry::with_providers(config, store, Arbiter::current(), buggy)
+            .without_processes()
+            .start();
+        let (socket, rx) = connect_sink(&registry).await;
+        (registry, socket, rx)
+    }
+
+    async fn connect_sink(registry: &Addr<RunRegistry>) -> (SocketId, Frames) {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         let sink = Sink(tx).start();
         let socket = registry
@@ -2164,7 +2191,20 @@ mod tests {
             })
             .await
             .unwrap();
-        (registry, socket, rx)
+        (socket, rx)
+    }
+
+    /// The next frame of a kind, skipping others (bounded: a missing frame fails).
+    async fn next_of_kind(rx: &mut Frames, kind: &str) -> Value {
+        loop {
+            let v = tokio::time::timeout(Duration::from_secs(20), rx.recv())
+                .await
+                .unwrap_or_else(|_| panic!("no {kind} within 20 s"))
+                .expect("sink open");
+            if v["kind"] == kind {
+                return v;
+            }
+        }
     }
 
     fn row() -> SessionRow {
@@ -2368,6 +2408,134 @@ mod tests {
         assert_eq!(cancelled["reason"], "timeout");
         assert_eq!(frames.last().unwrap()["pendingPermissions"], json!([]));
         abort(&registry).await;
+    }
+
+    /// A `chat.send` with a `clientRequestId` from `socket`.
+    fn send_with_id(socket: SocketId, client_request_id: &str) -> StartRun {
+        StartRun {
+            client_request_id: Some(client_request_id.into()),
+            ..start_run(socket, "hello")
+        }
+    }
+
+    /// Advances paused time to `at` (no-op when already past it).
+    async fn advance_to(at: Instant) {
+        tokio::time::advance(at.saturating_duration_since(Instant::now())).await;
+    }
+
+    /// E6 on paused time: the `clientRequestId` table outlives the session
+    /// state. A run completes with no socket left, its state is evicted
+    /// after 5 minutes; a resend at minute 9 still starts nothing and gets
+    /// the original run id, one after minute 10 runs the prompt again.
+    #[actix_rt::test]
+    async fn a_client_request_id_is_remembered_ten_minutes_past_eviction() {
+        tokio::time::pause();
+        let t0 = Instant::now();
+        let (registry, socket, mut rx) = registry_without_processes().await;
+        let first = registry
+            .send(send_with_id(socket, "r1"))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(!first.duplicate);
+        let accepted = next_of_kind(&mut rx, "chat_accepted").await;
+        assert_eq!(accepted["duplicate"], false);
+        let turn_end = RunEvents {
+            session_id: "s1".into(),
+            run_id: first.run_id.clone(),
+            events: vec![ProviderEvent::TurnComplete { exit_code: 0 }],
+        };
+        registry.send(turn_end).await.unwrap();
+        assert_eq!(next_of_kind(&mut rx, "complete").await["success"], true);
+        registry
+            .send(RunExited {
+                session_id: "s1".into(),
+                run_id: first.run_id.clone(),
+                exit_code: Some(0),
+                error: None,
+            })
+            .await
+            .unwrap();
+        // The client went away (a reconnect in progress).
+        registry.send(Disconnect { socket }).await.unwrap();
+
+        // Past the completed run's retention its session state is gone.
+        advance_to(t0 + COMPLETED_RUN_RETENTION + Duration::from_secs(1)).await;
+        registry.send(Inspect).await.unwrap();
+        let state = registry.send(Inspect).await.unwrap();
+        assert!(!state.contains("session s1"), "not evicted: {state}");
+
+        // Minute 9, from the reconnected client: a duplicate, nothing runs.
+        let (socket, mut rx) = connect_sink(&registry).await;
+        advance_to(t0 + Duration::from_secs(9 * 60)).await;
+        let again = registry
+            .send(send_with_id(socket, "r1"))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(again.duplicate, "minute 9: the prompt ran twice");
+        assert_eq!(again.run_id, first.run_id);
+        let accepted = next_of_kind(&mut rx, "chat_accepted").await;
+        assert_eq!(
+            (accepted["duplicate"].clone(), accepted["runId"].clone()),
+            (json!(true), json!(first.run_id))
+        );
+        assert!(registry
+            .send(ListRunning { user_id: 1 })
+            .await
+            .unwrap()
+            .is_empty());
+
+        // After minute 10 the id is forgotten: the same request runs.
+        advance_to(t0 + CLIENT_REQUEST_TTL + Duration::from_secs(1)).await;
+        let late = registry
+            .send(send_with_id(socket, "r1"))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(!late.duplicate, "minute 10: still deduped");
+        assert_ne!(late.run_id, first.run_id);
+        let running = registry.send(ListRunning { user_id: 1 }).await.unwrap();
+        assert_eq!(running.len(), 1);
+        assert_eq!(
+            next_of_kind(&mut rx, "chat_accepted").await["duplicate"],
+            false
+        );
+    }
+
+    /// Shutdown: the live run gets its error and failed `complete`, the
+    /// socket is told to close with 1001; from then on `chat.send` is
+    /// refused with `SHUTTING_DOWN` and a socket that registers late (its
+    /// upgrade raced the HTTP server's pause) is closed at once.
+    #[actix_rt::test]
+    async fn after_shutdown_runs_and_new_sockets_are_refused() {
+        let (registry, socket, mut rx) = registry_without_processes().await;
+        registry
+            .send(start_run(socket, "hello"))
+            .await
+            .unwrap()
+            .unwrap();
+        registry.send(Shutdown).await.unwrap();
+        let error = next_of_kind(&mut rx, "error").await;
+        assert!(error["content"].as_str().unwrap().contains("shutting down"));
+        let complete = next_of_kind(&mut rx, "complete").await;
+        assert_eq!(
+            (complete["success"].clone(), complete["aborted"].clone()),
+            (json!(false), json!(true))
+        );
+        assert_eq!(next_of_kind(&mut rx, "close").await["code"], 1001);
+
+        let refused = registry.send(start_run(socket, "again")).await.unwrap();
+        assert_eq!(refused.unwrap_err().code, ErrorCode::ShuttingDown);
+        let (late, mut late_rx) = connect_sink(&registry).await;
+        assert_eq!(next_of_kind(&mut late_rx, "close").await["code"], 1001);
+        let refused = registry.send(start_run(late, "late")).await.unwrap();
+        assert_eq!(refused.unwrap_err().code, ErrorCode::ShuttingDown);
+        assert!(registry
+            .send(ListRunning { user_id: 1 })
+            .await
+            .unwrap()
+            .is_empty());
     }
 
     #[test]
