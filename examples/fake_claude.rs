@@ -29,6 +29,7 @@
 //! | `args` | first delta is the argv (to check `--resume`) |
 //! | `session:ID` | announce ID as the session id (default: the resumed id or a new one) |
 //! | `stderr:TEXT` | write TEXT to stderr first |
+//! | `stderr_flood:M` | write to stderr first: a line of M MiB (its newline after the last byte), a line that is not UTF-8 (`bad \xff\xfe bytes`), then `flood over` |
 //! | `linger` | after the result, close stdout and stderr and never exit |
 //! | `orphan` | first start `sleep 3600` in its own process group, holding stdout and stderr, and leave it behind |
 
@@ -55,6 +56,7 @@ struct Script {
     args: bool,
     session: Option<String>,
     stderr: Option<String>,
+    stderr_flood: usize,
     chunk: Option<usize>,
     linger: bool,
     orphan: bool,
@@ -80,6 +82,7 @@ impl Script {
             args: false,
             session: None,
             stderr: None,
+            stderr_flood: 0,
             chunk: None,
         };
         for word in prompt.split_whitespace() {
@@ -102,12 +105,25 @@ impl Script {
                 "args" => s.args = true,
                 "session" => s.session = Some(value.to_string()),
                 "stderr" => s.stderr = Some(value.to_string()),
+                "stderr_flood" => s.stderr_flood = value.parse().unwrap_or(0),
                 "chunk" => s.chunk = value.parse().ok(),
                 _ => {}
             }
         }
         s
     }
+}
+
+/// A line of `mib` MiB on stderr, then one that is not UTF-8, then `flood over`.
+fn stderr_flood(mib: usize) {
+    let mut err = std::io::stderr().lock();
+    let block = vec![b'x'; 1024 * 1024];
+    for _ in 0..mib {
+        if err.write_all(&block).is_err() {
+            return;
+        }
+    }
+    let _ = err.write_all(b"\nbad \xff\xfe bytes\nflood over\n");
 }
 
 fn nanos() -> u128 {
@@ -251,6 +267,9 @@ fn main() {
         let script = Script::parse(&prompt);
         if let Some(text) = &script.stderr {
             eprintln!("{text}");
+        }
+        if script.stderr_flood > 0 {
+            stderr_flood(script.stderr_flood);
         }
         if script.orphan {
             use std::os::unix::process::CommandExt;

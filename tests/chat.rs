@@ -6,7 +6,8 @@
 use serde_json::{json, Value};
 
 use crate::util::{
-    children_of, eventually, example_bin, pid_alive, project_dir, TestServer, WsClient,
+    children_of, eventually, example_bin, peak_rss_kib, pid_alive, project_dir, TestServer,
+    WsClient,
 };
 
 fn fake_server() -> TestServer {
@@ -277,6 +278,32 @@ async fn stale_exit_of_an_aborted_run_never_completes_the_next_run() {
 }
 
 /// SIGKILL mid-run: an error event and one failed complete; the session runs again.
+/// A CLI that writes 128 MiB to stderr as one line, then a line that is
+/// not UTF-8, then one more line, and exits without a result: the gateway
+/// reads its stderr to the end (the failure names the last lines, the
+/// invalid bytes replaced) with at most a bounded line in memory.
+#[actix_rt::test]
+async fn stderr_is_read_to_the_end_in_bounded_lines() {
+    let server = fake_server();
+    let mut c = chat(&server, "alice").await;
+    let peak_before = peak_rss_kib(server.pid());
+    send(&mut c.ws, &c.session, "text:2 stderr_flood:128 exit:3").await;
+    let events = until_complete(&mut c.ws, &c.session).await;
+    assert_eq!(events.last().unwrap()["exitCode"], 3);
+    let errors = of_kind(&events, "error");
+    let message = errors[0]["content"].as_str().unwrap();
+    assert!(message.contains("flood over"), "{message}");
+    assert!(message.contains("bad \u{FFFD}\u{FFFD} bytes"), "{message}");
+    assert!(
+        message.len() < 8 * 1024,
+        "{} bytes of stderr quoted",
+        message.len()
+    );
+    // The whole line would be 128 MiB (a String doubling to 256 MiB).
+    let grown_mib = peak_rss_kib(server.pid()).saturating_sub(peak_before) / 1024;
+    assert!(grown_mib < 32, "gateway peak RSS grew by {grown_mib} MiB");
+}
+
 #[actix_rt::test]
 async fn crashed_provider_gives_one_failed_complete_and_session_recovers() {
     let server = fake_server();

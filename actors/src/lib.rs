@@ -14,7 +14,8 @@
 //! Everything else is plain data or functions: [`protocol`] (wire types),
 //! [`provider`] (the adapter trait and the adapters), [`store`] (the database
 //! seam the binary implements), [`config`], [`heartbeat`], [`token_watch`] (ends connections whose token expired or was revoked), [`watchdog`] (cuts
-//! off connections whose client stopped reading), [`kill`] (every signal
+//! off connections whose client stopped reading), [`lines`] (bounded line
+//! reading of child output), [`kill`] (every signal
 //! sent to a child by pid or group, and how far each kind of child is
 //! chased) with [`pidfd`] (signals and exit waits that cannot hit a reused
 //! pid) and [`procfs`] (finding the processes a kill must reach).
@@ -28,6 +29,7 @@ pub mod chat;
 pub mod config;
 pub mod heartbeat;
 pub mod kill;
+pub mod lines;
 pub mod pidfd;
 pub mod plugin;
 pub mod procfs;

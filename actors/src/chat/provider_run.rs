@@ -39,11 +39,12 @@ use std::time::Duration;
 use actix::prelude::*;
 use rustix::process::Pid;
 use serde_json::Value;
-use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncRead, AsyncWriteExt, BufReader};
 use tokio::sync::mpsc;
 
 use crate::chat::run_registry::{RunEvents, RunExited, RunRegistry};
 use crate::kill::{self, Signal};
+use crate::lines::read_line_bounded;
 use crate::protocol::PermissionDecision;
 use crate::provider::cli_support::{preview, STDERR_LINE_MAX};
 use crate::provider::{LineParser, Provider, ProviderEvent, Turn};
@@ -584,7 +585,9 @@ impl StdoutReader {
                 line.clear();
                 let read = match self.idle_timeout.filter(|_| !awaiting_user) {
                     Some(limit) => {
-                        match tokio::time::timeout(limit, read_line(&mut reader, &mut line)).await {
+                        match tokio::time::timeout(limit, read_stdout_line(&mut reader, &mut line))
+                            .await
+                        {
                             Ok(r) => r,
                             Err(_) => {
                                 self.flush(&mut events).await;
@@ -592,7 +595,7 @@ impl StdoutReader {
                             }
                         }
                     }
-                    None => read_line(&mut reader, &mut line).await,
+                    None => read_stdout_line(&mut reader, &mut line).await,
                 };
                 match read {
                     LineRead::Eof => break true,
@@ -681,58 +684,44 @@ enum LineRead {
     Eof,
 }
 
-/// Reads one line into `line` (with its newline), refusing to grow past
-/// [`MAX_LINE_BYTES`]: the rest of an over-long line is skipped.
-async fn read_line<R: AsyncRead + Unpin>(
+/// Reads one stdout line into `line` (with its newline), holding at most
+/// [`MAX_LINE_BYTES`]: an over-long line is skipped. A read error ends
+/// the stream as EOF does.
+async fn read_stdout_line<R: AsyncRead + Unpin>(
     reader: &mut BufReader<R>,
     line: &mut Vec<u8>,
 ) -> LineRead {
-    let mut too_long = false;
-    loop {
-        let available = match reader.fill_buf().await {
-            Ok(buf) => buf,
-            Err(_) => return LineRead::Eof,
-        };
-        if available.is_empty() {
-            return if line.is_empty() && !too_long {
-                LineRead::Eof
-            } else if too_long {
-                LineRead::TooLong
-            } else {
-                LineRead::Line
-            };
-        }
-        let (chunk, done) = match available.iter().position(|b| *b == b'\n') {
-            Some(i) => (&available[..=i], true),
-            None => (available, false),
-        };
-        let n = chunk.len();
-        if !too_long {
-            if line.len() + n > MAX_LINE_BYTES {
-                too_long = true;
-                line.clear();
-            } else {
-                line.extend_from_slice(chunk);
-            }
-        }
-        reader.consume(n);
-        if done {
-            return if too_long {
-                LineRead::TooLong
-            } else {
-                LineRead::Line
-            };
-        }
+    match read_line_bounded(reader, line, MAX_LINE_BYTES).await {
+        Ok(0) | Err(_) => LineRead::Eof,
+        Ok(n) if n > line.len() => LineRead::TooLong,
+        Ok(_) => LineRead::Line,
     }
 }
 
-/// Logs stderr line by line and returns its tail (for the error message of a
-/// failed run, and for the parser's `stderr_line` hook at exit).
+/// Logs stderr line by line until EOF and returns its tail (for the error
+/// message of a failed run, and for the parser's `stderr_line` hook at
+/// exit). A line holds at most [`STDERR_LINE_MAX`] bytes (the rest of a
+/// longer one, or of one that never ends, is read and dropped) and is
+/// decoded lossily: a CLI that is never done with a line or writes bytes
+/// that are not UTF-8 neither grows memory nor stops being read (a stderr
+/// left unread would block it on a full pipe).
 async fn read_stderr(stderr: impl AsyncRead + Unpin, run_id: String) -> String {
-    let mut lines = BufReader::new(stderr).lines();
+    let mut reader = BufReader::with_capacity(64 * 1024, stderr);
+    let mut bytes = Vec::with_capacity(256);
     let mut tail = String::new();
-    while let Ok(Some(line)) = lines.next_line().await {
-        let line = preview(&line, STDERR_LINE_MAX);
+    loop {
+        bytes.clear();
+        match read_line_bounded(&mut reader, &mut bytes, STDERR_LINE_MAX).await {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(err) => {
+                tracing::debug!(run_id = %run_id, %err, "provider stderr unreadable");
+                break;
+            }
+        }
+        let text = String::from_utf8_lossy(&bytes);
+        // Replacement characters may have made it longer than the bytes were.
+        let line = preview(text.trim_end_matches(['\n', '\r']), STDERR_LINE_MAX);
         tracing::debug!(run_id = %run_id, stderr = %line, "provider stderr");
         tail.push_str(line);
         tail.push('\n');

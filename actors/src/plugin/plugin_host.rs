@@ -24,18 +24,18 @@
 //! still alive, so no plugin process outlives its host.
 
 use std::ffi::OsString;
-use std::io;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use actix::WeakRecipient;
-use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncRead, BufReader};
+use tokio::io::{AsyncBufRead, AsyncRead, BufReader};
 use tokio::sync::oneshot;
 
 use super::manifest::PluginManifest;
 use super::{PluginState, PluginStatus};
 use crate::kill::{self, Signal};
+use crate::lines::read_line_bounded;
 
 /// How long a new server has to print its ready line (PROTOCOL.md section 6).
 pub const READY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -554,33 +554,6 @@ fn signal_group(pid: u32, signal: Signal) {
     }
 }
 
-/// Reads one line of at most `max` bytes into `buf` (the rest of a longer
-/// line is consumed and dropped). Returns the bytes consumed; 0 at EOF.
-pub async fn read_line_bounded<R: AsyncBufRead + Unpin>(
-    reader: &mut R,
-    buf: &mut Vec<u8>,
-    max: usize,
-) -> io::Result<usize> {
-    let mut consumed = 0;
-    loop {
-        let chunk = reader.fill_buf().await?;
-        if chunk.is_empty() {
-            return Ok(consumed);
-        }
-        let (take, done) = match chunk.iter().position(|&b| b == b'\n') {
-            Some(i) => (i + 1, true),
-            None => (chunk.len(), false),
-        };
-        let room = max.saturating_sub(buf.len()).min(take);
-        buf.extend_from_slice(chunk.get(..room).unwrap_or_default());
-        reader.consume(take);
-        consumed += take;
-        if done {
-            return Ok(consumed);
-        }
-    }
-}
-
 fn line_text(buf: &[u8]) -> String {
     String::from_utf8_lossy(buf).trim_end().to_string()
 }
@@ -745,31 +718,5 @@ mod tests {
             .collect();
         assert_eq!(keys, ["PATH", "HOME", "PLUGIN_NAME"]);
         assert_eq!(env.last().map(|(_, v)| v.clone()), Some("echo".into()));
-    }
-
-    #[actix_rt::test]
-    async fn long_lines_are_cut_not_buffered() {
-        let input = format!("{}\nshort\nlast", "x".repeat(100));
-        let mut reader = BufReader::with_capacity(7, input.as_bytes());
-        let mut buf = Vec::new();
-        assert_eq!(
-            read_line_bounded(&mut reader, &mut buf, 10).await.unwrap(),
-            101
-        );
-        assert_eq!(buf, b"xxxxxxxxxx");
-        buf.clear();
-        read_line_bounded(&mut reader, &mut buf, 10).await.unwrap();
-        assert_eq!(buf, b"short\n");
-        buf.clear();
-        assert_eq!(
-            read_line_bounded(&mut reader, &mut buf, 10).await.unwrap(),
-            4
-        );
-        assert_eq!(buf, b"last");
-        buf.clear();
-        assert_eq!(
-            read_line_bounded(&mut reader, &mut buf, 10).await.unwrap(),
-            0
-        );
     }
 }
