@@ -2,19 +2,19 @@
 //! see support::browser): the help page of a gateway without a UI, and the
 //! reference's own UI (CloudCLI) end to end with the real Claude CLI.
 
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use serde_json::json;
 
 use crate::support::anthropic::{AnthropicStub, Reply};
 use crate::support::browser::{artifacts_dir, BrowserScript};
-use crate::support::clis::{claude_bin, npm_pack};
-use crate::util::{eventually, project_dir, TestServer};
+use crate::support::clis::claude_bin;
+use crate::util::{agentgate_bin, eventually, project_dir, TestServer};
 use crate::web_ui::user_add;
 
-/// The reference's web UI on npm (AGPL-3.0: fetched at test time into
-/// `.cache`, never committed).
-const CLOUDCLI_PACKAGE: &str = "@cloudcli-ai/cloudcli";
+/// The reference's web UI on npm (AGPL-3.0: fetched at test time by
+/// `agentgate web-ui install` into the test's data dir, never committed).
 const CLOUDCLI_VERSION: &str = "1.37.2";
 
 /// Installing the browser and playwright-core on a fresh machine takes a while.
@@ -60,17 +60,32 @@ const TOOL_FILE: &str = "made-by-claude.txt";
 const SHELL_FILE: &str = "made-in-shell.txt";
 
 /// A new user's whole path through the reference's own web UI (CloudCLI,
-/// fetched from npm at test time) served by agentgate, with the real Claude
+/// installed with `agentgate web-ui install`) served by agentgate, with the real Claude
 /// CLI against the Anthropic stand-in: register, project listed, new session,
 /// permission prompt answered "Allow once" (the tool really runs), streamed
 /// answer, run complete; after a reload the conversation comes from history;
 /// the Shell tab's keys reach a PTY; another user sees none of it.
 #[actix_rt::test]
 async fn cloudcli_end_to_end() {
-    let dist = npm_pack(CLOUDCLI_PACKAGE, CLOUDCLI_VERSION, "dist/index.html")
-        .parent()
-        .expect("dist/")
-        .to_path_buf();
+    // As the README says: `agentgate web-ui install`, then `serve` serves it.
+    let data = tempfile::tempdir().expect("data dir");
+    let install = Command::new(agentgate_bin())
+        .args([
+            "web-ui",
+            "install",
+            "--version",
+            CLOUDCLI_VERSION,
+            "--data-dir",
+        ])
+        .arg(data.path())
+        .stdin(Stdio::null())
+        .output()
+        .expect("run agentgate web-ui install");
+    assert!(
+        install.status.success(),
+        "agentgate web-ui install failed (needs npm and the npm registry): {}",
+        String::from_utf8_lossy(&install.stderr)
+    );
     let claude = claude_bin();
     let stub = AnthropicStub::start();
     let home = tempfile::tempdir().expect("home");
@@ -85,11 +100,8 @@ async fn cloudcli_end_to_end() {
     });
     std::fs::write(home.path().join(".claude.json"), config.to_string()).expect("~/.claude.json");
     let env = stub.claude_env(home.path());
-    let server = TestServer::start_with(|cmd| {
-        cmd.arg("--claude-bin")
-            .arg(&claude)
-            .arg("--web-dir")
-            .arg(&dist);
+    let server = TestServer::start_in(data, |cmd| {
+        cmd.arg("--claude-bin").arg(&claude);
         for (k, v) in env {
             cmd.env(k, v);
         }
@@ -99,6 +111,10 @@ async fn cloudcli_end_to_end() {
     stub.push(answer());
     stub.set_default(Reply::text("(nothing more)"));
 
+    eventually("serve to print the web UI's URL", || {
+        server.stdout().contains("web UI on http://")
+    })
+    .await;
     let artifacts = artifacts_dir("cloudcli");
     let name = project_path
         .file_name()
