@@ -124,6 +124,22 @@ pub struct ServeArgs {
     /// The sliding window of the failed-login limits.
     #[arg(long, env = "AGENTGATE_LOGIN_WINDOW_SECS", default_value = "300", value_parser = clap::value_parser!(u64).range(1..))]
     pub login_window_secs: u64,
+    /// WebSockets one user may have open at once (`/ws`, `/shell`,
+    /// `/plugin-ws`, remote sessions); beyond it the upgrade gets 429 `TOO_MANY_SOCKETS`.
+    #[arg(long, env = "AGENTGATE_MAX_SOCKETS_PER_USER", default_value_t = agentgate_actors::limits::DEFAULT_LIMITS.sockets_per_user as u32, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_sockets_per_user: u32,
+    /// Runs one user may have running at once; beyond it `chat.send` gets `TOO_MANY_RUNS`.
+    #[arg(long, env = "AGENTGATE_MAX_RUNS_PER_USER", default_value_t = agentgate_actors::limits::DEFAULT_LIMITS.runs_per_user as u32, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_runs_per_user: u32,
+    /// Live terminals (attached or detached) per user; beyond it `init` gets an `error` frame.
+    #[arg(long, env = "AGENTGATE_MAX_PTYS_PER_USER", default_value_t = agentgate_actors::limits::DEFAULT_LIMITS.ptys_per_user as u32, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_ptys_per_user: u32,
+    /// Entries of one `chat.subscribe` frame; a longer one gets `TOO_MANY_ENTRIES`.
+    #[arg(long, env = "AGENTGATE_MAX_SUBSCRIBE_ENTRIES", default_value_t = agentgate_actors::limits::DEFAULT_LIMITS.subscribe_entries as u32, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_subscribe_entries: u32,
+    /// Sessions one user may create per minute; beyond it 429 `TOO_MANY_SESSIONS` with `Retry-After`.
+    #[arg(long, env = "AGENTGATE_MAX_SESSIONS_PER_MINUTE", default_value_t = agentgate_actors::limits::DEFAULT_LIMITS.sessions_per_minute as u32, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_sessions_per_minute: u32,
     /// PEM certificate chain (leaf first): serve HTTPS and wss:// instead of plain HTTP.
     #[arg(long, env = "AGENTGATE_TLS_CERT", requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,

@@ -115,6 +115,7 @@ impl ResponseError for V1Error {
             403 => "permission_error",
             404 => "not_found_error",
             409 => "conflict_error",
+            429 => "rate_limit_error",
             400..=499 => "invalid_request_error",
             _ => "api_error",
         };
@@ -137,6 +138,7 @@ impl From<ChatError> for V1Error {
             ErrorCode::RunInProgress => StatusCode::CONFLICT,
             ErrorCode::SessionNotFound => StatusCode::NOT_FOUND,
             ErrorCode::NoActiveRun => StatusCode::CONFLICT,
+            ErrorCode::TooManyRuns => StatusCode::TOO_MANY_REQUESTS,
             ErrorCode::InternalError => StatusCode::INTERNAL_SERVER_ERROR,
             _ => StatusCode::BAD_REQUEST,
         };
@@ -384,6 +386,7 @@ async fn create_session(
         .map(str::trim)
         .filter(|t| !t.is_empty())
         .map(|t| t.chars().take(100).collect::<String>());
+    state.admit_session(&user).await.map_err(V1Error::from)?;
     let db = state.db.clone();
     let uid = i32::try_from(user.id).map_err(internal)?;
     let session = web::block(move || {
@@ -492,6 +495,10 @@ async fn subscribe(
     let caller = caller(&state, &req)?;
     let session = owned(&state, &caller.user, &path).await?;
     let target = caller.target(session);
+    let stream = state
+        .admit_socket(&target.user, stream)
+        .await
+        .map_err(V1Error::from)?;
     let socket = RemoteSocket::new(deps(&state), target).watched(state.watched(&req));
     ws::WsResponseBuilder::new(socket, &req, stream)
         .frame_size(MAX_INBOUND_FRAME)

@@ -307,6 +307,8 @@ async fn create_session(
         .map(str::trim)
         .filter(|m| !m.is_empty())
         .map(|m| m.chars().take(MAX_SESSION_NAME_CHARS).collect::<String>());
+    // Counted only once the request is valid: a refused body costs no place.
+    state.admit_session(&user).await?;
     let db = state.db.clone();
     let uid = i32::try_from(user.id).map_err(ApiError::internal)?;
     let session = web::block(move || {
@@ -349,7 +351,9 @@ async fn chat_ws(
         state.config.heartbeat,
     )
     .watched(state.watched(&req))
-    .token(identity.token_watch());
+    .token(identity.token_watch())
+    .subscribe_limit(state.config.limits.subscribe_entries);
+    let stream = state.admit_socket(&identity.user, stream).await?;
     ws::WsResponseBuilder::new(socket, &req, stream)
         .frame_size(MAX_INBOUND_FRAME)
         .start()
@@ -367,6 +371,7 @@ async fn shell_ws(
         config: state.config.clone(),
     };
     let token = identity.token_watch();
+    let stream = state.admit_socket(&identity.user, stream).await?;
     ShellSocket::start(
         &req,
         stream,
@@ -378,12 +383,13 @@ async fn shell_ws(
 }
 
 async fn plugin_ws(
-    Authed(_user): Authed,
+    Authed(user): Authed,
     req: HttpRequest,
     stream: web::Payload,
     path: web::Path<String>,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, actix_web::Error> {
+    let stream = state.admit_socket(&user, stream).await?;
     // Name check (4400), port lookup (4404), then one PluginProxy actor per socket.
     agentgate_actors::plugin::start_proxy(
         &req,

@@ -14,6 +14,7 @@ use actix_web::dev::Service;
 use actix_web::{web, App, HttpServer};
 use agentgate_actors::chat::run_registry::{RunRegistry, Shutdown as RunShutdown};
 use agentgate_actors::config::GatewayConfig;
+use agentgate_actors::limits::UserLimits;
 use agentgate_actors::plugin::{PluginRegistry, StopAllPlugins};
 use agentgate_actors::provider::ProviderKind;
 use agentgate_actors::remote::followers::Followers;
@@ -49,6 +50,13 @@ pub fn gateway_config(common: &Common, args: &ServeArgs) -> GatewayConfig {
         child_env: GatewayConfig::child_env_from_process(),
         data_dir: common.data_dir(),
         history_max_messages: args.history_max_messages,
+        limits: agentgate_actors::limits::Limits {
+            sockets_per_user: args.max_sockets_per_user as usize,
+            runs_per_user: args.max_runs_per_user as usize,
+            ptys_per_user: args.max_ptys_per_user as usize,
+            subscribe_entries: args.max_subscribe_entries as usize,
+            sessions_per_minute: args.max_sessions_per_minute as usize,
+        },
     };
     let bins = [
         (ProviderKind::Claude, &args.claude_bin),
@@ -106,6 +114,7 @@ pub async fn serve(common: Common, args: ServeArgs) -> std::io::Result<()> {
         ConnWatchdog::new(heartbeat)
     });
     let followers = Followers::default().start();
+    let limits = UserLimits::new(config.limits).start();
 
     let state = web::Data::new(AppState {
         config: config.clone(),
@@ -128,6 +137,7 @@ pub async fn serve(common: Common, args: ServeArgs) -> std::io::Result<()> {
         )
         .start(),
         followers,
+        limits,
     });
 
     let app_state = state.clone();

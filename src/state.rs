@@ -7,6 +7,7 @@ use actix::Addr;
 use actix_web::{web, HttpRequest};
 use agentgate_actors::chat::run_registry::RunRegistry;
 use agentgate_actors::config::GatewayConfig;
+use agentgate_actors::limits::{AdmitSession, AdmitSocket, SocketTicket, Ticketed, UserLimits};
 use agentgate_actors::plugin::PluginRegistry;
 use agentgate_actors::remote::followers::Followers;
 use agentgate_actors::shell::PtyHub;
@@ -45,6 +46,9 @@ pub struct AppState {
     pub throttle: Addr<LoginThrottle>,
     /// Where closed remote-session sockets left off (PROTOCOL.md 8).
     pub followers: Addr<Followers>,
+    /// Open sockets and session creations per user (`--max-sockets-per-user`,
+    /// `--max-sessions-per-minute`).
+    pub limits: Addr<UserLimits>,
 }
 
 impl AppState {
@@ -55,6 +59,49 @@ impl AppState {
             tracing::warn!("connection descriptor unknown: this socket is not watched for stalls");
         }
         conn
+    }
+
+    /// One more socket for the user, or 429 `TOO_MANY_SOCKETS` before the
+    /// upgrade. The returned stream carries the ticket: the place is given
+    /// back when the socket actor drops it.
+    pub async fn admit_socket(
+        &self,
+        user: &AuthUser,
+        stream: web::Payload,
+    ) -> Result<Ticketed<web::Payload>, ApiError> {
+        let ticket: SocketTicket = self
+            .limits
+            .send(AdmitSocket { user_id: user.id })
+            .await
+            .map_err(ApiError::internal)?
+            .map_err(|limit| {
+                tracing::warn!(user = %user.username, limit, "socket refused: too many open sockets");
+                ApiError::new(
+                    actix_web::http::StatusCode::TOO_MANY_REQUESTS,
+                    "TOO_MANY_SOCKETS",
+                    format!("{limit} sockets of this user are open already (--max-sockets-per-user); close one first"),
+                )
+            })?;
+        Ok(Ticketed::new(stream, ticket))
+    }
+
+    /// One more session for the user, or 429 `TOO_MANY_SESSIONS` with
+    /// `Retry-After` once `--max-sessions-per-minute` were created in the last minute.
+    pub async fn admit_session(&self, user: &AuthUser) -> Result<(), ApiError> {
+        let admitted = self
+            .limits
+            .send(AdmitSession { user_id: user.id })
+            .await
+            .map_err(ApiError::internal)?;
+        admitted.map_err(|wait| {
+            let limit = self.config.limits.sessions_per_minute;
+            ApiError::new(
+                actix_web::http::StatusCode::TOO_MANY_REQUESTS,
+                "TOO_MANY_SESSIONS",
+                format!("{limit} sessions were created in the last minute (--max-sessions-per-minute); retry later"),
+            )
+            .retry_after(wait.as_secs() + 1)
+        })
     }
 
     /// The user of a request (the request guard calls this for every private

@@ -642,8 +642,11 @@ async fn fifteen_hundred_sockets_dropped_without_a_close_leave_no_descriptor() {
         );
     }
     // The default heartbeat: these sockets are not read while they are opened.
+    // One user with 1,500 sockets: above the default per-user limit.
     let server = TestServer::start_with(|cmd| {
-        cmd.arg("--claude-bin").arg(example_bin("fake_claude"));
+        cmd.arg("--claude-bin")
+            .arg(example_bin("fake_claude"))
+            .args(["--max-sockets-per-user", "2000"]);
     });
     let token = server.token("alice");
     let project = project_dir();

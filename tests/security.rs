@@ -1013,3 +1013,155 @@ async fn option_values_that_look_like_flags_are_refused() {
     }
     assert!(children_of(server.pid()).is_empty(), "a CLI was started");
 }
+
+/// Per-user limits refuse clearly, each at its flag's value, and count one
+/// user only: sockets (429 `TOO_MANY_SOCKETS` at the upgrade, the place
+/// given back when a socket closes), sessions per minute (429
+/// `TOO_MANY_SESSIONS` with `Retry-After`), runs at once (`TOO_MANY_RUNS`),
+/// entries of one `chat.subscribe` (`TOO_MANY_ENTRIES`), and terminals
+/// (an `error` frame naming the flag; a detached one counts).
+#[actix_rt::test]
+async fn per_user_limits_refuse_clearly() {
+    let server = TestServer::start_with(|cmd| {
+        cmd.arg("--claude-bin")
+            .arg(example_bin("fake_claude"))
+            .args(["--max-sockets-per-user", "2", "--max-runs-per-user", "1"])
+            .args(["--max-ptys-per-user", "1", "--max-subscribe-entries", "3"])
+            .args(["--max-sessions-per-minute", "3"]);
+    });
+    let ann = server.token("ann");
+    let bob = server.token("bob");
+    let project = project_dir();
+    let mut sessions = Vec::new();
+    for _ in 0..3 {
+        sessions.push(server.create_session(&ann, "claude", project.path()).await);
+    }
+    let mut res = server
+        .client()
+        .post(server.url("/api/providers/sessions"))
+        .bearer_auth(&ann)
+        .send_json(&json!({"provider": "claude", "projectPath": project.path()}))
+        .await
+        .unwrap();
+    assert_eq!(res.status().as_u16(), 429);
+    let wait: u64 = res
+        .headers()
+        .get("retry-after")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=61).contains(&wait), "{wait}");
+    let body: Value = res.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "TOO_MANY_SESSIONS", "{body}");
+    assert!(body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("--max-sessions-per-minute"));
+    let bobs_session = server.create_session(&bob, "claude", project.path()).await;
+
+    // Two sockets of ann: a third is refused before the upgrade; bob's are not.
+    let mut chat = server.ws(&format!("/ws?token={ann}")).await;
+    let mut shell = server.ws(&format!("/shell?token={ann}")).await;
+    assert_eq!(
+        server
+            .try_ws(&format!("/ws?token={ann}"))
+            .await
+            .err()
+            .as_deref(),
+        Some("status 429")
+    );
+    let mut bobs = server.ws(&format!("/ws?token={bob}")).await;
+
+    let entries = |n: usize| -> Vec<Value> {
+        sessions
+            .iter()
+            .cycle()
+            .take(n)
+            .map(|s| json!({"sessionId": s}))
+            .collect()
+    };
+    chat.send_json(json!({"type": "chat.subscribe", "sessions": entries(4)}))
+        .await;
+    let v = chat.recv_json().await;
+    assert_eq!(v["code"], "TOO_MANY_ENTRIES", "{v}");
+    assert!(
+        v["error"]
+            .as_str()
+            .unwrap()
+            .contains("--max-subscribe-entries"),
+        "{v}"
+    );
+    chat.send_json(json!({"type": "chat.subscribe", "sessions": entries(3)}))
+        .await;
+    for _ in 0..3 {
+        assert_eq!(chat.recv_json().await["kind"], "chat_subscribed");
+    }
+
+    let send =
+        |session: &str| json!({"type": "chat.send", "sessionId": session, "content": "hang"});
+    chat.send_json(send(&sessions[0])).await;
+    chat.recv_until_kind("stream_delta").await;
+    chat.send_json(send(&sessions[1])).await;
+    let (v, _) = chat.recv_until_kind("protocol_error").await;
+    assert_eq!(
+        (v["code"].as_str(), v["sessionId"].as_str()),
+        (Some("TOO_MANY_RUNS"), Some(sessions[1].as_str())),
+        "{v}"
+    );
+    assert!(
+        v["error"].as_str().unwrap().contains("--max-runs-per-user"),
+        "{v}"
+    );
+    // Bob's run is his own.
+    bobs.send_json(json!({"type": "chat.send", "sessionId": bobs_session, "content": "text:2"}))
+        .await;
+    let (done, _) = bobs.recv_until_kind("complete").await;
+    assert_eq!(done["success"], true, "{done}");
+    // Once ann's run is aborted, her next one starts.
+    chat.send_json(json!({"type": "chat.abort", "sessionId": sessions[0]}))
+        .await;
+    chat.recv_until_kind("complete").await;
+    chat.send_json(json!({"type": "chat.send", "sessionId": sessions[1], "content": "text:1"}))
+        .await;
+    let (done, _) = chat.recv_until_kind("complete").await;
+    assert_eq!(done["success"], true, "{done}");
+
+    let init = |id: &str| {
+        json!({"type": "init", "projectPath": project.path(), "sessionId": id,
+               "isPlainShell": true, "initialCommand": "sleep 60", "cols": 80, "rows": 24})
+    };
+    shell.send_json(init("one")).await;
+    // Leaving it (a second init) detaches it; it still counts.
+    shell.send_json(init("two")).await;
+    let message = loop {
+        let v = shell.recv_json().await;
+        if v["type"] == "error" {
+            break v["message"].as_str().unwrap().to_string();
+        }
+    };
+    assert!(
+        message.contains("Too many terminals") && message.contains("--max-ptys-per-user"),
+        "{message}"
+    );
+
+    // A closed socket gives its place back.
+    chat.close(1000).await;
+    assert_eq!(chat.recv_close().await, Some(1000));
+    let deadline = Instant::now() + WAIT;
+    loop {
+        match server.try_ws(&format!("/ws?token={ann}")).await {
+            Ok(_) => break,
+            Err(e) => {
+                assert_eq!(e, "status 429");
+                assert!(
+                    Instant::now() < deadline,
+                    "the closed socket's place never came back"
+                );
+                // The place is given back when the socket actor has stopped, just after its close.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+}

@@ -30,6 +30,8 @@ pub struct GatewayConfig {
     pub data_dir: PathBuf,
     /// Messages of history kept per session (oldest deleted first); 0 records none.
     pub history_max_messages: usize,
+    /// Per-user limits (`--max-*` flags).
+    pub limits: crate::limits::Limits,
 }
 
 /// Default of `--history-max-messages`.
@@ -65,6 +67,7 @@ impl GatewayConfig {
             child_env: Self::child_env_from_process(),
             data_dir,
             history_max_messages: DEFAULT_HISTORY_MAX_MESSAGES,
+            limits: crate::limits::Limits::default(),
         }
     }
 }

@@ -13,9 +13,11 @@
 //!
 //! Everything else is plain data or functions: [`protocol`] (wire types),
 //! [`provider`] (the adapter trait and the adapters), [`store`] (the database
-//! seam the binary implements), [`config`], [`heartbeat`], [`token_watch`] (ends connections whose token expired or was revoked), [`watchdog`] (cuts
-//! off connections whose client stopped reading), [`lines`] (bounded line
-//! reading of child output), [`kill`] (every signal
+//! seam the binary implements), [`config`], [`heartbeat`], [`limits`]
+//! (per-user limits: the `UserLimits` actor counts sockets and session
+//! creations), [`token_watch`] (ends connections whose token expired or was
+//! revoked), [`watchdog`] (cuts off connections whose client stopped
+//! reading), [`lines`] (bounded line reading of child output), [`kill`] (every signal
 //! sent to a child by pid or group, and how far each kind of child is
 //! chased) with [`pidfd`] (signals and exit waits that cannot hit a reused
 //! pid) and [`procfs`] (finding the processes a kill must reach).
@@ -29,6 +31,7 @@ pub mod chat;
 pub mod config;
 pub mod heartbeat;
 pub mod kill;
+pub mod limits;
 pub mod lines;
 pub mod pidfd;
 pub mod plugin;

@@ -96,6 +96,10 @@ pub enum ErrorCode {
     RateLimited,
     /// Extension: the gateway is shutting down and starts no new run.
     ShuttingDown,
+    /// Extension: the user has `--max-runs-per-user` runs running.
+    TooManyRuns,
+    /// Extension: a `chat.subscribe` with more than `--max-subscribe-entries` entries.
+    TooManyEntries,
     InternalError,
 }
 
@@ -112,6 +116,8 @@ impl ErrorCode {
             ErrorCode::MessageTooLarge => "MESSAGE_TOO_LARGE",
             ErrorCode::RateLimited => "RATE_LIMITED",
             ErrorCode::ShuttingDown => "SHUTTING_DOWN",
+            ErrorCode::TooManyRuns => "TOO_MANY_RUNS",
+            ErrorCode::TooManyEntries => "TOO_MANY_ENTRIES",
             ErrorCode::InternalError => "INTERNAL_ERROR",
         }
     }

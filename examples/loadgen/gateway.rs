@@ -104,6 +104,12 @@ impl Gateway {
             .arg(data.path())
             .arg("--claude-bin")
             .arg(&bins.fake_claude)
+            // Every scenario runs as one user: its sockets, runs and
+            // sessions are far above the per-user defaults.
+            .args(["--max-sockets-per-user", "1000000"])
+            .args(["--max-runs-per-user", "1000000"])
+            .args(["--max-ptys-per-user", "1000000"])
+            .args(["--max-sessions-per-minute", "1000000"])
             .env_remove("AGENTGATE_JWT_SECRET")
             .env_remove("AGENTGATE_PLATFORM")
             .env(

@@ -93,6 +93,8 @@ pub struct ChatSocket {
     conn: Option<WatchedConn>,
     /// The token it was opened with (closed with 1008 when it ends).
     token: TokenWatch,
+    /// Most entries of one `chat.subscribe` (`--max-subscribe-entries`).
+    subscribe_limit: usize,
     /// A fragmented message being reassembled (at most
     /// [`MAX_INBOUND_FRAME`] bytes in all).
     fragment: Option<Fragment>,
@@ -136,7 +138,14 @@ impl ChatSocket {
             drained_batches: 0,
             conn: None,
             fragment: None,
+            subscribe_limit: crate::limits::DEFAULT_LIMITS.subscribe_entries,
         }
+    }
+
+    /// At most `limit` entries per `chat.subscribe` frame.
+    pub fn subscribe_limit(mut self, limit: usize) -> Self {
+        self.subscribe_limit = limit;
+        self
     }
 
     /// Closes the socket with 1008 when `token` expires or is revoked.
@@ -293,6 +302,18 @@ impl ChatSocket {
                 let result = registry.send(abort).await.map_err(internal);
                 refusal(result.and_then(|r| r), session_id)
             }),
+            ClientMessage::Subscribe { sessions } if sessions.len() > self.subscribe_limit => {
+                self.inflight -= 1;
+                let limit = self.subscribe_limit;
+                Self::send_error(
+                    ctx,
+                    &ChatError::new(
+                        ErrorCode::TooManyEntries,
+                        format!("chat.subscribe has {} entries; at most {limit} per frame (--max-subscribe-entries): send several frames", sessions.len()),
+                    ),
+                    None,
+                );
+            }
             // One entry after the other, so acks come back in the order asked.
             ClientMessage::Subscribe { sessions } => self.answer(ctx, async move {
                 let mut refusals = Vec::new();

@@ -1411,6 +1411,12 @@ impl RunRegistry {
                 return Ok(started);
             }
         }
+        // The user's runs running now (the limit counts live runs, which this registry owns).
+        let running = self
+            .sessions
+            .values()
+            .filter(|s| s.owner == msg.user_id && s.run.as_ref().is_some_and(Run::is_live))
+            .count();
         let Some(state) = self.sessions.get_mut(&session_id) else {
             return Err(ChatError::new(
                 ErrorCode::InternalError,
@@ -1421,6 +1427,13 @@ impl RunRegistry {
             return Err(ChatError::new(
                 ErrorCode::RunInProgress,
                 "A run is already in progress for this session",
+            ));
+        }
+        let limit = self.config.limits.runs_per_user;
+        if running >= limit {
+            return Err(ChatError::new(
+                ErrorCode::TooManyRuns,
+                format!("{running} runs of this user are running (--max-runs-per-user {limit}); wait for one to complete or abort one"),
             ));
         }
 

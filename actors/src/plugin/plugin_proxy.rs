@@ -92,14 +92,17 @@ enum Target {
 /// Accepts a `/plugin-ws/{name}` upgrade (the caller has authenticated) and
 /// starts its `PluginProxy`. Refusals are accepted and then closed with
 /// 4400/4404, as the protocol says.
-pub async fn start_proxy(
+pub async fn start_proxy<S>(
     req: &HttpRequest,
-    stream: web::Payload,
+    stream: S,
     name: &str,
     registry: &Addr<PluginRegistry>,
     heartbeat: Duration,
     conn: Option<WatchedConn>,
-) -> Result<HttpResponse, actix_web::Error> {
+) -> Result<HttpResponse, actix_web::Error>
+where
+    S: futures_util::Stream<Item = Result<web::Bytes, actix_web::error::PayloadError>> + 'static,
+{
     let target = if !valid_name(name) {
         Target::Refuse(CLOSE_INVALID_NAME, "Invalid plugin name")
     } else {

@@ -58,6 +58,8 @@ pub enum LaunchError {
     ShuttingDown,
     #[error("Failed to start terminal: {0}")]
     Spawn(#[source] std::io::Error),
+    #[error("Too many terminals: {0} of this user are open (--max-ptys-per-user); close one (exit its shell) first")]
+    TooMany(usize),
 }
 
 #[derive(Debug)]
@@ -171,6 +173,21 @@ impl Handler<LaunchPty> for PtyHub {
         let slot = (msg.owner, msg.key);
         if self.live(&slot).is_some() {
             return Ok(Launched::Existing);
+        }
+        // Detached PTYs count too: each lives until its detach timeout.
+        let open = self
+            .sessions
+            .iter()
+            .filter(|((owner, _), (_, addr))| *owner == slot.0 && addr.connected())
+            .count();
+        if open >= self.config.limits.ptys_per_user {
+            tracing::warn!(
+                actor = "PtyHub",
+                owner = slot.0,
+                open,
+                "terminal refused: too many for this user"
+            );
+            return Err(LaunchError::TooMany(open));
         }
         let id = self.next_id;
         self.next_id += 1;

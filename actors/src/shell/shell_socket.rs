@@ -180,14 +180,18 @@ impl ShellSocket {
     }
 
     /// Completes the upgrade of an authenticated request and starts the actor.
-    pub fn start(
+    pub fn start<S>(
         req: &HttpRequest,
-        stream: web::Payload,
+        stream: S,
         user: AuthUser,
         deps: ShellDeps,
         conn: Option<WatchedConn>,
         token: TokenWatch,
-    ) -> Result<HttpResponse, actix_web::Error> {
+    ) -> Result<HttpResponse, actix_web::Error>
+    where
+        S: futures_util::Stream<Item = Result<web::Bytes, actix_web::error::PayloadError>>
+            + 'static,
+    {
         let mut socket = ShellSocket::new(user, deps);
         socket.conn = conn;
         socket.token = token;
