@@ -21,14 +21,19 @@ const CLOUDCLI_VERSION: &str = "1.37.2";
 const FIRST_STEP: Duration = Duration::from_secs(300);
 const STEP: Duration = Duration::from_secs(60);
 
-/// A newcomer opening a gateway without a UI reads how to get one.
+/// A newcomer opening a gateway without a UI reads how to get one; the
+/// harness also loads a page with the headers a test gives it (a token).
 #[test]
 fn help_page_reads_in_a_real_browser() {
     let server = TestServer::start();
     let artifacts = artifacts_dir("help_page");
     let mut script = BrowserScript::start(
         "page_text.js",
-        json!({"url": server.url("/"), "name": "help-page"}),
+        json!({
+            "url": server.url("/"),
+            "name": "help-page",
+            "waitForText": "agentgate is running",
+        }),
         &artifacts,
     );
     let launched = script.wait_step("launched", FIRST_STEP);
@@ -37,6 +42,24 @@ fn help_page_reads_in_a_real_browser() {
     assert_eq!(page["status"], 200, "{page}");
     let text = page["text"].as_str().unwrap_or_default();
     assert!(text.contains("agentgate web-ui install"), "{text}");
+    script.finish(STEP);
+    // The harness sends a page's requests with the headers a test gives it.
+    let token = server.token("alice");
+    let mut script = BrowserScript::start(
+        "page_text.js",
+        json!({
+            "url": server.url("/api/auth/user"),
+            "name": "auth-user",
+            "headers": {"Authorization": format!("Bearer {token}")},
+        }),
+        &artifacts_dir("help_page_auth"),
+    );
+    let page = script.wait_step("loaded", FIRST_STEP);
+    assert_eq!(page["status"], 200, "{page}");
+    assert!(
+        page["text"].as_str().unwrap_or_default().contains("alice"),
+        "{page}"
+    );
     script.finish(STEP);
     let shot = &artifacts.join("01-help-page.png");
     assert!(
