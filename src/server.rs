@@ -9,7 +9,7 @@ use std::io::Write;
 use std::sync::Arc;
 use std::time::Duration;
 
-use actix::{Actor, Arbiter};
+use actix::{Actor, Arbiter, Supervisor};
 use actix_web::dev::Service;
 use actix_web::{web, App, HttpServer};
 use agentgate_actors::chat::run_registry::{RunRegistry, Shutdown as RunShutdown};
@@ -98,7 +98,12 @@ pub async fn serve(common: Common, args: ServeArgs) -> std::io::Result<()> {
     let store: Store = Arc::new(DbStore(db.clone()));
     // Provider runs parse stdout on their own thread, beside the registry's.
     let runs_arbiter = Arbiter::new();
-    let registry = RunRegistry::new(config.clone(), store.clone(), runs_arbiter.handle()).start();
+    // Supervised: a panic inside the registry restarts it behind the same address
+    // (its runs fail, its sockets are closed; see `Supervised for RunRegistry`).
+    let (registry_config, registry_store) = (config.clone(), store.clone());
+    let runs = runs_arbiter.handle();
+    let registry =
+        Supervisor::start(move |_| RunRegistry::new(registry_config, registry_store, runs));
     // Terminals (PTY reads, screen state) run on their own thread.
     let shells_arbiter = Arbiter::new();
     let shells_config = config.clone();

@@ -54,6 +54,11 @@
 //! [`CLIENT_REQUEST_TTL`].
 //!
 //! **Stops** with the system; it never stops on a client's or run's error.
+//! A panic in one of its own handlers or timers (a registry bug) is caught
+//! ([`RunRegistry::guarded`]) and stops it, and its `actix::Supervisor`
+//! restarts it behind the same address: its live runs fail with one
+//! `complete`, its sockets are closed with 1001, its per-session state is
+//! dropped (logged as `actor.panicked`, then `actor.restarted`).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::path::{Path, PathBuf};
@@ -427,6 +432,8 @@ pub struct RunRegistry {
     client_requests: HashMap<String, VecDeque<(String, String, Instant)>>,
     /// Shutdown began: new runs are refused.
     shutting_down: bool,
+    /// Why a handler panicked, until the restart that follows has run.
+    panicked: Option<String>,
     /// The adapter for each provider ([`provider_for`], or a test's own).
     providers: ProviderLookup,
     /// Start a `ProviderRun` per run (the model test plays its part itself).
@@ -457,6 +464,7 @@ impl RunRegistry {
             permissions: HashMap::new(),
             client_requests: HashMap::new(),
             shutting_down: false,
+            panicked: None,
             providers,
             spawn_processes: true,
         }
@@ -468,6 +476,97 @@ impl RunRegistry {
     pub(crate) fn without_processes(mut self) -> Self {
         self.spawn_processes = false;
         self
+    }
+
+    /// Runs a handler's or timer's body. A panic in it is a registry bug
+    /// that may have left its state half-changed: it is logged, the caller
+    /// gets `fallback`, and the actor stops, so its `Supervisor` restarts
+    /// it (see [`Supervised::restarting`]) with the same mailbox and address.
+    fn guarded<R>(
+        &mut self,
+        ctx: &mut Context<Self>,
+        what: &'static str,
+        fallback: R,
+        body: impl FnOnce(&mut Self, &mut Context<Self>) -> R,
+    ) -> R {
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| body(self, ctx))) {
+            Ok(result) => result,
+            Err(panic) => {
+                let reason = panic_message(panic.as_ref());
+                tracing::error!(actor = "RunRegistry", event = "actor.panicked", handler = what, reason = %reason, "supervision: actor panicked; restarting it");
+                self.panicked = Some(reason);
+                ctx.stop();
+                fallback
+            }
+        }
+    }
+
+    /// Ends every live run (its process killed, an `error` and a failed
+    /// `complete`, `aborted` as given), sends each subscriber what it was not
+    /// sent yet whatever its budget (these are the runs' last events), and
+    /// closes every socket with 1001 (clients reconnect and resubscribe).
+    /// Returns how many runs and sockets it ended.
+    fn end_all_runs(
+        &mut self,
+        error: &str,
+        aborted: bool,
+        close_reason: &'static str,
+        ctx: &mut Context<Self>,
+    ) -> (usize, usize) {
+        let running: Vec<String> = self
+            .sessions
+            .iter()
+            .filter(|(_, s)| s.run.as_ref().is_some_and(Run::is_live))
+            .map(|(id, _)| id.clone())
+            .collect();
+        let runs = running.len();
+        for session_id in running {
+            if let Some(addr) = self
+                .sessions
+                .get(&session_id)
+                .and_then(|s| s.run.as_ref())
+                .and_then(|r| r.addr.clone())
+            {
+                addr.do_send(Kill);
+            }
+            self.emit(&session_id, EventBody::error(error));
+            self.complete(&session_id, 1, aborted, ctx);
+        }
+        let follows: Vec<(SocketId, String)> = self
+            .sessions
+            .iter()
+            .flat_map(|(id, s)| {
+                s.subscribers
+                    .keys()
+                    .map(move |socket| (*socket, id.clone()))
+            })
+            .collect();
+        for (socket, session_id) in follows {
+            let Some(state) = self.sessions.get_mut(&session_id) else {
+                continue;
+            };
+            let Some(sent) = state.subscribers.get_mut(&socket) else {
+                continue;
+            };
+            let rest: Arc<[Frame]> = state
+                .buffer
+                .iter()
+                .filter(|b| b.seq > *sent)
+                .map(|b| b.frame.clone())
+                .collect();
+            *sent = state.last_seq;
+            if !rest.is_empty() {
+                self.deliver_to(socket, rest);
+            }
+        }
+        let sockets = self.sockets.len();
+        for (_, socket) in self.sockets.drain() {
+            socket.close.do_send(CloseSocket {
+                code: 1001,
+                reason: close_reason,
+            });
+        }
+        (runs, sockets)
     }
 
     /// Sends frames to one socket and counts them against its budget; a full
@@ -823,14 +922,16 @@ impl RunRegistry {
             sid
         };
         ctx.spawn(wait.into_actor(self).map(move |sid, act, ctx| {
-            let finishing = act
-                .sessions
-                .get(&sid)
-                .and_then(|s| s.run.as_ref())
-                .is_some_and(|r| r.id == run_id && r.status == Status::Finishing);
-            if finishing {
-                act.complete(&sid, exit_code, false, ctx);
-            }
+            act.guarded(ctx, "RunEvents", (), |act, ctx| {
+                let finishing = act
+                    .sessions
+                    .get(&sid)
+                    .and_then(|s| s.run.as_ref())
+                    .is_some_and(|r| r.id == run_id && r.status == Status::Finishing);
+                if finishing {
+                    act.complete(&sid, exit_code, false, ctx);
+                }
+            })
         }));
     }
 
@@ -874,9 +975,11 @@ impl RunRegistry {
         let (id, store) = (session_id.to_string(), self.store.clone());
         let write = async move { store::blocking(&store, move |s| s.reserve_seq(&id, upto)).await };
         let sid = session_id.to_string();
-        let done = write
-            .into_actor(self)
-            .map(move |result, act, _| act.reserved(&sid, upto, result));
+        let done = write.into_actor(self).map(move |result, act, ctx| {
+            act.guarded(ctx, "seq reservation", (), |act, _| {
+                act.reserved(&sid, upto, result)
+            })
+        });
         if must_wait {
             Some(Box::pin(done))
         } else {
@@ -964,8 +1067,8 @@ impl RunRegistry {
         tracing::info!(actor = "ProviderRun", session_id, run_id = %run_id, exit_code, aborted, pauses, paused_ms, "run completed");
         // Keep the buffer for late subscribers, then forget the run.
         let sid = session_id.to_string();
-        ctx.run_later(COMPLETED_RUN_RETENTION, move |act, _| {
-            act.evict(&sid, &run_id)
+        ctx.run_later(COMPLETED_RUN_RETENTION, move |act, ctx| {
+            act.guarded(ctx, "eviction", (), |act, _| act.evict(&sid, &run_id))
         });
         true
     }
@@ -1187,7 +1290,9 @@ impl RunRegistry {
                 let timer = (!INTERACTIVE_TOOLS.contains(&tool_name.as_str())).then(|| {
                     let (sid, rid) = (session_id.to_string(), request_id.clone());
                     ctx.run_later(self.config.permission_timeout, move |act, ctx| {
-                        act.permission_timed_out(&sid, &rid, ctx)
+                        act.guarded(ctx, "permission timeout", (), |act, ctx| {
+                            act.permission_timed_out(&sid, &rid, ctx)
+                        })
                     })
                 });
                 run.pending.push(Pending {
@@ -1653,27 +1758,97 @@ impl Actor for RunRegistry {
 
     fn started(&mut self, ctx: &mut Self::Context) {
         ctx.set_mailbox_capacity(MAILBOX_CAPACITY);
-        ctx.run_interval(HISTORY_FLUSH_EVERY, |act, _| act.flush_all_history());
+        ctx.run_interval(HISTORY_FLUSH_EVERY, |act, ctx| {
+            act.guarded(ctx, "history flush", (), |act, _| act.flush_all_history())
+        });
         // E6 ids live 10 minutes whatever happens to their session's state.
-        ctx.run_interval(CLIENT_REQUEST_SWEEP, |act, _| {
-            let now = Instant::now();
-            act.client_requests.retain(|_, ids| {
-                ids.retain(|(_, _, at)| now.duration_since(*at) < CLIENT_REQUEST_TTL);
-                !ids.is_empty()
-            });
+        ctx.run_interval(CLIENT_REQUEST_SWEEP, |act, ctx| {
+            act.guarded(ctx, "clientRequestId sweep", (), |act, _| {
+                let now = Instant::now();
+                act.client_requests.retain(|_, ids| {
+                    ids.retain(|(_, _, at)| now.duration_since(*at) < CLIENT_REQUEST_TTL);
+                    !ids.is_empty()
+                });
+            })
         });
         tracing::info!(actor = "RunRegistry", "actor started");
     }
 
     fn stopped(&mut self, _: &mut Self::Context) {
-        tracing::info!(actor = "RunRegistry", "actor stopped");
+        tracing::info!(actor = "RunRegistry", reason = ?self.panicked, "actor stopped");
     }
+}
+
+/// Run under `actix::Supervisor` (the binary does): after a panic in a
+/// handler or timer ([`RunRegistry::guarded`] stops the actor) the same
+/// actor value is restarted with the same mailbox, so every `Addr` held by
+/// sockets, runs and routes stays valid. What it owned may be inconsistent,
+/// so it is given up the way a shutdown gives it up: every live run is
+/// killed and gets an `error` and a failed `complete`, every subscriber is
+/// sent what it was not sent yet and closed with 1001 (its client
+/// reconnects and resubscribes), and the per-session state is dropped. Seq
+/// numbering stays safe (E9): a session is loaded again from the database
+/// above its persisted reservation. The `clientRequestId` table is kept, so
+/// a resend after the restart still runs nothing twice.
+impl Supervised for RunRegistry {
+    fn restarting(&mut self, ctx: &mut Context<Self>) {
+        let reason = self.panicked.take().unwrap_or_else(|| "stopped".into());
+        let ended = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.end_all_runs(
+                "The gateway's run registry failed and was restarted; this run was stopped",
+                false,
+                "run registry restarted",
+                ctx,
+            )
+        }));
+        let (runs_failed, sockets_closed) = ended.unwrap_or_else(|_| {
+            // Too broken to complete its runs: at least no process and no socket is left behind.
+            let runs = self
+                .sessions
+                .values()
+                .filter_map(|s| s.run.as_ref()?.addr.clone());
+            runs.for_each(|addr| addr.do_send(Kill));
+            let sockets = self.sockets.len();
+            for (_, socket) in self.sockets.drain() {
+                socket.close.do_send(CloseSocket {
+                    code: 1001,
+                    reason: "run registry restarted",
+                });
+            }
+            (0, sockets)
+        });
+        for state in self.sessions.values_mut() {
+            // A withheld batch answer must not keep its run waiting.
+            if let Some(pause) = state.paused.take() {
+                let _ = pause.resume.send(());
+            }
+        }
+        self.sessions.clear();
+        self.permissions.clear();
+        self.sockets.clear();
+        tracing::warn!(actor = "RunRegistry", event = "actor.restarted", reason = %reason, runs_failed, sockets_closed, "supervision: actor restarted");
+    }
+}
+
+fn internal_error() -> ChatError {
+    ChatError::new(
+        ErrorCode::InternalError,
+        "The gateway's run registry failed; try again",
+    )
+}
+
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "panic".into())
 }
 
 impl Handler<Connect> for RunRegistry {
     type Result = SocketId;
 
-    fn handle(&mut self, msg: Connect, _: &mut Context<Self>) -> SocketId {
+    fn handle(&mut self, msg: Connect, ctx: &mut Context<Self>) -> SocketId {
         let id = self.next_socket;
         self.next_socket += 1;
         if self.shutting_down {
@@ -1684,17 +1859,26 @@ impl Handler<Connect> for RunRegistry {
             });
             return id;
         }
-        self.sockets.insert(
-            id,
-            SocketEntry {
+        let close = msg.close.clone();
+        let registered = self.guarded(ctx, "Connect", false, |act, _| {
+            let entry = SocketEntry {
                 user_id: msg.user_id,
                 deliver: msg.deliver,
                 close: msg.close,
                 bytes_in_flight: 0,
                 batches_in_flight: 0,
                 sessions: BTreeSet::new(),
-            },
-        );
+            };
+            act.sockets.insert(id, entry);
+            true
+        });
+        if !registered {
+            // Never registered, so the restart cannot close it.
+            close.do_send(CloseSocket {
+                code: 1001,
+                reason: "run registry restarted",
+            });
+        }
         id
     }
 }
@@ -1702,25 +1886,29 @@ impl Handler<Connect> for RunRegistry {
 impl Handler<Disconnect> for RunRegistry {
     type Result = ();
 
-    fn handle(&mut self, msg: Disconnect, _: &mut Context<Self>) {
-        self.forget_socket(msg.socket);
+    fn handle(&mut self, msg: Disconnect, ctx: &mut Context<Self>) {
+        self.guarded(ctx, "Disconnect", (), |act, _| {
+            act.forget_socket(msg.socket);
+        })
     }
 }
 
 impl Handler<Drained> for RunRegistry {
     type Result = ();
 
-    fn handle(&mut self, msg: Drained, _: &mut Context<Self>) {
-        let Some(entry) = self.sockets.get_mut(&msg.socket) else {
-            return;
-        };
-        entry.bytes_in_flight = entry.bytes_in_flight.saturating_sub(msg.bytes);
-        entry.batches_in_flight = entry.batches_in_flight.saturating_sub(msg.batches);
-        let sessions: Vec<String> = entry.sessions.iter().cloned().collect();
-        for session_id in sessions {
-            self.pump(msg.socket, &session_id, &mut None);
-            self.maybe_resume(&session_id);
-        }
+    fn handle(&mut self, msg: Drained, ctx: &mut Context<Self>) {
+        self.guarded(ctx, "Drained", (), |act, _| {
+            let Some(entry) = act.sockets.get_mut(&msg.socket) else {
+                return;
+            };
+            entry.bytes_in_flight = entry.bytes_in_flight.saturating_sub(msg.bytes);
+            entry.batches_in_flight = entry.batches_in_flight.saturating_sub(msg.batches);
+            let sessions: Vec<String> = entry.sessions.iter().cloned().collect();
+            for session_id in sessions {
+                act.pump(msg.socket, &session_id, &mut None);
+                act.maybe_resume(&session_id);
+            }
+        })
     }
 }
 
@@ -1728,34 +1916,40 @@ impl Handler<StartRun> for RunRegistry {
     type Result = ResponseActFuture<Self, Result<RunStarted, ChatError>>;
 
     fn handle(&mut self, msg: StartRun, ctx: &mut Context<Self>) -> Self::Result {
-        let session_id = msg.session.id.clone();
-        let previous = self.previous_run_exit(&session_id);
-        // E9: the run's first seqs are persisted as reserved before it starts.
-        if let Ok(kind) = msg.session.provider.parse::<ProviderKind>() {
-            self.state_for(&msg.session, kind);
-        }
-        let reservation = self.reserve_seqs(&session_id, 0, ctx);
-        if previous.is_none() && reservation.is_none() {
-            return Box::pin(fut::ready(self.start_run(msg, ctx)));
-        }
-        let sid = session_id.clone();
-        let wait_previous = async move {
-            if let Some(rx) = previous {
-                if tokio::time::timeout(PREVIOUS_RUN_EXIT_WAIT, rx).await.is_err() {
-                    tracing::warn!(session_id = %sid, "the previous run's process is still not gone; starting anyway");
+        self.guarded(ctx, "StartRun", Box::pin(fut::ready(Err(internal_error()))), |act, ctx| {
+            let session_id = msg.session.id.clone();
+            let previous = act.previous_run_exit(&session_id);
+            // E9: the run's first seqs are persisted as reserved before it starts.
+            if let Ok(kind) = msg.session.provider.parse::<ProviderKind>() {
+                act.state_for(&msg.session, kind);
+            }
+            let reservation = act.reserve_seqs(&session_id, 0, ctx);
+            if previous.is_none() && reservation.is_none() {
+                return Box::pin(fut::ready(act.start_run(msg, ctx)));
+            }
+            let sid = session_id.clone();
+            let wait_previous = async move {
+                if let Some(rx) = previous {
+                    if tokio::time::timeout(PREVIOUS_RUN_EXIT_WAIT, rx).await.is_err() {
+                        tracing::warn!(session_id = %sid, "the previous run's process is still not gone; starting anyway");
+                    }
                 }
             }
-        }
-        .into_actor(self);
-        let reserved: ResponseActFuture<Self, ()> = match reservation {
-            Some(r) => r,
-            None => Box::pin(fut::ready(())),
-        };
-        Box::pin(
-            wait_previous
-                .then(|_, _, _| reserved)
-                .map(move |_, act, ctx| act.start_run(msg, ctx)),
-        )
+            .into_actor(act);
+            let reserved: ResponseActFuture<Self, ()> = match reservation {
+                Some(r) => r,
+                None => Box::pin(fut::ready(())),
+            };
+            Box::pin(
+                wait_previous
+                    .then(|_, _, _| reserved)
+                    .map(move |_, act, ctx| {
+                        act.guarded(ctx, "StartRun", Err(internal_error()), |act, ctx| {
+                            act.start_run(msg, ctx)
+                        })
+                    }),
+            )
+        })
     }
 }
 
@@ -1763,27 +1957,48 @@ impl Handler<AbortRun> for RunRegistry {
     type Result = Result<(), ChatError>;
 
     fn handle(&mut self, msg: AbortRun, ctx: &mut Context<Self>) -> Self::Result {
-        let no_run = || ChatError::new(ErrorCode::NoActiveRun, "No active run for this session");
-        let state = self.sessions.get(&msg.session_id).ok_or_else(no_run)?;
-        if state.owner != msg.user_id {
-            return Err(ChatError::new(
-                ErrorCode::SessionNotFound,
-                "Session not found",
-            ));
-        }
-        let run = state
-            .run
-            .as_ref()
-            .filter(|r| r.is_live())
-            .ok_or_else(no_run)?;
-        // exitCode 0 when the interrupt reached the run, as the reference.
-        let delivered = run.addr.as_ref().is_some_and(|a| {
-            a.do_send(Abort);
-            a.connected()
+        self.guarded(ctx, "AbortRun", Err(internal_error()), |act, ctx| {
+            let no_run =
+                || ChatError::new(ErrorCode::NoActiveRun, "No active run for this session");
+            let state = act.sessions.get(&msg.session_id).ok_or_else(no_run)?;
+            if state.owner != msg.user_id {
+                return Err(ChatError::new(
+                    ErrorCode::SessionNotFound,
+                    "Session not found",
+                ));
+            }
+            let run = state
+                .run
+                .as_ref()
+                .filter(|r| r.is_live())
+                .ok_or_else(no_run)?;
+            // exitCode 0 when the interrupt reached the run, as the reference.
+            let delivered = run.addr.as_ref().is_some_and(|a| {
+                a.do_send(Abort);
+                a.connected()
+            });
+            tracing::info!(session_id = %msg.session_id, run_id = %run.id, "abort requested");
+            act.complete(&msg.session_id, if delivered { 0 } else { 1 }, true, ctx);
+            Ok(())
+        })
+    }
+}
+
+/// Test-only: the handler panics, as a registry bug would (the wire
+/// cannot send it: it exists only in the actors crate's unit tests).
+#[cfg(test)]
+#[derive(Message)]
+#[rtype(result = "()")]
+pub(crate) struct PanicForTest;
+
+#[cfg(test)]
+impl Handler<PanicForTest> for RunRegistry {
+    type Result = ();
+
+    fn handle(&mut self, _: PanicForTest, ctx: &mut Context<Self>) {
+        self.guarded(ctx, "PanicForTest", (), |_, _| {
+            panic!("registry bug (test)")
         });
-        tracing::info!(session_id = %msg.session_id, run_id = %run.id, "abort requested");
-        self.complete(&msg.session_id, if delivered { 0 } else { 1 }, true, ctx);
-        Ok(())
     }
 }
 
@@ -1825,8 +2040,10 @@ impl Handler<Inspect> for RunRegistry {
 impl Handler<Subscribe> for RunRegistry {
     type Result = ();
 
-    fn handle(&mut self, msg: Subscribe, _: &mut Context<Self>) {
-        self.subscribe(msg);
+    fn handle(&mut self, msg: Subscribe, ctx: &mut Context<Self>) {
+        self.guarded(ctx, "Subscribe", (), |act, _| {
+            act.subscribe(msg);
+        })
     }
 }
 
@@ -1834,67 +2051,72 @@ impl Handler<RespondPermission> for RunRegistry {
     type Result = ();
 
     fn handle(&mut self, msg: RespondPermission, ctx: &mut Context<Self>) {
-        let Some(session_id) = self.permissions.get(&msg.request_id).cloned() else {
-            return;
-        };
-        if self.sessions.get(&session_id).map(|s| s.owner) != Some(msg.user_id) {
-            return;
-        }
-        let request_id = msg.request_id.clone();
-        let Some((p, addr)) = self.take_pending(&session_id, |p| p.request_id == request_id, ctx)
-        else {
-            return;
-        };
-        if msg.decision.allow {
-            if let (Some(entry), Some(run)) = (
-                &msg.decision.remember_entry,
-                self.sessions
-                    .get_mut(&session_id)
-                    .and_then(|s| s.run.as_mut()),
-            ) {
-                run.remembered.push(entry.clone());
+        self.guarded(ctx, "RespondPermission", (), |act, ctx| {
+            let Some(session_id) = act.permissions.get(&msg.request_id).cloned() else {
+                return;
+            };
+            if act.sessions.get(&session_id).map(|s| s.owner) != Some(msg.user_id) {
+                return;
             }
-        }
-        if let Some(addr) = addr {
-            addr.do_send(AnswerPermission {
-                provider_request_id: p.provider_request_id,
-                decision: msg.decision,
-                original_input: p.input,
-            });
-        }
-        // The first answer wins: every other follower (a second /ws client, a
-        // remote-session client) sees the prompt withdrawn.
-        self.emit(
-            &session_id,
-            EventBody::PermissionCancelled {
-                request_id,
-                reason: "answered".into(),
-            },
-        );
+            let request_id = msg.request_id.clone();
+            let Some((p, addr)) =
+                act.take_pending(&session_id, |p| p.request_id == request_id, ctx)
+            else {
+                return;
+            };
+            if msg.decision.allow {
+                if let (Some(entry), Some(run)) = (
+                    &msg.decision.remember_entry,
+                    act.sessions
+                        .get_mut(&session_id)
+                        .and_then(|s| s.run.as_mut()),
+                ) {
+                    run.remembered.push(entry.clone());
+                }
+            }
+            if let Some(addr) = addr {
+                addr.do_send(AnswerPermission {
+                    provider_request_id: p.provider_request_id,
+                    decision: msg.decision,
+                    original_input: p.input,
+                });
+            }
+            // The first answer wins: every other follower (a second /ws client, a
+            // remote-session client) sees the prompt withdrawn.
+            act.emit(
+                &session_id,
+                EventBody::PermissionCancelled {
+                    request_id,
+                    reason: "answered".into(),
+                },
+            );
+        })
     }
 }
 
 impl Handler<ListRunning> for RunRegistry {
     type Result = Vec<RunningSession>;
 
-    fn handle(&mut self, msg: ListRunning, _: &mut Context<Self>) -> Self::Result {
-        let mut list: Vec<RunningSession> = self
-            .sessions
-            .iter()
-            .filter(|(_, s)| s.owner == msg.user_id)
-            .filter_map(|(id, s)| {
-                let run = s.run.as_ref().filter(|r| r.is_live())?;
-                Some(RunningSession {
-                    session_id: id.clone(),
-                    provider: s.provider.as_str().to_string(),
-                    started_at: run.started_at.clone(),
-                    last_seq: s.last_seq,
-                    run_id: run.id.clone(),
+    fn handle(&mut self, msg: ListRunning, ctx: &mut Context<Self>) -> Self::Result {
+        self.guarded(ctx, "ListRunning", Vec::new(), |act, _| {
+            let mut list: Vec<RunningSession> = act
+                .sessions
+                .iter()
+                .filter(|(_, s)| s.owner == msg.user_id)
+                .filter_map(|(id, s)| {
+                    let run = s.run.as_ref().filter(|r| r.is_live())?;
+                    Some(RunningSession {
+                        session_id: id.clone(),
+                        provider: s.provider.as_str().to_string(),
+                        started_at: run.started_at.clone(),
+                        last_seq: s.last_seq,
+                        run_id: run.id.clone(),
+                    })
                 })
-            })
-            .collect();
-        list.sort_by(|a, b| a.started_at.cmp(&b.started_at));
-        list
+                .collect();
+            list.sort_by(|a, b| a.started_at.cmp(&b.started_at));
+            list
+        })
     }
 }
 
@@ -1902,11 +2124,18 @@ impl Handler<RunEvents> for RunRegistry {
     type Result = ResponseActFuture<Self, ()>;
 
     fn handle(&mut self, msg: RunEvents, ctx: &mut Context<Self>) -> Self::Result {
-        match self.reserve_seqs(&msg.session_id, msg.events.len() as u64, ctx) {
-            None => self.run_events(msg, ctx),
-            // The next block of seqs is persisted before any of it is used.
-            Some(reserved) => Box::pin(reserved.then(move |_, act, ctx| act.run_events(msg, ctx))),
-        }
+        self.guarded(ctx, "RunEvents", Box::pin(fut::ready(())), |act, ctx| {
+            match act.reserve_seqs(&msg.session_id, msg.events.len() as u64, ctx) {
+                None => act.run_events(msg, ctx),
+                // The next block of seqs is persisted before any of it is used.
+                Some(reserved) => Box::pin(reserved.then(move |_, act, ctx| {
+                    let fallback: Self::Result = Box::pin(fut::ready(()));
+                    act.guarded(ctx, "RunEvents", fallback, |act, ctx| {
+                        act.run_events(msg, ctx)
+                    })
+                })),
+            }
+        })
     }
 }
 
@@ -1914,41 +2143,43 @@ impl Handler<RunExited> for RunRegistry {
     type Result = ();
 
     fn handle(&mut self, msg: RunExited, ctx: &mut Context<Self>) {
-        let Some(run) = self
-            .sessions
-            .get_mut(&msg.session_id)
-            .and_then(|s| s.run.as_mut())
-            .filter(|r| r.id == msg.run_id)
-        else {
-            return;
-        };
-        run.addr = None;
-        // A send waiting for this process to be gone may start now.
-        for waiter in run.exit_waiters.drain(..) {
-            let _ = waiter.send(());
-        }
-        if run.status != Status::Running {
-            return;
-        }
-        // The CLI died mid-turn: an id it announced in this run may name a
-        // conversation it never saved, and resuming it would fail forever.
-        let at_start = run.provider_id_at_start.clone();
-        let changed = self
-            .sessions
-            .get(&msg.session_id)
-            .is_some_and(|s| s.provider_session_id != at_start);
-        if changed {
-            tracing::info!(session_id = %msg.session_id, "forgetting the native id announced by a run that died mid-turn");
-            self.set_provider_id(&msg.session_id, at_start);
-        }
-        let error = msg.error.unwrap_or_else(|| match msg.exit_code {
-            Some(code) => format!("The provider exited with code {code} before finishing the turn"),
-            None => "The provider was killed before finishing the turn".to_string(),
-        });
-        tracing::warn!(actor = "ProviderRun", session_id = %msg.session_id, run_id = %msg.run_id, exit_code = ?msg.exit_code, reason = %error, "run ended without a result");
-        self.emit(&msg.session_id, EventBody::error(error));
-        let code = msg.exit_code.filter(|c| *c != 0).unwrap_or(1);
-        self.finish(&msg.session_id, code, ctx);
+        self.guarded(ctx, "RunExited", (), |act, ctx| {
+            let Some(run) = act
+                .sessions
+                .get_mut(&msg.session_id)
+                .and_then(|s| s.run.as_mut())
+                .filter(|r| r.id == msg.run_id)
+            else {
+                return;
+            };
+            run.addr = None;
+            // A send waiting for this process to be gone may start now.
+            for waiter in run.exit_waiters.drain(..) {
+                let _ = waiter.send(());
+            }
+            if run.status != Status::Running {
+                return;
+            }
+            // The CLI died mid-turn: an id it announced in this run may name a
+            // conversation it never saved, and resuming it would fail forever.
+            let at_start = run.provider_id_at_start.clone();
+            let changed = act
+                .sessions
+                .get(&msg.session_id)
+                .is_some_and(|s| s.provider_session_id != at_start);
+            if changed {
+                tracing::info!(session_id = %msg.session_id, "forgetting the native id announced by a run that died mid-turn");
+                act.set_provider_id(&msg.session_id, at_start);
+            }
+            let error = msg.error.unwrap_or_else(|| match msg.exit_code {
+                Some(code) => format!("The provider exited with code {code} before finishing the turn"),
+                None => "The provider was killed before finishing the turn".to_string(),
+            });
+            tracing::warn!(actor = "ProviderRun", session_id = %msg.session_id, run_id = %msg.run_id, exit_code = ?msg.exit_code, reason = %error, "run ended without a result");
+            act.emit(&msg.session_id, EventBody::error(error));
+            let code = msg.exit_code.filter(|c| *c != 0).unwrap_or(1);
+            act.finish(&msg.session_id, code, ctx);
+        })
     }
 }
 
@@ -1956,63 +2187,20 @@ impl Handler<Shutdown> for RunRegistry {
     type Result = ResponseFuture<()>;
 
     fn handle(&mut self, _: Shutdown, ctx: &mut Context<Self>) -> Self::Result {
+        let fallback: Self::Result = Box::pin(async {});
+        self.guarded(ctx, "Shutdown", fallback, |act, ctx| act.shut_down(ctx))
+    }
+}
+
+impl RunRegistry {
+    fn shut_down(&mut self, ctx: &mut Context<Self>) -> ResponseFuture<()> {
         self.shutting_down = true;
-        let running: Vec<String> = self
-            .sessions
-            .iter()
-            .filter(|(_, s)| s.run.as_ref().is_some_and(Run::is_live))
-            .map(|(id, _)| id.clone())
-            .collect();
-        for session_id in running {
-            if let Some(addr) = self
-                .sessions
-                .get(&session_id)
-                .and_then(|s| s.run.as_ref())
-                .and_then(|r| r.addr.clone())
-            {
-                addr.do_send(Kill);
-            }
-            self.emit(
-                &session_id,
-                EventBody::error("The gateway is shutting down"),
-            );
-            self.complete(&session_id, 1, true, ctx);
-        }
-        // What a subscriber was not sent yet goes out before its close,
-        // whatever its budget: these are the runs' last events.
-        let follows: Vec<(SocketId, String)> = self
-            .sessions
-            .iter()
-            .flat_map(|(id, s)| {
-                s.subscribers
-                    .keys()
-                    .map(move |socket| (*socket, id.clone()))
-            })
-            .collect();
-        for (socket, session_id) in follows {
-            let Some(state) = self.sessions.get_mut(&session_id) else {
-                continue;
-            };
-            let Some(sent) = state.subscribers.get_mut(&socket) else {
-                continue;
-            };
-            let rest: Arc<[Frame]> = state
-                .buffer
-                .iter()
-                .filter(|b| b.seq > *sent)
-                .map(|b| b.frame.clone())
-                .collect();
-            *sent = state.last_seq;
-            if !rest.is_empty() {
-                self.deliver_to(socket, rest);
-            }
-        }
-        for (_, socket) in self.sockets.drain() {
-            socket.close.do_send(CloseSocket {
-                code: 1001,
-                reason: "server shutting down",
-            });
-        }
+        self.end_all_runs(
+            "The gateway is shutting down",
+            true,
+            "server shutting down",
+            ctx,
+        );
         // Every counter now (not in the background), and the reservations
         // released: nothing runs any more, so a clean restart continues at
         // the next seq.
@@ -2080,7 +2268,10 @@ mod tests {
             }
             Ok(())
         }
-        fn reserve_seq(&self, _: &str, _: u64) -> Result<(), StoreError> {
+        fn reserve_seq(&self, id: &str, upto: u64) -> Result<(), StoreError> {
+            if let Ok(mut m) = self.0.lock() {
+                m.insert(format!("{id}:reserved"), upto);
+            }
             Ok(())
         }
         fn release_seq(&self, id: &str, seq: u64) -> Result<(), StoreError> {
@@ -2549,6 +2740,91 @@ mod tests {
             .await
             .unwrap()
             .is_empty());
+    }
+
+    /// A panic inside the registry itself (a bug in a handler): under its
+    /// Supervisor it is restarted behind the same address; the live run gets
+    /// one failed `complete`, its socket everything it was owed and a 1001
+    /// close; the next run of the session, loaded as the database has it,
+    /// continues above every seq delivered.
+    #[actix_rt::test]
+    async fn a_panicking_registry_is_restarted_and_fails_its_runs_once() {
+        let config = Arc::new(GatewayConfig::for_tests(std::env::temp_dir()));
+        let mem = Arc::new(MemStore(Mutex::new(HashMap::new())));
+        let store: Store = mem.clone();
+        let registry = Supervisor::start(move |_| {
+            RunRegistry::with_providers(config, store, Arbiter::current(), buggy)
+                .without_processes()
+        });
+        let (socket, mut rx) = connect_sink(&registry).await;
+        let first = registry
+            .send(start_run(socket, "hello"))
+            .await
+            .unwrap()
+            .unwrap();
+        let text = EventBody::text(crate::protocol::Role::Assistant, "hi");
+        let events = RunEvents {
+            session_id: "s1".into(),
+            run_id: first.run_id.clone(),
+            events: vec![ProviderEvent::Emit(text.into())],
+        };
+        registry.send(events).await.unwrap();
+        assert_eq!(next_of_kind(&mut rx, "text").await["seq"], 1);
+
+        registry.send(PanicForTest).await.unwrap();
+        let error = next_of_kind(&mut rx, "error").await;
+        assert!(
+            error["content"].as_str().unwrap().contains("restarted"),
+            "{error}"
+        );
+        let complete = next_of_kind(&mut rx, "complete").await;
+        assert_eq!(complete["runId"], json!(first.run_id));
+        assert_eq!(
+            (complete["success"].clone(), complete["aborted"].clone()),
+            (json!(false), json!(false))
+        );
+        assert_eq!(next_of_kind(&mut rx, "close").await["code"], 1001);
+
+        // The same address serves again; the old run's late exit changes nothing.
+        let (socket, mut rx) = connect_sink(&registry).await;
+        assert!(registry
+            .send(ListRunning { user_id: 1 })
+            .await
+            .unwrap()
+            .is_empty());
+        let exited = RunExited {
+            session_id: "s1".into(),
+            run_id: first.run_id.clone(),
+            exit_code: None,
+            error: Some("killed".into()),
+        };
+        registry.send(exited).await.unwrap();
+        let reserved = mem.0.lock().unwrap().get("s1:reserved").copied();
+        let session = SessionRow {
+            seq_reserved: reserved.expect("a reservation was written"),
+            ..row()
+        };
+        let again = StartRun {
+            session,
+            ..start_run(socket, "again")
+        };
+        let second = registry.send(again).await.unwrap().unwrap();
+        assert!(
+            second.first_seq > complete["seq"].as_u64().unwrap(),
+            "seq {} reused after the restart",
+            second.first_seq
+        );
+        let turn_end = RunEvents {
+            session_id: "s1".into(),
+            run_id: second.run_id.clone(),
+            events: vec![ProviderEvent::TurnComplete { exit_code: 0 }],
+        };
+        registry.send(turn_end).await.unwrap();
+        let complete = next_of_kind(&mut rx, "complete").await;
+        assert_eq!(
+            (complete["runId"].clone(), complete["success"].clone()),
+            (json!(second.run_id), json!(true))
+        );
     }
 
     #[test]
