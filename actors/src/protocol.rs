@@ -386,9 +386,10 @@ const KNOWN_TYPES: [&str; 4] = [
     "chat.permission-response",
 ];
 
-/// Field readers for [`ClientMessage`]: each takes any JSON value and keeps
-/// it only if it has the expected type, as the reference's checks do.
-mod lenient {
+/// Field readers for [`ClientMessage`] (and the `/shell` frames): each
+/// takes any JSON value and keeps it only if it has the expected type, as
+/// the reference's checks do.
+pub(crate) mod lenient {
     use serde::{Deserialize, Deserializer};
     use serde_json::{Map, Value};
 
@@ -422,6 +423,19 @@ mod lenient {
 
     pub fn non_empty<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
         Ok(opt_string(d)?.filter(|s| !s.is_empty()))
+    }
+
+    /// `true` only for JSON `true`.
+    pub fn flag<'de, D: Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
+        Ok(matches!(Value::deserialize(d)?, Value::Bool(true)))
+    }
+
+    /// A non-negative whole number, else `None`.
+    pub fn opt_u64<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+        Ok(match Value::deserialize(d)? {
+            Value::Number(n) => n.as_u64(),
+            _ => None,
+        })
     }
 
     pub fn object<'de, D: Deserializer<'de>>(d: D) -> Result<Value, D::Error> {

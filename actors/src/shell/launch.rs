@@ -14,9 +14,10 @@ use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
 use base64::Engine as _;
+#[cfg(test)]
 use serde_json::Value;
 
-use super::TermSize;
+use super::{InitFrame, TermSize};
 use crate::config::GatewayConfig;
 use crate::provider::{safe_id, ProviderKind};
 
@@ -68,35 +69,35 @@ pub struct InitRequest {
 }
 
 impl InitRequest {
-    /// Parses an `init` frame; only a missing or empty `projectPath` is an error.
-    pub fn parse(frame: &Value) -> Result<Self, InitError> {
-        let string = |key: &str| frame.get(key).and_then(Value::as_str).map(str::to_string);
-        let boolean = |key: &str| frame.get(key).and_then(Value::as_bool).unwrap_or(false);
-
-        let project_path = string("projectPath")
+    /// What an `init` frame asks for; only a missing or empty `projectPath`
+    /// is an error.
+    pub fn from_frame(frame: InitFrame) -> Result<Self, InitError> {
+        let project_path = frame
+            .project_path
             .filter(|p| !p.is_empty())
             .ok_or(InitError::InvalidProjectPath)?;
-        let session_id = string("sessionId").filter(|s| !s.is_empty());
-        let has_session = boolean("hasSession");
-        let provider = string("provider").unwrap_or_else(|| "claude".to_string());
-        let initial_command = string("initialCommand").unwrap_or_default();
-        let is_plain_shell = boolean("isPlainShell")
-            || (!initial_command.is_empty() && !has_session)
+        let provider = frame.provider.unwrap_or_else(|| "claude".to_string());
+        let initial_command = frame.initial_command.unwrap_or_default();
+        let is_plain_shell = frame.is_plain_shell
+            || (!initial_command.is_empty() && !frame.has_session)
             || provider == "plain-shell";
-        let size = match (frame.get("cols"), frame.get("rows")) {
-            (Some(cols), Some(rows)) => TermSize::from_json(cols, rows),
-            _ => None,
-        };
         Ok(InitRequest {
             project_path,
-            session_id,
-            has_session,
+            session_id: frame.session_id.filter(|s| !s.is_empty()),
+            has_session: frame.has_session,
             provider,
             initial_command,
             is_plain_shell,
-            force_restart: boolean("forceRestart"),
-            size,
+            force_restart: frame.force_restart,
+            size: TermSize::from_dims(frame.cols, frame.rows),
         })
+    }
+
+    /// An `init` frame's fields as JSON (the tests' shorthand).
+    #[cfg(test)]
+    pub fn parse(frame: &Value) -> Result<Self, InitError> {
+        use serde::Deserialize;
+        Self::from_frame(InitFrame::deserialize(frame).unwrap_or_default())
     }
 
     /// `<projectPath>_<sessionId or "default">`, plus

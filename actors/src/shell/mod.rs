@@ -55,8 +55,10 @@ pub mod utf8;
 
 use actix::Recipient;
 use bytestring::ByteString;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
+
+use crate::protocol::lenient;
 
 pub use pty_hub::{PtyHub, ShutdownPtys};
 pub use pty_session::PtySession;
@@ -87,11 +89,11 @@ impl Default for TermSize {
 }
 
 impl TermSize {
-    /// A size from JSON values: both whole numbers within
+    /// A size from a frame's `cols` and `rows`: both whole numbers within
     /// 1..=[`MAX_TERM_COLS`] and 1..=[`MAX_TERM_ROWS`].
-    pub fn from_json(cols: &Value, rows: &Value) -> Option<TermSize> {
-        let dim = |v: &Value, max: u16| {
-            let n = v.as_u64()?;
+    pub fn from_dims(cols: Option<u64>, rows: Option<u64>) -> Option<TermSize> {
+        let dim = |n: Option<u64>, max: u16| {
+            let n = n?;
             (1..=u64::from(max)).contains(&n).then_some(n as u16)
         };
         Some(TermSize {
@@ -143,6 +145,84 @@ pub enum EndReason {
     /// The gateway is shutting down: close 1001.
     Shutdown,
 }
+
+/// Client → server frames of `/shell`. Fields are lenient (a field of the
+/// wrong type counts as absent); [`ClientFrame::parse`] gives the error
+/// text for what is refused.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ClientFrame {
+    Init(InitFrame),
+    Input {
+        #[serde(default, deserialize_with = "lenient::opt_string")]
+        data: Option<String>,
+    },
+    Resize {
+        #[serde(default, deserialize_with = "lenient::opt_u64")]
+        cols: Option<u64>,
+        #[serde(default, deserialize_with = "lenient::opt_u64")]
+        rows: Option<u64>,
+    },
+}
+
+/// The fields of an `init` frame as sent; [`launch::InitRequest`] is what
+/// they mean.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct InitFrame {
+    #[serde(default, deserialize_with = "lenient::opt_string")]
+    pub project_path: Option<String>,
+    #[serde(default, deserialize_with = "lenient::opt_string")]
+    pub session_id: Option<String>,
+    #[serde(default, deserialize_with = "lenient::flag")]
+    pub has_session: bool,
+    #[serde(default, deserialize_with = "lenient::opt_string")]
+    pub provider: Option<String>,
+    #[serde(default, deserialize_with = "lenient::opt_string")]
+    pub initial_command: Option<String>,
+    #[serde(default, deserialize_with = "lenient::flag")]
+    pub is_plain_shell: bool,
+    #[serde(default, deserialize_with = "lenient::flag")]
+    pub force_restart: bool,
+    #[serde(default, deserialize_with = "lenient::opt_u64")]
+    pub cols: Option<u64>,
+    #[serde(default, deserialize_with = "lenient::opt_u64")]
+    pub rows: Option<u64>,
+}
+
+const NOT_A_FRAME: &str = "Invalid message: expected a JSON object with a \"type\"";
+
+impl ClientFrame {
+    /// Parses one frame; the error is the text of the `error` frame to answer.
+    pub fn parse(bytes: &[u8]) -> Result<ClientFrame, String> {
+        // An object straight into the enum (the keystroke path); anything
+        // else, or a frame it refuses, is read as a value to say why (serde
+        // would also read a tagged enum from an array).
+        let object = bytes
+            .iter()
+            .find(|b| !b.is_ascii_whitespace())
+            .is_some_and(|b| *b == b'{');
+        if object {
+            if let Ok(frame) = serde_json::from_slice(bytes) {
+                return Ok(frame);
+            }
+        }
+        let value: Value = match serde_json::from_slice(bytes) {
+            Ok(v @ Value::Object(_)) => v,
+            _ => return Err(NOT_A_FRAME.into()),
+        };
+        // Duplicate keys (last one wins in a value) are the only other way here.
+        ClientFrame::deserialize(&value).map_err(|_| {
+            match value.get("type").and_then(Value::as_str) {
+                Some(ty) if !KNOWN_TYPES.contains(&ty) => format!("Unknown message type: {ty}"),
+                _ => NOT_A_FRAME.into(),
+            }
+        })
+    }
+}
+
+/// The `type`s of [`ClientFrame`].
+const KNOWN_TYPES: [&str; 3] = ["init", "input", "resize"];
 
 /// Server → client frames of `/shell`.
 #[derive(Debug, Serialize)]
@@ -215,14 +295,23 @@ mod tests {
         );
     }
 
+    /// The size a `resize` frame with these `cols` and `rows` asks for.
+    fn resize(cols: &Value, rows: &Value) -> Option<TermSize> {
+        let text = json!({"type": "resize", "cols": cols, "rows": rows}).to_string();
+        match ClientFrame::parse(text.as_bytes()) {
+            Ok(ClientFrame::Resize { cols, rows }) => TermSize::from_dims(cols, rows),
+            other => panic!("not a resize: {other:?}"),
+        }
+    }
+
     #[test]
     fn sizes_are_bounded() {
         assert_eq!(
-            TermSize::from_json(&json!(1), &json!(1)),
+            resize(&json!(1), &json!(1)),
             Some(TermSize { cols: 1, rows: 1 })
         );
         assert_eq!(
-            TermSize::from_json(&json!(MAX_TERM_COLS), &json!(MAX_TERM_ROWS)),
+            resize(&json!(MAX_TERM_COLS), &json!(MAX_TERM_ROWS)),
             Some(TermSize {
                 cols: MAX_TERM_COLS,
                 rows: MAX_TERM_ROWS
@@ -237,8 +326,58 @@ mod tests {
             (json!(-5), json!(5)),
             (json!(2.5), json!(5)),
         ] {
-            assert_eq!(TermSize::from_json(&c, &r), None, "{c} {r}");
+            assert_eq!(resize(&c, &r), None, "{c} {r}");
         }
+    }
+
+    #[test]
+    fn client_frames_are_typed_and_bad_ones_say_why() {
+        let parse = |text: &str| ClientFrame::parse(text.as_bytes());
+        assert_eq!(
+            parse(r#"{"data":"ls\r","type":"input"}"#),
+            Ok(ClientFrame::Input {
+                data: Some("ls\r".into())
+            })
+        );
+        // A field of the wrong type counts as absent.
+        assert_eq!(
+            parse(r#"{"type":"input","data":5}"#),
+            Ok(ClientFrame::Input { data: None })
+        );
+        let init = parse(
+            r#"{"type":"init","projectPath":"/p","hasSession":"yes","provider":7,"cols":80,"rows":24}"#,
+        );
+        assert_eq!(
+            init,
+            Ok(ClientFrame::Init(InitFrame {
+                project_path: Some("/p".into()),
+                cols: Some(80),
+                rows: Some(24),
+                ..InitFrame::default()
+            }))
+        );
+        // Duplicate keys: the last one wins, as in a JSON value.
+        assert_eq!(
+            parse(r#"{"type":"input","data":"a","data":"b"}"#),
+            Ok(ClientFrame::Input {
+                data: Some("b".into())
+            })
+        );
+        let not_a_frame = Err(NOT_A_FRAME.to_string());
+        for bad in [
+            "",
+            "{",
+            "[\"input\",\"x\"]",
+            "\"input\"",
+            "{}",
+            r#"{"type":5}"#,
+        ] {
+            assert_eq!(parse(bad), not_a_frame, "{bad}");
+        }
+        assert_eq!(
+            parse(r#"{"type":"launch"}"#),
+            Err("Unknown message type: launch".to_string())
+        );
     }
 
     #[test]

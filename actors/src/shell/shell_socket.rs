@@ -38,7 +38,6 @@ use actix_http::ws::Item;
 use actix_web::{web, HttpRequest, HttpResponse};
 use actix_web_actors::ws::{self, CloseCode, CloseReason, WebsocketContext};
 use bytestring::ByteString;
-use serde_json::Value;
 use tokio::sync::oneshot;
 
 use super::launch::{build_launch, check_project_dir, InitError, InitRequest, Mode};
@@ -48,7 +47,10 @@ use super::pty_session::{
     SOCKET_MAILBOX_CAPACITY,
 };
 use super::url_detect::DetectedUrl;
-use super::{EndReason, ServerFrame, SocketHandle, TermSize, MAX_TERM_COLS, MAX_TERM_ROWS};
+use super::{
+    ClientFrame, EndReason, InitFrame, ServerFrame, SocketHandle, TermSize, MAX_TERM_COLS,
+    MAX_TERM_ROWS,
+};
 use crate::config::{GatewayConfig, MAX_INBOUND_FRAME};
 use crate::heartbeat::Heartbeat;
 use crate::store::{self, Store};
@@ -273,30 +275,16 @@ impl ShellSocket {
     }
 
     fn handle_message(&mut self, bytes: &[u8], ctx: &mut WebsocketContext<Self>) {
-        let frame: Value = match serde_json::from_slice(bytes) {
-            Ok(v @ Value::Object(_)) => v,
-            _ => {
-                Self::send_error(
-                    ctx,
-                    "Invalid message: expected a JSON object with a \"type\"",
-                );
-                return;
-            }
-        };
-        match frame.get("type").and_then(Value::as_str) {
-            Some("init") => self.on_init(&frame, ctx),
-            Some("input") => self.on_input(&frame, ctx),
-            Some("resize") => self.on_resize(&frame, ctx),
-            Some(other) => Self::send_error(ctx, &format!("Unknown message type: {other}")),
-            None => Self::send_error(
-                ctx,
-                "Invalid message: expected a JSON object with a \"type\"",
-            ),
+        match ClientFrame::parse(bytes) {
+            Ok(ClientFrame::Init(frame)) => self.on_init(frame, ctx),
+            Ok(ClientFrame::Input { data }) => self.on_input(data, ctx),
+            Ok(ClientFrame::Resize { cols, rows }) => self.on_resize(cols, rows, ctx),
+            Err(message) => Self::send_error(ctx, &message),
         }
     }
 
-    fn on_init(&mut self, frame: &Value, ctx: &mut WebsocketContext<Self>) {
-        let req = match InitRequest::parse(frame) {
+    fn on_init(&mut self, frame: InitFrame, ctx: &mut WebsocketContext<Self>) {
+        let req = match InitRequest::from_frame(frame) {
             Ok(req) => req,
             Err(err) => {
                 Self::send_error(ctx, &err.to_string());
@@ -333,8 +321,8 @@ impl ShellSocket {
         );
     }
 
-    fn on_input(&mut self, frame: &Value, ctx: &mut WebsocketContext<Self>) {
-        let Some(data) = frame.get("data").and_then(Value::as_str) else {
+    fn on_input(&mut self, data: Option<String>, ctx: &mut WebsocketContext<Self>) {
+        let Some(data) = data else {
             Self::send_error(ctx, "Invalid input: \"data\" must be a string");
             return;
         };
@@ -345,9 +333,7 @@ impl ShellSocket {
             // After the process exited, keystrokes have nowhere to go (as in the reference).
             return;
         };
-        let write = addr.send(WriteInput {
-            data: data.to_string(),
-        });
+        let write = addr.send(WriteInput { data });
         self.run_command(
             write,
             |_, result, ctx| {
@@ -359,12 +345,13 @@ impl ShellSocket {
         );
     }
 
-    fn on_resize(&mut self, frame: &Value, ctx: &mut WebsocketContext<Self>) {
-        let size = match (frame.get("cols"), frame.get("rows")) {
-            (Some(cols), Some(rows)) => TermSize::from_json(cols, rows),
-            _ => None,
-        };
-        let Some(size) = size else {
+    fn on_resize(
+        &mut self,
+        cols: Option<u64>,
+        rows: Option<u64>,
+        ctx: &mut WebsocketContext<Self>,
+    ) {
+        let Some(size) = TermSize::from_dims(cols, rows) else {
             Self::send_error(
                 ctx,
                 &format!("Invalid terminal size: cols must be 1-{MAX_TERM_COLS} and rows 1-{MAX_TERM_ROWS}"),
