@@ -17,39 +17,12 @@ use std::sync::{Arc, Mutex};
 use actix::prelude::*;
 use serde_json::{json, Value};
 
+use super::run_registry::tests::{session_row, MemStore};
 use super::run_registry::*;
 use crate::config::GatewayConfig;
 use crate::protocol::{EventBody, Role};
 use crate::provider::{CommandSpec, LineParser, Provider, ProviderEvent, ProviderKind, Turn};
-use crate::store::{SessionRow, SessionStore, Store, StoreError};
-
-struct MemStore;
-
-impl SessionStore for MemStore {
-    fn session(&self, _: &str) -> Result<Option<SessionRow>, StoreError> {
-        Ok(None)
-    }
-    fn set_provider_session_id(&self, _: &str, _: Option<&str>) -> Result<(), StoreError> {
-        Ok(())
-    }
-    fn set_last_seq(&self, _: &str, _: u64) -> Result<(), StoreError> {
-        Ok(())
-    }
-    fn reserve_seq(&self, _: &str, _: u64) -> Result<(), StoreError> {
-        Ok(())
-    }
-    fn release_seq(&self, _: &str, _: u64) -> Result<(), StoreError> {
-        Ok(())
-    }
-    fn append_history(
-        &self,
-        _: &str,
-        _: &[crate::store::HistoryEntry],
-        _: usize,
-    ) -> Result<(), StoreError> {
-        Ok(())
-    }
-}
+use crate::store::{SessionRow, Store};
 
 /// Never started: the model plays the ProviderRun's part itself.
 struct NoProcess;
@@ -478,7 +451,7 @@ impl Case {
 
 async fn run_case(seed: u64) {
     let config = Arc::new(GatewayConfig::for_tests(std::env::temp_dir()));
-    let store: Store = Arc::new(MemStore);
+    let store: Store = Arc::new(MemStore::default());
     let registry = RunRegistry::with_providers(config, store, Arbiter::current(), no_process)
         .without_processes()
         .start();
@@ -496,22 +469,7 @@ async fn run_case(seed: u64) {
     };
     let n_sessions = 1 + case.rng.below(2);
     for i in 0..n_sessions {
-        case.sessions.push(SessionRow {
-            id: format!("s{i}"),
-            user_id: 1,
-            provider: "claude".into(),
-            provider_session_id: None,
-            project_path: std::env::temp_dir().display().to_string(),
-            custom_name: None,
-            archived: false,
-            last_seq: 0,
-            seq_reserved: 0,
-            created_at: String::new(),
-            updated_at: String::new(),
-            project: None,
-            summary: String::new(),
-            message_count: 0,
-        });
+        case.sessions.push(session_row(&format!("s{i}")));
     }
     for _ in 0..1 + case.rng.below(3) {
         case.connect().await;

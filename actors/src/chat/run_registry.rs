@@ -2244,7 +2244,7 @@ impl RunRegistry {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use serde_json::json;
 
@@ -2252,8 +2252,10 @@ mod tests {
     use crate::store::{SessionStore, StoreError};
     use std::sync::Mutex;
 
-    /// The database seam in memory (the registry's only dependency besides its children).
-    struct MemStore(Mutex<HashMap<String, u64>>);
+    /// The database seam in memory (the registry's only dependency besides
+    /// its children): last seqs by session id, reservations by `<id>:reserved`.
+    #[derive(Default)]
+    pub(crate) struct MemStore(pub(crate) Mutex<HashMap<String, u64>>);
 
     impl SessionStore for MemStore {
         fn session(&self, _: &str) -> Result<Option<SessionRow>, StoreError> {
@@ -2366,7 +2368,7 @@ mod tests {
     /// A registry with the [`Buggy`] provider and one connected [`Sink`].
     async fn registry_and_sink() -> (Addr<RunRegistry>, SocketId, Frames) {
         let config = Arc::new(GatewayConfig::for_tests(std::env::temp_dir()));
-        let store: Store = Arc::new(MemStore(Mutex::new(HashMap::new())));
+        let store: Store = Arc::new(MemStore::default());
         let registry =
             RunRegistry::with_providers(config, store, Arbiter::current(), buggy).start();
         let (socket, rx) = connect_sink(&registry).await;
@@ -2376,7 +2378,7 @@ mod tests {
     /// A registry whose runs get no process: the test reports their events.
     async fn registry_without_processes() -> (Addr<RunRegistry>, SocketId, Frames) {
         let config = Arc::new(GatewayConfig::for_tests(std::env::temp_dir()));
-        let store: Store = Arc::new(MemStore(Mutex::new(HashMap::new())));
+        let store: Store = Arc::new(MemStore::default());
         let registry = RunRegistry::with_providers(config, store, Arbiter::current(), buggy)
             .without_processes()
             .start();
@@ -2412,8 +2414,13 @@ mod tests {
     }
 
     fn row() -> SessionRow {
+        session_row("s1")
+    }
+
+    /// A fresh session of user 1 (provider claude, project the temp dir).
+    pub(crate) fn session_row(id: &str) -> SessionRow {
         SessionRow {
-            id: "s1".into(),
+            id: id.into(),
             user_id: 1,
             provider: "claude".into(),
             provider_session_id: None,
@@ -2622,6 +2629,15 @@ mod tests {
         }
     }
 
+    /// The end of a run's turn, as its ProviderRun would report it.
+    fn turn_end(run_id: &str) -> RunEvents {
+        RunEvents {
+            session_id: "s1".into(),
+            run_id: run_id.into(),
+            events: vec![ProviderEvent::TurnComplete { exit_code: 0 }],
+        }
+    }
+
     /// Advances paused time to `at` (no-op when already past it).
     async fn advance_to(at: Instant) {
         tokio::time::advance(at.saturating_duration_since(Instant::now())).await;
@@ -2644,12 +2660,7 @@ mod tests {
         assert!(!first.duplicate);
         let accepted = next_of_kind(&mut rx, "chat_accepted").await;
         assert_eq!(accepted["duplicate"], false);
-        let turn_end = RunEvents {
-            session_id: "s1".into(),
-            run_id: first.run_id.clone(),
-            events: vec![ProviderEvent::TurnComplete { exit_code: 0 }],
-        };
-        registry.send(turn_end).await.unwrap();
+        registry.send(turn_end(&first.run_id)).await.unwrap();
         assert_eq!(next_of_kind(&mut rx, "complete").await["success"], true);
         registry
             .send(RunExited {
@@ -2750,7 +2761,7 @@ mod tests {
     #[actix_rt::test]
     async fn a_panicking_registry_is_restarted_and_fails_its_runs_once() {
         let config = Arc::new(GatewayConfig::for_tests(std::env::temp_dir()));
-        let mem = Arc::new(MemStore(Mutex::new(HashMap::new())));
+        let mem = Arc::new(MemStore::default());
         let store: Store = mem.clone();
         let registry = Supervisor::start(move |_| {
             RunRegistry::with_providers(config, store, Arbiter::current(), buggy)
@@ -2814,12 +2825,7 @@ mod tests {
             "seq {} reused after the restart",
             second.first_seq
         );
-        let turn_end = RunEvents {
-            session_id: "s1".into(),
-            run_id: second.run_id.clone(),
-            events: vec![ProviderEvent::TurnComplete { exit_code: 0 }],
-        };
-        registry.send(turn_end).await.unwrap();
+        registry.send(turn_end(&second.run_id)).await.unwrap();
         let complete = next_of_kind(&mut rx, "complete").await;
         assert_eq!(
             (complete["runId"].clone(), complete["success"].clone()),
