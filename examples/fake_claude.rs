@@ -19,7 +19,7 @@
 //! | `ts` | each delta starts with `t=<unix nanos>;`, stamped when the line is written to stdout (latency measurement) |
 //! | `chunk:B` | write stdout in chunks of up to B bytes (default: every line on its own with `ts` or `delay_ms`, else 64 KiB) |
 //! | `permission:TOOL` | ask `can_use_tool` for TOOL first; the answer decides the tool result |
-//! | `asks:N` | with `permission`, ask N times in the turn (default 1) |
+//! | `asks:N` | with `permission`, ask N times in the turn (default 1); a tool an answer allowed by a whole-tool `addRules` update is not asked again |
 //! | `exit:C` | exit with code C before the result |
 //! | `crash` | kill itself with SIGKILL mid-stream |
 //! | `hang` | stop writing and never exit by itself |
@@ -294,12 +294,22 @@ fn main() {
         out.line(json!({"type":"system","subtype":"init","session_id":session,"cwd":std::env::current_dir().map(|d| d.display().to_string()).unwrap_or_default(),"model":"fake","tools":["Bash"]}));
 
         let mut tool_denied = None;
+        // Whole-tool allow rules the answers added (`updatedPermissions`
+        // `addRules` without `ruleContent`), as the real CLI keeps them for
+        // the session: such a tool is not asked again.
+        let mut allowed_tools: Vec<String> = Vec::new();
         for ask in 0..script.asks {
             let Some(tool) = &script.permission else {
                 break;
             };
             let (tool_id, request_id) = (format!("toolu_fake_{ask}"), format!("perm-{turn}-{ask}"));
             out.line(json!({"type":"assistant","message":{"id":format!("msg_tool_{turn}_{ask}"),"role":"assistant","content":[{"type":"tool_use","id":tool_id,"name":tool,"input":{"command":"touch allowed.txt"}}]},"session_id":session,"parent_tool_use_id":null}));
+            if allowed_tools.contains(tool) {
+                let _ = std::fs::write("allowed.txt", "by rule");
+                out.line(json!({"type":"user","message":{"role":"user","content":[{"type":"tool_result","tool_use_id":tool_id,"content":"done","is_error":false}]},"session_id":session,"parent_tool_use_id":null}));
+                tool_denied = Some(false);
+                continue;
+            }
             out.line(json!({"type":"control_request","request_id":request_id,"request":{"subtype":"can_use_tool","tool_name":tool,"input":{"command":"touch allowed.txt"},"tool_use_id":tool_id}}));
             out.flush();
             let answer = loop {
@@ -315,6 +325,19 @@ fn main() {
                 }
             };
             let allowed = answer["response"]["response"]["behavior"] == "allow";
+            for update in answer["response"]["response"]["updatedPermissions"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|u| u["type"] == "addRules" && u["behavior"] == "allow")
+            {
+                for rule in update["rules"].as_array().into_iter().flatten() {
+                    if let (Some(name), None) = (rule["toolName"].as_str(), rule.get("ruleContent"))
+                    {
+                        allowed_tools.push(name.to_string());
+                    }
+                }
+            }
             if allowed {
                 // The "tool" really acts in the project dir, so tests can see it ran.
                 let _ = std::fs::write(

@@ -710,8 +710,9 @@ async fn id_announced_by_a_crashed_run_is_not_resumed() {
     );
 }
 
-/// `rememberEntry` allows that tool for the rest of the run: the second
-/// request of the same tool is answered by the gateway, not the user.
+/// `rememberEntry` allows that tool for the rest of the run: it reaches the
+/// CLI as an `addRules` update, and the CLI (here the fake, which applies
+/// whole-tool rules) does not ask again; the gateway answers nothing itself.
 #[actix_rt::test]
 async fn remember_entry_allows_the_tool_for_the_rest_of_the_run() {
     let server = fake_server();

@@ -298,3 +298,62 @@ async fn two_sessions_at_once_and_api_error() {
         "{errors:?}"
     );
 }
+
+/// `rememberEntry` is handed to the real CLI as its own `addRules`
+/// permission update, and the CLI's rule matching decides: after
+/// remembering `Bash(git log:*)`, `git log -1; touch pwned` is still asked
+/// (the gateway auto-approved it by prefix before) and, denied, creates
+/// nothing. That the update reaches the CLI at all: after remembering
+/// `Bash(touch:*)`, the next `touch` of the run is not asked.
+#[actix_rt::test]
+async fn a_remembered_rule_is_enforced_by_the_cli() {
+    let s = setup();
+    let Open {
+        token: _,
+        project,
+        session,
+        mut ws,
+    } = s.open().await;
+    let answer = |req: &serde_json::Value, allow: bool, remember: &str| {
+        json!({"type": "chat.permission-response", "requestId": req["requestId"],
+            "allow": allow, "rememberEntry": remember, "message": "not that"})
+    };
+    // The redirect makes the CLI ask even for a read-only git log.
+    s.stub.push(Reply::bash("git log -1 > first.txt"));
+    s.stub.push(Reply::bash("git log -1; touch pwned"));
+    s.stub.push(Reply::text("done"));
+    send(&mut ws, &session, "look at the history").await;
+    let (req, _) = ws.recv_until_kind("permission_request").await;
+    assert_eq!(req["input"]["command"], "git log -1 > first.txt", "{req}");
+    ws.send_json(answer(&req, true, "Bash(git log:*)")).await;
+    let (req, _) = ws.recv_until_kind("permission_request").await;
+    assert_eq!(req["input"]["command"], "git log -1; touch pwned", "{req}");
+    ws.send_json(answer(&req, false, "")).await;
+    let events = until_complete(&mut ws, &session).await;
+    assert_eq!(events.last().unwrap()["success"], true, "{events:?}");
+    assert!(
+        project.path().join("first.txt").exists(),
+        "the allowed call did not run"
+    );
+    assert!(
+        !project.path().join("pwned").exists(),
+        "the compound command ran"
+    );
+
+    s.stub.push(Reply::bash("touch a.txt"));
+    s.stub.push(Reply::bash("touch b.txt"));
+    s.stub.push(Reply::text("done"));
+    send(&mut ws, &session, "make two files").await;
+    let (req, _) = ws.recv_until_kind("permission_request").await;
+    assert_eq!(req["input"]["command"], "touch a.txt", "{req}");
+    ws.send_json(answer(&req, true, "Bash(touch:*)")).await;
+    let events = until_complete(&mut ws, &session).await;
+    assert!(
+        of_kind(&events, "permission_request").is_empty(),
+        "the remembered rule did not reach the CLI: {events:?}"
+    );
+    assert!(
+        project.path().join("b.txt").exists(),
+        "the second touch did not run"
+    );
+}

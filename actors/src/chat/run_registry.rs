@@ -310,8 +310,6 @@ struct Run {
     last_seq: u64,
     addr: Option<Addr<ProviderRun>>,
     pending: Vec<Pending>,
-    /// Tool patterns allowed for the rest of the run (`rememberEntry`).
-    remembered: Vec<String>,
     /// Ended by an abort: what the process prints while winding down is dropped.
     aborted: bool,
     /// The native id when the run started; a run that dies before its turn
@@ -1267,25 +1265,9 @@ impl RunRegistry {
                 if run.status != Status::Running {
                     return;
                 }
-                if run
-                    .remembered
-                    .iter()
-                    .any(|p| tool_matches(p, &tool_name, &input))
-                {
-                    if let Some(addr) = &run.addr {
-                        addr.do_send(AnswerPermission {
-                            provider_request_id,
-                            decision: PermissionDecision {
-                                allow: true,
-                                updated_input: None,
-                                message: None,
-                                remember_entry: None,
-                            },
-                            original_input: input,
-                        });
-                    }
-                    return;
-                }
+                // Never answered here: a remembered rule is the CLI's to
+                // apply (the allow carried it as a permission update), and
+                // providers without such a protocol never auto-approve.
                 let request_id = uuid::Uuid::new_v4().to_string();
                 let timer = (!INTERACTIVE_TOOLS.contains(&tool_name.as_str())).then(|| {
                     let (sid, rid) = (session_id.to_string(), request_id.clone());
@@ -1589,7 +1571,6 @@ impl RunRegistry {
             last_seq: first_seq - 1,
             addr: None,
             pending: Vec::new(),
-            remembered: Vec::new(),
             aborted: false,
             provider_id_at_start: state.provider_session_id.clone(),
             pauses: 0,
@@ -1727,29 +1708,6 @@ pub fn resolve_cwd(project_path: &str, options: &Value) -> PathBuf {
             );
             project
         }
-    }
-}
-
-/// `rememberEntry` matching as the reference: an exact tool name, or
-/// `Bash(<prefix>:*)` for commands starting with the prefix.
-fn tool_matches(pattern: &str, tool: &str, input: &Value) -> bool {
-    if pattern == tool {
-        return true;
-    }
-    let Some(inner) = pattern
-        .strip_prefix(tool)
-        .and_then(|r| r.strip_prefix('('))
-        .and_then(|r| r.strip_suffix(')'))
-    else {
-        return false;
-    };
-    let command = input
-        .get("command")
-        .and_then(Value::as_str)
-        .unwrap_or_default();
-    match inner.strip_suffix(":*") {
-        Some(prefix) => command.starts_with(prefix),
-        None => command == inner,
     }
 }
 
@@ -2064,16 +2022,6 @@ impl Handler<RespondPermission> for RunRegistry {
             else {
                 return;
             };
-            if msg.decision.allow {
-                if let (Some(entry), Some(run)) = (
-                    &msg.decision.remember_entry,
-                    act.sessions
-                        .get_mut(&session_id)
-                        .and_then(|s| s.run.as_mut()),
-                ) {
-                    run.remembered.push(entry.clone());
-                }
-            }
             if let Some(addr) = addr {
                 addr.do_send(AnswerPermission {
                     provider_request_id: p.provider_request_id,
@@ -2831,16 +2779,6 @@ pub(crate) mod tests {
             (complete["runId"].clone(), complete["success"].clone()),
             (json!(second.run_id), json!(true))
         );
-    }
-
-    #[test]
-    fn remember_entry_patterns() {
-        let input = json!({"command": "git log --oneline"});
-        assert!(tool_matches("Bash", "Bash", &input));
-        assert!(tool_matches("Bash(git log:*)", "Bash", &input));
-        assert!(!tool_matches("Bash(git push:*)", "Bash", &input));
-        assert!(!tool_matches("Read", "Bash", &input));
-        assert!(tool_matches("Bash(git log --oneline)", "Bash", &input));
     }
 
     #[test]

@@ -136,10 +136,17 @@ impl Provider for Claude {
         original_input: &Value,
     ) -> Option<Vec<u8>> {
         let response = if decision.allow {
-            json!({
+            let mut allow = json!({
                 "behavior": "allow",
                 "updatedInput": decision.updated_input.clone().unwrap_or_else(|| original_input.clone()),
-            })
+            });
+            // `rememberEntry` becomes the permission update the CLI's
+            // control protocol carries: its own rule matching (which splits
+            // compound commands) decides later calls of this run.
+            if let Some(rule) = decision.remember_entry.as_deref().and_then(allow_rule) {
+                allow["updatedPermissions"] = json!([rule]);
+            }
+            allow
         } else {
             json!({
                 "behavior": "deny",
@@ -159,6 +166,25 @@ impl Provider for Claude {
             "request": {"subtype": "interrupt"},
         })))
     }
+}
+
+/// `Tool` or `Tool(specifier)` as the CLI's `addRules` permission update
+/// (SDK `PermissionUpdate`) for this process's session; `None` for
+/// anything that is not a valid tool pattern.
+fn allow_rule(entry: &str) -> Option<Value> {
+    let entry = entry.trim();
+    if !super::valid_tool_pattern(entry) {
+        return None;
+    }
+    let rule = match entry.split_once('(') {
+        Some((tool, rest)) => {
+            json!({"toolName": tool, "ruleContent": rest.strip_suffix(')')?})
+        }
+        None => json!({"toolName": entry}),
+    };
+    Some(
+        json!({"type": "addRules", "rules": [rule], "behavior": "allow", "destination": "session"}),
+    )
 }
 
 fn line(value: Value) -> Vec<u8> {
@@ -903,6 +929,43 @@ not json at all
         assert!(!args.iter().any(|a| a.starts_with("--model")), "{args:?}");
     }
 
+    /// `rememberEntry` travels as the CLI's own `addRules` update; an
+    /// entry that is no tool pattern adds nothing.
+    #[test]
+    fn remember_entry_becomes_an_add_rules_update() {
+        let reply = |entry: &str| {
+            let decision = PermissionDecision {
+                allow: true,
+                remember_entry: Some(entry.into()),
+                ..PermissionDecision::default()
+            };
+            let line = Claude
+                .permission_reply("perm-1", &decision, &json!({"command": "git log"}))
+                .unwrap();
+            serde_json::from_slice::<Value>(&line).unwrap()["response"]["response"].clone()
+        };
+        assert_eq!(
+            reply("Bash(git log:*)")["updatedPermissions"],
+            json!([{"type": "addRules", "rules": [{"toolName": "Bash", "ruleContent": "git log:*"}], "behavior": "allow", "destination": "session"}])
+        );
+        assert_eq!(
+            reply("Read")["updatedPermissions"][0]["rules"],
+            json!([{"toolName": "Read"}])
+        );
+        for bad in ["", "-x", "Bash(a", "Bash(a,b)"] {
+            assert!(reply(bad).get("updatedPermissions").is_none(), "{bad}");
+        }
+        // A deny never adds a rule.
+        let deny = PermissionDecision {
+            remember_entry: Some("Bash".into()),
+            ..PermissionDecision::default()
+        };
+        let line = Claude.permission_reply("p", &deny, &json!({})).unwrap();
+        assert!(!String::from_utf8(line)
+            .unwrap()
+            .contains("updatedPermissions"));
+    }
+
     #[test]
     fn permission_replies_echo_the_cli_request_id() {
         let allow = Claude
@@ -918,6 +981,9 @@ not json at all
             )
             .unwrap();
         let v: Value = serde_json::from_slice(&allow).unwrap();
+        assert!(v["response"]["response"]
+            .get("updatedPermissions")
+            .is_none());
         assert_eq!(v["response"]["request_id"], "perm-1");
         assert_eq!(v["response"]["response"]["behavior"], "allow");
         assert_eq!(v["response"]["response"]["updatedInput"]["command"], "ls");
