@@ -164,10 +164,25 @@ pub struct ServeArgs {
     /// deleted first); 0 records no history.
     #[arg(long, env = "AGENTGATE_HISTORY_MAX_MESSAGES", default_value_t = agentgate_actors::config::DEFAULT_HISTORY_MAX_MESSAGES)]
     pub history_max_messages: usize,
+    /// Serve Prometheus metrics (`GET /metrics`) on this address; off when
+    /// not given. A bare port means 127.0.0.1:PORT: metrics name plugins and
+    /// providers, so they stay on loopback unless an address says otherwise.
+    #[arg(long, env = "AGENTGATE_METRICS_LISTEN", value_parser = parse_metrics_listen)]
+    pub metrics_listen: Option<SocketAddr>,
     /// A built single-page web UI to serve after the API routes (default:
     /// <data-dir>/web-ui/dist when `agentgate web-ui install` put one there).
     #[arg(long, env = "AGENTGATE_WEB_DIR")]
     pub web_dir: Option<PathBuf>,
+}
+
+/// `ADDR:PORT`, or a bare port on loopback.
+fn parse_metrics_listen(value: &str) -> Result<SocketAddr, String> {
+    if let Ok(port) = value.parse::<u16>() {
+        return Ok(SocketAddr::from(([127, 0, 0, 1], port)));
+    }
+    value
+        .parse()
+        .map_err(|_| format!("expected ADDR:PORT or a port, got {value:?}"))
 }
 
 impl Common {

@@ -21,6 +21,8 @@ use crate::auth;
 use crate::db;
 use crate::guard::{Authed, Identity};
 use crate::state::AppState;
+use agentgate_actors::metrics::metrics;
+
 use crate::throttle::{CheckLogin, LoginFailed, LoginSucceeded};
 
 /// Longest accepted username and password (bytes).
@@ -202,6 +204,7 @@ async fn login(
         .map_err(ApiError::internal)?
     {
         let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
+        metrics().logins_throttled.inc();
         tracing::warn!(user = %name, ?addr, retry_after = secs, "login throttled");
         return Err(ApiError::new(
             StatusCode::TOO_MANY_REQUESTS,
@@ -225,6 +228,7 @@ async fn login(
     })
     .await??;
     let Some(user) = user else {
+        metrics().logins_failed.inc();
         state.throttle.do_send(LoginFailed {
             username: name,
             addr,

@@ -208,6 +208,10 @@ pub async fn serve(common: Common, args: ServeArgs) -> std::io::Result<()> {
     std::io::stdout().flush()?;
     tracing::info!(listen = ?server.addrs(), tls = scheme == "https", platform = args.platform, data_dir = %data_dir.display(), "agentgate started");
 
+    let metrics = match args.metrics_listen {
+        Some(addr) => Some(metrics_server(addr)?),
+        None => None,
+    };
     let server = server.run();
     let handle = server.handle();
     let shutdown_state = state.clone();
@@ -219,10 +223,43 @@ pub async fn serve(common: Common, args: ServeArgs) -> std::io::Result<()> {
         handle.pause().await;
         shutdown_actors(&shutdown_state).await;
         handle.stop(true).await;
+        if let Some(metrics) = metrics {
+            metrics.stop(true).await;
+        }
     });
     server.await?;
     tracing::info!("agentgate stopped");
     Ok(())
+}
+
+/// `GET /metrics` on its own listener (`--metrics-listen`), outside the
+/// guard: Prometheus scrapes without a token, so the address (loopback by
+/// default) is the access control. One worker: a scrape is a few KiB.
+fn metrics_server(addr: std::net::SocketAddr) -> std::io::Result<actix_web::dev::ServerHandle> {
+    if !addr.ip().is_loopback() {
+        tracing::warn!(%addr, "metrics served beyond loopback: anyone who reaches this address reads them");
+    }
+    let server = HttpServer::new(|| {
+        App::new().route(
+            "/metrics",
+            web::get().to(|| async {
+                actix_web::HttpResponse::Ok()
+                    .content_type("text/plain; version=0.0.4; charset=utf-8")
+                    .body(agentgate_actors::metrics::metrics().render())
+            }),
+        )
+    })
+    .workers(1)
+    .disable_signals()
+    .bind(addr)?;
+    for addr in server.addrs() {
+        println!("metrics on http://{addr}/metrics");
+    }
+    std::io::stdout().flush()?;
+    let server = server.run();
+    let handle = server.handle();
+    actix_web::rt::spawn(server);
+    Ok(handle)
 }
 
 /// The raw descriptor under a TLS connection (what `on_connect` sees with

@@ -16,18 +16,18 @@ fn echo_plugin_bin() -> &'static Path {
     example_bin("echo_plugin")
 }
 
-fn plugin_dir(data: &Path, name: &str) -> PathBuf {
+pub fn plugin_dir(data: &Path, name: &str) -> PathBuf {
     let dir = data.join("plugins").join(name);
     std::fs::create_dir_all(&dir).expect("plugin dir");
     dir
 }
 
-fn write_manifest(dir: &Path, manifest: Value) {
+pub fn write_manifest(dir: &Path, manifest: Value) {
     std::fs::write(dir.join("manifest.json"), manifest.to_string()).expect("manifest");
 }
 
 /// A plugin whose server is a shell script with `body`.
-fn script_plugin(data: &Path, name: &str, body: &str) -> PathBuf {
+pub fn script_plugin(data: &Path, name: &str, body: &str) -> PathBuf {
     let dir = plugin_dir(data, name);
     let run = dir.join("run.sh");
     std::fs::write(&run, format!("#!/bin/sh\n{body}\n")).expect("script");
@@ -37,7 +37,7 @@ fn script_plugin(data: &Path, name: &str, body: &str) -> PathBuf {
 }
 
 /// The echo plugin with its test hooks, started through a one-line script.
-fn echo_plugin(data: &Path, name: &str) -> PathBuf {
+pub fn echo_plugin(data: &Path, name: &str) -> PathBuf {
     let bin = echo_plugin_bin().display().to_string();
     script_plugin(data, name, &format!("exec '{bin}' --test-hooks"))
 }
@@ -55,7 +55,7 @@ fn start_env(prepare: impl FnOnce(&Path), env: impl FnOnce(&mut Command)) -> (Te
     (server, token)
 }
 
-async fn plugins(server: &TestServer, token: &str) -> Vec<Value> {
+pub async fn plugins(server: &TestServer, token: &str) -> Vec<Value> {
     let (status, body) = server.get("/api/plugins", Some(token)).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["success"], true);
@@ -65,7 +65,7 @@ async fn plugins(server: &TestServer, token: &str) -> Vec<Value> {
         .clone()
 }
 
-async fn plugin(server: &TestServer, token: &str, name: &str) -> Option<Value> {
+pub async fn plugin(server: &TestServer, token: &str, name: &str) -> Option<Value> {
     plugins(server, token)
         .await
         .into_iter()
@@ -73,7 +73,7 @@ async fn plugin(server: &TestServer, token: &str, name: &str) -> Option<Value> {
 }
 
 /// Polls `GET /api/plugins` until `name` satisfies `ok` (bounded by `WAIT`).
-async fn wait_plugin(
+pub async fn wait_plugin(
     server: &TestServer,
     token: &str,
     name: &str,
@@ -93,7 +93,7 @@ async fn wait_plugin(
     }
 }
 
-async fn wait_running(server: &TestServer, token: &str, name: &str) -> Value {
+pub async fn wait_running(server: &TestServer, token: &str, name: &str) -> Value {
     wait_plugin(server, token, name, |p| p["running"] == true).await
 }
 

@@ -11,6 +11,7 @@
 //! - `plugins`: plugin servers (the `echo_plugin` example, shell scripts), `/plugin-ws/{name}`, plugin REST.
 //! - `remote`: remote sessions (`/v1/...`) with the `agentgate-client` library: follow, steer, permissions, reconnects, SSE.
 //! - `remote_cli`: the real Claude Code remote-session clients (2.1.100 `--remote`, 2.1.330 `--cloud`) in a PTY.
+//! - `operators`: Prometheus metrics (scraped and parsed), supervision events, the admin API and page, `agentgate status`.
 //! - `web_ui`: static serving of a built web UI, the help page, `user add`, the REST routes the web UI reads.
 //! - `web_ui_browser`: the web UI in headless Chromium (support::browser): the help page, the real CloudCLI build end to end.
 
@@ -23,6 +24,7 @@ mod chat;
 mod claude_e2e;
 mod delivery;
 mod foundation;
+mod operators;
 mod plugins;
 mod providers;
 mod remote;

@@ -30,6 +30,7 @@ impl Heartbeat {
         ctx.run_interval(interval, move |act, ctx| {
             let hb = state(act);
             if hb.awaiting_pong {
+                crate::metrics::metrics().heartbeat_timeout(kind);
                 tracing::info!(
                     actor = kind,
                     reason = "heartbeat timeout",

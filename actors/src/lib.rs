@@ -33,6 +33,7 @@ pub mod heartbeat;
 pub mod kill;
 pub mod limits;
 pub mod lines;
+pub mod metrics;
 pub mod pidfd;
 pub mod plugin;
 pub mod procfs;

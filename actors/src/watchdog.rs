@@ -179,6 +179,7 @@ impl ConnWatchdog {
                         "closing stuck socket with 4008"
                     );
                     conn.told_at = Some(now);
+                    crate::metrics::metrics().stuck_client_disconnects.inc();
                     conn.stalled.do_send(Stalled);
                 }
                 _ if stalled_for >= limit => {
@@ -189,6 +190,9 @@ impl ConnWatchdog {
                         reason = "client stopped reading",
                         "supervision: dropping stuck connection"
                     );
+                    if conn.told_at.is_none() {
+                        crate::metrics::metrics().stuck_client_disconnects.inc();
+                    }
                     cut(conn.fd.as_raw_fd());
                     dropped.push(*id);
                 }
@@ -254,11 +258,16 @@ impl Actor for ConnWatchdog {
         // holds at most two messages per open connection.
         let tick = (self.interval / TICKS_PER_INTERVAL).max(Duration::from_millis(10));
         ctx.run_interval(tick, |act, _| act.tick());
-        tracing::info!(actor = "ConnWatchdog", interval = ?self.interval, "actor started");
+        tracing::info!(event = "actor.started", actor = "ConnWatchdog", interval = ?self.interval, "actor started");
     }
 
     fn stopped(&mut self, _: &mut Self::Context) {
-        tracing::info!(actor = "ConnWatchdog", "actor stopped");
+        tracing::info!(
+            event = "actor.stopped",
+            reason = "stopped",
+            actor = "ConnWatchdog",
+            "actor stopped"
+        );
     }
 }
 

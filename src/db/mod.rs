@@ -10,6 +10,7 @@ pub mod history;
 pub mod project;
 pub mod schema;
 
+use agentgate_actors::metrics::metrics;
 use std::time::Duration;
 
 use agentgate_actors::store::{HistoryEntry, ProjectRef, SessionRow, SessionStore, StoreError};
@@ -347,10 +348,12 @@ fn store_err(e: DbError) -> StoreError {
 
 impl SessionStore for DbStore {
     fn session(&self, id: &str) -> Result<Option<SessionRow>, StoreError> {
-        let mut conn = self.0.conn().map_err(store_err)?;
-        session_by_id(&mut conn, id)
-            .and_then(|s| s.map(|s| session_row(&mut conn, s)).transpose())
-            .map_err(store_err)
+        metrics().db_op("session", || {
+            let mut conn = self.0.conn().map_err(store_err)?;
+            session_by_id(&mut conn, id)
+                .and_then(|s| s.map(|s| session_row(&mut conn, s)).transpose())
+                .map_err(store_err)
+        })
     }
 
     fn append_history(
@@ -359,61 +362,73 @@ impl SessionStore for DbStore {
         entries: &[HistoryEntry],
         keep: usize,
     ) -> Result<(), StoreError> {
-        let mut conn = self.0.conn().map_err(store_err)?;
-        history::append(&mut conn, id, entries, keep).map_err(store_err)
+        metrics().db_op("append_history", || {
+            let mut conn = self.0.conn().map_err(store_err)?;
+            history::append(&mut conn, id, entries, keep).map_err(store_err)
+        })
     }
 
     fn set_provider_session_id(&self, id: &str, psid: Option<&str>) -> Result<(), StoreError> {
-        let mut conn = self.0.conn().map_err(store_err)?;
-        diesel::update(sessions::table.find(id))
-            .set((
-                sessions::provider_session_id.eq(psid),
-                sessions::updated_at.eq(now()),
-            ))
-            .execute(&mut conn)
-            .map_err(|e| store_err(e.into()))?;
-        Ok(())
+        metrics().db_op("set_provider_session_id", || {
+            let mut conn = self.0.conn().map_err(store_err)?;
+            diesel::update(sessions::table.find(id))
+                .set((
+                    sessions::provider_session_id.eq(psid),
+                    sessions::updated_at.eq(now()),
+                ))
+                .execute(&mut conn)
+                .map_err(|e| store_err(e.into()))?;
+            Ok(())
+        })
     }
 
     fn set_last_seq(&self, id: &str, last_seq: u64) -> Result<(), StoreError> {
-        let mut conn = self.0.conn().map_err(store_err)?;
-        let seq = i64::try_from(last_seq).unwrap_or(i64::MAX);
-        // max() so a late, smaller write never moves the counter back.
-        diesel::update(sessions::table.find(id))
-            .filter(sessions::last_seq.lt(seq))
-            .set((sessions::last_seq.eq(seq), sessions::updated_at.eq(now())))
-            .execute(&mut conn)
-            .map_err(|e| store_err(e.into()))?;
-        Ok(())
+        metrics().db_op("set_last_seq", || {
+            let mut conn = self.0.conn().map_err(store_err)?;
+            let seq = i64::try_from(last_seq).unwrap_or(i64::MAX);
+            // max() so a late, smaller write never moves the counter back.
+            diesel::update(sessions::table.find(id))
+                .filter(sessions::last_seq.lt(seq))
+                .set((sessions::last_seq.eq(seq), sessions::updated_at.eq(now())))
+                .execute(&mut conn)
+                .map_err(|e| store_err(e.into()))?;
+            Ok(())
+        })
     }
 
     fn token_version(&self, user_id: i64) -> Result<Option<i64>, StoreError> {
-        let mut conn = self.0.conn().map_err(store_err)?;
-        user_by_id(&mut conn, user_id)
-            .map(|u| u.map(|u| i64::from(u.token_version)))
-            .map_err(store_err)
+        metrics().db_op("token_version", || {
+            let mut conn = self.0.conn().map_err(store_err)?;
+            user_by_id(&mut conn, user_id)
+                .map(|u| u.map(|u| i64::from(u.token_version)))
+                .map_err(store_err)
+        })
     }
 
     fn reserve_seq(&self, id: &str, upto: u64) -> Result<(), StoreError> {
-        let mut conn = self.0.conn().map_err(store_err)?;
-        let upto = i64::try_from(upto).unwrap_or(i64::MAX);
-        diesel::update(sessions::table.find(id))
-            .filter(sessions::seq_reserved.lt(upto))
-            .set(sessions::seq_reserved.eq(upto))
-            .execute(&mut conn)
-            .map_err(|e| store_err(e.into()))?;
-        Ok(())
+        metrics().db_op("reserve_seq", || {
+            let mut conn = self.0.conn().map_err(store_err)?;
+            let upto = i64::try_from(upto).unwrap_or(i64::MAX);
+            diesel::update(sessions::table.find(id))
+                .filter(sessions::seq_reserved.lt(upto))
+                .set(sessions::seq_reserved.eq(upto))
+                .execute(&mut conn)
+                .map_err(|e| store_err(e.into()))?;
+            Ok(())
+        })
     }
 
     fn release_seq(&self, id: &str, last_seq: u64) -> Result<(), StoreError> {
-        self.set_last_seq(id, last_seq)?;
-        let mut conn = self.0.conn().map_err(store_err)?;
-        let seq = i64::try_from(last_seq).unwrap_or(i64::MAX);
-        diesel::update(sessions::table.find(id))
-            .set(sessions::seq_reserved.eq(seq))
-            .execute(&mut conn)
-            .map_err(|e| store_err(e.into()))?;
-        Ok(())
+        metrics().db_op("release_seq", || {
+            self.set_last_seq(id, last_seq)?;
+            let mut conn = self.0.conn().map_err(store_err)?;
+            let seq = i64::try_from(last_seq).unwrap_or(i64::MAX);
+            diesel::update(sessions::table.find(id))
+                .set(sessions::seq_reserved.eq(seq))
+                .execute(&mut conn)
+                .map_err(|e| store_err(e.into()))?;
+            Ok(())
+        })
     }
 }
 

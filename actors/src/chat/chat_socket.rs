@@ -39,6 +39,7 @@ use crate::chat::run_registry::{
 };
 use crate::config::MAX_INBOUND_FRAME;
 use crate::heartbeat::Heartbeat;
+use crate::metrics::{metrics, note_close, stop_reason, Connection, Endpoint, PanicWatch};
 use crate::protocol::{protocol_error, ChatError, ClientMessage, ErrorCode, Frame};
 use crate::store::{self, SessionRow, Store};
 use crate::token_watch::{TokenWatch, CLOSE_TOKEN_INVALID};
@@ -80,8 +81,9 @@ pub struct ChatSocket {
     id: Option<SocketId>,
     /// Requests spawned and not yet answered (bounded by [`MAX_INFLIGHT`]).
     inflight: usize,
-    /// Delivered batches not yet fully written, oldest first.
-    backlog: VecDeque<Arc<[Frame]>>,
+    /// Delivered batches not yet fully written, oldest first, with when
+    /// the first one's provider line was read (live deliveries).
+    backlog: VecDeque<(Arc<[Frame]>, Option<tokio::time::Instant>)>,
     /// Index of the next frame to write in `backlog.front()`.
     backlog_next: usize,
     /// Bytes of the frames in `backlog` not yet written.
@@ -98,6 +100,11 @@ pub struct ChatSocket {
     /// A fragmented message being reassembled (at most
     /// [`MAX_INBOUND_FRAME`] bytes in all).
     fragment: Option<Fragment>,
+    /// Counted in `agentgate_connections_*` while the actor lives.
+    metric: Option<Connection>,
+    _panics: PanicWatch,
+    /// `conn{endpoint, socket, user}`: this socket's log lines.
+    span: tracing::Span,
 }
 
 /// A fragmented message in progress.
@@ -124,7 +131,6 @@ impl ChatSocket {
     ) -> Self {
         ChatSocket {
             token: TokenWatch::none(user.id),
-            user,
             registry,
             store,
             heartbeat_interval,
@@ -139,6 +145,10 @@ impl ChatSocket {
             conn: None,
             fragment: None,
             subscribe_limit: crate::limits::DEFAULT_LIMITS.subscribe_entries,
+            metric: None,
+            _panics: PanicWatch::new("ChatSocket", ""),
+            span: tracing::info_span!("conn", endpoint = "ws", socket = tracing::field::Empty, user = %user.username),
+            user,
         }
     }
 
@@ -166,7 +176,7 @@ impl ChatSocket {
     fn write_backlog(&mut self, budget: usize, ctx: &mut ws::WebsocketContext<Self>) -> bool {
         let mut written = 0;
         while written < budget {
-            let Some(batch) = self.backlog.front() else {
+            let Some((batch, _)) = self.backlog.front() else {
                 break;
             };
             match batch.get(self.backlog_next) {
@@ -176,23 +186,18 @@ impl ChatSocket {
                     ctx.text(frame.clone());
                     self.backlog_next += 1;
                 }
-                None => {
-                    self.backlog.pop_front();
-                    self.backlog_next = 0;
-                    self.drained_batches += 1;
-                }
+                None => self.finish_batch(),
             }
         }
         // A batch whose last frame was just written is finished too.
         if self
             .backlog
             .front()
-            .is_some_and(|b| self.backlog_next >= b.len())
+            .is_some_and(|(b, _)| self.backlog_next >= b.len())
         {
-            self.backlog.pop_front();
-            self.backlog_next = 0;
-            self.drained_batches += 1;
+            self.finish_batch();
         }
+        metrics().sent(Endpoint::Chat, written);
         self.drained_bytes += written;
         let idle = self.backlog.is_empty();
         if self.drained_bytes >= DRAINED_REPORT_BYTES
@@ -210,6 +215,18 @@ impl ChatSocket {
         !idle
     }
 
+    /// The front batch is written: it counts as drained, and a live one's
+    /// delay from the provider's line is observed.
+    fn finish_batch(&mut self) {
+        if let Some((_, Some(read_at))) = self.backlog.pop_front() {
+            metrics()
+                .delivery_latency
+                .observe(read_at.elapsed().as_secs_f64());
+        }
+        self.backlog_next = 0;
+        self.drained_batches += 1;
+    }
+
     fn close(&mut self, code: u16, reason: &str, ctx: &mut ws::WebsocketContext<Self>) {
         if code == 4008 {
             // A slow client would only fall further behind: drop its backlog.
@@ -219,10 +236,12 @@ impl ChatSocket {
             // Shutdown (1001) after a run's last events: the client gets them first.
             self.write_backlog(usize::MAX, ctx);
         }
-        ctx.close(Some(ws::CloseReason {
+        let reason = Some(ws::CloseReason {
             code: ws::CloseCode::from(code),
             description: Some(reason.to_string()),
-        }));
+        });
+        note_close(&mut self.metric, &reason);
+        ctx.close(reason);
         ctx.stop();
     }
 
@@ -393,6 +412,9 @@ impl Actor for ChatSocket {
 
     fn started(&mut self, ctx: &mut Self::Context) {
         ctx.set_mailbox_capacity(MAILBOX_CAPACITY);
+        self.metric = Some(Connection::open(Endpoint::Chat));
+        let span = self.span.clone();
+        let _entered = span.enter();
         ctx.spawn(WritePump(WRITE_BYTES_PER_POLL));
         if let Some(conn) = &mut self.conn {
             conn.watch("ChatSocket", ctx.address().recipient());
@@ -424,10 +446,13 @@ impl Actor for ChatSocket {
             .map(|res, act, ctx| match res {
                 Ok(id) => {
                     act.id = Some(id);
-                    tracing::info!(actor = "ChatSocket", socket = id, user = %act.user.username, "actor started");
+                    act._panics.ids = format!("socket={id}");
+                    act.span.record("socket", id);
+                    let _entered = act.span.clone().entered();
+                    tracing::info!(event = "actor.started", actor = "ChatSocket", socket = id, user = %act.user.username, "actor started");
                 }
                 Err(_) => {
-                    tracing::error!(actor = "ChatSocket", reason = "registry unavailable", "actor stopped");
+                    tracing::error!(event = "actor.stopped", actor = "ChatSocket", reason = "registry unavailable", "actor stopped");
                     ctx.stop();
                 }
             })
@@ -435,9 +460,10 @@ impl Actor for ChatSocket {
     }
 
     fn stopped(&mut self, _: &mut Self::Context) {
+        let _entered = self.span.clone().entered();
         if let Some(id) = self.id {
             self.registry.do_send(Disconnect { socket: id });
-            tracing::info!(actor = "ChatSocket", socket = id, user = %self.user.username, "actor stopped");
+            tracing::info!(event = "actor.stopped", reason = %stop_reason(&self.metric), actor = "ChatSocket", socket = id, user = %self.user.username, "actor stopped");
         }
     }
 }
@@ -448,7 +474,7 @@ impl Handler<Deliver> for ChatSocket {
     fn handle(&mut self, msg: Deliver, ctx: &mut Self::Context) {
         // Queued, not encoded: the pump writes as fast as the client reads.
         self.backlog_bytes += msg.0.iter().map(|f| f.len()).sum::<usize>();
-        self.backlog.push_back(msg.0);
+        self.backlog.push_back((msg.0, msg.1));
         if self.backlog_bytes > BACKLOG_MAX_BYTES {
             tracing::warn!(actor = "ChatSocket", socket = ?self.id, backlog_bytes = self.backlog_bytes, reason = "slow consumer", "closing socket with 4008");
             self.close(4008, "slow consumer", ctx);
@@ -492,25 +518,29 @@ impl ChatSocket {
 
     /// Refused from the frame header or the reassembled length; the
     /// payload beyond the limit is never buffered (E5).
-    fn too_large(ctx: &mut ws::WebsocketContext<Self>) {
+    fn too_large(&mut self, ctx: &mut ws::WebsocketContext<Self>) {
         let err = ChatError::new(
             ErrorCode::MessageTooLarge,
             format!("Message exceeds the {} MiB limit", MAX_INBOUND_FRAME >> 20),
         );
         Self::send_error(ctx, &err, None);
-        ctx.close(Some(ws::CloseReason {
+        let reason = Some(ws::CloseReason {
             code: ws::CloseCode::Size,
             description: Some("message too large".into()),
-        }));
+        });
+        note_close(&mut self.metric, &reason);
+        ctx.close(reason);
         ctx.stop();
     }
 
     /// RFC 6455 8.1: a text message that is not UTF-8 fails the connection with 1007.
-    fn invalid_utf8(ctx: &mut ws::WebsocketContext<Self>) {
-        ctx.close(Some(ws::CloseReason {
+    fn invalid_utf8(&mut self, ctx: &mut ws::WebsocketContext<Self>) {
+        let reason = Some(ws::CloseReason {
             code: ws::CloseCode::Invalid,
             description: Some("text frame is not valid UTF-8".into()),
-        }));
+        });
+        note_close(&mut self.metric, &reason);
+        ctx.close(reason);
         ctx.stop();
     }
 
@@ -542,7 +572,7 @@ impl ChatSocket {
         };
         if buf.len() + bytes.len() > MAX_INBOUND_FRAME {
             self.fragment = None;
-            return Self::too_large(ctx);
+            return self.too_large(ctx);
         }
         buf.extend_from_slice(&bytes);
         if !last {
@@ -553,13 +583,15 @@ impl ChatSocket {
         };
         match String::from_utf8(whole) {
             Ok(text) => self.on_text(&text, ctx),
-            Err(_) => Self::invalid_utf8(ctx),
+            Err(_) => self.invalid_utf8(ctx),
         }
     }
 }
 
 impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for ChatSocket {
     fn handle(&mut self, item: Result<ws::Message, ws::ProtocolError>, ctx: &mut Self::Context) {
+        let span = self.span.clone();
+        let _entered = span.enter();
         match item {
             Ok(ws::Message::Text(text)) => self.on_text(&text, ctx),
             Ok(ws::Message::Binary(_)) => Self::binary_refused(ctx),
@@ -570,15 +602,20 @@ impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for ChatSocket {
             }
             Ok(ws::Message::Pong(_)) => self.hb.pong(),
             Ok(ws::Message::Close(reason)) => {
+                if let (Some(m), Some(r)) = (&mut self.metric, &reason) {
+                    m.close_code(r.code.into());
+                }
                 ctx.close(reason);
                 ctx.stop();
             }
             Ok(ws::Message::Nop) => {}
-            Err(ws::ProtocolError::Overflow) => Self::too_large(ctx),
-            Err(err) if is_utf8_error(&err) => Self::invalid_utf8(ctx),
+            Err(ws::ProtocolError::Overflow) => self.too_large(ctx),
+            Err(err) if is_utf8_error(&err) => self.invalid_utf8(ctx),
             Err(err) => {
                 tracing::debug!(actor = "ChatSocket", %err, "protocol error; closing");
-                ctx.close(Some(ws::CloseCode::Protocol.into()));
+                let reason = Some(ws::CloseCode::Protocol.into());
+                note_close(&mut self.metric, &reason);
+                ctx.close(reason);
                 ctx.stop();
             }
         }

@@ -41,10 +41,12 @@ use rustix::process::Pid;
 use serde_json::Value;
 use tokio::io::{AsyncRead, AsyncWriteExt, BufReader};
 use tokio::sync::mpsc;
+use tracing::Instrument;
 
 use crate::chat::run_registry::{RunEvents, RunExited, RunRegistry};
 use crate::kill::{self, Signal};
 use crate::lines::read_line_bounded;
+use crate::metrics::PanicWatch;
 use crate::protocol::PermissionDecision;
 use crate::provider::cli_support::{preview, STDERR_LINE_MAX};
 use crate::provider::{LineParser, Provider, ProviderEvent, Turn};
@@ -135,6 +137,10 @@ pub struct ProviderRun {
     aborting: bool,
     /// Silence (outside a permission prompt) after which the CLI is killed.
     idle_limit: Option<Duration>,
+    _panics: PanicWatch,
+    /// `run{session_id, run_id, provider}`: this run's log lines (and its
+    /// stdout reader's) are inside it, so `RUST_LOG` can pick one run.
+    span: tracing::Span,
 }
 
 impl ProviderRun {
@@ -147,6 +153,11 @@ impl ProviderRun {
         child_env: Vec<(OsString, OsString)>,
     ) -> Self {
         ProviderRun {
+            span: tracing::info_span!("run", session_id = %session_id, run_id = %run_id, provider = %provider.kind()),
+            _panics: PanicWatch::new(
+                "ProviderRun",
+                format!("session_id={session_id} run_id={run_id}"),
+            ),
             session_id,
             run_id,
             provider,
@@ -252,9 +263,13 @@ impl Actor for ProviderRun {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
+        let span = self.span.clone();
+        let _entered = span.enter();
         let Some(turn) = self.turn.take() else {
             return;
         };
+        #[cfg(debug_assertions)]
+        injected_panic(&turn);
         let spec = self.provider.command(&turn);
         let mut cmd = tokio::process::Command::new(&spec.program);
         cmd.args(&spec.args)
@@ -313,7 +328,7 @@ impl Actor for ProviderRun {
         self.pgid = child.id().and_then(|pid| i32::try_from(pid).ok());
         // Our unreaped child: its pid cannot have been reused yet.
         self.leader = self.pgid.and_then(|pid| crate::pidfd::open(pid).ok());
-        tracing::info!(actor = "ProviderRun", session_id = %self.session_id, run_id = %self.run_id, pid = ?self.pgid, program = %spec.program.display(), "actor started");
+        tracing::info!(event = "actor.started", actor = "ProviderRun", session_id = %self.session_id, run_id = %self.run_id, provider = %self.provider.kind(), pid = ?self.pgid, program = %spec.program.display(), "actor started");
 
         if let Some(mut stdin) = child.stdin.take() {
             let (tx, mut rx) = mpsc::channel::<StdinCmd>(STDIN_QUEUE);
@@ -420,6 +435,7 @@ impl Actor for ProviderRun {
                 reader.flush(&mut events).await;
                 (if stuck { ReadOutcome::Stuck } else { outcome }, status, tail)
             }
+            .instrument(self.span.clone())
             .into_actor(self)
             .map(|(outcome, status, tail), act, ctx| {
                 let (code, signal) = match &status {
@@ -451,6 +467,7 @@ impl Actor for ProviderRun {
                         Some(msg)
                     }
                 };
+                let _entered = act.span.clone().entered();
                 tracing::info!(actor = "ProviderRun", session_id = %act.session_id, run_id = %act.run_id, exit_code = ?code, signal = ?signal, aborted = act.aborting, "process exited");
                 act.report_exit(code, error);
                 ctx.stop();
@@ -459,7 +476,20 @@ impl Actor for ProviderRun {
     }
 
     fn stopped(&mut self, _: &mut Self::Context) {
-        tracing::info!(actor = "ProviderRun", session_id = %self.session_id, run_id = %self.run_id, "actor stopped");
+        let _entered = self.span.clone().entered();
+        tracing::info!(event = "actor.stopped", actor = "ProviderRun", session_id = %self.session_id, run_id = %self.run_id, reason = if self.aborting { "aborted" } else { "process exited" }, "actor stopped");
+    }
+}
+
+/// Debug builds only (release builds have no such hook): a prompt equal to
+/// `AGENTGATE_TEST_PANIC_PROMPT` makes the run actor panic as it starts, so
+/// the integration tests can watch a panicking run being supervised (the
+/// run completes as failed, `actor.panicked` is logged and counted, the
+/// gateway goes on). No real CLI or input can make this actor panic on demand.
+#[cfg(debug_assertions)]
+fn injected_panic(turn: &Turn) {
+    if std::env::var_os("AGENTGATE_TEST_PANIC_PROMPT").is_some_and(|p| p == *turn.content) {
+        panic!("injected panic (AGENTGATE_TEST_PANIC_PROMPT)");
     }
 }
 
@@ -468,6 +498,7 @@ impl Drop for ProviderRun {
         // Reached without a report only if the actor died (e.g. a panic):
         // the run still gets its failed complete and its processes die.
         if !self.reported {
+            let _entered = self.span.clone().entered();
             tracing::error!(actor = "ProviderRun", session_id = %self.session_id, run_id = %self.run_id, reason = "actor died", "supervision: run actor crashed");
             self.signal_group(Signal::KILL);
             self.report_exit(
@@ -580,6 +611,7 @@ impl StdoutReader {
         let mut awaiting_user = false;
         let outcome = loop {
             let mut batch_bytes = 0;
+            let mut read_at = None;
             // Parse every complete line already buffered before awaiting the registry.
             let eof = loop {
                 line.clear();
@@ -603,6 +635,7 @@ impl StdoutReader {
                         tracing::warn!(run_id = %self.run_id, limit = MAX_LINE_BYTES, "dropping an over-long stdout line");
                     }
                     LineRead::Line => {
+                        read_at.get_or_insert_with(tokio::time::Instant::now);
                         batch_bytes += line.len();
                         match std::str::from_utf8(&line) {
                             Ok(text) => {
@@ -628,19 +661,28 @@ impl StdoutReader {
             };
             if eof {
                 parser.finish(&mut events);
-                self.flush(&mut events).await;
+                self.flush_read(&mut events, read_at).await;
                 break ReadOutcome::Eof;
             }
             awaiting_user = events
                 .iter()
                 .any(|e| matches!(e, ProviderEvent::PermissionRequested { .. }));
-            self.flush(&mut events).await;
+            self.flush_read(&mut events, read_at).await;
         };
         outcome
     }
 
     /// Writes replies to stdin and sends the rest to the registry (awaited).
     async fn flush(&self, events: &mut Vec<ProviderEvent>) {
+        self.flush_read(events, None).await
+    }
+
+    /// [`flush`](Self::flush) of events parsed from lines read since `read_at`.
+    async fn flush_read(
+        &self,
+        events: &mut Vec<ProviderEvent>,
+        read_at: Option<tokio::time::Instant>,
+    ) {
         if events.is_empty() {
             return;
         }
@@ -671,6 +713,7 @@ impl StdoutReader {
             session_id: self.session_id.clone(),
             run_id: self.run_id.clone(),
             events: batch,
+            read_at,
         };
         if self.registry.send(msg).await.is_err() {
             tracing::error!(run_id = %self.run_id, "run registry is gone; dropping events");

@@ -384,6 +384,7 @@ impl Case {
                     session_id: session.id.clone(),
                     run_id: run_id.clone(),
                     events,
+                    read_at: None,
                 };
                 let registry = self.registry.clone();
                 let handle = tokio::task::spawn_local(async move {

@@ -74,6 +74,7 @@ use tokio::time::Instant;
 use crate::chat::history::HistoryLog;
 use crate::chat::provider_run::{Abort, AnswerPermission, Kill, ProviderRun};
 use crate::config::GatewayConfig;
+use crate::metrics::metrics;
 use crate::protocol::{
     now_iso, ChatError, Envelope, ErrorCode, Event, EventBody, Frame, PendingPermission,
     PermissionDecision, ServerFrame, SubscribedRun, UpsertedProject, UpsertedSession,
@@ -136,9 +137,11 @@ const INTERACTIVE_TOOLS: [&str; 2] = ["AskUserQuestion", "ExitPlanMode"];
 pub type SocketId = u64;
 
 /// Frames for one socket, in order. Shared, not copied, across subscribers.
+/// With a live delivery, when the provider line of its first frame was read
+/// (for `agentgate_delivery_latency_seconds`).
 #[derive(Message, Clone)]
 #[rtype(result = "()")]
-pub struct Deliver(pub Arc<[Frame]>);
+pub struct Deliver(pub Arc<[Frame]>, pub Option<Instant>);
 
 /// Asks a chat socket to close with a code (4008 slow consumer, 1001 shutdown).
 #[derive(Message)]
@@ -261,6 +264,8 @@ pub struct RunEvents {
     pub session_id: String,
     pub run_id: String,
     pub events: Vec<ProviderEvent>,
+    /// When the batch's first stdout line was read.
+    pub read_at: Option<Instant>,
 }
 
 /// The provider process ended, or the run actor died (from `ProviderRun`).
@@ -304,6 +309,8 @@ struct Run {
     id: String,
     status: Status,
     started_at: String,
+    /// For `agentgate_run_duration_seconds`.
+    started: Instant,
     /// Seq of the run's first event (E2 `runFirstSeq`).
     first_seq: u64,
     /// Seq of the run's newest event (E7: who had reached this run).
@@ -335,6 +342,8 @@ struct Buffered {
     seq: u64,
     frame: Frame,
     end: u64,
+    /// When its provider line was read (`None` for the registry's own events).
+    read_at: Option<Instant>,
 }
 
 /// A withheld `RunEvents` answer.
@@ -436,6 +445,8 @@ pub struct RunRegistry {
     providers: ProviderLookup,
     /// Start a `ProviderRun` per run (the model test plays its part itself).
     spawn_processes: bool,
+    /// While a `RunEvents` batch is sequenced: when its first line was read.
+    reading: Option<Instant>,
 }
 
 /// How the registry finds a provider's adapter.
@@ -465,6 +476,7 @@ impl RunRegistry {
             panicked: None,
             providers,
             spawn_processes: true,
+            reading: None,
         }
     }
 
@@ -491,6 +503,10 @@ impl RunRegistry {
             Ok(result) => result,
             Err(panic) => {
                 let reason = panic_message(panic.as_ref());
+                metrics()
+                    .actor_panics
+                    .with_label_values(&["RunRegistry"])
+                    .inc();
                 tracing::error!(actor = "RunRegistry", event = "actor.panicked", handler = what, reason = %reason, "supervision: actor panicked; restarting it");
                 self.panicked = Some(reason);
                 ctx.stop();
@@ -570,11 +586,20 @@ impl RunRegistry {
     /// Sends frames to one socket and counts them against its budget; a full
     /// mailbox (only possible for out-of-band frames) marks it a slow consumer.
     fn deliver_to(&mut self, socket: SocketId, frames: Arc<[Frame]>) -> bool {
+        self.deliver_read_at(socket, frames, None)
+    }
+
+    fn deliver_read_at(
+        &mut self,
+        socket: SocketId,
+        frames: Arc<[Frame]>,
+        read_at: Option<Instant>,
+    ) -> bool {
         let Some(entry) = self.sockets.get_mut(&socket) else {
             return false;
         };
         let bytes: usize = frames.iter().map(|f| f.len()).sum();
-        match entry.deliver.try_send(Deliver(frames)) {
+        match entry.deliver.try_send(Deliver(frames, read_at)) {
             Ok(()) => {
                 entry.bytes_in_flight += bytes;
                 entry.batches_in_flight += 1;
@@ -593,6 +618,7 @@ impl RunRegistry {
 
     fn drop_slow_consumer(&mut self, socket: SocketId, why: &'static str) {
         if let Some(entry) = self.sockets.get(&socket) {
+            metrics().slow_consumer_disconnects.inc();
             tracing::warn!(
                 actor = "ChatSocket",
                 socket,
@@ -647,8 +673,9 @@ impl RunRegistry {
     }
 
     /// Sends the socket what it has not been sent of the session, as far as
-    /// its budget allows.
-    fn pump(&mut self, socket: SocketId, session_id: &str, memo: &mut Memo) {
+    /// its budget allows. `live`: not a replay after `chat.subscribe` (its
+    /// deliveries are timed from the provider's line).
+    fn pump(&mut self, socket: SocketId, session_id: &str, memo: &mut Memo, live: bool) {
         loop {
             let (Some(entry), Some(state)) =
                 (self.sockets.get(&socket), self.sessions.get(session_id))
@@ -680,6 +707,7 @@ impl RunRegistry {
                 end += 1;
             }
             let (from, to) = (state.buffer[start].seq, state.buffer[end - 1].seq);
+            let read_at = state.buffer[start].read_at.filter(|_| live);
             let frames = match memo {
                 Some((f, t, frames)) if *f == from && *t == to => frames.clone(),
                 _ => {
@@ -699,7 +727,7 @@ impl RunRegistry {
             {
                 *cursor = to;
             }
-            if !self.deliver_to(socket, frames) {
+            if !self.deliver_read_at(socket, frames, read_at) {
                 return;
             }
         }
@@ -714,7 +742,7 @@ impl RunRegistry {
         let subscribers: Vec<SocketId> = state.subscribers.keys().copied().collect();
         let mut memo = None;
         for socket in subscribers {
-            self.pump(socket, session_id, &mut memo);
+            self.pump(socket, session_id, &mut memo, true);
         }
         let Some(state) = self.sessions.get(session_id) else {
             return;
@@ -775,8 +803,10 @@ impl RunRegistry {
         let Some(pause) = state.paused.take() else {
             return;
         };
+        let paused = pause.since.elapsed();
+        metrics().paused_for(paused);
         if let Some(run) = state.run.as_mut() {
-            run.paused_for += pause.since.elapsed();
+            run.paused_for += paused;
         }
         let _ = pause.resume.send(());
     }
@@ -814,12 +844,14 @@ impl RunRegistry {
         }
         state.last_activity = timestamp;
         let history_batch = state.history.batch_ready();
+        metrics().event(event.body.kind());
         state.buffer_bytes += frame.len();
         state.total_bytes += frame.len() as u64;
         state.buffer.push_back(Buffered {
             seq,
             frame,
             end: state.total_bytes,
+            read_at: self.reading,
         });
         while state.buffer.len() > REPLAY_MAX_EVENTS
             || (state.buffer_bytes > REPLAY_MAX_BYTES && state.buffer.len() > 1)
@@ -1029,6 +1061,19 @@ impl RunRegistry {
         run.aborted = aborted;
         let run_id = run.id.clone();
         let pending = std::mem::take(&mut run.pending);
+        let m = metrics();
+        let provider = state.provider.as_str();
+        let outcome = match (aborted, exit_code) {
+            (true, _) => "aborted",
+            (false, 0) => "success",
+            (false, _) => "failed",
+        };
+        m.runs_active.with_label_values(&[provider]).dec();
+        m.runs_ended.with_label_values(&[provider, outcome]).inc();
+        m.run_duration
+            .with_label_values(&[provider])
+            .observe(run.started.elapsed().as_secs_f64());
+        m.permissions_pending.sub(pending.len() as i64);
         let reason = if aborted { "aborted" } else { "run_ended" };
         for p in pending {
             if let Some(timer) = p.timer {
@@ -1062,7 +1107,9 @@ impl RunRegistry {
             .get(session_id)
             .and_then(|s| s.run.as_ref())
             .map_or((0, 0), |r| (r.pauses, r.paused_for.as_millis() as u64));
-        tracing::info!(actor = "ProviderRun", session_id, run_id = %run_id, exit_code, aborted, pauses, paused_ms, "run completed");
+        run_span(session_id, &run_id).in_scope(|| {
+            tracing::info!(actor = "ProviderRun", session_id, run_id = %run_id, exit_code, aborted, pauses, paused_ms, "run completed")
+        });
         // Keep the buffer for late subscribers, then forget the run.
         let sid = session_id.to_string();
         ctx.run_later(COMPLETED_RUN_RETENTION, move |act, ctx| {
@@ -1221,6 +1268,7 @@ impl RunRegistry {
         }
         let addr = run.addr.clone();
         self.permissions.remove(&pending.request_id);
+        metrics().permissions_pending.dec();
         Some((pending, addr))
     }
 
@@ -1277,6 +1325,7 @@ impl RunRegistry {
                         })
                     })
                 });
+                metrics().permissions_pending.inc();
                 run.pending.push(Pending {
                     request_id: request_id.clone(),
                     provider_request_id,
@@ -1342,6 +1391,7 @@ impl RunRegistry {
                 original_input: p.input,
             });
         }
+        metrics().permissions_timed_out.inc();
         tracing::info!(session_id, request_id, "permission request timed out");
         self.emit(
             session_id,
@@ -1421,6 +1471,7 @@ impl RunRegistry {
             // No run in memory: a follower waits for the next one.
             cursor = Some(state.last_seq);
         }
+        let subscribed_run_truncated = subscribed_run.as_ref().is_some_and(|r| r.replay_truncated);
         let ack = ServerFrame::ChatSubscribed {
             session_id: session_id.clone(),
             is_processing: running,
@@ -1432,8 +1483,14 @@ impl RunRegistry {
         .to_frame();
         self.deliver_to(msg.socket, vec![ack].into());
         if let Some(sent) = cursor {
+            if sent < session_last {
+                metrics().replays.inc();
+                if subscribed_run_truncated {
+                    metrics().replays_truncated.inc();
+                }
+            }
             self.attach(msg.socket, &session_id, sent, true);
-            self.pump(msg.socket, &session_id, &mut None);
+            self.pump(msg.socket, &session_id, &mut None, false);
         }
     }
 
@@ -1567,6 +1624,7 @@ impl RunRegistry {
             id: run_id.clone(),
             status: Status::Running,
             started_at: now_iso(),
+            started: Instant::now(),
             first_seq,
             last_seq: first_seq - 1,
             addr: None,
@@ -1608,7 +1666,13 @@ impl RunRegistry {
                 run.addr = Some(addr);
             }
         }
-        tracing::info!(actor = "ProviderRun", session_id = %session_id, run_id = %run_id, provider = %kind, "run started");
+        metrics()
+            .runs_active
+            .with_label_values(&[kind.as_str()])
+            .inc();
+        run_span(&session_id, &run_id).in_scope(|| {
+            tracing::info!(actor = "ProviderRun", session_id = %session_id, run_id = %run_id, provider = %kind, "run started")
+        });
         Ok(RunStarted {
             run_id,
             first_seq,
@@ -1634,9 +1698,11 @@ impl RunRegistry {
         if !current {
             return Box::pin(fut::ready(()));
         }
+        self.reading = msg.read_at;
         for event in msg.events {
             self.handle_provider_event(&msg.session_id, event, ctx);
         }
+        self.reading = None;
         self.fan_out(&msg.session_id);
         let still_current = self
             .sessions
@@ -1660,6 +1726,7 @@ impl RunRegistry {
         if let Some(run) = state.run.as_mut() {
             run.pauses += 1;
         }
+        metrics().flow_control_pauses.inc();
         tracing::debug!(session_id = %msg.session_id, run_id = %msg.run_id, "run paused: every subscriber is behind");
         Box::pin(
             async move {
@@ -1668,6 +1735,12 @@ impl RunRegistry {
             .into_actor(self),
         )
     }
+}
+
+/// The span of one run's log lines, as `ProviderRun` opens it (`RUST_LOG`
+/// filters like `[run{run_id=...}]=debug` pick one run).
+fn run_span(session_id: &str, run_id: &str) -> tracing::Span {
+    tracing::info_span!("run", session_id = %session_id, run_id = %run_id)
 }
 
 fn accepted_frame(
@@ -1729,11 +1802,20 @@ impl Actor for RunRegistry {
                 });
             })
         });
-        tracing::info!(actor = "RunRegistry", "actor started");
+        tracing::info!(
+            event = "actor.started",
+            actor = "RunRegistry",
+            "actor started"
+        );
     }
 
     fn stopped(&mut self, _: &mut Self::Context) {
-        tracing::info!(actor = "RunRegistry", reason = ?self.panicked, "actor stopped");
+        tracing::info!(
+            event = "actor.stopped",
+            actor = "RunRegistry",
+            reason = self.panicked.as_deref().unwrap_or("stopped"),
+            "actor stopped"
+        );
     }
 }
 
@@ -1863,7 +1945,7 @@ impl Handler<Drained> for RunRegistry {
             entry.batches_in_flight = entry.batches_in_flight.saturating_sub(msg.batches);
             let sessions: Vec<String> = entry.sessions.iter().cloned().collect();
             for session_id in sessions {
-                act.pump(msg.socket, &session_id, &mut None);
+                act.pump(msg.socket, &session_id, &mut None, true);
                 act.maybe_resume(&session_id);
             }
         })
@@ -1935,7 +2017,9 @@ impl Handler<AbortRun> for RunRegistry {
                 a.do_send(Abort);
                 a.connected()
             });
-            tracing::info!(session_id = %msg.session_id, run_id = %run.id, "abort requested");
+            run_span(&msg.session_id, &run.id).in_scope(|| {
+                tracing::info!(session_id = %msg.session_id, run_id = %run.id, "abort requested")
+            });
             act.complete(&msg.session_id, if delivered { 0 } else { 1 }, true, ctx);
             Ok(())
         })
@@ -2022,6 +2106,7 @@ impl Handler<RespondPermission> for RunRegistry {
             else {
                 return;
             };
+            metrics().permissions_answered.inc();
             if let Some(addr) = addr {
                 addr.do_send(AnswerPermission {
                     provider_request_id: p.provider_request_id,
@@ -2123,7 +2208,9 @@ impl Handler<RunExited> for RunRegistry {
                 Some(code) => format!("The provider exited with code {code} before finishing the turn"),
                 None => "The provider was killed before finishing the turn".to_string(),
             });
-            tracing::warn!(actor = "ProviderRun", session_id = %msg.session_id, run_id = %msg.run_id, exit_code = ?msg.exit_code, reason = %error, "run ended without a result");
+            run_span(&msg.session_id, &msg.run_id).in_scope(|| {
+                tracing::warn!(actor = "ProviderRun", session_id = %msg.session_id, run_id = %msg.run_id, exit_code = ?msg.exit_code, reason = %error, "run ended without a result")
+            });
             act.emit(&msg.session_id, EventBody::error(error));
             let code = msg.exit_code.filter(|c| *c != 0).unwrap_or(1);
             act.finish(&msg.session_id, code, ctx);
@@ -2475,6 +2562,7 @@ pub(crate) mod tests {
                 session_id: "s1".into(),
                 run_id,
                 events: vec![ProviderEvent::Emit(text.into())],
+                read_at: None,
             })
             .await
             .unwrap();
@@ -2536,6 +2624,7 @@ pub(crate) mod tests {
                     input: json!({"command": "ls"}),
                     context: None,
                 }],
+                read_at: None,
             })
             .await
             .unwrap();
@@ -2583,6 +2672,7 @@ pub(crate) mod tests {
             session_id: "s1".into(),
             run_id: run_id.into(),
             events: vec![ProviderEvent::TurnComplete { exit_code: 0 }],
+            read_at: None,
         }
     }
 
@@ -2726,6 +2816,7 @@ pub(crate) mod tests {
             session_id: "s1".into(),
             run_id: first.run_id.clone(),
             events: vec![ProviderEvent::Emit(text.into())],
+            read_at: None,
         };
         registry.send(events).await.unwrap();
         assert_eq!(next_of_kind(&mut rx, "text").await["seq"], 1);

@@ -36,6 +36,7 @@ use super::manifest::PluginManifest;
 use super::{PluginState, PluginStatus};
 use crate::kill::{self, Signal};
 use crate::lines::read_line_bounded;
+use crate::metrics::metrics;
 
 /// How long a new server has to print its ready line (PROTOCOL.md section 6).
 pub const READY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -186,6 +187,11 @@ impl PluginHost {
 
     /// Tells the registry the new status and answers waiters it concerns.
     fn changed(&mut self) {
+        let up = matches!(self.state, HostState::Running { .. });
+        metrics()
+            .plugin_up
+            .with_label_values(&[&self.manifest.name])
+            .set(i64::from(up));
         if let Some(registry) = self.registry.upgrade() {
             registry.do_send(HostStatusChanged(self.status()));
         }
@@ -327,7 +333,19 @@ impl PluginHost {
         let timer = ctx.run_later(delay, |act, ctx| {
             if matches!(act.state, HostState::Backoff { .. }) {
                 act.restarts = act.restarts.saturating_add(1);
-                tracing::info!(actor = "PluginHost", plugin = %act.manifest.name, attempt = act.failures, restarts = act.restarts, "actor restarting plugin server");
+                metrics()
+                    .plugin_restarts
+                    .with_label_values(&[&act.manifest.name])
+                    .inc();
+                tracing::info!(
+                    event = "actor.restarted",
+                    actor = "PluginHost",
+                    plugin = %act.manifest.name,
+                    attempt = act.failures,
+                    restarts = act.restarts,
+                    reason = act.last_error.as_deref().unwrap_or("failed"),
+                    "supervision: restarting plugin server"
+                );
                 act.spawn_server(ctx);
             }
         });
@@ -363,7 +381,7 @@ impl Actor for PluginHost {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
-        tracing::info!(actor = "PluginHost", plugin = %self.manifest.name, "actor started");
+        tracing::info!(event = "actor.started", actor = "PluginHost", plugin = %self.manifest.name, "actor started");
         self.spawn_server(ctx);
     }
 
@@ -371,7 +389,7 @@ impl Actor for PluginHost {
         if let Some(pid) = self.live_pid() {
             signal_group(pid, Signal::KILL);
         }
-        tracing::info!(actor = "PluginHost", plugin = %self.manifest.name, reason = "gateway exit", "actor stopped");
+        tracing::info!(event = "actor.stopped", actor = "PluginHost", plugin = %self.manifest.name, reason = "gateway exit", "actor stopped");
     }
 }
 

@@ -52,6 +52,7 @@ use super::manifest::valid_name;
 use super::plugin_registry::{LookupPort, PluginPort, PluginRegistry};
 use crate::config::MAX_INBOUND_FRAME;
 use crate::heartbeat::Heartbeat;
+use crate::metrics::{note_close, Connection, Endpoint, PanicWatch};
 use crate::watchdog::{Stalled, WatchedConn};
 
 /// Close code for an invalid plugin name (PROTOCOL.md section 7).
@@ -134,6 +135,8 @@ where
         budget: Arc::new(Semaphore::new(UPSTREAM_QUEUE_BYTES as usize)),
         stop_reason: "client closed",
         conn,
+        metric: None,
+        _panics: PanicWatch::new("PluginProxy", format!("plugin={name}")),
     };
     ws::WsResponseBuilder::new(proxy, req, stream)
         .frame_size(MAX_INBOUND_FRAME)
@@ -172,20 +175,26 @@ pub struct PluginProxy {
     stop_reason: &'static str,
     /// The client's connection, watched for a client that stopped reading.
     conn: Option<WatchedConn>,
+    /// Counted in `agentgate_connections_*` while the actor lives.
+    metric: Option<Connection>,
+    _panics: PanicWatch,
 }
 
 impl Actor for PluginProxy {
     type Context = WebsocketContext<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
+        self.metric = Some(Connection::open(Endpoint::Plugin));
         let plugin = match self.target.take() {
             None => return,
             Some(Target::Refuse(code, reason)) => {
                 self.stop_reason = reason;
-                ctx.close(Some(CloseReason {
+                let reason = Some(CloseReason {
                     code: CloseCode::Other(code),
                     description: Some(reason.to_string()),
-                }));
+                });
+                note_close(&mut self.metric, &reason);
+                ctx.close(reason);
                 ctx.stop();
                 return;
             }
@@ -203,7 +212,7 @@ impl Actor for PluginProxy {
             .into_actor(self)
             .map(|(), act, ctx| act.plugin_stopping(ctx)),
         );
-        tracing::info!(actor = "PluginProxy", plugin = %self.name, port, "actor started");
+        tracing::info!(event = "actor.started", actor = "PluginProxy", plugin = %self.name, port, "actor started");
         if let Some(conn) = &mut self.conn {
             conn.watch("PluginProxy", ctx.address().recipient());
         }
@@ -235,7 +244,7 @@ impl Actor for PluginProxy {
         if let Some(handback) = self.handback.take() {
             let _ = handback.send(self.upstream.take());
         }
-        tracing::info!(actor = "PluginProxy", plugin = %self.name, reason = self.stop_reason, "actor stopped");
+        tracing::info!(event = "actor.stopped", actor = "PluginProxy", plugin = %self.name, reason = self.stop_reason, "actor stopped");
     }
 }
 
@@ -248,10 +257,12 @@ impl Handler<Stalled> for PluginProxy {
         }
         self.stop_reason = "slow consumer";
         self.finish_upstream(None);
-        ctx.close(Some(CloseReason {
+        let reason = Some(CloseReason {
             code: CloseCode::Other(4008),
             description: Some("slow consumer".to_string()),
-        }));
+        });
+        note_close(&mut self.metric, &reason);
+        ctx.close(reason);
         ctx.stop();
     }
 }
@@ -289,10 +300,12 @@ impl PluginProxy {
         }
         self.stop_reason = "plugin stopping";
         self.finish_upstream(Some(Some(CloseCode::Away.into())));
-        ctx.close(Some(CloseReason {
+        let reason = Some(CloseReason {
             code: CloseCode::Away,
             description: Some("Plugin stopping".to_string()),
-        }));
+        });
+        note_close(&mut self.metric, &reason);
+        ctx.close(reason);
         ctx.stop();
     }
 
@@ -305,10 +318,12 @@ impl PluginProxy {
         self.stop_reason = "upstream error";
         self.upstream = None;
         self.finish_upstream(None);
-        ctx.close(Some(CloseReason {
+        let reason = Some(CloseReason {
             code: CloseCode::Other(CLOSE_UPSTREAM_ERROR),
             description: Some("Upstream error".to_string()),
-        }));
+        });
+        note_close(&mut self.metric, &reason);
+        ctx.close(reason);
         ctx.stop();
     }
 
@@ -422,6 +437,7 @@ impl PluginProxy {
                 self.upstream = None;
                 // Answer the plugin's close with the same code.
                 self.finish_upstream(Some(reason.clone()));
+                note_close(&mut self.metric, &reason);
                 ctx.close(reason);
                 ctx.stop();
             }
@@ -445,6 +461,7 @@ impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for PluginProxy {
                 self.stop_reason = "client closed";
                 let reason = sendable(reason);
                 self.finish_upstream(Some(reason.clone()));
+                note_close(&mut self.metric, &reason);
                 ctx.close(reason);
                 ctx.stop();
             }
@@ -460,10 +477,12 @@ impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for PluginProxy {
                     code: CloseCode::Away,
                     description: None,
                 })));
-                ctx.close(Some(CloseReason {
+                let reason = Some(CloseReason {
                     code,
                     description: Some(text.to_string()),
-                }));
+                });
+                note_close(&mut self.metric, &reason);
+                ctx.close(reason);
                 ctx.stop();
             }
         }

@@ -139,6 +139,7 @@ impl Actor for PluginRegistry {
     fn started(&mut self, ctx: &mut Self::Context) {
         let manifests = discover(&self.config.data_dir);
         tracing::info!(
+            event = "actor.started",
             actor = "PluginRegistry",
             plugins = manifests.len(),
             "actor started"
@@ -150,6 +151,7 @@ impl Actor for PluginRegistry {
 
     fn stopped(&mut self, _ctx: &mut Self::Context) {
         tracing::info!(
+            event = "actor.stopped",
             actor = "PluginRegistry",
             reason = "system stopped",
             "actor stopped"

@@ -35,6 +35,7 @@ use super::{guard_token, Follow, RemoteDeps, Target};
 use crate::chat::run_registry::{
     CloseSocket, Connect, Deliver, Disconnect, Drained, SocketId, Subscribe,
 };
+use crate::metrics::{Connection, Endpoint, PanicWatch};
 use crate::protocol::now_iso;
 
 /// Chunks of SSE text waiting for the HTTP layer.
@@ -54,6 +55,9 @@ pub struct EventStream {
     after: u64,
     tx: mpsc::Sender<Bytes>,
     id: Option<SocketId>,
+    /// Counted in `agentgate_connections_*` while the actor lives.
+    _metric: Option<Connection>,
+    _panics: PanicWatch,
 }
 
 impl EventStream {
@@ -71,6 +75,8 @@ impl EventStream {
             after,
             tx,
             id: None,
+            _metric: None,
+            _panics: PanicWatch::new("EventStream", ""),
         };
         (stream, rx)
     }
@@ -155,6 +161,7 @@ impl Actor for EventStream {
 
     fn started(&mut self, ctx: &mut Self::Context) {
         ctx.set_mailbox_capacity(MAILBOX_CAPACITY);
+        self._metric = Some(Connection::open(Endpoint::RemoteSse));
         ctx.run_interval(HEARTBEAT_EVERY, |act, ctx| {
             let mut out = String::new();
             sse(
@@ -186,7 +193,7 @@ impl Actor for EventStream {
             .map(|res, act, ctx| match res {
                 Ok(id) => {
                     act.id = Some(id);
-                    tracing::info!(actor = "EventStream", socket = id, user = %act.target.user.username, session_id = %act.target.session.id, after = act.after, "actor started");
+                    tracing::info!(event = "actor.started", actor = "EventStream", socket = id, user = %act.target.user.username, session_id = %act.target.session.id, after = act.after, "actor started");
                     act.deps.registry.do_send(Subscribe {
                         socket: id,
                         session: act.target.session.clone(),
@@ -195,7 +202,7 @@ impl Actor for EventStream {
                     });
                 }
                 Err(_) => {
-                    tracing::error!(actor = "EventStream", reason = "registry unavailable", "actor stopped");
+                    tracing::error!(event = "actor.stopped", actor = "EventStream", reason = "registry unavailable", "actor stopped");
                     ctx.stop();
                 }
             })
@@ -205,7 +212,7 @@ impl Actor for EventStream {
     fn stopped(&mut self, _: &mut Self::Context) {
         if let Some(id) = self.id {
             self.deps.registry.do_send(Disconnect { socket: id });
-            tracing::info!(actor = "EventStream", socket = id, session_id = %self.target.session.id, "actor stopped");
+            tracing::info!(event = "actor.stopped", reason = "stopped", actor = "EventStream", socket = id, session_id = %self.target.session.id, "actor stopped");
         }
     }
 }

@@ -72,7 +72,11 @@ impl Actor for Followers {
     type Context = Context<Self>;
 
     fn started(&mut self, _: &mut Self::Context) {
-        tracing::info!(actor = "Followers", "actor started");
+        tracing::info!(
+            event = "actor.started",
+            actor = "Followers",
+            "actor started"
+        );
     }
 }
 

@@ -42,6 +42,7 @@ use crate::chat::run_registry::{
     Subscribe,
 };
 use crate::heartbeat::Heartbeat;
+use crate::metrics::{note_close, Connection, Endpoint, PanicWatch};
 use crate::protocol::frame_of;
 use crate::watchdog::{Stalled, WatchedConn};
 use crate::write_pump::{Backlog, WritePump};
@@ -68,6 +69,9 @@ pub struct RemoteSocket {
     last_write: Instant,
     /// This socket's connection, watched for a client that stopped reading.
     conn: Option<WatchedConn>,
+    /// Counted in `agentgate_connections_*` while the actor lives.
+    metric: Option<Connection>,
+    _panics: PanicWatch,
 }
 
 /// Registry bytes and deliveries a written frame finishes (reported [`Drained`]).
@@ -95,6 +99,8 @@ impl RemoteSocket {
             resume: None,
             last_write: Instant::now(),
             conn: None,
+            metric: None,
+            _panics: PanicWatch::new("RemoteSocket", ""),
         }
     }
 
@@ -156,10 +162,12 @@ impl RemoteSocket {
         } else {
             self.write_backlog(usize::MAX, ctx);
         }
-        ctx.close(Some(ws::CloseReason {
+        let reason = Some(ws::CloseReason {
             code: ws::CloseCode::from(code),
             description: Some(reason.to_string()),
-        }));
+        });
+        note_close(&mut self.metric, &reason);
+        ctx.close(reason);
         ctx.stop();
     }
 
@@ -240,6 +248,7 @@ impl Actor for RemoteSocket {
 
     fn started(&mut self, ctx: &mut Self::Context) {
         ctx.set_mailbox_capacity(MAILBOX_CAPACITY);
+        self.metric = Some(Connection::open(Endpoint::Remote));
         ctx.spawn(WritePump(WRITE_BYTES_PER_POLL));
         if let Some(conn) = &mut self.conn {
             conn.watch("RemoteSocket", ctx.address().recipient());
@@ -276,11 +285,11 @@ impl Actor for RemoteSocket {
             .map(|res, act, ctx| match res {
                 Ok(id) => {
                     act.id = Some(id);
-                    tracing::info!(actor = "RemoteSocket", socket = id, user = %act.target.user.username, session_id = %act.target.session.id, "actor started");
+                    tracing::info!(event = "actor.started", actor = "RemoteSocket", socket = id, user = %act.target.user.username, session_id = %act.target.session.id, "actor started");
                     act.subscribe(id, ctx);
                 }
                 Err(_) => {
-                    tracing::error!(actor = "RemoteSocket", reason = "registry unavailable", "actor stopped");
+                    tracing::error!(event = "actor.stopped", actor = "RemoteSocket", reason = "registry unavailable", "actor stopped");
                     ctx.stop();
                 }
             })
@@ -299,7 +308,7 @@ impl Actor for RemoteSocket {
                 point,
             });
         }
-        tracing::info!(actor = "RemoteSocket", socket = id, session_id = %self.target.session.id, resume = ?self.resume, "actor stopped");
+        tracing::info!(event = "actor.stopped", reason = "stopped", actor = "RemoteSocket", socket = id, session_id = %self.target.session.id, resume = ?self.resume, "actor stopped");
     }
 }
 
@@ -393,6 +402,7 @@ impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for RemoteSocket {
             }
             Ok(ws::Message::Pong(_)) => self.hb.pong(),
             Ok(ws::Message::Close(reason)) => {
+                note_close(&mut self.metric, &reason);
                 ctx.close(reason);
                 ctx.stop();
             }
@@ -400,7 +410,9 @@ impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for RemoteSocket {
             Err(ws::ProtocolError::Overflow) => self.close(1009, "frame too large", ctx),
             Err(err) => {
                 tracing::debug!(actor = "RemoteSocket", %err, "protocol error; closing");
-                ctx.close(Some(ws::CloseCode::Protocol.into()));
+                let reason = Some(ws::CloseCode::Protocol.into());
+                note_close(&mut self.metric, &reason);
+                ctx.close(reason);
                 ctx.stop();
             }
         }

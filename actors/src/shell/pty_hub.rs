@@ -129,6 +129,7 @@ impl Actor for PtyHub {
 
     fn started(&mut self, _ctx: &mut Self::Context) {
         tracing::info!(
+            event = "actor.started",
             actor = "PtyHub",
             detach_secs = self.detach_timeout().as_secs(),
             "actor started"
@@ -137,6 +138,7 @@ impl Actor for PtyHub {
 
     fn stopped(&mut self, _ctx: &mut Self::Context) {
         tracing::info!(
+            event = "actor.stopped",
             actor = "PtyHub",
             live = self.sessions.len(),
             reason = "system stopping",

@@ -57,6 +57,7 @@ use super::{
     exit_line, EndReason, ServerFrame, ShellLimits, SocketHandle, TermSize, RECONNECT_LINE,
 };
 use crate::kill::SessionGuard;
+use crate::metrics::{metrics, PanicWatch};
 
 /// Largest single PTY read.
 pub const READ_CHUNK_BYTES: usize = 64 * 1024;
@@ -186,6 +187,8 @@ struct Attached {
 }
 
 pub struct PtySession {
+    /// Counts and logs a panic of this actor (`actor.panicked`).
+    _panics: PanicWatch,
     id: u64,
     owner: i64,
     key: String,
@@ -295,6 +298,7 @@ impl PtySession {
             exit_seen_at: None,
             finished: false,
             stop_reason: "running",
+            _panics: PanicWatch::new("PtySession", format!("pty={id}")),
         })
     }
 
@@ -346,6 +350,7 @@ impl PtySession {
                     act.reader = Some(reader);
                     match result {
                         Ok(n) if n > 0 => {
+                            metrics().shell_output_bytes.inc_by(n as u64);
                             buf.truncate(n);
                             act.on_output(&buf, ctx);
                         }
@@ -522,8 +527,10 @@ impl PtySession {
 
     fn maybe_start_detach_timer(&mut self, ctx: &mut Context<Self>) {
         if self.sockets.is_empty() && self.detach_timer.is_none() && !self.finished {
+            metrics().ptys_detached.inc();
             self.detach_timer = Some(ctx.run_later(self.detach_timeout, |act, ctx| {
                 act.detach_timer = None;
+                metrics().ptys_detached.dec();
                 if act.sockets.is_empty() && !act.finished {
                     tracing::info!(actor = "PtySession", key = %act.key, pty = act.id, "detach timeout; killing the terminal");
                     act.finished = true;
@@ -537,6 +544,7 @@ impl PtySession {
 
     fn cancel_detach_timer(&mut self, ctx: &mut Context<Self>) {
         if let Some(handle) = self.detach_timer.take() {
+            metrics().ptys_detached.dec();
             ctx.cancel_future(handle);
         }
     }
@@ -615,7 +623,8 @@ impl Actor for PtySession {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
-        tracing::info!(actor = "PtySession", key = %self.key, pty = self.id, pid = self.pid, command = %self.summary, "actor started");
+        metrics().ptys_live.inc();
+        tracing::info!(event = "actor.started", actor = "PtySession", key = %self.key, pty = self.id, pid = self.pid, command = %self.summary, "actor started");
         if let Some(mut child) = self.child.take() {
             let wait = async move { child.wait().await.ok() };
             ctx.spawn(
@@ -639,13 +648,17 @@ impl Actor for PtySession {
     }
 
     fn stopped(&mut self, _ctx: &mut Self::Context) {
+        metrics().ptys_live.dec();
+        if self.detach_timer.take().is_some() {
+            metrics().ptys_detached.dec();
+        }
         self.guard.kill();
         self.hub.do_send(PtyClosed {
             owner: self.owner,
             key: self.key.clone(),
             pty: self.id,
         });
-        tracing::info!(actor = "PtySession", key = %self.key, pty = self.id, reason = self.stop_reason, "actor stopped");
+        tracing::info!(event = "actor.stopped", actor = "PtySession", key = %self.key, pty = self.id, reason = self.stop_reason, "actor stopped");
     }
 }
 

@@ -53,6 +53,7 @@ use super::{
 };
 use crate::config::{GatewayConfig, MAX_INBOUND_FRAME};
 use crate::heartbeat::Heartbeat;
+use crate::metrics::{metrics, note_close, stop_reason, Connection, Endpoint, PanicWatch};
 use crate::store::{self, Store};
 use crate::token_watch::{TokenWatch, CLOSE_TOKEN_INVALID};
 use crate::watchdog::{Stalled, WatchedConn};
@@ -153,6 +154,11 @@ pub struct ShellSocket {
     held: Option<VecDeque<(Held, oneshot::Sender<()>)>>,
     /// The token it was opened with (closed with 1008 when it ends).
     token: TokenWatch,
+    /// Counted in `agentgate_connections_*` while the actor lives.
+    metric: Option<Connection>,
+    _panics: PanicWatch,
+    /// `conn{endpoint, socket, user}`: this socket's log lines.
+    span: tracing::Span,
 }
 
 /// A PTY message held while an `init` runs.
@@ -178,6 +184,9 @@ impl ShellSocket {
             pending: VecDeque::new(),
             pending_bytes: 0,
             held: None,
+            metric: None,
+            _panics: PanicWatch::new("ShellSocket", ""),
+            span: tracing::Span::none(),
         }
     }
 
@@ -221,12 +230,14 @@ impl ShellSocket {
         }
     }
 
-    fn too_large(ctx: &mut WebsocketContext<Self>) {
+    fn too_large(&mut self, ctx: &mut WebsocketContext<Self>) {
         Self::send_error(ctx, "Message too large");
-        ctx.close(Some(CloseReason {
+        let reason = Some(CloseReason {
             code: CloseCode::Size,
             description: Some("message too large".into()),
-        }));
+        });
+        note_close(&mut self.metric, &reason);
+        ctx.close(reason);
         ctx.stop();
     }
 
@@ -452,6 +463,8 @@ impl Actor for ShellSocket {
     fn started(&mut self, ctx: &mut Self::Context) {
         // PtySession's ordering argument relies on this capacity (see SOCKET_MAILBOX_CAPACITY).
         ctx.set_mailbox_capacity(SOCKET_MAILBOX_CAPACITY);
+        self.metric = Some(Connection::open(Endpoint::Shell));
+        self._panics.ids = format!("socket={}", self.id);
         if let Some(conn) = &mut self.conn {
             conn.watch("ShellSocket", ctx.address().recipient());
         }
@@ -472,23 +485,29 @@ impl Actor for ShellSocket {
                     reason,
                     "closing socket with 1008"
                 );
-                ctx.close(Some(CloseReason {
+                let reason = Some(CloseReason {
                     code: CloseCode::Other(CLOSE_TOKEN_INVALID),
                     description: Some(reason.into()),
-                }));
+                });
+                note_close(&mut act.metric, &reason);
+                ctx.close(reason);
                 ctx.stop();
             },
         );
-        tracing::info!(actor = "ShellSocket", socket = self.id, user = %self.user.username, "actor started");
+        self.span = tracing::info_span!("conn", endpoint = "shell", socket = self.id, user = %self.user.username);
+        let _entered = self.span.clone().entered();
+        tracing::info!(event = "actor.started", actor = "ShellSocket", socket = self.id, user = %self.user.username, "actor started");
     }
 
     fn stopped(&mut self, _ctx: &mut Self::Context) {
+        let _entered = self.span.clone().entered();
         // Detaches only this socket; the PTY keeps running for its detach timeout.
         self.detach();
         tracing::info!(
+            event = "actor.stopped",
             actor = "ShellSocket",
             socket = self.id,
-            reason = "connection closed",
+            reason = %stop_reason(&self.metric),
             "actor stopped"
         );
     }
@@ -499,16 +518,18 @@ impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for ShellSocket {
         let msg = match item {
             Ok(msg) => msg,
             Err(ws::ProtocolError::Overflow) => {
-                Self::too_large(ctx);
+                self.too_large(ctx);
                 return;
             }
             // A text frame that is not UTF-8 (actix reports it as an I/O
             // error with Utf8Error's text): 1007, RFC 6455 8.1.
             Err(ws::ProtocolError::Io(err)) if err.to_string().contains("utf-8") => {
-                ctx.close(Some(CloseReason {
+                let reason = Some(CloseReason {
                     code: CloseCode::Invalid,
                     description: Some("text frame is not valid UTF-8".into()),
-                }));
+                });
+                note_close(&mut self.metric, &reason);
+                ctx.close(reason);
                 ctx.stop();
                 return;
             }
@@ -539,7 +560,7 @@ impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for ShellSocket {
                 };
                 if buf.len() + bytes.len() > MAX_INBOUND_FRAME {
                     self.fragment = None;
-                    Self::too_large(ctx);
+                    self.too_large(ctx);
                     return;
                 }
                 buf.extend_from_slice(&bytes);
@@ -552,6 +573,7 @@ impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for ShellSocket {
             ws::Message::Ping(payload) => ctx.pong(&payload),
             ws::Message::Pong(_) => self.hb.pong(),
             ws::Message::Close(reason) => {
+                note_close(&mut self.metric, &reason);
                 ctx.close(reason);
                 ctx.stop();
             }
@@ -596,6 +618,7 @@ impl ShellSocket {
             }
         }
         if let Some(frame) = msg.frame {
+            metrics().sent(Endpoint::Shell, frame.len());
             ctx.text(frame);
         }
     }
@@ -605,10 +628,12 @@ impl Handler<Stalled> for ShellSocket {
     type Result = ();
 
     fn handle(&mut self, _: Stalled, ctx: &mut Self::Context) {
-        ctx.close(Some(CloseReason {
+        let reason = Some(CloseReason {
             code: CloseCode::Other(CLOSE_SLOW_CONSUMER),
             description: Some("slow consumer".into()),
-        }));
+        });
+        note_close(&mut self.metric, &reason);
+        ctx.close(reason);
         ctx.stop();
     }
 }
@@ -637,17 +662,21 @@ impl ShellSocket {
             // The exit line was the last output; the client may init again.
             EndReason::Exited => {}
             EndReason::SlowConsumer => {
-                ctx.close(Some(CloseReason {
+                let reason = Some(CloseReason {
                     code: CloseCode::Other(CLOSE_SLOW_CONSUMER),
                     description: Some("slow consumer".into()),
-                }));
+                });
+                note_close(&mut self.metric, &reason);
+                ctx.close(reason);
                 ctx.stop();
             }
             EndReason::Shutdown => {
-                ctx.close(Some(CloseReason {
+                let reason = Some(CloseReason {
                     code: CloseCode::Away,
                     description: Some("server shutting down".into()),
-                }));
+                });
+                note_close(&mut self.metric, &reason);
+                ctx.close(reason);
                 ctx.stop();
             }
         }
