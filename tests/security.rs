@@ -1165,3 +1165,160 @@ async fn per_user_limits_refuse_clearly() {
         }
     }
 }
+
+/// One hostile client throws every bad-input class at one gateway while
+/// another user's run streams: malformed, wrong-typed, unknown and oversized
+/// frames, fragments, invalid UTF-8, binary, deep nesting, option values
+/// that look like flags, unknown and foreign sessions and permission ids,
+/// forged, expired and revoked tokens, cross-site origins, bad shell and
+/// plugin requests. Nothing panics, the other run streams every seq once,
+/// in order, to a successful end, and the gateway keeps serving.
+#[actix_rt::test]
+async fn a_hostile_client_does_not_disturb_another_users_run() {
+    let server = TestServer::start_with(|cmd| {
+        cmd.arg("--claude-bin").arg(example_bin("fake_claude"));
+    });
+    let bob = server.token("bob");
+    let mallory = server.token("mallory");
+    let project = project_dir();
+    let bobs_session = server.create_session(&bob, "claude", project.path()).await;
+    let evil_session = server
+        .create_session(&mallory, "claude", project.path())
+        .await;
+    let mut bobs = server.ws(&format!("/ws?token={bob}")).await;
+    bobs.send_json(json!({"type": "chat.send", "sessionId": bobs_session,
+        "content": "text:300 delay_ms:10 permission:Bash"}))
+        .await;
+    let (asked, before) = bobs.recv_until_kind("permission_request").await;
+
+    let ws_path = format!("/ws?token={mallory}");
+    let mut m = RawWs::open(server.addr, &ws_path);
+    let refusals = [
+        "{".to_string(),
+        "[]".into(),
+        "null".into(),
+        r#"{"type": 7}"#.into(),
+        r#"{"type": "chat.nope"}"#.into(),
+        r#"{"type": "chat.send", "sessionId": 5, "content": []}"#.into(),
+        json!({"type": "chat.send", "sessionId": "no-such-session", "content": "hi"}).to_string(),
+        json!({"type": "chat.send", "sessionId": bobs_session, "content": "hi"}).to_string(),
+        json!({"type": "chat.abort", "sessionId": bobs_session}).to_string(),
+        json!({"type": "chat.subscribe", "sessions": [{"sessionId": bobs_session, "lastSeq": -1}]})
+            .to_string(),
+        json!({"type": "chat.send", "sessionId": evil_session, "content": "hi",
+            "options": {"model": "--dangerously-skip-permissions"}})
+        .to_string(),
+        json!({"type": "chat.subscribe", "sessions": vec![json!({"sessionId": "x"}); 300]})
+            .to_string(),
+        format!("{}{}", "{\"a\":".repeat(50_000), "}".repeat(50_000)),
+    ];
+    for frame in &refusals {
+        m.text(frame);
+        let v = m.recv_json();
+        assert_eq!(v["kind"], "protocol_error", "{frame:.80}: {v}");
+    }
+    // Answers to another user's permission request are ignored, silently.
+    m.text(&json!({"type": "chat.permission-response", "requestId": asked["requestId"], "allow": true}).to_string());
+    m.send(2, true, b"\x00binary");
+    assert_eq!(m.recv_json()["code"], "INVALID_PAYLOAD");
+    m.send(2, false, b"part");
+    m.send(0, true, b"part");
+    assert_eq!(m.recv_json()["code"], "INVALID_PAYLOAD");
+    // Probe: the socket still answers in order (nothing above was answered late).
+    m.text("{");
+    assert_eq!(
+        m.recv_json()["error"],
+        "Invalid websocket payload: not JSON"
+    );
+    m.send(1, false, b"{\"type\":");
+    m.send(0, true, b"\"\xc3\"}");
+    assert_eq!(m.recv_close().0, Some(1007));
+    let mut m = RawWs::open(server.addr, &ws_path);
+    m.send(1, true, &vec![b' '; 9 << 20]);
+    assert_eq!(m.recv_close().0, Some(1009));
+    let mut shell = RawWs::open(server.addr, &format!("/shell?token={mallory}"));
+    for frame in [
+        "{".to_string(),
+        r#"{"type": "input", "data": 5}"#.into(),
+        r#"{"type": "resize", "cols": -1, "rows": 1e309}"#.into(),
+        json!({"type": "init", "projectPath": "/nonexistent/dir"}).to_string(),
+        json!({"type": "init", "projectPath": project.path(), "sessionId": "../../etc", "provider": "claude"}).to_string(),
+    ] {
+        shell.text(&frame);
+        assert_eq!(shell.recv_json()["type"], "error", "{frame}");
+    }
+    shell.send(1, true, b"{\"type\":\"\xff\"}");
+    assert_eq!(shell.recv_close().0, Some(1007));
+    let mut plugin = RawWs::open(server.addr, &format!("/plugin-ws/..%2Fetc?token={mallory}"));
+    assert_eq!(plugin.recv_close().0, Some(4400));
+
+    // Bad tokens and foreign origins are refused before any upgrade.
+    let mut forged = mallory.clone();
+    let last = forged.pop().unwrap();
+    forged.push(if last == 'A' { 'B' } else { 'A' });
+    let out = Command::new(agentgate_bin())
+        .args(["token", "--user", "eve", "--ttl-secs", "1", "--data-dir"])
+        .arg(server.data_dir())
+        .output()
+        .unwrap();
+    let expiring = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let revoked = server.token("trent");
+    server.revoke("trent");
+    for token in [forged.as_str(), "garbage", "", revoked.as_str()] {
+        for path in ["/ws", "/shell"] {
+            let (status, _) = raw(
+                server.addr,
+                "GET",
+                &format!("{path}?token={token}"),
+                UPGRADE,
+            );
+            assert_eq!(status, 401, "{path} {token:.20}");
+        }
+    }
+    let evil = with(UPGRADE, &[("Origin", "http://evil.example")]);
+    assert_eq!(
+        raw(server.addr, "GET", &format!("/ws?token={mallory}"), &evil).0,
+        403
+    );
+    let deadline = Instant::now() + WAIT;
+    while raw(
+        server.addr,
+        "GET",
+        &format!("/ws?token={expiring}"),
+        UPGRADE,
+    )
+    .0 != 401
+    {
+        assert!(Instant::now() < deadline, "an expired token kept working");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Bob's run was untouched: he answers his prompt, and it streams to the end.
+    bobs.send_json(
+        json!({"type": "chat.permission-response", "requestId": asked["requestId"], "allow": true}),
+    )
+    .await;
+    let events = crate::chat::until_complete(&mut bobs, &bobs_session).await;
+    let done = events.last().unwrap();
+    assert_eq!(
+        (done["success"].as_bool(), done["aborted"].as_bool()),
+        (Some(true), Some(false)),
+        "{done}"
+    );
+    let seqs: Vec<u64> = before
+        .iter()
+        .chain(std::iter::once(&asked))
+        .chain(&events)
+        .filter_map(|e| e["seq"].as_u64())
+        .collect();
+    let first = seqs[0];
+    assert_eq!(seqs, (first..first + seqs.len() as u64).collect::<Vec<_>>());
+    assert_eq!(crate::chat::of_kind(&events, "stream_delta").len(), 300);
+    let (status, body) = server.get("/health", None).await;
+    assert_eq!((status, body["status"].as_str()), (200, Some("ok")));
+    let logs = server.logs();
+    assert!(
+        !logs.contains("panicked") && !logs.contains("restarted"),
+        "{logs}"
+    );
+}
