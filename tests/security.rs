@@ -1264,18 +1264,29 @@ async fn a_hostile_client_does_not_disturb_another_users_run() {
     let expiring = String::from_utf8(out.stdout).unwrap().trim().to_string();
     let revoked = server.token("trent");
     server.revoke("trent");
+    // Refused upgrades end the connection at once (no keep-alive wait).
+    let upgrade_then_close: Vec<(&str, &str)> = UPGRADE
+        .iter()
+        .map(|&(k, v)| {
+            if k == "Connection" {
+                (k, "close")
+            } else {
+                (k, v)
+            }
+        })
+        .collect();
     for token in [forged.as_str(), "garbage", "", revoked.as_str()] {
         for path in ["/ws", "/shell"] {
             let (status, _) = raw(
                 server.addr,
                 "GET",
                 &format!("{path}?token={token}"),
-                UPGRADE,
+                &upgrade_then_close,
             );
             assert_eq!(status, 401, "{path} {token:.20}");
         }
     }
-    let evil = with(UPGRADE, &[("Origin", "http://evil.example")]);
+    let evil = with(&upgrade_then_close, &[("Origin", "http://evil.example")]);
     assert_eq!(
         raw(server.addr, "GET", &format!("/ws?token={mallory}"), &evil).0,
         403
@@ -1285,7 +1296,7 @@ async fn a_hostile_client_does_not_disturb_another_users_run() {
         server.addr,
         "GET",
         &format!("/ws?token={expiring}"),
-        UPGRADE,
+        &upgrade_then_close,
     )
     .0 != 401
     {
