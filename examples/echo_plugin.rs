@@ -20,6 +20,14 @@
 //!
 //! and appends the code of every close it receives to `closes.log` in its folder.
 //!
+//! What a plugin must check itself: actix-web-actors turns an invalid UTF-8
+//! text frame into a protocol error and passes fragments of a message on
+//! unchecked, so this server checks fragmented text incrementally
+//! ([`Utf8Check`]) and closes with 1007 on invalid UTF-8, 1009 on a frame over
+//! its limit and 1002 on other protocol errors (actix-http checks close codes
+//! and reasons); Autobahn|Testsuite cases 1-10 pass against it
+//! (`scripts/autobahn --direct`).
+//!
 //! Try it by hand:
 //!
 //! ```text
@@ -34,6 +42,7 @@ use std::io::Write;
 use std::time::Duration;
 
 use actix::{Actor, ActorContext, AsyncContext, StreamHandler};
+use actix_http::ws::Item;
 use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
 use actix_web_actors::ws;
 
@@ -46,6 +55,8 @@ const CLOSE_LOG: &str = "closes.log";
 
 struct Echo {
     test_hooks: bool,
+    /// The text message whose fragments are arriving, checked as they come.
+    fragmented_text: Option<Utf8Check>,
     /// `__sink__`: count binary frames instead of echoing them.
     sink: bool,
     counted: u64,
@@ -116,6 +127,77 @@ impl Echo {
     }
 }
 
+/// Incremental UTF-8 check of a fragmented text message: a character may be
+/// cut between two fragments, so up to 3 bytes are carried to the next one.
+#[derive(Default)]
+struct Utf8Check {
+    carry: Vec<u8>,
+}
+
+impl Utf8Check {
+    /// False as soon as the bytes so far cannot start valid UTF-8.
+    fn feed(&mut self, mut data: &[u8]) -> bool {
+        while !self.carry.is_empty() && !data.is_empty() {
+            self.carry.push(data[0]);
+            data = &data[1..];
+            match std::str::from_utf8(&self.carry) {
+                Ok(_) => self.carry.clear(),
+                Err(e) if e.error_len().is_none() => {}
+                Err(_) => return false,
+            }
+        }
+        match std::str::from_utf8(data) {
+            Ok(_) => true,
+            Err(e) if e.error_len().is_none() => {
+                self.carry.extend_from_slice(&data[e.valid_up_to()..]);
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// At the last fragment: no character left incomplete.
+    fn complete(&self) -> bool {
+        self.carry.is_empty()
+    }
+}
+
+impl Echo {
+    /// Fails the connection with `code`, as RFC 6455 asks of an endpoint
+    /// that received something invalid.
+    fn fail(&self, ctx: &mut ws::WebsocketContext<Self>, code: u16, why: &str) {
+        ctx.close(Some(ws::CloseReason {
+            code: ws::CloseCode::from(code),
+            description: Some(why.into()),
+        }));
+        ctx.stop();
+    }
+
+    /// Checks a fragment of a text message; false when the connection was failed.
+    fn check_fragment(&mut self, item: &Item, ctx: &mut ws::WebsocketContext<Self>) -> bool {
+        let (bytes, last) = match item {
+            Item::FirstText(b) => {
+                self.fragmented_text = Some(Utf8Check::default());
+                (b, false)
+            }
+            Item::FirstBinary(_) => return true,
+            Item::Continue(b) => (b, false),
+            Item::Last(b) => (b, true),
+        };
+        let Some(check) = self.fragmented_text.as_mut() else {
+            return true; // a binary message
+        };
+        let valid = check.feed(bytes) && (!last || check.complete());
+        if last {
+            self.fragmented_text = None;
+        }
+        if !valid {
+            self.fail(ctx, 1007, "Invalid UTF-8");
+        }
+        valid
+    }
+}
+
 impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for Echo {
     fn handle(&mut self, msg: Result<ws::Message, ws::ProtocolError>, ctx: &mut Self::Context) {
         match msg {
@@ -126,7 +208,11 @@ impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for Echo {
             }
             Ok(ws::Message::Binary(_)) if self.sink => self.counted += 1,
             Ok(ws::Message::Binary(bytes)) => ctx.binary(bytes),
-            Ok(ws::Message::Continuation(item)) => ctx.write_raw(ws::Message::Continuation(item)),
+            Ok(ws::Message::Continuation(item)) => {
+                if self.check_fragment(&item, ctx) {
+                    ctx.write_raw(ws::Message::Continuation(item));
+                }
+            }
             Ok(ws::Message::Ping(payload)) => ctx.pong(&payload),
             Ok(ws::Message::Close(reason)) => {
                 self.record_close(&reason);
@@ -136,7 +222,13 @@ impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for Echo {
             Ok(ws::Message::Pong(_) | ws::Message::Nop) => {}
             Err(err) => {
                 eprintln!("echo plugin: protocol error: {err}");
-                ctx.stop();
+                let (code, why) = match err {
+                    // actix-web-actors reports a text frame that is not UTF-8 as Io.
+                    ws::ProtocolError::Io(_) => (1007, "Invalid UTF-8"),
+                    ws::ProtocolError::Overflow => (1009, "Frame too large"),
+                    _ => (1002, "Protocol error"),
+                };
+                self.fail(ctx, code, why);
             }
         }
     }
@@ -149,6 +241,7 @@ async fn socket(
 ) -> Result<HttpResponse, actix_web::Error> {
     let echo = Echo {
         test_hooks: **test_hooks,
+        fragmented_text: None,
         sink: false,
         counted: 0,
     };

@@ -550,15 +550,15 @@ async fn a_plugin_client_that_stops_reading_is_cut_off() {
     let before = crate::delivery::gateway_conns(server.pid(), server.addr.port());
     let mut ws = server.ws(&format!("/plugin-ws/echo?token={token}")).await;
     let conn = crate::delivery::new_conn(&server, &before).await;
-    // Send until the gateway stops taking frames (it reads the client only
-    // while the plugin's echoes can be written back); never read.
+    // Send until the gateway stops taking frames or cuts the connection;
+    // never read. (Each direction has its own backpressure: while the echo
+    // plugin keeps reading, the client's frames keep going, and the cut can
+    // come while it is still sending.)
     for _ in 0..256 {
-        let send = ws.send_binary(vec![7u8; 1024 * 1024]);
-        if tokio::time::timeout(Duration::from_secs(2), send)
-            .await
-            .is_err()
-        {
-            break;
+        let send = ws.try_send_binary(vec![7u8; 1024 * 1024]);
+        match tokio::time::timeout(Duration::from_secs(2), send).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) | Err(_) => break,
         }
     }
     let took = crate::delivery::until_dropped(&server, conn).await;

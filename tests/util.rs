@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use actix_codec::Framed;
+use awc::error::WsProtocolError as ProtocolError;
 use awc::ws::{CloseCode, Codec, Frame, Message};
 use awc::BoxedSocket;
 use futures_util::{SinkExt, StreamExt};
@@ -411,10 +412,12 @@ impl WsClient {
     }
 
     pub async fn send_binary(&mut self, data: Vec<u8>) {
-        self.framed
-            .send(Message::Binary(data.into()))
-            .await
-            .expect("send binary");
+        self.try_send_binary(data).await.expect("send binary");
+    }
+
+    /// A binary frame to a server that may drop the connection meanwhile.
+    pub async fn try_send_binary(&mut self, data: Vec<u8>) -> Result<(), ProtocolError> {
+        self.framed.send(Message::Binary(data.into())).await
     }
 
     pub async fn close(&mut self, code: u16) {

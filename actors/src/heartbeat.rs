@@ -18,6 +18,17 @@ impl Heartbeat {
         self.awaiting_pong = false;
     }
 
+    /// At each interval of a socket that sends its own pings: false when
+    /// the previous ping went unanswered (drop the socket), else the next
+    /// ping is due and now awaited.
+    pub fn tick(&mut self) -> bool {
+        if self.awaiting_pong {
+            return false;
+        }
+        self.awaiting_pong = true;
+        true
+    }
+
     /// Starts the ping timer. `state` picks the actor's `Heartbeat` field.
     pub fn start<A>(
         ctx: &mut WebsocketContext<A>,
@@ -28,8 +39,7 @@ impl Heartbeat {
         A: Actor<Context = WebsocketContext<A>>,
     {
         ctx.run_interval(interval, move |act, ctx| {
-            let hb = state(act);
-            if hb.awaiting_pong {
+            if !state(act).tick() {
                 crate::metrics::metrics().heartbeat_timeout(kind);
                 tracing::info!(
                     actor = kind,
@@ -39,7 +49,6 @@ impl Heartbeat {
                 ctx.stop();
                 return;
             }
-            hb.awaiting_pong = true;
             ctx.ping(b"");
         });
     }

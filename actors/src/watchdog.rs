@@ -74,6 +74,12 @@ pub fn watched_conn(fd: Option<&ConnFd>, watchdog: &Addr<ConnWatchdog>) -> Optio
 
 impl WatchedConn {
     /// Starts watching; `stalled` is told first when the client stops reading.
+    /// A duplicate of its own for a socket actor that ends the connection's
+    /// reads itself ([`end_reads`]); call before `watch`.
+    pub fn read_closer(&self) -> Option<ReadCloser> {
+        Some(ReadCloser(self.fd.as_ref()?.try_clone().ok()?))
+    }
+
     pub fn watch(&mut self, kind: &'static str, stalled: Recipient<Stalled>) {
         if let Some(fd) = self.fd.take() {
             self.watchdog.do_send(Watch {
@@ -227,6 +233,28 @@ fn send_progress(fd: RawFd) -> Option<(u64, u64)> {
             return None;
         }
         Some((info.tcpi_bytes_acked, unsent.max(0) as u64))
+    }
+}
+
+/// The client connection's descriptor, held by a socket actor that ends
+/// the connection itself when it stops.
+#[derive(Debug)]
+pub struct ReadCloser(OwnedFd);
+
+impl ReadCloser {
+    /// Ends the reads of the connection (`shutdown(SHUT_RD)`); writes go on.
+    ///
+    /// Why: after a WebSocket closing handshake the server should close the
+    /// TCP connection first (RFC 6455 section 7.1.1), but actix-http, once
+    /// the response (the socket's output) ended with its request stream
+    /// unread, keeps the connection for `client_disconnect_timeout` waiting
+    /// for the client to close, which a WebSocket client does not do. A read
+    /// side at its end makes it flush what is left and close at once.
+    pub fn end_reads(self) {
+        // SAFETY: a plain socket call on a descriptor this value owns.
+        unsafe {
+            libc::shutdown(self.0.as_raw_fd(), libc::SHUT_RD);
+        }
     }
 }
 

@@ -7,6 +7,7 @@
 //! | `PluginRegistry` | [`plugin_registry`] | knows every plugin by name: its host and its last status; answers port lookups and REST |
 //! | `PluginHost` | [`plugin_host`] | one per enabled plugin: spawns the server, waits for its ready line, restarts it with backoff, stops it |
 //! | `PluginProxy` | [`plugin_proxy`] | one per client socket: relays frames to `ws://127.0.0.1:<port>/ws` and back, with backpressure |
+//! | frame checks | [`frames`] | RFC 6455 frame boundaries and receiver checks for the relay (UTF-8 incrementally) |
 //!
 //! Message graph (acyclic for request/response): REST and the upgrade route
 //! ask the registry; the registry commands hosts (`StartServer`,
@@ -14,6 +15,7 @@
 //! (`HostStatusChanged`). A proxy asks the registry for a port once, then
 //! talks only to its client and its plugin.
 
+pub mod frames;
 pub mod manifest;
 pub mod plugin_host;
 pub mod plugin_proxy;

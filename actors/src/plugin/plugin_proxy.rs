@@ -1,59 +1,75 @@
 //! `PluginProxy`: one `/plugin-ws/{name}` client socket relayed to its
 //! plugin's server at `ws://127.0.0.1:<port>/ws` (PROTOCOL.md section 6).
 //!
-//! Owns: the client socket (its `WebsocketContext`), the read half of the
-//! upstream socket, the sending end of the queue to the upstream writer task
-//! and the byte budget of that queue, the heartbeat state.
+//! Owns: both legs after their handshakes as raw bytes — the client's
+//! upgraded request stream and the response body it feeds (through a
+//! bounded channel), and the plugin's TCP socket — with one [`Scanner`]
+//! per direction, the buffered bytes of each direction and the heartbeat.
 //!
-//! Handles: client frames (`StreamHandler`), upstream frames (polled by the
-//! [`UpstreamPump`] future it runs), and [`UpstreamFailed`] from its writer
-//! task.
+//! Handles: [`Stalled`] from the connection watchdog; its own [`Relay`]
+//! future moves the bytes; a timer sends the heartbeat pings.
 //!
-//! Sends: text, binary and continuation frames both ways unchanged and in
-//! order; a close on either side closes the other with the same code when
-//! that code may be sent (else without a code). An upstream that cannot be
-//! reached, errors or ends without a close frame closes the client with 4502
-//! "Upstream error". A client that disappears gets the upstream closed with
-//! 1001.
+//! Sends: data frames (text, binary, continuation) both ways byte for byte
+//! as they came, in order, batched into one write per burst: neither leg
+//! negotiates an extension, so a frame needs no re-encoding, and frames to
+//! the plugin keep the masking key the client chose for them (a key is per
+//! frame and the client's own; the plugin hop is loopback). Every frame is
+//! checked first ([`frames`](super::frames)): a client frame that breaks
+//! RFC 6455 fails the client with 1002, invalid UTF-8 (also across
+//! fragments, and as soon as the bad byte arrives) with 1007, a frame over
+//! 8 MiB with 1009, and the plugin gets 1001. Pings are answered and pongs
+//! consumed on each leg; our own pings and closes go between frames. A close
+//! on either side closes the other with the same code when that code may be
+//! sent (else without a code). An upstream that cannot be reached, errors,
+//! breaks the protocol or ends without a close frame closes the client with
+//! 4502 "Upstream error". A client that disappears gets the upstream closed
+//! with 1001.
 //!
 //! Refusals: an invalid name is accepted and closed with 4400 "Invalid plugin
 //! name"; a plugin that is not running with 4404 "Plugin not running".
 //!
 //! Backpressure, per direction, with bounded memory:
-//! - plugin → client: the HTTP layer polls this actor only while the
-//!   client's write buffer has room, and the pump moves at most
-//!   [`PUMP_FRAMES_PER_POLL`] frames / [`PUMP_BYTES_PER_POLL`] bytes per poll,
-//!   so a slow client stops the reads from the plugin (TCP then slows it).
-//! - client → plugin: frames go through a queue bounded by
-//!   [`UPSTREAM_QUEUE_FRAMES`] and [`UPSTREAM_QUEUE_BYTES`] to a writer task
-//!   that awaits the plugin's socket. When the queue is full the actor stops
-//!   reading the client (`ctx.wait`) until there is room, and keeps relaying
-//!   plugin frames meanwhile so an echoing plugin can never deadlock it.
+//! - plugin → client: the plugin is read only when everything read before
+//!   has gone into the channel to the response body ([`CLIENT_QUEUE_CHUNKS`]
+//!   chunks of at most one read, [`READ_CHUNK`], or one frame), and the HTTP
+//!   layer takes from the channel only while its write buffer has room; so a
+//!   slow client stops the reads from the plugin (TCP then slows it).
+//! - client → plugin: the client is read only while fewer than
+//!   [`UPSTREAM_BUFFER_BYTES`] wait for the plugin's socket, so a slow
+//!   plugin stops the reads from the client. Plugin frames keep flowing
+//!   meanwhile, so an echoing plugin can never deadlock it.
 //!
 //! Stops: on a close from either side, an upstream error, the client's
-//! stream ending, or a missed heartbeat.
+//! stream ending, a missed heartbeat or a stalled client. What is still
+//! queued for either side then goes out from a task of its own: towards the
+//! plugin bounded by [`UPSTREAM_CLOSE_TIMEOUT`], which also waits for its
+//! close reply; towards the client watched by the connection watchdog until
+//! the response has ended (so a client that stopped reading is still cut
+//! off), with the connection's reads ended so it closes right after.
 
+use std::collections::VecDeque;
 use std::pin::Pin;
-use std::sync::Arc;
-use std::task::{Context as TaskContext, Poll};
+use std::task::{Context as TaskContext, Poll, Waker};
 use std::time::Duration;
 
 use actix::fut::ActorFuture;
 use actix::prelude::*;
-use actix_http::ws::Item;
-use actix_web::{web, HttpRequest, HttpResponse};
-use actix_web_actors::ws::{self, CloseCode, CloseReason, WebsocketContext};
-use awc::ws::Frame;
-use bytestring::ByteString;
-use futures_util::{Sink, SinkExt, Stream, StreamExt};
-use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
+use actix_web::error::PayloadError;
+use actix_web::web::{Buf, Bytes, BytesMut};
+use actix_web::{HttpRequest, HttpResponse};
+use actix_web_actors::ws;
+use futures_util::Stream;
+use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::PollSender;
 
+use super::frames::{self, Control, Next, Scanner, Sender, Violation};
 use super::manifest::valid_name;
 use super::plugin_registry::{LookupPort, PluginPort, PluginRegistry};
 use crate::config::MAX_INBOUND_FRAME;
 use crate::heartbeat::Heartbeat;
-use crate::metrics::{note_close, Connection, Endpoint, PanicWatch};
-use crate::watchdog::{Stalled, WatchedConn};
+use crate::metrics::{Connection, Endpoint, PanicWatch};
+use crate::watchdog::{ReadCloser, Stalled, WatchedConn};
 
 /// Close code for an invalid plugin name (PROTOCOL.md section 7).
 pub const CLOSE_INVALID_NAME: u16 = 4400;
@@ -63,25 +79,24 @@ pub const CLOSE_NOT_RUNNING: u16 = 4404;
 pub const CLOSE_UPSTREAM_ERROR: u16 = 4502;
 /// How long connecting and the upstream handshake may take.
 pub const UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// After the proxy stopped: how long the last queued frames and the close
-/// frame may take to reach the plugin, and then how long its close reply may take.
+/// After the proxy stopped: how long the last queued bytes and the close
+/// frame may take to reach either side, and then how long the plugin's
+/// close reply may take.
 pub const UPSTREAM_CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
-/// Most frames queued towards the plugin; when full, client reads pause.
-pub const UPSTREAM_QUEUE_FRAMES: usize = 256;
-/// Most bytes queued towards the plugin; when full, client reads pause. A
-/// larger frame takes the whole budget, so it waits for an empty queue.
-pub const UPSTREAM_QUEUE_BYTES: u32 = 1024 * 1024;
-/// What an empty or tiny frame costs in the byte budget, so the byte bound
-/// also bounds the count.
-const MIN_FRAME_COST: u32 = 64;
-/// Plugin frames moved to the client per poll before yielding to the HTTP
-/// layer (which then writes them out and decides whether to poll again).
-pub const PUMP_FRAMES_PER_POLL: usize = 64;
-/// Plugin bytes moved to the client per poll before yielding.
-pub const PUMP_BYTES_PER_POLL: usize = 256 * 1024;
-
-/// The read half of the plugin socket.
-type UpstreamFrames = Pin<Box<dyn Stream<Item = Result<Frame, ws::ProtocolError>>>>;
+/// Bytes waiting for the plugin's socket above which client reads pause.
+pub const UPSTREAM_BUFFER_BYTES: usize = 256 * 1024;
+/// Chunks queued for the client's response body (each one read from the
+/// plugin, or one frame).
+pub const CLIENT_QUEUE_CHUNKS: usize = 4;
+/// Most bytes read from the plugin at once (a frame that is still arriving
+/// grows the buffer up to its size, at most 8 MiB).
+pub const READ_CHUNK: usize = 64 * 1024;
+/// Control frames of our own (pongs, pings) waiting for the client above
+/// which client reads pause, so a ping flood cannot grow the queue.
+const OUTBOX_MAX: usize = 64;
+/// Rounds of reading and writing per poll before yielding to the other
+/// tasks of the thread (the actor's mailbox and timers included).
+const ROUNDS_PER_POLL: usize = 16;
 
 /// What the upgrade route decided before the socket was accepted.
 #[derive(Debug)]
@@ -89,6 +104,9 @@ enum Target {
     Refuse(u16, &'static str),
     Upstream(PluginPort),
 }
+
+/// A close frame to send: `None` inside means one without a status code.
+type CloseFrame = Option<(u16, String)>;
 
 /// Accepts a `/plugin-ws/{name}` upgrade (the caller has authenticated) and
 /// starts its `PluginProxy`. Refusals are accepted and then closed with
@@ -102,8 +120,9 @@ pub async fn start_proxy<S>(
     conn: Option<WatchedConn>,
 ) -> Result<HttpResponse, actix_web::Error>
 where
-    S: futures_util::Stream<Item = Result<web::Bytes, actix_web::error::PayloadError>> + 'static,
+    S: Stream<Item = Result<Bytes, PayloadError>> + 'static,
 {
+    let mut response = ws::handshake(req)?;
     let target = if !valid_name(name) {
         Target::Refuse(CLOSE_INVALID_NAME, "Invalid plugin name")
     } else {
@@ -123,37 +142,80 @@ where
     };
     // The name is only logged once it is known to be safe to print.
     let name = if valid_name(name) { name } else { "<invalid>" };
-    let proxy = PluginProxy {
+    let (tx, rx) = mpsc::channel(CLIENT_QUEUE_CHUNKS);
+    let (handoff, held) = oneshot::channel();
+    let (dropped, body_gone) = oneshot::channel();
+    PluginProxy {
         name: name.to_string(),
         target: Some(target),
         heartbeat,
         hb: Heartbeat::default(),
+        client_in: Some(Box::pin(stream)),
+        client_in_handoff: Some(handoff),
+        client_buf: BytesMut::new(),
+        client_scan: Scanner::new(Sender::Client, MAX_INBOUND_FRAME),
+        outbox: VecDeque::new(),
+        client_out: Some(PollSender::new(tx.clone())),
+        client_tx: Some(tx),
         upstream: None,
-        to_upstream: None,
-        close_upstream: None,
-        handback: None,
-        budget: Arc::new(Semaphore::new(UPSTREAM_QUEUE_BYTES as usize)),
+        waker: None,
         stop_reason: "client closed",
+        client_reads: conn.as_ref().and_then(WatchedConn::read_closer),
+        body_gone: Some(body_gone),
         conn,
         metric: None,
         _panics: PanicWatch::new("PluginProxy", format!("plugin={name}")),
-    };
-    ws::WsResponseBuilder::new(proxy, req, stream)
-        .frame_size(MAX_INBOUND_FRAME)
-        .start()
+    }
+    .start();
+    Ok(response.streaming(ClientOutput {
+        chunks: rx,
+        held,
+        _input: None,
+        _dropped: dropped,
+    }))
 }
 
-/// A frame for the plugin plus its share of the queue's byte budget,
-/// returned when the writer has handed the frame to the socket.
-struct Outgoing {
-    msg: ws::Message,
-    _budget: OwnedSemaphorePermit,
+/// The client's bytes after the upgrade (the request stream, which may
+/// carry a ticket of the socket limits, given back when it is dropped).
+type ClientInput = Pin<Box<dyn Stream<Item = Result<Bytes, PayloadError>>>>;
+
+/// The response body of the upgrade: what the proxy queued for the client.
+struct ClientOutput {
+    chunks: mpsc::Receiver<Bytes>,
+    /// The client's input stream, handed over when the proxy stops.
+    held: oneshot::Receiver<Option<ClientInput>>,
+    /// Kept until the body is dropped: actix-http closes the connection when
+    /// a response ends before its request stream was dropped, while a dropped
+    /// one is drained until the client closes (which a WebSocket client waits
+    /// for the server to do).
+    _input: Option<ClientInput>,
+    /// Tells the proxy's last task when the body is dropped.
+    _dropped: oneshot::Sender<()>,
 }
 
-/// Sent by the writer task when writing to the plugin failed.
-#[derive(Message, Debug)]
-#[rtype(result = "()")]
-struct UpstreamFailed(String);
+impl Stream for ClientOutput {
+    type Item = Result<Bytes, std::convert::Infallible>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Option<Self::Item>> {
+        let chunk = std::task::ready!(self.chunks.poll_recv(cx));
+        if chunk.is_none() {
+            if let Ok(input) = self.held.try_recv() {
+                self._input = input;
+            }
+        }
+        Poll::Ready(chunk.map(Ok))
+    }
+}
+
+/// The plugin leg after its handshake.
+struct Upstream {
+    io: awc::BoxedSocket,
+    /// Read from the plugin, not yet relayed (a partial frame at most, between polls).
+    read_buf: BytesMut,
+    scan: Scanner,
+    /// Waiting for the plugin's socket.
+    write_buf: BytesMut,
+}
 
 pub struct PluginProxy {
     name: String,
@@ -161,41 +223,45 @@ pub struct PluginProxy {
     target: Option<Target>,
     heartbeat: Duration,
     hb: Heartbeat,
-    /// Read half of the plugin socket; `None` before connecting and after it ended.
-    upstream: Option<UpstreamFrames>,
-    /// Queue to the writer task; dropping it lets the writer finish and close.
-    to_upstream: Option<mpsc::Sender<Outgoing>>,
-    /// The close frame the writer sends after the queue (1001 if dropped unsent).
-    close_upstream: Option<oneshot::Sender<Option<CloseReason>>>,
-    /// Gives the read half to the writer task when the actor stops.
-    handback: Option<oneshot::Sender<Option<UpstreamFrames>>>,
-    /// Byte budget of the queue to the writer.
-    budget: Arc<Semaphore>,
+    /// The client's bytes after the upgrade; `None` once it ended.
+    client_in: Option<ClientInput>,
+    /// Hands `client_in` to the response body when the proxy stops.
+    client_in_handoff: Option<oneshot::Sender<Option<ClientInput>>>,
+    /// Received from the client, not yet relayed (a partial frame).
+    client_buf: BytesMut,
+    client_scan: Scanner,
+    /// Whole frames for the client, waiting for room in the channel.
+    outbox: VecDeque<Bytes>,
+    /// The channel to the response body; `None` once the proxy stopped.
+    client_out: Option<PollSender<Bytes>>,
+    /// The same channel, for the last frames sent after the proxy stopped.
+    client_tx: Option<mpsc::Sender<Bytes>>,
+    upstream: Option<Upstream>,
+    /// Wakes the relay when a timer or message queued something.
+    waker: Option<Waker>,
     /// For the supervision log line in `stopped()`.
     stop_reason: &'static str,
     /// The client's connection, watched for a client that stopped reading.
     conn: Option<WatchedConn>,
+    /// Ends the client connection's reads when the proxy stops, so it closes
+    /// right after the last frames.
+    client_reads: Option<ReadCloser>,
+    /// Resolves when the HTTP layer dropped the response body.
+    body_gone: Option<oneshot::Receiver<()>>,
     /// Counted in `agentgate_connections_*` while the actor lives.
     metric: Option<Connection>,
     _panics: PanicWatch,
 }
 
 impl Actor for PluginProxy {
-    type Context = WebsocketContext<Self>;
+    type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
         self.metric = Some(Connection::open(Endpoint::Plugin));
         let plugin = match self.target.take() {
             None => return,
             Some(Target::Refuse(code, reason)) => {
-                self.stop_reason = reason;
-                let reason = Some(CloseReason {
-                    code: CloseCode::Other(code),
-                    description: Some(reason.to_string()),
-                });
-                note_close(&mut self.metric, &reason);
-                ctx.close(reason);
-                ctx.stop();
+                self.finish(ctx, reason, Some(Some((code, reason.into()))), None);
                 return;
             }
             Some(Target::Upstream(plugin)) => plugin,
@@ -216,35 +282,128 @@ impl Actor for PluginProxy {
         if let Some(conn) = &mut self.conn {
             conn.watch("PluginProxy", ctx.address().recipient());
         }
-        Heartbeat::start(ctx, self.heartbeat, |a: &mut Self| &mut a.hb, "PluginProxy");
+        ctx.run_interval(self.heartbeat, |act, ctx| {
+            if !act.hb.tick() {
+                crate::metrics::metrics().heartbeat_timeout("PluginProxy");
+                tracing::info!(
+                    actor = "PluginProxy",
+                    reason = "heartbeat timeout",
+                    "dropping socket that missed a ping"
+                );
+                act.finish(ctx, "heartbeat timeout", None, Some(going_away_close()));
+                return;
+            }
+            let mut ping = Vec::with_capacity(2);
+            frames::server_frame(&mut ping, frames::OP_PING, b"");
+            act.queue_for_client(ping);
+        });
         let url = format!("ws://127.0.0.1:{port}/ws");
-        // Waiting here (not spawning) keeps client frames unread until the
-        // plugin socket exists, so nothing is buffered or reordered meanwhile.
+        // Waiting here (not spawning) keeps client bytes unread until the
+        // plugin socket exists, so nothing is buffered meanwhile.
         ctx.wait(
             async move {
                 awc::Client::builder()
                     .timeout(UPSTREAM_CONNECT_TIMEOUT)
                     .finish()
                     .ws(url)
-                    .max_frame_size(MAX_INBOUND_FRAME)
                     .connect()
                     .await
             }
             .into_actor(self)
             .map(|res, act, ctx| match res {
-                Ok((_response, framed)) => act.attach(framed, ctx),
-                Err(err) => act.upstream_failed(&format!("connect failed: {err}"), ctx),
+                // Neither leg offers an extension, so a plugin naming one is broken.
+                Ok((response, _))
+                    if response.headers().contains_key("sec-websocket-extensions") =>
+                {
+                    act.upstream_failed(
+                        ctx,
+                        "plugin negotiated an extension it was not offered",
+                        None,
+                    );
+                }
+                Ok((_, framed)) => {
+                    let parts = framed.into_parts();
+                    act.upstream = Some(Upstream {
+                        io: parts.io,
+                        // Bytes the plugin sent right after its handshake.
+                        read_buf: parts.read_buf,
+                        scan: Scanner::new(Sender::Server, MAX_INBOUND_FRAME),
+                        write_buf: BytesMut::new(),
+                    });
+                    // Frames that came with the handshake go first.
+                    act.relay_upstream(ctx);
+                    ctx.spawn(Relay);
+                }
+                Err(err) => act.upstream_failed(ctx, &format!("connect failed: {err}"), None),
             }),
         );
     }
 
     fn stopped(&mut self, _ctx: &mut Self::Context) {
-        // The writer task reads the plugin's close reply on the read half
-        // before dropping the socket (bounded by UPSTREAM_CLOSE_TIMEOUT).
-        if let Some(handback) = self.handback.take() {
-            let _ = handback.send(self.upstream.take());
+        // The last frames for each side, and the plugin's close reply, are
+        // waited for by tasks of their own.
+        self.client_out = None;
+        if let Some(handoff) = self.client_in_handoff.take() {
+            let _ = handoff.send(self.client_in.take());
+        }
+        let tail = ClientTail {
+            last: std::mem::take(&mut self.outbox),
+            tx: self.client_tx.take(),
+            reads: self.client_reads.take(),
+            body_gone: self.body_gone.take(),
+            conn: self.conn.take(),
+        };
+        actix::spawn(tail.run(self.heartbeat * 2 + UPSTREAM_CLOSE_TIMEOUT));
+        if let Some(upstream) = self.upstream.take() {
+            actix::spawn(linger(upstream));
         }
         tracing::info!(event = "actor.stopped", actor = "PluginProxy", plugin = %self.name, reason = self.stop_reason, "actor stopped");
+    }
+}
+
+/// The end of the client leg after the proxy stopped.
+struct ClientTail {
+    /// Frames still for the client, its close frame last.
+    last: VecDeque<Bytes>,
+    tx: Option<mpsc::Sender<Bytes>>,
+    reads: Option<ReadCloser>,
+    /// Resolves when the HTTP layer dropped the response body.
+    body_gone: Option<oneshot::Receiver<()>>,
+    /// Still watched until then: a client that stopped reading is cut off
+    /// by the watchdog, which also ends this task.
+    conn: Option<WatchedConn>,
+}
+
+impl ClientTail {
+    /// Sends the last frames, ends the body and the connection's reads (so
+    /// actix-http closes the connection once they are written), and keeps
+    /// the connection watched until the body is gone. Bounded by `limit`
+    /// when no watchdog watches.
+    async fn run(self, limit: Duration) {
+        let ClientTail {
+            last,
+            tx,
+            reads,
+            body_gone,
+            conn,
+        } = self;
+        let _ = tokio::time::timeout(limit, async move {
+            if let Some(tx) = tx {
+                for chunk in last {
+                    if tx.send(chunk).await.is_err() {
+                        break;
+                    }
+                }
+            }
+            if let Some(reads) = reads {
+                reads.end_reads();
+            }
+            if let Some(gone) = body_gone {
+                let _ = gone.await;
+            }
+            drop(conn);
+        })
+        .await;
     }
 }
 
@@ -252,456 +411,417 @@ impl Handler<Stalled> for PluginProxy {
     type Result = ();
 
     fn handle(&mut self, _: Stalled, ctx: &mut Self::Context) {
-        if stopping(ctx) {
-            return;
-        }
-        self.stop_reason = "slow consumer";
-        self.finish_upstream(None);
-        let reason = Some(CloseReason {
-            code: CloseCode::Other(4008),
-            description: Some("slow consumer".to_string()),
-        });
-        note_close(&mut self.metric, &reason);
-        ctx.close(reason);
-        ctx.stop();
+        let client = Some((4008, "slow consumer".to_string()));
+        self.finish(ctx, "slow consumer", Some(client), Some(going_away_close()));
     }
 }
 
+/// 1001 without a reason: what the plugin gets when the client is gone.
+fn going_away_close() -> CloseFrame {
+    Some((1001, String::new()))
+}
+
 impl PluginProxy {
-    /// Splits the plugin socket: the write half goes to a writer task, the
-    /// read half is polled by the pump.
-    fn attach<S>(&mut self, framed: S, ctx: &mut WebsocketContext<Self>)
-    where
-        S: Stream<Item = Result<Frame, ws::ProtocolError>>
-            + Sink<ws::Message, Error = ws::ProtocolError>
-            + 'static,
-    {
-        let (sink, stream) = framed.split();
-        let (tx, rx) = mpsc::channel(UPSTREAM_QUEUE_FRAMES);
-        let (close_tx, close_rx) = oneshot::channel();
-        let (handback_tx, handback_rx) = oneshot::channel();
-        let ends = WriterEnds {
-            queue: rx,
-            close: close_rx,
-            handback: handback_rx,
-        };
-        actix::spawn(write_upstream(sink, ends, ctx.address()));
-        self.upstream = Some(Box::pin(stream));
-        self.to_upstream = Some(tx);
-        self.close_upstream = Some(close_tx);
-        self.handback = Some(handback_tx);
-        ctx.spawn(UpstreamPump);
+    /// Queues whole frames for the client and wakes the relay to send them.
+    fn queue_for_client(&mut self, frames: impl Into<Bytes>) {
+        self.outbox.push_back(frames.into());
+        if let Some(waker) = &self.waker {
+            waker.wake_by_ref();
+        }
     }
 
-    /// The plugin is being stopped on purpose: both sides get 1001.
-    fn plugin_stopping(&mut self, ctx: &mut WebsocketContext<Self>) {
+    /// Stops the proxy: `client` and `upstream` are the close frames to
+    /// send last on each side (`None`: none, the connection just ends).
+    fn finish(
+        &mut self,
+        ctx: &mut Context<Self>,
+        reason: &'static str,
+        client: Option<CloseFrame>,
+        upstream: Option<CloseFrame>,
+    ) {
         if stopping(ctx) {
             return;
         }
-        self.stop_reason = "plugin stopping";
-        self.finish_upstream(Some(Some(CloseCode::Away.into())));
-        let reason = Some(CloseReason {
-            code: CloseCode::Away,
-            description: Some("Plugin stopping".to_string()),
-        });
-        note_close(&mut self.metric, &reason);
-        ctx.close(reason);
+        self.stop_reason = reason;
+        if let (Some(metric), Some(Some((code, _)))) = (self.metric.as_mut(), &client) {
+            metric.close_code(*code);
+        }
+        if let Some(close) = client {
+            let mut frame = Vec::new();
+            let body = frames::close_body(close.as_ref().map(|(c, r)| (*c, r.as_str())));
+            frames::server_frame(&mut frame, frames::OP_CLOSE, &body);
+            self.queue_for_client(frame);
+        }
+        match (upstream, self.upstream.as_mut()) {
+            (Some(close), Some(up)) => {
+                let body = frames::close_body(close.as_ref().map(|(c, r)| (*c, r.as_str())));
+                let mut frame = Vec::new();
+                frames::client_frame(&mut frame, frames::OP_CLOSE, &body, mask_key());
+                up.write_buf.extend_from_slice(&frame);
+            }
+            // No close frame: the plugin's socket is dropped at once.
+            (None, _) => self.upstream = None,
+            (Some(_), None) => {}
+        }
         ctx.stop();
     }
 
-    /// Closes the client with 4502 and lets the writer close the plugin side.
-    fn upstream_failed(&mut self, detail: &str, ctx: &mut WebsocketContext<Self>) {
+    /// The plugin is being stopped on purpose: both sides get 1001.
+    fn plugin_stopping(&mut self, ctx: &mut Context<Self>) {
+        let close = Some((1001, "Plugin stopping".to_string()));
+        self.finish(ctx, "plugin stopping", Some(close.clone()), Some(close));
+    }
+
+    /// Closes the client with 4502; `upstream` is what the plugin gets.
+    fn upstream_failed(
+        &mut self,
+        ctx: &mut Context<Self>,
+        detail: &str,
+        upstream: Option<CloseFrame>,
+    ) {
         if stopping(ctx) {
             return;
         }
         tracing::warn!(actor = "PluginProxy", plugin = %self.name, error = %detail, "upstream error");
-        self.stop_reason = "upstream error";
-        self.upstream = None;
-        self.finish_upstream(None);
-        let reason = Some(CloseReason {
-            code: CloseCode::Other(CLOSE_UPSTREAM_ERROR),
-            description: Some("Upstream error".to_string()),
-        });
-        note_close(&mut self.metric, &reason);
-        ctx.close(reason);
-        ctx.stop();
+        let client = Some((CLOSE_UPSTREAM_ERROR, "Upstream error".to_string()));
+        self.finish(ctx, "upstream error", Some(client), upstream);
     }
 
-    /// Ends the queue to the plugin: the writer sends what is queued, then
-    /// the close frame `close` (1001 when `None`: the client went away).
-    fn finish_upstream(&mut self, close: Option<Option<CloseReason>>) {
-        if let (Some(tx), Some(close)) = (self.close_upstream.take(), close) {
-            let _ = tx.send(close);
+    /// A client frame broke the protocol: the client gets the violation's
+    /// code, the plugin 1001.
+    fn client_failed(&mut self, ctx: &mut Context<Self>, v: Violation) {
+        tracing::info!(actor = "PluginProxy", plugin = %self.name, code = v.code, error = v.reason, "client protocol error");
+        let client = Some((v.code, v.reason.to_string()));
+        self.finish(ctx, v.reason, Some(client), Some(going_away_close()));
+    }
+
+    /// Moves bytes both ways until nothing is ready (or the round limit,
+    /// then it wakes itself to continue after the other tasks had a turn).
+    /// Ready when the proxy is stopping.
+    fn relay(&mut self, ctx: &mut Context<Self>, cx: &mut TaskContext<'_>) -> Poll<()> {
+        if !self.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            self.waker = Some(cx.waker().clone());
         }
-        self.close_upstream = None;
-        self.to_upstream = None;
-    }
-
-    /// Queues a client frame for the plugin. When the queue is full, stops
-    /// reading the client until there is room (plugin frames keep flowing).
-    fn forward(&mut self, msg: ws::Message, ctx: &mut WebsocketContext<Self>) {
-        let Some(tx) = &self.to_upstream else {
-            return;
-        };
-        let cost = frame_cost(&msg);
-        let msg = match self.budget.clone().try_acquire_many_owned(cost) {
-            Ok(permit) => match tx.try_send(Outgoing {
-                msg,
-                _budget: permit,
-            }) {
-                Ok(()) => return,
-                // The writer ended: it reports why with UpstreamFailed.
-                Err(mpsc::error::TrySendError::Closed(_)) => return,
-                Err(mpsc::error::TrySendError::Full(out)) => out.msg,
-            },
-            Err(_) => msg,
-        };
-        let budget = self.budget.clone();
-        let tx = tx.clone();
-        let room = async move {
-            let permit = budget.acquire_many_owned(cost).await.ok()?;
-            let slot = tx.reserve_owned().await.ok()?;
-            slot.send(Outgoing {
-                msg,
-                _budget: permit,
-            });
-            Some(())
-        };
-        ctx.wait(WaitForRoom {
-            room: Box::pin(room),
-        });
-    }
-
-    /// Moves plugin frames to the client: until the plugin has nothing more
-    /// ready, or the per-poll limits are reached (then it wakes itself to
-    /// continue after the HTTP layer has written). Ready when the upstream is gone.
-    fn pump(&mut self, ctx: &mut WebsocketContext<Self>, task: &mut TaskContext<'_>) -> Poll<()> {
-        let mut frames = 0;
-        let mut bytes = 0;
-        loop {
-            // Nothing may follow the close frame; the read half now belongs
-            // to the writer task (handed back in `stopped()`).
+        for _ in 0..ROUNDS_PER_POLL {
+            let mut progress = self.flush_outbox(ctx, cx);
+            progress |= self.flush_upstream(ctx, cx);
+            if self.outbox.is_empty() {
+                progress |= self.read_upstream(ctx, cx);
+            }
+            let room = self
+                .upstream
+                .as_ref()
+                .is_some_and(|up| up.write_buf.len() < UPSTREAM_BUFFER_BYTES);
+            if room && self.outbox.len() < OUTBOX_MAX {
+                progress |= self.read_client(ctx, cx);
+            }
             if stopping(ctx) {
                 return Poll::Ready(());
             }
-            let Some(upstream) = self.upstream.as_mut() else {
-                return Poll::Ready(());
-            };
-            match upstream.as_mut().poll_next(task) {
-                Poll::Pending => return Poll::Pending,
-                Poll::Ready(Some(Ok(frame))) => {
-                    bytes += frame_len(&frame);
-                    self.on_upstream_frame(frame, ctx);
-                }
-                Poll::Ready(Some(Err(err))) => {
-                    self.upstream_failed(&format!("read failed: {err}"), ctx);
-                    return Poll::Ready(());
-                }
-                Poll::Ready(None) => {
-                    self.upstream_failed("plugin closed the connection without a close frame", ctx);
-                    return Poll::Ready(());
-                }
-            }
-            frames += 1;
-            if frames >= PUMP_FRAMES_PER_POLL || bytes >= PUMP_BYTES_PER_POLL {
-                task.waker().wake_by_ref();
+            if !progress {
                 return Poll::Pending;
             }
         }
+        cx.waker().wake_by_ref();
+        Poll::Pending
     }
 
-    fn on_upstream_frame(&mut self, frame: Frame, ctx: &mut WebsocketContext<Self>) {
-        match frame {
-            Frame::Text(bytes) => match ByteString::try_from(bytes) {
-                Ok(text) => ctx.text(text),
-                Err(_) => self.upstream_failed("plugin sent a text frame that is not UTF-8", ctx),
-            },
-            Frame::Binary(bytes) => ctx.binary(bytes),
-            Frame::Continuation(item) => ctx.write_raw(ws::Message::Continuation(item)),
-            Frame::Ping(payload) => {
-                // A pong is tiny; if the queue is full the plugin is not
-                // reading anyway, so dropping this one pong loses nothing.
-                if let Some(tx) = &self.to_upstream {
-                    if let Ok(permit) = self.budget.clone().try_acquire_many_owned(MIN_FRAME_COST) {
-                        let _ = tx.try_send(Outgoing {
-                            msg: ws::Message::Pong(payload),
-                            _budget: permit,
-                        });
+    /// Hands queued frames to the response body while it has room.
+    fn flush_outbox(&mut self, ctx: &mut Context<Self>, cx: &mut TaskContext<'_>) -> bool {
+        let Some(out) = self.client_out.as_mut() else {
+            return false;
+        };
+        let mut progress = false;
+        while !self.outbox.is_empty() {
+            match out.poll_reserve(cx) {
+                Poll::Ready(Ok(())) => {
+                    if let Some(chunk) = self.outbox.pop_front() {
+                        let _ = out.send_item(chunk);
+                    }
+                    progress = true;
+                }
+                Poll::Ready(Err(_)) => {
+                    // The HTTP layer dropped the body: the client is gone.
+                    self.finish(ctx, "client disconnected", None, Some(going_away_close()));
+                    return false;
+                }
+                Poll::Pending => break,
+            }
+        }
+        progress
+    }
+
+    /// Writes what waits for the plugin.
+    fn flush_upstream(&mut self, ctx: &mut Context<Self>, cx: &mut TaskContext<'_>) -> bool {
+        let Some(up) = self.upstream.as_mut() else {
+            return false;
+        };
+        let mut progress = false;
+        while !up.write_buf.is_empty() {
+            match Pin::new(&mut up.io).poll_write(cx, &up.write_buf) {
+                Poll::Ready(Ok(n)) if n > 0 => {
+                    up.write_buf.advance(n);
+                    progress = true;
+                }
+                Poll::Ready(Ok(_)) => {
+                    self.upstream_failed(ctx, "write failed: connection closed", None);
+                    return false;
+                }
+                Poll::Ready(Err(err)) => {
+                    self.upstream_failed(ctx, &format!("write failed: {err}"), None);
+                    return false;
+                }
+                Poll::Pending => break,
+            }
+        }
+        progress
+    }
+
+    /// Reads from the plugin once and relays the whole frames read.
+    fn read_upstream(&mut self, ctx: &mut Context<Self>, cx: &mut TaskContext<'_>) -> bool {
+        let Some(up) = self.upstream.as_mut() else {
+            return false;
+        };
+        if up.read_buf.capacity() - up.read_buf.len() < READ_CHUNK / 4 {
+            up.read_buf.reserve(READ_CHUNK);
+        }
+        match tokio_util::io::poll_read_buf(Pin::new(&mut up.io), cx, &mut up.read_buf) {
+            Poll::Pending => false,
+            Poll::Ready(Ok(0)) => {
+                let detail = "plugin closed the connection without a close frame";
+                self.upstream_failed(ctx, detail, None);
+                false
+            }
+            Poll::Ready(Ok(_)) => {
+                self.relay_upstream(ctx);
+                true
+            }
+            Poll::Ready(Err(err)) => {
+                self.upstream_failed(ctx, &format!("read failed: {err}"), None);
+                false
+            }
+        }
+    }
+
+    /// Relays the whole frames at the head of the plugin's read buffer.
+    fn relay_upstream(&mut self, ctx: &mut Context<Self>) {
+        loop {
+            let Some(up) = self.upstream.as_mut() else {
+                return;
+            };
+            let mut relay = 0;
+            let next = loop {
+                match up.scan.next(&up.read_buf[relay..]) {
+                    Next::Data(n) => relay += n,
+                    other => break other,
+                }
+            };
+            if relay > 0 {
+                let chunk = up.read_buf.split_to(relay).freeze();
+                self.queue_for_client(chunk);
+            }
+            let Some(up) = self.upstream.as_mut() else {
+                return;
+            };
+            match next {
+                Next::Data(_) => unreachable!("consumed above"),
+                Next::Partial => return,
+                Next::Fail(v) => {
+                    let detail = format!("plugin broke the protocol: {}", v.reason);
+                    self.upstream_failed(
+                        ctx,
+                        &detail,
+                        Some(Some((frames::CLOSE_PROTOCOL, String::new()))),
+                    );
+                    return;
+                }
+                Next::Control { len, control } => {
+                    up.read_buf.advance(len);
+                    match control {
+                        Control::Ping(payload) => {
+                            // A plugin that pings while not reading gets no
+                            // pong: the buffer bound holds.
+                            if up.write_buf.len() < UPSTREAM_BUFFER_BYTES {
+                                let mut pong = Vec::with_capacity(6 + payload.len());
+                                frames::client_frame(
+                                    &mut pong,
+                                    frames::OP_PONG,
+                                    &payload,
+                                    mask_key(),
+                                );
+                                up.write_buf.extend_from_slice(&pong);
+                            }
+                        }
+                        Control::Pong => {}
+                        Control::Close(close) => {
+                            let close =
+                                close.filter(|(code, _)| frames::receivable_close_code(*code));
+                            // Answer the plugin's close with the same code.
+                            self.finish(ctx, "plugin closed", Some(close.clone()), Some(close));
+                            return;
+                        }
                     }
                 }
             }
-            Frame::Pong(_) => {}
-            Frame::Close(reason) => {
-                self.stop_reason = "plugin closed";
-                let reason = sendable(reason);
-                self.upstream = None;
-                // Answer the plugin's close with the same code.
-                self.finish_upstream(Some(reason.clone()));
-                note_close(&mut self.metric, &reason);
-                ctx.close(reason);
-                ctx.stop();
+        }
+    }
+
+    /// Reads from the client once and queues the whole frames read for the plugin.
+    fn read_client(&mut self, ctx: &mut Context<Self>, cx: &mut TaskContext<'_>) -> bool {
+        let Some(input) = self.client_in.as_mut() else {
+            return false;
+        };
+        let chunk = match Pin::new(input).poll_next(cx) {
+            Poll::Pending => return false,
+            Poll::Ready(Some(Ok(chunk))) => chunk,
+            Poll::Ready(Some(Err(err))) => {
+                tracing::debug!(actor = "PluginProxy", plugin = %self.name, error = %err, "client stream error");
+                self.client_in = None;
+                self.finish(ctx, "client disconnected", None, Some(going_away_close()));
+                return false;
             }
-        }
-    }
-}
-
-impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for PluginProxy {
-    fn handle(&mut self, msg: Result<ws::Message, ws::ProtocolError>, ctx: &mut Self::Context) {
-        if stopping(ctx) {
-            return;
-        }
-        match msg {
-            Ok(
-                msg
-                @ (ws::Message::Text(_) | ws::Message::Binary(_) | ws::Message::Continuation(_)),
-            ) => self.forward(msg, ctx),
-            Ok(ws::Message::Ping(payload)) => ctx.pong(&payload),
-            Ok(ws::Message::Pong(_)) => self.hb.pong(),
-            Ok(ws::Message::Close(reason)) => {
-                self.stop_reason = "client closed";
-                let reason = sendable(reason);
-                self.finish_upstream(Some(reason.clone()));
-                note_close(&mut self.metric, &reason);
-                ctx.close(reason);
-                ctx.stop();
+            Poll::Ready(None) => {
+                self.client_in = None;
+                self.finish(ctx, "client disconnected", None, Some(going_away_close()));
+                return false;
             }
-            Ok(ws::Message::Nop) => {}
-            Err(err) => {
-                let (code, text) = match err {
-                    ws::ProtocolError::Overflow => (CloseCode::Size, "Frame too large"),
-                    _ => (CloseCode::Protocol, "Protocol error"),
-                };
-                tracing::info!(actor = "PluginProxy", plugin = %self.name, error = %err, "client protocol error");
-                self.stop_reason = text;
-                self.finish_upstream(Some(Some(CloseReason {
-                    code: CloseCode::Away,
-                    description: None,
-                })));
-                let reason = Some(CloseReason {
-                    code,
-                    description: Some(text.to_string()),
-                });
-                note_close(&mut self.metric, &reason);
-                ctx.close(reason);
-                ctx.stop();
+        };
+        if self.client_buf.is_empty() {
+            // The usual case: whole frames in the chunk, relayed straight from it.
+            let used = self.relay_client(ctx, &chunk);
+            if !stopping(ctx) {
+                self.client_buf.extend_from_slice(&chunk[used..]);
             }
+        } else {
+            self.client_buf.extend_from_slice(&chunk);
+            let buf = std::mem::take(&mut self.client_buf);
+            let used = self.relay_client(ctx, &buf);
+            self.client_buf = buf;
+            self.client_buf.advance(used);
         }
+        true
     }
 
-    fn finished(&mut self, ctx: &mut Self::Context) {
-        if !stopping(ctx) {
-            self.stop_reason = "client disconnected";
-        }
-        ctx.stop();
-    }
-}
-
-impl Handler<UpstreamFailed> for PluginProxy {
-    type Result = ();
-
-    fn handle(&mut self, msg: UpstreamFailed, ctx: &mut Self::Context) {
-        if self.to_upstream.is_some() {
-            self.upstream_failed(&format!("write failed: {}", msg.0), ctx);
-        }
-    }
-}
-
-/// Runs for the life of the actor: relays plugin frames to the client.
-struct UpstreamPump;
-
-impl ActorFuture<PluginProxy> for UpstreamPump {
-    type Output = ();
-
-    fn poll(
-        self: Pin<&mut Self>,
-        act: &mut PluginProxy,
-        ctx: &mut WebsocketContext<PluginProxy>,
-        task: &mut TaskContext<'_>,
-    ) -> Poll<()> {
-        act.pump(ctx, task)
-    }
-}
-
-/// Pauses the actor (so client frames stay unread) until a client frame fits
-/// into the queue to the plugin. Relays plugin frames while it waits: the
-/// actor's other futures do not run during a `ctx.wait`.
-struct WaitForRoom {
-    room: Pin<Box<dyn std::future::Future<Output = Option<()>>>>,
-}
-
-impl ActorFuture<PluginProxy> for WaitForRoom {
-    type Output = ();
-
-    fn poll(
-        self: Pin<&mut Self>,
-        act: &mut PluginProxy,
-        ctx: &mut WebsocketContext<PluginProxy>,
-        task: &mut TaskContext<'_>,
-    ) -> Poll<()> {
-        let this = self.get_mut();
-        if act.pump(ctx, task).is_ready() && act.upstream.is_none() {
-            // Upstream gone (the actor is stopping): stop waiting.
-            return Poll::Ready(());
-        }
-        // `None`: the writer ended; it reports the failure itself.
-        this.room.as_mut().poll(task).map(|_| ())
-    }
-}
-
-/// The writer task's ends of its channels from the proxy.
-struct WriterEnds {
-    /// Frames for the plugin; ends when the proxy drops its sender.
-    queue: mpsc::Receiver<Outgoing>,
-    /// The close frame to send after the queue; dropped unsent means 1001.
-    close: oneshot::Receiver<Option<CloseReason>>,
-    /// The read half, handed back when the proxy actor stops.
-    handback: oneshot::Receiver<Option<UpstreamFrames>>,
-}
-
-/// Writes queued frames to the plugin (batching what is already queued into
-/// one flush), then the close frame; then waits for the plugin's close reply
-/// on the read half before the socket is dropped, so the plugin sees a clean
-/// closing handshake. Once the proxy has stopped, every step is bounded by
-/// [`UPSTREAM_CLOSE_TIMEOUT`]: a plugin that stopped reading cannot keep this
-/// task (or the socket) alive. Reports a write error to the proxy.
-async fn write_upstream<S>(mut sink: S, ends: WriterEnds, proxy: Addr<PluginProxy>)
-where
-    S: Sink<ws::Message, Error = ws::ProtocolError> + Unpin,
-{
-    let WriterEnds {
-        mut queue,
-        close,
-        handback,
-    } = ends;
-    let write = async {
-        while let Some(out) = queue.recv().await {
-            sink.feed(out.msg).await?;
-            while let Ok(out) = queue.try_recv() {
-                sink.feed(out.msg).await?;
-            }
-            sink.flush().await?;
-        }
-        let close = close.await.unwrap_or(Some(CloseReason {
-            code: CloseCode::Away,
-            description: None,
-        }));
-        sink.send(ws::Message::Close(close)).await
-    };
-    let mut write = std::pin::pin!(write);
-    let mut handback = std::pin::pin!(async { handback.await.ok().flatten() });
-    let written = tokio::select! {
-        written = &mut write => written,
-        read_half = &mut handback => {
-            // The proxy stopped while frames were still on their way.
-            match tokio::time::timeout(UPSTREAM_CLOSE_TIMEOUT, &mut write).await {
-                Ok(written) => {
-                    report(&proxy, written);
-                    linger(read_half).await;
+    /// Relays the whole frames at the head of `buf` from the client; returns
+    /// how many bytes were consumed.
+    fn relay_client(&mut self, ctx: &mut Context<Self>, buf: &[u8]) -> usize {
+        let mut done = 0;
+        loop {
+            let mut relay = done;
+            let next = loop {
+                match self.client_scan.next(&buf[relay..]) {
+                    Next::Data(n) => relay += n,
+                    other => break other,
                 }
-                Err(_) => tracing::info!(actor = "PluginProxy", "plugin did not take the last frames in time; dropping its socket"),
+            };
+            if relay > done {
+                if let Some(up) = self.upstream.as_mut() {
+                    up.write_buf.extend_from_slice(&buf[done..relay]);
+                }
+                done = relay;
             }
-            return;
+            match next {
+                Next::Data(_) => unreachable!("consumed above"),
+                Next::Partial => return done,
+                Next::Fail(v) => {
+                    self.client_failed(ctx, v);
+                    return buf.len();
+                }
+                Next::Control { len, control } => {
+                    done += len;
+                    match control {
+                        Control::Ping(payload) => {
+                            let mut pong = Vec::with_capacity(2 + payload.len());
+                            frames::server_frame(&mut pong, frames::OP_PONG, &payload);
+                            self.queue_for_client(pong);
+                        }
+                        Control::Pong => self.hb.pong(),
+                        Control::Close(close) => {
+                            // Passed on to the plugin, and answered with the same code.
+                            self.finish(ctx, "client closed", Some(close.clone()), Some(close));
+                            return buf.len();
+                        }
+                    }
+                }
+            }
         }
-    };
-    report(&proxy, written);
-    // The queue ends only when the proxy is stopping, so this resolves soon.
-    let read_half = handback.await;
-    linger(read_half).await;
-}
-
-fn report(proxy: &Addr<PluginProxy>, written: Result<(), ws::ProtocolError>) {
-    if let Err(err) = written {
-        proxy.do_send(UpstreamFailed(err.to_string()));
     }
 }
 
-/// Reads (and drops) plugin frames until its close reply or the end of the
-/// connection, for at most [`UPSTREAM_CLOSE_TIMEOUT`].
-async fn linger(read_half: Option<UpstreamFrames>) {
-    let Some(mut frames) = read_half else {
+/// Runs for the life of the actor: moves bytes both ways.
+struct Relay;
+
+impl ActorFuture<PluginProxy> for Relay {
+    type Output = ();
+
+    fn poll(
+        self: Pin<&mut Self>,
+        act: &mut PluginProxy,
+        ctx: &mut Context<PluginProxy>,
+        task: &mut TaskContext<'_>,
+    ) -> Poll<()> {
+        act.relay(ctx, task)
+    }
+}
+
+/// After the proxy stopped: writes what is left for the plugin (its close
+/// frame last), then reads until the plugin's close reply or the end of the
+/// connection, each for at most [`UPSTREAM_CLOSE_TIMEOUT`], so the plugin
+/// sees a clean closing handshake and cannot keep the socket alive.
+async fn linger(mut up: Upstream) {
+    let written = tokio::time::timeout(UPSTREAM_CLOSE_TIMEOUT, async {
+        up.io.write_all(&up.write_buf).await?;
+        up.io.flush().await
+    })
+    .await;
+    if !matches!(written, Ok(Ok(()))) {
+        tracing::info!(
+            actor = "PluginProxy",
+            "plugin did not take the last frames in time; dropping its socket"
+        );
         return;
-    };
+    }
     let _ = tokio::time::timeout(UPSTREAM_CLOSE_TIMEOUT, async {
-        while let Some(Ok(frame)) = frames.next().await {
-            if matches!(frame, Frame::Close(_)) {
-                return;
+        loop {
+            loop {
+                match up.scan.next(&up.read_buf) {
+                    Next::Data(n)
+                    | Next::Control {
+                        len: n,
+                        control: Control::Ping(_) | Control::Pong,
+                    } => {
+                        up.read_buf.advance(n);
+                    }
+                    Next::Control {
+                        control: Control::Close(_),
+                        ..
+                    }
+                    | Next::Fail(_) => return,
+                    Next::Partial => break,
+                }
+            }
+            up.read_buf.reserve(READ_CHUNK);
+            match futures_util::future::poll_fn(|cx| {
+                tokio_util::io::poll_read_buf(Pin::new(&mut up.io), cx, &mut up.read_buf)
+            })
+            .await
+            {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
             }
         }
     })
     .await;
 }
 
-/// Whether the proxy has begun to stop (its close frame may already be queued).
-fn stopping(ctx: &WebsocketContext<PluginProxy>) -> bool {
+/// A masking key for a frame of our own to the plugin.
+fn mask_key() -> [u8; 4] {
+    let id = uuid::Uuid::new_v4();
+    let b = id.as_bytes();
+    [b[0], b[1], b[2], b[3]]
+}
+
+/// Whether the proxy has begun to stop (its close frames may already be queued).
+fn stopping(ctx: &Context<PluginProxy>) -> bool {
     matches!(ctx.state(), ActorState::Stopping | ActorState::Stopped)
-}
-
-/// The close reason to pass on: codes an endpoint may send are kept
-/// (1000-1003, 1007-1014, 3000-4999); reserved ones (1005, 1006, 1015, ...)
-/// become a close without a code.
-fn sendable(reason: Option<CloseReason>) -> Option<CloseReason> {
-    let reason = reason?;
-    let code = u16::from(reason.code);
-    let ok = matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999);
-    ok.then_some(reason)
-}
-
-fn frame_len(frame: &Frame) -> usize {
-    match frame {
-        Frame::Text(b) | Frame::Binary(b) | Frame::Ping(b) | Frame::Pong(b) => b.len(),
-        Frame::Continuation(
-            Item::FirstText(b) | Item::FirstBinary(b) | Item::Continue(b) | Item::Last(b),
-        ) => b.len(),
-        Frame::Close(_) => 0,
-    }
-}
-
-/// The budget a client frame takes while queued.
-fn frame_cost(msg: &ws::Message) -> u32 {
-    let len = match msg {
-        ws::Message::Text(t) => t.len(),
-        ws::Message::Binary(b) | ws::Message::Ping(b) | ws::Message::Pong(b) => b.len(),
-        ws::Message::Continuation(
-            Item::FirstText(b) | Item::FirstBinary(b) | Item::Continue(b) | Item::Last(b),
-        ) => b.len(),
-        ws::Message::Close(_) | ws::Message::Nop => 0,
-    };
-    u32::try_from(len)
-        .unwrap_or(u32::MAX)
-        .clamp(MIN_FRAME_COST, UPSTREAM_QUEUE_BYTES)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn close_codes_pass_through_only_when_sendable() {
-        let r = |code: u16| {
-            Some(CloseReason {
-                code: CloseCode::from(code),
-                description: Some("why".into()),
-            })
-        };
-        for code in [1000, 1001, 1008, 1011, 3000, 4000, 4999] {
-            assert_eq!(sendable(r(code)), r(code), "{code}");
-        }
-        for code in [0, 999, 1004, 1005, 1006, 1015, 2000, 5000] {
-            assert_eq!(sendable(r(code)), None, "{code}");
-        }
-        assert_eq!(sendable(None), None);
-    }
-
-    #[test]
-    fn frame_cost_is_bounded_both_ways() {
-        assert_eq!(frame_cost(&ws::Message::Text("".into())), MIN_FRAME_COST);
-        assert_eq!(
-            frame_cost(&ws::Message::Binary(vec![0u8; 1000].into())),
-            1000
-        );
-        assert_eq!(
-            frame_cost(&ws::Message::Binary(vec![0u8; 4 << 20].into())),
-            UPSTREAM_QUEUE_BYTES
-        );
-    }
 }
