@@ -31,6 +31,9 @@ pub enum Command {
         /// sockets are closed with 1008); prints nothing on stdout.
         #[arg(long)]
         revoke: bool,
+        /// Also make the user an admin (admin API, /admin page, `status`).
+        #[arg(long, conflicts_with = "revoke")]
+        admin: bool,
         /// Lifetime of the printed token in seconds (default 30 days); a
         /// socket opened with it is closed with 1008 when it runs out.
         #[arg(long, value_parser = clap::value_parser!(u64).range(1..), conflicts_with = "revoke")]
@@ -38,6 +41,20 @@ pub enum Command {
     },
     /// Apply the embedded database migrations and exit.
     Migrate,
+    /// What a running gateway is doing: its admin snapshot as tables
+    /// (chat sockets, runs, terminals, plugins), or JSON with `--json`.
+    Status {
+        /// The gateway's address.
+        #[arg(long, env = "AGENTGATE_URL", default_value = "http://127.0.0.1:3001")]
+        url: String,
+        /// An admin's token; default: one minted for the first admin from
+        /// the data dir's secret (an operator on the gateway's machine).
+        #[arg(long, env = "AGENTGATE_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+        /// Print the snapshot as JSON (for scripts).
+        #[arg(long)]
+        json: bool,
+    },
     /// The reference's web UI (CloudCLI), served by `serve`.
     #[command(name = "web-ui", subcommand)]
     WebUi(WebUiCommand),

@@ -286,6 +286,8 @@ pub struct Identity {
     pub token_version: i32,
     /// When the request's token expires; `None` in platform mode (no token).
     pub expires: Option<std::time::SystemTime>,
+    /// The user may use the admin routes.
+    pub admin: bool,
 }
 
 impl Identity {
@@ -327,6 +329,33 @@ impl FromRequest for Authed {
             Identity::from_request(req, payload)
                 .into_inner()
                 .map(|i| Authed(i.user)),
+        )
+    }
+}
+
+/// The user of a request to an admin route: any other user gets 403
+/// `ADMIN_ONLY` (the first user is an admin; `agentgate token --admin` makes more).
+pub struct Admin(pub AuthUser);
+
+impl FromRequest for Admin {
+    type Error = ApiError;
+    type Future = Ready<Result<Admin, ApiError>>;
+
+    fn from_request(req: &HttpRequest, payload: &mut actix_web::dev::Payload) -> Self::Future {
+        ready(
+            Identity::from_request(req, payload)
+                .into_inner()
+                .and_then(|i| {
+                    if i.admin {
+                        Ok(Admin(i.user))
+                    } else {
+                        Err(ApiError::new(
+                            actix_web::http::StatusCode::FORBIDDEN,
+                            "ADMIN_ONLY",
+                            "This route is for admins",
+                        ))
+                    }
+                }),
         )
     }
 }

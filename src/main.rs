@@ -23,6 +23,7 @@
 //! its child process group. The panic hook below logs every panic as a
 //! structured event so operators see it.
 
+mod admin_api;
 mod api;
 mod auth;
 mod config;
@@ -34,6 +35,7 @@ mod remote_api;
 mod routes;
 mod server;
 mod state;
+mod status;
 mod throttle;
 mod tls;
 mod ui_api;
@@ -86,8 +88,10 @@ fn main() -> ExitCode {
             user,
             revoke,
             ttl_secs,
-        } => token(&cli.common, &user, revoke, ttl_secs),
+            admin,
+        } => token(&cli.common, &user, revoke, ttl_secs, admin),
         Command::Migrate => migrate(&cli.common),
+        Command::Status { url, token, json } => status::run(&cli.common, &url, token, json),
         Command::WebUi(WebUiCommand::Install { version }) => {
             web_ui::install::install(&cli.common.data_dir(), &version).map(|dir| {
                 eprintln!(
@@ -112,6 +116,7 @@ fn token(
     user: &str,
     revoke: bool,
     ttl_secs: Option<u64>,
+    admin: bool,
 ) -> std::io::Result<()> {
     let user = user.trim();
     if user.is_empty() {
@@ -133,7 +138,13 @@ fn token(
     }
     let keys = auth::Keys::load(&data_dir)?;
     files::check_secret_file(&data_dir);
-    let row = db::ensure_user(&mut conn, user).map_err(std::io::Error::other)?;
+    let mut row = db::ensure_user(&mut conn, user).map_err(std::io::Error::other)?;
+    if admin && !row.is_admin {
+        row = db::set_admin(&mut conn, user)
+            .map_err(std::io::Error::other)?
+            .ok_or_else(|| std::io::Error::other(format!("no user named {user}")))?;
+        eprintln!("{} is an admin now", row.username);
+    }
     println!(
         "{}",
         keys.issue_for(

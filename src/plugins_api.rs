@@ -57,7 +57,7 @@ async fn stop(
     answer_of(answer)
 }
 
-fn checked_name(name: String) -> Result<String, ApiError> {
+pub(crate) fn checked_name(name: String) -> Result<String, ApiError> {
     if valid_name(&name) {
         Ok(name)
     } else {
@@ -68,7 +68,7 @@ fn checked_name(name: String) -> Result<String, ApiError> {
     }
 }
 
-fn answer_of(
+pub(crate) fn answer_of(
     answer: Result<Result<PluginStatus, PluginError>, actix::MailboxError>,
 ) -> Result<HttpResponse, ApiError> {
     match answer.map_err(ApiError::internal)? {

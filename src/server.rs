@@ -169,6 +169,7 @@ pub async fn serve(common: Common, args: ServeArgs) -> std::io::Result<()> {
             })
             .configure(routes::configure)
             .configure(crate::plugins_api::configure)
+            .configure(crate::admin_api::configure)
             .configure(crate::remote_api::configure)
             .configure(crate::ui_api::configure)
             // After every API and WebSocket route: the web UI, else the JSON 404.

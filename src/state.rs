@@ -114,6 +114,7 @@ impl AppState {
                 .await??
                 .ok_or_else(|| ApiError::unauthorized("Platform mode: no user exists yet"))?;
             return Ok(Identity {
+                admin: user.is_admin,
                 token_version: user.token_version,
                 expires: None,
                 user: AuthUser {
@@ -137,6 +138,7 @@ impl AppState {
             return Err(ApiError::unauthorized("Token revoked"));
         }
         Ok(Identity {
+            admin: user.is_admin,
             token_version: user.token_version,
             expires: Some(std::time::UNIX_EPOCH + std::time::Duration::from_secs(claims.exp)),
             user: AuthUser {

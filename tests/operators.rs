@@ -631,3 +631,244 @@ async fn supervision_events_are_json_with_stable_fields() {
         "the gateway went on"
     );
 }
+
+/// `agentgate status` against the gateway of `server` (extra args appended).
+fn status(server: &TestServer, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(crate::util::agentgate_bin())
+        .arg("status")
+        .arg("--url")
+        .arg(server.url(""))
+        .arg("--data-dir")
+        .arg(server.data_dir())
+        .args(args)
+        .env_remove("AGENTGATE_TOKEN")
+        .output()
+        .expect("run agentgate status")
+}
+
+async fn snapshot(server: &TestServer, token: &str) -> serde_json::Value {
+    let (code, body) = server.get("/api/admin/snapshot", Some(token)).await;
+    assert_eq!(code, 200, "{body}");
+    body["data"].clone()
+}
+
+/// Roles, the admin API and `agentgate status`: the first user is an admin
+/// and sees every run, terminal and plugin; another user is refused until
+/// `agentgate token --admin` makes them one; the actions reach the actors
+/// that own what they act on.
+#[actix_rt::test]
+async fn admin_api_roles_and_status() {
+    let data = tempfile::tempdir().expect("data dir");
+    crate::plugins::echo_plugin(data.path(), "echo");
+    let server = TestServer::start_in(data, |cmd| {
+        cmd.arg("--claude-bin").arg(example_bin("fake_claude"));
+    });
+    let admin = server.token("alice");
+    let bob = server.token("bob");
+    let project = project_dir();
+
+    // Not an admin: 403 on every admin route, and `status` says so.
+    let (code, body) = server.get("/api/admin/snapshot", Some(&bob)).await;
+    assert_eq!(
+        (code, body["error"]["code"].as_str()),
+        (403, Some("ADMIN_ONLY")),
+        "{body}"
+    );
+    let (code, _) = server
+        .post("/api/admin/ptys/1/kill", Some(&bob), json!({}))
+        .await;
+    assert_eq!(code, 403);
+    let (code, _) = server.get("/api/admin/snapshot", None).await;
+    assert_eq!(code, 401);
+    let out = status(&server, &["--token", &bob]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("403"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Bob streams a run; the admin sees it with its seq climbing.
+    let session = server.create_session(&bob, "claude", project.path()).await;
+    let mut ws = server.ws(&format!("/ws?token={bob}")).await;
+    send(&mut ws, &session, "text:100000 delay_ms:20").await;
+    ws.recv_until_kind("stream_delta").await;
+    let run_of = |snap: &serde_json::Value| {
+        snap["runs"]
+            .as_array()
+            .and_then(|r| {
+                r.iter()
+                    .find(|r| r["sessionId"] == session.as_str())
+                    .cloned()
+            })
+            .unwrap_or(serde_json::Value::Null)
+    };
+    let first = run_of(&snapshot(&server, &admin).await);
+    assert_eq!(first["user"], "bob", "{first}");
+    assert_eq!(first["provider"], "claude");
+    assert_eq!(first["state"], "running");
+    assert_eq!(first["subscribers"], 1);
+    let seq = first["lastSeq"].as_u64().expect("lastSeq");
+    loop {
+        ws.recv_json().await;
+        let now = run_of(&snapshot(&server, &admin).await);
+        if now["lastSeq"].as_u64() > Some(seq) {
+            break;
+        }
+    }
+    let snap = snapshot(&server, &admin).await;
+    let socket = snap["sockets"]
+        .as_array()
+        .and_then(|s| s.iter().find(|s| s["user"] == "bob").cloned())
+        .expect("bob's chat socket");
+    let echo = snap["plugins"]
+        .as_array()
+        .and_then(|p| p.iter().find(|p| p["name"] == "echo").cloned())
+        .expect("the echo plugin");
+    assert!(echo["restarts"].is_u64(), "{echo}");
+
+    // `status` prints it as tables, and as JSON.
+    let out = status(&server, &[]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for needle in ["RUNS (1)", "CHAT SOCKETS", "TERMINALS", "PLUGINS", "echo"] {
+        assert!(text.contains(needle), "{needle} missing:\n{text}");
+    }
+    let row = text
+        .lines()
+        .find(|l| l.contains(&session))
+        .unwrap_or_else(|| panic!("no row for the run:\n{text}"));
+    assert!(
+        row.contains("bob") && row.contains("claude") && row.contains("running"),
+        "{row}"
+    );
+    let out = status(&server, &["--json"]);
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status --json");
+    assert_eq!(run_of(&json)["user"], "bob");
+
+    // The live stream: a snapshot event.
+    let mut res = server
+        .client()
+        .get(server.url("/api/admin/events"))
+        .bearer_auth(&admin)
+        .send()
+        .await
+        .expect("events");
+    assert_eq!(res.status().as_u16(), 200);
+    let chunk = futures_util::StreamExt::next(&mut res)
+        .await
+        .expect("a chunk")
+        .expect("bytes");
+    let chunk = String::from_utf8_lossy(&chunk).to_string();
+    assert!(chunk.starts_with("event: snapshot\ndata: {"), "{chunk}");
+    drop(res);
+
+    // Abort from the admin API: bob's client gets complete with aborted: true.
+    let (code, body) = server
+        .post(
+            &format!("/api/admin/runs/{session}/abort"),
+            Some(&admin),
+            json!({}),
+        )
+        .await;
+    assert_eq!(code, 200, "{body}");
+    let events = until_complete(&mut ws, &session).await;
+    assert_eq!(events.last().unwrap()["aborted"], true);
+    let (code, _) = server
+        .post(
+            &format!("/api/admin/runs/{session}/abort"),
+            Some(&admin),
+            json!({}),
+        )
+        .await;
+    assert_eq!(code, 404, "no run left to abort");
+
+    // Disconnect bob's socket: closed with 4000.
+    let (code, body) = server
+        .post(
+            &format!("/api/admin/sockets/{}/disconnect", socket["id"]),
+            Some(&admin),
+            json!({}),
+        )
+        .await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(ws.recv_close().await, Some(4000));
+
+    // Kill bob's terminal: his client sees it end.
+    let mut shell = server.ws(&format!("/shell?token={bob}")).await;
+    shell
+        .send_json(json!({"type":"init","projectPath": project.path(), "initialCommand": "echo admin-shell-ready; exec sleep 300", "cols": 80, "rows": 24}))
+        .await;
+    loop {
+        match shell.recv().await {
+            WsEvent::Text(t) if t.contains("admin-shell-ready") => break,
+            WsEvent::Text(_) => {}
+            other => panic!("shell ended: {other:?}"),
+        }
+    }
+    let snap = snapshot(&server, &admin).await;
+    let pty = snap["ptys"][0].clone();
+    assert_eq!(pty["user"], "bob", "{snap}");
+    assert_eq!(pty["sockets"], 1);
+    let (code, _) = server
+        .post(
+            &format!("/api/admin/ptys/{}/kill", pty["id"]),
+            Some(&admin),
+            json!({}),
+        )
+        .await;
+    assert_eq!(code, 200);
+    loop {
+        match shell.recv().await {
+            WsEvent::Text(t) if t.contains("Process exited") || t.contains("exit") => break,
+            WsEvent::Text(_) => {}
+            WsEvent::Close(..) | WsEvent::Ended => break,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !snapshot(&server, &admin).await["ptys"]
+        .as_array()
+        .is_some_and(|p| p.is_empty())
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the terminal lives on"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+
+    // Stop and restart a plugin.
+    let (code, body) = server
+        .post("/api/admin/plugins/echo/stop", Some(&admin), json!({}))
+        .await;
+    assert_eq!(
+        (code, body["data"]["state"].as_str()),
+        (200, Some("stopped")),
+        "{body}"
+    );
+    let (code, body) = server
+        .post("/api/admin/plugins/echo/restart", Some(&admin), json!({}))
+        .await;
+    assert_eq!(
+        (code, body["data"]["running"].as_bool()),
+        (200, Some(true)),
+        "{body}"
+    );
+
+    // `agentgate token --admin` makes bob an admin.
+    let out = std::process::Command::new(crate::util::agentgate_bin())
+        .args(["token", "--user", "bob", "--admin", "--data-dir"])
+        .arg(server.data_dir())
+        .env_remove("AGENTGATE_JWT_SECRET")
+        .output()
+        .expect("agentgate token --admin");
+    assert!(out.status.success());
+    let bob_admin = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let (code, _) = server.get("/api/admin/snapshot", Some(&bob_admin)).await;
+    assert_eq!(code, 200);
+}

@@ -128,6 +128,8 @@ pub struct User {
     pub created_at: String,
     /// Tokens issued with an older version are revoked.
     pub token_version: i32,
+    /// May use the admin API and page (the first user is one).
+    pub is_admin: bool,
 }
 
 pub fn user_by_name(conn: &mut SqliteConnection, name: &str) -> Result<Option<User>, DbError> {
@@ -157,6 +159,28 @@ pub fn first_user(conn: &mut SqliteConnection) -> Result<Option<User>, DbError> 
         .optional()?)
 }
 
+/// Every user's name by id (the admin snapshot names users).
+pub fn usernames(
+    conn: &mut SqliteConnection,
+) -> Result<std::collections::HashMap<i64, String>, DbError> {
+    Ok(users::table
+        .select((users::id, users::username))
+        .load::<(i32, String)>(conn)?
+        .into_iter()
+        .map(|(id, name)| (i64::from(id), name))
+        .collect())
+}
+
+/// The first admin (by id), for `agentgate status` without `--token`.
+pub fn first_admin(conn: &mut SqliteConnection) -> Result<Option<User>, DbError> {
+    Ok(users::table
+        .filter(users::is_admin.eq(true))
+        .order(users::id.asc())
+        .select(User::as_select())
+        .first(conn)
+        .optional()?)
+}
+
 pub fn user_count(conn: &mut SqliteConnection) -> Result<i64, DbError> {
     Ok(users::table.count().get_result(conn)?)
 }
@@ -166,8 +190,11 @@ pub fn create_user(
     name: &str,
     password_hash: Option<&str>,
 ) -> Result<User, DbError> {
+    // The first user is an admin, however it was created (callers hold a transaction).
+    let first = user_count(conn)? == 0;
     Ok(diesel::insert_into(users::table)
         .values((
+            users::is_admin.eq(first),
             users::username.eq(name),
             users::password_hash.eq(password_hash),
             users::created_at.eq(now()),
@@ -204,6 +231,17 @@ pub fn revoke_tokens(conn: &mut SqliteConnection, name: &str) -> Result<Option<U
     Ok(
         diesel::update(users::table.filter(users::username.eq(name)))
             .set(users::token_version.eq(users::token_version + 1))
+            .returning(User::as_returning())
+            .get_result(conn)
+            .optional()?,
+    )
+}
+
+/// Makes `name` an admin (`agentgate token --admin`); the user with the new role.
+pub fn set_admin(conn: &mut SqliteConnection, name: &str) -> Result<Option<User>, DbError> {
+    Ok(
+        diesel::update(users::table.filter(users::username.eq(name)))
+            .set(users::is_admin.eq(true))
             .returning(User::as_returning())
             .get_result(conn)
             .optional()?,

@@ -7,6 +7,7 @@ diesel::table! {
         password_hash -> Nullable<Text>,
         created_at -> Text,
         token_version -> Integer,
+        is_admin -> Bool,
     }
 }
 

@@ -206,7 +206,10 @@ pub struct RunStarted {
     pub duplicate: bool,
 }
 
-/// `chat.abort` from a socket.
+/// The `user_id` of an [`AbortRun`] from the admin API: any user's run.
+pub const ADMIN_USER: i64 = -1;
+
+/// `chat.abort` from a socket (or, with [`ADMIN_USER`], from an admin).
 #[derive(Message)]
 #[rtype(result = "Result<(), ChatError>")]
 pub struct AbortRun {
@@ -1993,6 +1996,132 @@ impl Handler<StartRun> for RunRegistry {
     }
 }
 
+/// Admin snapshot: every connected subscriber and every run in memory
+/// (live, or completed and retained for late subscribers).
+#[derive(Message)]
+#[rtype(result = "RegistrySnapshot")]
+pub struct AdminSnapshot;
+
+#[derive(Debug, Clone, Default, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RegistrySnapshot {
+    pub sockets: Vec<SocketInfo>,
+    pub runs: Vec<RunInfo>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SocketInfo {
+    pub id: SocketId,
+    pub user_id: i64,
+    /// Delivered to the socket and not yet written by it (its queue).
+    pub queued_bytes: usize,
+    pub queued_deliveries: usize,
+    /// Sessions it follows.
+    pub sessions: usize,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RunInfo {
+    pub session_id: String,
+    pub run_id: String,
+    pub user_id: i64,
+    pub provider: String,
+    /// `running`, `finishing` (its history is being written) or `completed`.
+    pub state: &'static str,
+    pub aborted: bool,
+    pub first_seq: u64,
+    pub last_seq: u64,
+    pub subscribers: usize,
+    /// Every subscriber is behind: the run is not read until one catches up.
+    pub paused: bool,
+    pub pauses: u32,
+    pub age_secs: u64,
+    pub pending_permissions: usize,
+    pub buffered_events: usize,
+    pub buffered_bytes: usize,
+}
+
+impl Handler<AdminSnapshot> for RunRegistry {
+    type Result = MessageResult<AdminSnapshot>;
+
+    fn handle(&mut self, _: AdminSnapshot, _: &mut Context<Self>) -> Self::Result {
+        let mut sockets: Vec<SocketInfo> = self
+            .sockets
+            .iter()
+            .map(|(id, e)| SocketInfo {
+                id: *id,
+                user_id: e.user_id,
+                queued_bytes: e.bytes_in_flight,
+                queued_deliveries: e.batches_in_flight,
+                sessions: e.sessions.len(),
+            })
+            .collect();
+        sockets.sort_by_key(|s| s.id);
+        let mut runs: Vec<RunInfo> = self
+            .sessions
+            .iter()
+            .filter_map(|(id, s)| {
+                let run = s.run.as_ref()?;
+                Some(RunInfo {
+                    session_id: id.clone(),
+                    run_id: run.id.clone(),
+                    user_id: s.owner,
+                    provider: s.provider.as_str().to_string(),
+                    state: match run.status {
+                        Status::Running => "running",
+                        Status::Finishing => "finishing",
+                        Status::Completed => "completed",
+                    },
+                    aborted: run.aborted,
+                    first_seq: run.first_seq,
+                    last_seq: run.last_seq,
+                    subscribers: s.subscribers.len(),
+                    paused: s.paused.is_some(),
+                    pauses: run.pauses,
+                    age_secs: run.started.elapsed().as_secs(),
+                    pending_permissions: run.pending.len(),
+                    buffered_events: s.buffer.len(),
+                    buffered_bytes: s.buffer_bytes,
+                })
+            })
+            .collect();
+        runs.sort_by(|a, b| b.age_secs.cmp(&a.age_secs).then(a.run_id.cmp(&b.run_id)));
+        MessageResult(RegistrySnapshot { sockets, runs })
+    }
+}
+
+/// Admin action: close a subscriber's socket (4000, "disconnected by an
+/// admin"); false when there is no such socket.
+#[derive(Message)]
+#[rtype(result = "bool")]
+pub struct AdminDisconnect {
+    pub socket: SocketId,
+}
+
+impl Handler<AdminDisconnect> for RunRegistry {
+    type Result = bool;
+
+    fn handle(&mut self, msg: AdminDisconnect, _: &mut Context<Self>) -> bool {
+        let Some(entry) = self.sockets.get(&msg.socket) else {
+            return false;
+        };
+        tracing::warn!(
+            actor = "ChatSocket",
+            socket = msg.socket,
+            reason = "disconnected by an admin",
+            "closing socket with 4000"
+        );
+        entry.close.do_send(CloseSocket {
+            code: 4000,
+            reason: "disconnected by an admin",
+        });
+        self.forget_socket(msg.socket);
+        true
+    }
+}
+
 impl Handler<AbortRun> for RunRegistry {
     type Result = Result<(), ChatError>;
 
@@ -2001,7 +2130,8 @@ impl Handler<AbortRun> for RunRegistry {
             let no_run =
                 || ChatError::new(ErrorCode::NoActiveRun, "No active run for this session");
             let state = act.sessions.get(&msg.session_id).ok_or_else(no_run)?;
-            if state.owner != msg.user_id {
+            // An admin (ADMIN_USER) may abort anyone's run.
+            if state.owner != msg.user_id && msg.user_id != ADMIN_USER {
                 return Err(ChatError::new(
                     ErrorCode::SessionNotFound,
                     "Session not found",

@@ -60,7 +60,8 @@ use serde_json::Value;
 
 use crate::protocol::lenient;
 
-pub use pty_hub::{PtyHub, ShutdownPtys};
+pub use pty_hub::{KillPty, ListPtys, PtyHub, ShutdownPtys};
+pub use pty_session::PtyInfo;
 pub use pty_session::PtySession;
 pub use shell_socket::{PtyEnded, PtyOutput, ShellDeps, ShellSocket};
 

@@ -26,7 +26,9 @@ use std::time::Duration;
 use actix::prelude::*;
 
 use super::launch::LaunchSpec;
-use super::pty_session::{PtyClosed, PtyParams, PtySession, TerminatePty, TerminateReason};
+use super::pty_session::{
+    DescribePty, PtyClosed, PtyInfo, PtyParams, PtySession, TerminatePty, TerminateReason,
+};
 use super::{ShellLimits, SocketHandle};
 use crate::config::GatewayConfig;
 
@@ -248,6 +250,54 @@ impl Handler<ShutdownPtys> for PtyHub {
             });
             futures_util::future::join_all(kills).await;
         })
+    }
+}
+
+/// Admin snapshot: every live terminal, described by its own actor.
+#[derive(Message, Debug)]
+#[rtype(result = "Vec<PtyInfo>")]
+pub struct ListPtys;
+
+impl Handler<ListPtys> for PtyHub {
+    type Result = ResponseFuture<Vec<PtyInfo>>;
+
+    fn handle(&mut self, _: ListPtys, _: &mut Self::Context) -> Self::Result {
+        let live: Vec<Addr<PtySession>> = self
+            .sessions
+            .values()
+            .map(|(_, addr)| addr.clone())
+            .collect();
+        Box::pin(async move {
+            let asks = live.iter().map(|addr| addr.send(DescribePty));
+            let mut list: Vec<PtyInfo> = futures_util::future::join_all(asks)
+                .await
+                .into_iter()
+                .filter_map(Result::ok)
+                .collect();
+            list.sort_by_key(|p| p.id);
+            list
+        })
+    }
+}
+
+/// Admin action: kill the terminal with this id; false when there is none.
+#[derive(Message, Debug)]
+#[rtype(result = "bool")]
+pub struct KillPty {
+    pub id: u64,
+}
+
+impl Handler<KillPty> for PtyHub {
+    type Result = bool;
+
+    fn handle(&mut self, msg: KillPty, _: &mut Self::Context) -> bool {
+        let Some((_, addr)) = self.sessions.values().find(|(id, _)| *id == msg.id) else {
+            return false;
+        };
+        addr.do_send(TerminatePty {
+            reason: TerminateReason::Admin,
+        });
+        true
     }
 }
 

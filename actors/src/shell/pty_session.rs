@@ -156,7 +156,32 @@ pub enum TerminateReason {
     Replaced,
     /// Gateway shutdown: its sockets are closed with 1001 at once.
     Shutdown,
+    /// An admin killed it (admin API): its sockets see the exit line.
+    Admin,
 }
+
+/// The admin snapshot's view of one terminal (answered by [`DescribePty`]).
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PtyInfo {
+    pub id: u64,
+    pub user_id: i64,
+    pub key: String,
+    pub pid: i32,
+    pub command: String,
+    /// Sockets attached now (0: detached, waiting for a reconnect).
+    pub sockets: usize,
+    pub age_secs: u64,
+    /// Bytes held for replay to a reattaching client.
+    pub replay_bytes: usize,
+    /// Output frames sent to sockets and not yet written by them.
+    pub in_flight: usize,
+}
+
+/// From the PtyHub: describe this terminal for the admin snapshot.
+#[derive(Message, Debug)]
+#[rtype(result = "PtyInfo")]
+pub struct DescribePty;
 
 /// Internal: a socket handled one output frame (or is gone).
 #[derive(Message, Debug)]
@@ -189,6 +214,8 @@ struct Attached {
 pub struct PtySession {
     /// Counts and logs a panic of this actor (`actor.panicked`).
     _panics: PanicWatch,
+    /// For the admin snapshot's age.
+    started: tokio::time::Instant,
     id: u64,
     owner: i64,
     key: String,
@@ -299,6 +326,7 @@ impl PtySession {
             finished: false,
             stop_reason: "running",
             _panics: PanicWatch::new("PtySession", format!("pty={id}")),
+            started: tokio::time::Instant::now(),
         })
     }
 
@@ -741,6 +769,24 @@ impl Handler<ResizePty> for PtySession {
     }
 }
 
+impl Handler<DescribePty> for PtySession {
+    type Result = MessageResult<DescribePty>;
+
+    fn handle(&mut self, _: DescribePty, _: &mut Self::Context) -> Self::Result {
+        MessageResult(PtyInfo {
+            id: self.id,
+            user_id: self.owner,
+            key: self.key.clone(),
+            pid: self.pid,
+            command: self.summary.clone(),
+            sockets: self.sockets.len(),
+            age_secs: self.started.elapsed().as_secs(),
+            replay_bytes: self.replay.len_bytes(),
+            in_flight: self.sockets.values().map(|a| a.in_flight).sum(),
+        })
+    }
+}
+
 impl Handler<TerminatePty> for PtySession {
     type Result = ();
 
@@ -752,6 +798,11 @@ impl Handler<TerminatePty> for PtySession {
             TerminateReason::Replaced => {
                 // The exit is then observed like any other (exit line to its sockets).
                 tracing::info!(actor = "PtySession", key = %self.key, pty = self.id, "replaced; killing the terminal");
+                self.guard.kill();
+            }
+            TerminateReason::Admin => {
+                tracing::warn!(actor = "PtySession", key = %self.key, pty = self.id, reason = "killed by an admin", "killing the terminal");
+                self.stop_reason = "killed by an admin";
                 self.guard.kill();
             }
             TerminateReason::Shutdown => {
