@@ -375,7 +375,7 @@ async fn a_broken_manifest_is_skipped_and_the_gateway_still_serves() {
         assert!(
             logs.lines()
                 .any(|l| l.contains("invalid manifest") && l.contains(skipped)),
-            "no log line for {skipped}"
+            "no log line for {skipped}: {logs}"
         );
     }
     let (status, _) = server.get("/health", None).await;
