@@ -21,7 +21,7 @@ use actix_web::{web, HttpResponse};
 use agentgate_actors::chat::run_registry::{
     AbortRun, AdminDisconnect, AdminSnapshot, RegistrySnapshot, ADMIN_USER,
 };
-use agentgate_actors::metrics::metrics;
+use agentgate_actors::metrics::{metrics, RecentSupervision};
 use agentgate_actors::plugin::{ListPlugins, StartPlugin, StopPlugin};
 use agentgate_actors::shell::{KillPty, ListPtys};
 use serde_json::{json, Value};
@@ -35,8 +35,14 @@ use crate::state::AppState;
 /// How often the event stream sends a snapshot.
 const EVENTS_EVERY: Duration = Duration::from_secs(1);
 
+/// The admin page's files, embedded: no build step, nothing from a CDN.
+const PAGE_HTML: &str = include_str!("admin_page/index.html");
+const PAGE_JS: &str = include_str!("admin_page/admin.js");
+
 pub fn configure(cfg: &mut web::ServiceConfig) {
-    cfg.route("/api/admin/snapshot", web::get().to(snapshot))
+    cfg.route("/admin", web::get().to(page))
+        .route("/admin/admin.js", web::get().to(page_js))
+        .route("/api/admin/snapshot", web::get().to(snapshot))
         .route("/api/admin/events", web::get().to(events))
         .route("/api/admin/runs/{session}/abort", web::post().to(abort_run))
         .route("/api/admin/ptys/{id}/kill", web::post().to(kill_pty))
@@ -54,12 +60,31 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         );
 }
 
+/// The page itself holds no data (public, like the login form); it asks
+/// for the snapshot with the admin's token.
+async fn page() -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("text/html; charset=utf-8")
+        .insert_header((
+            "Content-Security-Policy",
+            "default-src 'self'; style-src 'self' 'unsafe-inline'",
+        ))
+        .body(PAGE_HTML)
+}
+
+async fn page_js() -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("text/javascript; charset=utf-8")
+        .body(PAGE_JS)
+}
+
 /// The whole snapshot as JSON (also what `agentgate status` prints).
 pub async fn gather(state: &AppState) -> Result<Value, ApiError> {
-    let (registry, ptys, plugins) = tokio::join!(
+    let (registry, ptys, plugins, supervision) = tokio::join!(
         state.registry.send(AdminSnapshot),
         state.shells.send(ListPtys),
         state.plugins.send(ListPlugins),
+        state.supervision.send(RecentSupervision),
     );
     let registry: RegistrySnapshot = registry.unwrap_or_default();
     let ptys = ptys.map_err(ApiError::internal)?;
@@ -94,6 +119,7 @@ pub async fn gather(state: &AppState) -> Result<Value, ApiError> {
         "ptys": ptys_json,
         "plugins": plugins,
         "connections": connections,
+        "supervision": supervision.unwrap_or_default(),
     }))
 }
 

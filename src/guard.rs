@@ -37,6 +37,9 @@ pub const PUBLIC_ROUTES: &[(&str, &str)] = &[
     ("POST", "/api/auth/register"),
     ("POST", "/api/auth/login"),
     ("GET", "/api/auth/status"),
+    // The admin page's files hold no data; its API calls carry a token.
+    ("GET", "/admin"),
+    ("GET", "/admin/admin.js"),
 ];
 
 /// Which origins may drive the gateway from a browser besides its own.

@@ -36,6 +36,7 @@ mod routes;
 mod server;
 mod state;
 mod status;
+mod supervision_layer;
 mod throttle;
 mod tls;
 mod ui_api;
@@ -48,15 +49,18 @@ use clap::Parser;
 use config::{Cli, Command, LogFormat, UserCommand, WebUiCommand};
 
 fn init_logging(format: LogFormat) {
+    use tracing_subscriber::prelude::*;
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     // Logs go to stderr: stdout carries the `listening on` line and tokens.
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    // Supervision events also go to the admin page (supervision_layer.rs).
+    let registry = tracing_subscriber::registry()
+        .with(filter)
+        .with(supervision_layer::SupervisionLayer);
     match format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Text => builder.init(),
+        LogFormat::Json => registry.with(fmt.json()).init(),
+        LogFormat::Text => registry.with(fmt).init(),
     }
     let default_hook = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {

@@ -119,6 +119,9 @@ pub async fn serve(common: Common, args: ServeArgs) -> std::io::Result<()> {
         ConnWatchdog::new(heartbeat)
     });
     let followers = Followers::default().start();
+    // The last supervision events, for the admin page.
+    let supervision = agentgate_actors::metrics::SupervisionLog::default().start();
+    let _ = agentgate_actors::metrics::SUPERVISION.set(supervision.clone().recipient());
     let limits = UserLimits::new(config.limits).start();
 
     let state = web::Data::new(AppState {
@@ -143,6 +146,7 @@ pub async fn serve(common: Common, args: ServeArgs) -> std::io::Result<()> {
         .start(),
         followers,
         limits,
+        supervision,
     });
 
     let app_state = state.clone();

@@ -49,6 +49,8 @@ pub struct AppState {
     /// Open sockets and session creations per user (`--max-sockets-per-user`,
     /// `--max-sessions-per-minute`).
     pub limits: Addr<UserLimits>,
+    /// The last supervision events (admin page).
+    pub supervision: Addr<agentgate_actors::metrics::SupervisionLog>,
 }
 
 impl AppState {

@@ -872,3 +872,94 @@ async fn admin_api_roles_and_status() {
     let (code, _) = server.get("/api/admin/snapshot", Some(&bob_admin)).await;
     assert_eq!(code, 200);
 }
+
+/// The admin page in headless Chromium: the admin signs in, sees a
+/// streaming run with its seq climbing and its events/s chart moving,
+/// aborts it from the page (the chat client gets `complete` with
+/// `aborted: true`), sees a crashed plugin's restart count go up and the
+/// restart among the supervision events; another user is refused.
+/// Screenshots: `<target>/tmp/browser-artifacts/admin-page/`.
+#[actix_rt::test]
+async fn the_admin_page_in_a_real_browser() {
+    use crate::support::browser::{artifacts_dir, BrowserScript};
+    let data = tempfile::tempdir().expect("data dir");
+    crate::plugins::echo_plugin(data.path(), "echo");
+    let server = TestServer::start_in(data, |cmd| {
+        cmd.arg("--claude-bin").arg(example_bin("fake_claude"));
+    });
+    // The first user registers (and is the admin); bob is added later.
+    let (code, body) = server
+        .post(
+            "/api/auth/register",
+            None,
+            json!({"username": "alice", "password": "admin pass 1"}),
+        )
+        .await;
+    assert_eq!(code, 201, "{body}");
+    let out = crate::web_ui::user_add(server.data_dir(), "bob", "bob pass 1\n");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let bob = server.token("bob");
+    let project = project_dir();
+    let session = server.create_session(&bob, "claude", project.path()).await;
+    let mut ws = server.ws(&format!("/ws?token={bob}")).await;
+    send(&mut ws, &session, "text:100000 delay_ms:20").await;
+    ws.recv_until_kind("stream_delta").await;
+
+    let artifacts = artifacts_dir("admin-page");
+    let config = json!({
+        "base": server.url(""),
+        "admin": {"username": "alice", "password": "admin pass 1"},
+        "user": {"username": "bob", "password": "bob pass 1"},
+        "session": session,
+    });
+    let script = BrowserScript::start("admin.js", config, &artifacts);
+    // Blocking waits run off the runtime, so the gateway's clients are not starved.
+    let wait = |mut script: BrowserScript, name: &'static str| {
+        tokio::task::spawn_blocking(move || {
+            let step = script.wait_step(name, Duration::from_secs(180));
+            (script, step)
+        })
+    };
+    let (script, seq) = wait(script, "seq").await.expect("browser");
+    assert!(seq["later"].as_u64() > seq["first"].as_u64(), "{seq}");
+    assert!(seq["rate"].as_f64() > Some(0.0), "{seq}");
+    let (mut script, aborted) = wait(script, "aborted").await.expect("browser");
+    assert!(
+        aborted["state"].as_str().unwrap_or("").contains("aborted"),
+        "{aborted}"
+    );
+    let events = until_complete(&mut ws, &session).await;
+    assert_eq!(events.last().unwrap()["aborted"], true);
+
+    // Crash the plugin; the page shows its restart count go up.
+    let p = crate::plugins::wait_running(&server, &bob, "echo").await;
+    let before = p["restarts"].as_u64().expect("restarts");
+    script.send(json!({"restartsAbove": before}));
+    let pid = p["pid"].as_i64().expect("pid") as i32;
+    // SAFETY: signalling the plugin process this test's gateway started.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    let (script, restarts) = wait(script, "restarts").await.expect("browser");
+    assert!(restarts["value"].as_u64() > Some(before), "{restarts}");
+    let (script, refused) = wait(script, "refused").await.expect("browser");
+    assert_eq!(refused["text"], "This user is not an admin", "{refused}");
+    assert_eq!(refused["appHidden"], true);
+    let shots = tokio::task::spawn_blocking(move || {
+        let shots = script.screenshots();
+        script.finish(Duration::from_secs(60));
+        shots
+    })
+    .await
+    .expect("browser");
+    assert_eq!(shots.len(), 3, "{shots:?}");
+    for shot in shots {
+        assert!(
+            std::fs::metadata(&shot).is_ok_and(|m| m.len() > 1000),
+            "{}",
+            shot.display()
+        );
+    }
+}

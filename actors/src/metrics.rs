@@ -546,3 +546,59 @@ mod tests {
         assert_eq!(format_code(65535, &mut buf), "65535");
     }
 }
+
+/// The last supervision events, for the admin page: fed by the binary's
+/// log layer (one [`Supervised`] per `actor.*` event, dropped when the
+/// mailbox is full: the log has them anyway), read with [`RecentSupervision`].
+///
+/// **Owns** the last [`SUPERVISION_KEPT`] events. **Handles** [`Supervised`],
+/// [`RecentSupervision`]. **Sends** nothing.
+#[derive(Default)]
+pub struct SupervisionLog {
+    recent: std::collections::VecDeque<serde_json::Value>,
+}
+
+/// Supervision events the admin page shows.
+pub const SUPERVISION_KEPT: usize = 50;
+
+/// Where the log layer sends supervision events (set once at startup; the
+/// same process-wide-handle exception as the metrics registry).
+pub static SUPERVISION: std::sync::OnceLock<actix::Recipient<Supervised>> =
+    std::sync::OnceLock::new();
+
+/// One supervision event: its fields and level, with a timestamp.
+#[derive(actix::Message)]
+#[rtype(result = "()")]
+pub struct Supervised(pub serde_json::Value);
+
+/// The kept supervision events, oldest first.
+#[derive(actix::Message)]
+#[rtype(result = "Vec<serde_json::Value>")]
+pub struct RecentSupervision;
+
+impl actix::Actor for SupervisionLog {
+    type Context = actix::Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        ctx.set_mailbox_capacity(256);
+    }
+}
+
+impl actix::Handler<Supervised> for SupervisionLog {
+    type Result = ();
+
+    fn handle(&mut self, msg: Supervised, _: &mut Self::Context) {
+        if self.recent.len() >= SUPERVISION_KEPT {
+            self.recent.pop_front();
+        }
+        self.recent.push_back(msg.0);
+    }
+}
+
+impl actix::Handler<RecentSupervision> for SupervisionLog {
+    type Result = actix::MessageResult<RecentSupervision>;
+
+    fn handle(&mut self, _: RecentSupervision, _: &mut Self::Context) -> Self::Result {
+        actix::MessageResult(self.recent.iter().cloned().collect())
+    }
+}
