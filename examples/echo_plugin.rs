@@ -223,7 +223,11 @@ impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for Echo {
             Err(err) => {
                 eprintln!("echo plugin: protocol error: {err}");
                 let (code, why) = match err {
-                    // actix-web-actors reports a text frame that is not UTF-8 as Io.
+                    // actix-http reports reserved bits as Io(InvalidData),
+                    // actix-web-actors a text frame that is not UTF-8 as Io(Other).
+                    ws::ProtocolError::Io(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+                        (1002, "Protocol error")
+                    }
                     ws::ProtocolError::Io(_) => (1007, "Invalid UTF-8"),
                     ws::ProtocolError::Overflow => (1009, "Frame too large"),
                     _ => (1002, "Protocol error"),
@@ -260,6 +264,10 @@ async fn main() -> std::io::Result<()> {
     })
     .workers(1)
     .shutdown_timeout(SHUTDOWN_SECS)
+    // Close the TCP connection right after a WebSocket's closing handshake
+    // (the server closes first, RFC 6455 section 7.1.1) instead of waiting
+    // up to 1 s for the client to close, as actix-http does by default.
+    .client_disconnect_timeout(Duration::ZERO)
     .bind(("127.0.0.1", 0))?;
     let port = server
         .addrs()
