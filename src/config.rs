@@ -91,7 +91,9 @@ pub struct Common {
     /// Data directory (database, JWT secret, plugins).
     #[arg(long, env = "AGENTGATE_DATA_DIR", global = true)]
     pub data_dir: Option<PathBuf>,
-    /// Database URL; defaults to sqlite://<data-dir>/agentgate.db.
+    /// Database URL: sqlite://<path> (default sqlite://<data-dir>/agentgate.db)
+    /// or postgres://user@host:port/db (an existing database; several
+    /// gateways may share it).
     #[arg(long, env = "AGENTGATE_DATABASE_URL", global = true)]
     pub database_url: Option<String>,
     #[arg(

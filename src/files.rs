@@ -45,6 +45,9 @@ pub fn ensure_private_dir(dir: &Path) -> std::io::Result<()> {
 
 /// The file behind a `sqlite://` URL, unless it is in memory or a URI.
 fn sqlite_file(url: &str) -> Option<PathBuf> {
+    if crate::db::Backend::of(url) == crate::db::Backend::Postgres {
+        return None;
+    }
     let path = url.strip_prefix("sqlite://").unwrap_or(url);
     (!path.is_empty() && path != ":memory:" && !path.starts_with("file:"))
         .then(|| PathBuf::from(path))

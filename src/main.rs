@@ -6,7 +6,7 @@
 //! - [`server`]: startup, the HTTP server, the shutdown sequence.
 //! - [`routes`]: REST routes and WebSocket upgrades (auth first).
 //! - [`auth`]: JWTs, the secret, password hashes.
-//! - [`db`]: SQLite through diesel, off the actor threads.
+//! - [`db`]: SQLite (default) or PostgreSQL through diesel, off the actor threads.
 //! - [`tls`]: the rustls configuration of `--tls-cert` / `--tls-key`.
 //! - [`ui_api`]: the REST routes the web UI reads (projects, history pages).
 //! - [`web_ui`]: the built web UI served after the API, and `web-ui install`.

@@ -67,6 +67,8 @@ pub struct TestServer {
     tls: Option<Arc<rustls::ClientConfig>>,
     /// Stdout after the `listening on` line.
     stdout: Arc<Mutex<String>>,
+    /// `--database-url` given to the server and to its `agentgate token` runs.
+    database_url: Option<String>,
 }
 
 impl TestServer {
@@ -99,7 +101,20 @@ impl TestServer {
     /// Same, with a data dir prepared by the caller (e.g. plugins written into it,
     /// or a restart on the data dir of a previous server).
     pub fn start_in(data: tempfile::TempDir, f: impl FnOnce(&mut Command)) -> TestServer {
+        TestServer::start_on(data, None, f)
+    }
+
+    /// Same, on the database `database_url` (e.g. a PostgreSQL test
+    /// database) instead of the data dir's SQLite file; `token` uses it too.
+    pub fn start_on(
+        data: tempfile::TempDir,
+        database_url: Option<&str>,
+        f: impl FnOnce(&mut Command),
+    ) -> TestServer {
         let mut cmd = Command::new(agentgate_bin());
+        if let Some(url) = database_url {
+            cmd.arg("--database-url").arg(url);
+        }
         cmd.arg("serve")
             .arg("--listen")
             .arg("127.0.0.1:0")
@@ -165,6 +180,7 @@ impl TestServer {
             logs,
             tls: None,
             stdout: rest,
+            database_url: database_url.map(str::to_string),
         }
     }
 
@@ -208,6 +224,7 @@ impl TestServer {
     /// A token from the real `agentgate token --user NAME`.
     pub fn token(&self, user: &str) -> String {
         let out = Command::new(agentgate_bin())
+            .args(self.database_args())
             .arg("token")
             .arg("--user")
             .arg(user)
@@ -230,6 +247,7 @@ impl TestServer {
     /// `agentgate token --revoke --user NAME`: every earlier token of the user is revoked.
     pub fn revoke(&self, user: &str) {
         let out = Command::new(agentgate_bin())
+            .args(self.database_args())
             .args(["token", "--revoke", "--user", user, "--data-dir"])
             .arg(self.data.path())
             .env_remove("AGENTGATE_JWT_SECRET")
@@ -240,6 +258,13 @@ impl TestServer {
             "agentgate token --revoke failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
+    }
+
+    fn database_args(&self) -> Vec<String> {
+        match &self.database_url {
+            Some(url) => vec!["--database-url".into(), url.clone()],
+            None => Vec::new(),
+        }
     }
 
     pub fn url(&self, path: &str) -> String {

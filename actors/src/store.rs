@@ -89,12 +89,17 @@ pub trait SessionStore: Send + Sync + 'static {
     ) -> Result<(), StoreError>;
     /// Records the session's highest seq (never moves it back).
     fn set_last_seq(&self, id: &str, last_seq: u64) -> Result<(), StoreError>;
-    /// Records that seqs up to `upto` may be used (never moves it back);
-    /// the caller uses none of them before this returns (E9).
-    fn reserve_seq(&self, id: &str, upto: u64) -> Result<(), StoreError>;
+    /// Reserves `count` seqs above every seq reserved so far (and above
+    /// `after`, the caller's own reservation), atomically against every other
+    /// gateway on the same database, and returns the end of the block: the
+    /// caller owns `end - count + 1 ..= end` and uses none of them before
+    /// this returns (E9). When nobody reserved since the caller's previous
+    /// block, the new one follows it (`end - count == after`).
+    fn reserve_seq(&self, id: &str, after: u64, count: u64) -> Result<u64, StoreError>;
     /// At a clean shutdown: the session's last seq, and no seq reserved
-    /// beyond it (nothing runs any more).
-    fn release_seq(&self, id: &str, last_seq: u64) -> Result<(), StoreError>;
+    /// beyond it, unless someone reserved after the caller's block ending
+    /// at `reserved` (that reservation is theirs and stays).
+    fn release_seq(&self, id: &str, last_seq: u64, reserved: u64) -> Result<(), StoreError>;
     /// The user's current token version: a token carrying an older one is
     /// revoked; `None` when the user is gone. Remote-session sockets check it
     /// while open (closed with 4003). Default: nothing is ever revoked.

@@ -5,12 +5,10 @@
 
 use agentgate_actors::store::HistoryEntry;
 use diesel::prelude::*;
-use diesel::sql_types::{BigInt, Text};
-use diesel::sqlite::SqliteConnection;
 use serde_json::{json, Value};
 
 use super::schema::{messages, sessions};
-use super::DbError;
+use super::{write_transaction, AnyConnection, DbError};
 
 /// Longest summary taken from a first prompt (chars).
 const SUMMARY_CHARS: usize = 100;
@@ -18,13 +16,13 @@ const SUMMARY_CHARS: usize = 100;
 /// Appends `entries` and deletes the oldest messages beyond `keep`, in one
 /// transaction; the session's `updated_at` becomes its last activity.
 pub fn append(
-    conn: &mut SqliteConnection,
+    conn: &mut AnyConnection,
     session_id: &str,
     entries: &[HistoryEntry],
     keep: usize,
 ) -> Result<(), DbError> {
     let keep = i64::try_from(keep).unwrap_or(i64::MAX);
-    conn.immediate_transaction(|conn| {
+    write_transaction(conn, |conn| {
         for e in entries {
             diesel::insert_into(messages::table)
                 .values((
@@ -37,14 +35,20 @@ pub fn append(
                 ))
                 .execute(conn)?;
         }
-        if count(conn, session_id)? > keep {
-            diesel::sql_query(
-                "DELETE FROM messages WHERE session_id = ? AND id <= \
-                 (SELECT id FROM messages WHERE session_id = ? ORDER BY id DESC LIMIT 1 OFFSET ?)",
+        // The newest message beyond `keep`: it and every older one go.
+        let cutoff: Option<i32> = messages::table
+            .filter(messages::session_id.eq(session_id))
+            .order(messages::id.desc())
+            .offset(keep)
+            .select(messages::id)
+            .first(conn)
+            .optional()?;
+        if let Some(cutoff) = cutoff {
+            diesel::delete(
+                messages::table
+                    .filter(messages::session_id.eq(session_id))
+                    .filter(messages::id.le(cutoff)),
             )
-            .bind::<Text, _>(session_id)
-            .bind::<Text, _>(session_id)
-            .bind::<BigInt, _>(keep)
             .execute(conn)?;
         }
         if let Some(last) = entries.last() {
@@ -56,7 +60,7 @@ pub fn append(
     })
 }
 
-pub fn count(conn: &mut SqliteConnection, session_id: &str) -> Result<i64, DbError> {
+pub fn count(conn: &mut AnyConnection, session_id: &str) -> Result<i64, DbError> {
     Ok(messages::table
         .filter(messages::session_id.eq(session_id))
         .count()
@@ -64,10 +68,7 @@ pub fn count(conn: &mut SqliteConnection, session_id: &str) -> Result<i64, DbErr
 }
 
 /// The session's first prompt, shortened: its summary when it has no name.
-pub fn first_prompt(
-    conn: &mut SqliteConnection,
-    session_id: &str,
-) -> Result<Option<String>, DbError> {
+pub fn first_prompt(conn: &mut AnyConnection, session_id: &str) -> Result<Option<String>, DbError> {
     let body: Option<String> = messages::table
         .filter(messages::session_id.eq(session_id))
         .filter(messages::kind.eq("text"))
@@ -95,7 +96,7 @@ pub struct Page {
 /// result is recorded (even on an older or newer page), as the reference's
 /// history does.
 pub fn page(
-    conn: &mut SqliteConnection,
+    conn: &mut AnyConnection,
     session_id: &str,
     limit: Option<i64>,
     offset: i64,

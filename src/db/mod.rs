@@ -1,10 +1,15 @@
-//! SQLite through diesel.
+//! The database through diesel: SQLite (embedded, the default) or PostgreSQL
+//! (`--database-url postgres://...`, for several gateways sharing one
+//! database). Queries are written once over [`AnyConnection`], diesel's
+//! `MultiConnection` of both; each backend has its own embedded migrations
+//! (`migrations/sqlite`, `migrations/postgres`) for the one schema in
+//! [`schema`].
 //!
 //! Diesel is blocking, so nothing here runs on an actor or request thread:
 //! HTTP handlers call these functions inside `web::block`, and the actors
 //! reach the database through the [`SessionStore`] implementation below,
 //! which they call on tokio's blocking pool. Queries are plain functions over
-//! `&mut SqliteConnection` so they can be tested without HTTP.
+//! `&mut AnyConnection` so they can be tested without HTTP.
 
 pub mod history;
 pub mod project;
@@ -14,22 +19,69 @@ use agentgate_actors::metrics::metrics;
 use std::time::Duration;
 
 use agentgate_actors::store::{HistoryEntry, ProjectRef, SessionRow, SessionStore, StoreError};
-use diesel::connection::SimpleConnection;
+use diesel::connection::{AnsiTransactionManager, SimpleConnection, TransactionManager};
+use diesel::pg::PgConnection;
 use diesel::prelude::*;
-use diesel::r2d2::{ConnectionManager, CustomizeConnection, Pool, PooledConnection};
+use diesel::r2d2::{CustomizeConnection, ManageConnection, Pool, PooledConnection, R2D2Connection};
 use diesel::sqlite::SqliteConnection;
 use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
 
 use schema::{projects, sessions, users};
 
-pub const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
+pub const SQLITE_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/sqlite");
+pub const POSTGRES_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/postgres");
 
 /// How long a writer waits for SQLite's lock before failing.
 const BUSY_TIMEOUT_MS: u32 = 5_000;
-/// Connections in the pool: SQLite has one writer; a few readers suffice.
+/// Connections in the pool: SQLite has one writer; a few readers suffice
+/// (and keep a PostgreSQL server's connection count low per gateway).
 const POOL_SIZE: u32 = 4;
+/// PostgreSQL advisory lock keys: one taken by every [`write_transaction`]
+/// (the single-writer rule SQLite's `BEGIN IMMEDIATE` gives), one around
+/// migrations (two gateways starting at once apply them once).
+const PG_WRITE_LOCK: i64 = 0x6167_6774_7772; // "agtwr"
+const PG_MIGRATE_LOCK: i64 = 0x6167_6774_6d67; // "agtmg"
 
-pub type Conn = PooledConnection<ConnectionManager<SqliteConnection>>;
+/// A connection to either backend; queries take `&mut AnyConnection`.
+#[derive(diesel::MultiConnection)]
+pub enum AnyConnection {
+    Sqlite(SqliteConnection),
+    Postgresql(PgConnection),
+}
+
+/// Runs `$body` with `$c` bound to the inner connection of the backend in
+/// use: for the few statements diesel's `MultiConnection` cannot express
+/// (`RETURNING`, `ON CONFLICT`), written once and compiled for each backend.
+macro_rules! per_backend {
+    ($conn:expr, |$c:ident| $body:expr) => {
+        match $conn {
+            $crate::db::AnyConnection::Sqlite($c) => $body,
+            $crate::db::AnyConnection::Postgresql($c) => $body,
+        }
+    };
+}
+pub(crate) use per_backend;
+
+/// Which database a URL names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+impl Backend {
+    /// `postgres://` and `postgresql://` are PostgreSQL; anything else
+    /// (`sqlite://path`, a plain path) is a SQLite file.
+    pub fn of(url: &str) -> Backend {
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Backend::Postgres
+        } else {
+            Backend::Sqlite
+        }
+    }
+}
+
+pub type Conn = PooledConnection<Manager>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
@@ -47,16 +99,52 @@ pub enum DbError {
     Migration(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
 
+/// Opens connections of the URL's backend (diesel's own manager would try
+/// each backend in turn, and SQLite accepts any string as a file name).
+#[derive(Debug)]
+pub struct Manager {
+    url: String,
+    backend: Backend,
+}
+
+impl Manager {
+    fn establish(&self) -> ConnectionResult<AnyConnection> {
+        match self.backend {
+            Backend::Sqlite => SqliteConnection::establish(&self.url).map(AnyConnection::Sqlite),
+            Backend::Postgres => PgConnection::establish(&self.url).map(AnyConnection::Postgresql),
+        }
+    }
+}
+
+impl ManageConnection for Manager {
+    type Connection = AnyConnection;
+    type Error = diesel::r2d2::Error;
+
+    fn connect(&self) -> Result<AnyConnection, Self::Error> {
+        self.establish()
+            .map_err(diesel::r2d2::Error::ConnectionError)
+    }
+
+    fn is_valid(&self, conn: &mut AnyConnection) -> Result<(), Self::Error> {
+        conn.ping().map_err(diesel::r2d2::Error::QueryError)
+    }
+
+    fn has_broken(&self, conn: &mut AnyConnection) -> bool {
+        std::thread::panicking() || conn.is_broken()
+    }
+}
+
 #[derive(Debug)]
 struct Pragmas;
 
-impl CustomizeConnection<SqliteConnection, diesel::r2d2::Error> for Pragmas {
-    fn on_acquire(&self, conn: &mut SqliteConnection) -> Result<(), diesel::r2d2::Error> {
-        // WAL lets readers run beside the writer; the busy timeout makes a
-        // concurrent writer wait instead of failing with SQLITE_BUSY.
+impl CustomizeConnection<AnyConnection, diesel::r2d2::Error> for Pragmas {
+    fn on_acquire(&self, conn: &mut AnyConnection) -> Result<(), diesel::r2d2::Error> {
         // WAL is set once in `Db::open` (it is stored in the file); here only
         // the per-connection settings. The busy timeout makes a concurrent
         // writer wait instead of failing with SQLITE_BUSY.
+        let AnyConnection::Sqlite(conn) = conn else {
+            return Ok(());
+        };
         conn.batch_execute(&format!(
             "PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}; PRAGMA synchronous = NORMAL; \
              PRAGMA foreign_keys = ON;"
@@ -68,28 +156,40 @@ impl CustomizeConnection<SqliteConnection, diesel::r2d2::Error> for Pragmas {
 /// The connection pool. Cloning shares it.
 #[derive(Clone)]
 pub struct Db {
-    pool: Pool<ConnectionManager<SqliteConnection>>,
+    pool: Pool<Manager>,
 }
 
 impl Db {
-    /// Opens (creating if missing) the database at `url` (`sqlite://path` or a
-    /// plain path) and applies pending migrations.
+    /// Opens the database at `url` and applies pending migrations:
+    /// `postgres://...` (the database must exist), else `sqlite://path` or a
+    /// plain path (created if missing).
     pub fn open(url: &str) -> Result<Db, DbError> {
-        let path = url.strip_prefix("sqlite://").unwrap_or(url);
-        // WAL lets readers run beside the writer. Switched once, on one
-        // connection: several pool connections switching at once on a new
-        // file fail with "database is locked".
-        let mut first = SqliteConnection::establish(path).map_err(|source| DbError::Open {
-            path: path.to_string(),
+        let backend = Backend::of(url);
+        let target = match backend {
+            Backend::Sqlite => url.strip_prefix("sqlite://").unwrap_or(url),
+            Backend::Postgres => url,
+        };
+        let manager = Manager {
+            url: target.to_string(),
+            backend,
+        };
+        // One connection first: its error names what is wrong at once (the
+        // pool would retry until its timeout and keep only the last message).
+        let mut first = manager.establish().map_err(|source| DbError::Open {
+            path: redact(target),
             source,
         })?;
-        first
-            .batch_execute(&format!(
-                "PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}; PRAGMA journal_mode = WAL;"
-            ))
-            .map_err(DbError::Query)?;
+        if let AnyConnection::Sqlite(first) = &mut first {
+            // WAL lets readers run beside the writer. Switched once, on one
+            // connection: several pool connections switching at once on a new
+            // file fail with "database is locked".
+            first
+                .batch_execute(&format!(
+                    "PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}; PRAGMA journal_mode = WAL;"
+                ))
+                .map_err(DbError::Query)?;
+        }
         drop(first);
-        let manager = ConnectionManager::<SqliteConnection>::new(path);
         let pool = Pool::builder()
             .max_size(POOL_SIZE)
             .connection_timeout(Duration::from_secs(10))
@@ -100,17 +200,72 @@ impl Db {
         Ok(db)
     }
 
-    /// Applies the embedded migrations; returns how many ran.
+    /// Applies the embedded migrations of the backend; returns how many ran.
     pub fn migrate(&self) -> Result<usize, DbError> {
         let mut conn = self.conn()?;
-        let applied = conn
-            .run_pending_migrations(MIGRATIONS)
-            .map_err(DbError::Migration)?;
-        Ok(applied.len())
+        let applied = match &mut *conn {
+            AnyConnection::Sqlite(c) => {
+                c.run_pending_migrations(SQLITE_MIGRATIONS).map(|v| v.len())
+            }
+            AnyConnection::Postgresql(c) => {
+                c.batch_execute(&format!("SELECT pg_advisory_lock({PG_MIGRATE_LOCK})"))?;
+                let applied = c
+                    .run_pending_migrations(POSTGRES_MIGRATIONS)
+                    .map(|v| v.len());
+                c.batch_execute(&format!("SELECT pg_advisory_unlock({PG_MIGRATE_LOCK})"))?;
+                applied
+            }
+        };
+        applied.map_err(DbError::Migration)
     }
 
     pub fn conn(&self) -> Result<Conn, DbError> {
         Ok(self.pool.get()?)
+    }
+}
+
+/// The URL without its password, for error messages.
+fn redact(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut u) if u.password().is_some() => {
+            let _ = u.set_password(Some("***"));
+            u.to_string()
+        }
+        _ => url.to_string(),
+    }
+}
+
+/// Runs `f` in a transaction that holds the write lock from its start, so a
+/// read-then-write inside it cannot race another writer: SQLite's `BEGIN
+/// IMMEDIATE`; on PostgreSQL a transaction-scoped advisory lock every such
+/// transaction takes (single statements outside need none).
+pub fn write_transaction<T, F>(conn: &mut AnyConnection, f: F) -> Result<T, DbError>
+where
+    F: FnOnce(&mut AnyConnection) -> Result<T, DbError>,
+{
+    match conn {
+        AnyConnection::Sqlite(c) => {
+            AnsiTransactionManager::begin_transaction_sql(c, "BEGIN IMMEDIATE")?
+        }
+        AnyConnection::Postgresql(c) => {
+            AnsiTransactionManager::begin_transaction_sql(c, "BEGIN")?;
+            if let Err(e) =
+                c.batch_execute(&format!("SELECT pg_advisory_xact_lock({PG_WRITE_LOCK})"))
+            {
+                let _ = AnsiTransactionManager::rollback_transaction(c);
+                return Err(e.into());
+            }
+        }
+    }
+    match f(conn) {
+        Ok(value) => {
+            <AnyConnection as Connection>::TransactionManager::commit_transaction(conn)?;
+            Ok(value)
+        }
+        Err(e) => {
+            <AnyConnection as Connection>::TransactionManager::rollback_transaction(conn)?;
+            Err(e)
+        }
     }
 }
 
@@ -132,7 +287,7 @@ pub struct User {
     pub is_admin: bool,
 }
 
-pub fn user_by_name(conn: &mut SqliteConnection, name: &str) -> Result<Option<User>, DbError> {
+pub fn user_by_name(conn: &mut AnyConnection, name: &str) -> Result<Option<User>, DbError> {
     Ok(users::table
         .filter(users::username.eq(name))
         .select(User::as_select())
@@ -140,7 +295,7 @@ pub fn user_by_name(conn: &mut SqliteConnection, name: &str) -> Result<Option<Us
         .optional()?)
 }
 
-pub fn user_by_id(conn: &mut SqliteConnection, id: i64) -> Result<Option<User>, DbError> {
+pub fn user_by_id(conn: &mut AnyConnection, id: i64) -> Result<Option<User>, DbError> {
     let Ok(id) = i32::try_from(id) else {
         return Ok(None);
     };
@@ -151,7 +306,7 @@ pub fn user_by_id(conn: &mut SqliteConnection, id: i64) -> Result<Option<User>, 
         .optional()?)
 }
 
-pub fn first_user(conn: &mut SqliteConnection) -> Result<Option<User>, DbError> {
+pub fn first_user(conn: &mut AnyConnection) -> Result<Option<User>, DbError> {
     Ok(users::table
         .order(users::id.asc())
         .select(User::as_select())
@@ -161,7 +316,7 @@ pub fn first_user(conn: &mut SqliteConnection) -> Result<Option<User>, DbError> 
 
 /// Every user's name by id (the admin snapshot names users).
 pub fn usernames(
-    conn: &mut SqliteConnection,
+    conn: &mut AnyConnection,
 ) -> Result<std::collections::HashMap<i64, String>, DbError> {
     Ok(users::table
         .select((users::id, users::username))
@@ -172,7 +327,7 @@ pub fn usernames(
 }
 
 /// The first admin (by id), for `agentgate status` without `--token`.
-pub fn first_admin(conn: &mut SqliteConnection) -> Result<Option<User>, DbError> {
+pub fn first_admin(conn: &mut AnyConnection) -> Result<Option<User>, DbError> {
     Ok(users::table
         .filter(users::is_admin.eq(true))
         .order(users::id.asc())
@@ -181,31 +336,32 @@ pub fn first_admin(conn: &mut SqliteConnection) -> Result<Option<User>, DbError>
         .optional()?)
 }
 
-pub fn user_count(conn: &mut SqliteConnection) -> Result<i64, DbError> {
+pub fn user_count(conn: &mut AnyConnection) -> Result<i64, DbError> {
     Ok(users::table.count().get_result(conn)?)
 }
 
 pub fn create_user(
-    conn: &mut SqliteConnection,
+    conn: &mut AnyConnection,
     name: &str,
     password_hash: Option<&str>,
 ) -> Result<User, DbError> {
     // The first user is an admin, however it was created (callers hold a transaction).
     let first = user_count(conn)? == 0;
-    Ok(diesel::insert_into(users::table)
+    let now = now();
+    Ok(per_backend!(conn, |c| diesel::insert_into(users::table)
         .values((
             users::is_admin.eq(first),
             users::username.eq(name),
             users::password_hash.eq(password_hash),
-            users::created_at.eq(now()),
+            users::created_at.eq(&now),
         ))
         .returning(User::as_returning())
-        .get_result(conn)?)
+        .get_result(c))?)
 }
 
 /// The user named `name`, created without a password if missing.
-pub fn ensure_user(conn: &mut SqliteConnection, name: &str) -> Result<User, DbError> {
-    conn.immediate_transaction(|conn| match user_by_name(conn, name)? {
+pub fn ensure_user(conn: &mut AnyConnection, name: &str) -> Result<User, DbError> {
+    write_transaction(conn, |conn| match user_by_name(conn, name)? {
         Some(user) => Ok(user),
         None => create_user(conn, name, None),
     })
@@ -213,11 +369,11 @@ pub fn ensure_user(conn: &mut SqliteConnection, name: &str) -> Result<User, DbEr
 
 /// Adds a user with a password (`agentgate user add`); `None` when the name is taken.
 pub fn add_user(
-    conn: &mut SqliteConnection,
+    conn: &mut AnyConnection,
     name: &str,
     password_hash: &str,
 ) -> Result<Option<User>, DbError> {
-    conn.immediate_transaction(|conn| {
+    write_transaction(conn, |conn| {
         if user_by_name(conn, name)?.is_some() {
             return Ok(None);
         }
@@ -227,52 +383,54 @@ pub fn add_user(
 
 /// Revokes every token issued so far to `name`; the user with the new version,
 /// `None` if there is no such user.
-pub fn revoke_tokens(conn: &mut SqliteConnection, name: &str) -> Result<Option<User>, DbError> {
-    Ok(
-        diesel::update(users::table.filter(users::username.eq(name)))
-            .set(users::token_version.eq(users::token_version + 1))
-            .returning(User::as_returning())
-            .get_result(conn)
-            .optional()?,
+pub fn revoke_tokens(conn: &mut AnyConnection, name: &str) -> Result<Option<User>, DbError> {
+    Ok(per_backend!(conn, |c| diesel::update(
+        users::table.filter(users::username.eq(name))
     )
+    .set(users::token_version.eq(users::token_version + 1))
+    .returning(User::as_returning())
+    .get_result(c)
+    .optional())?)
 }
 
 /// Makes `name` an admin (`agentgate token --admin`); the user with the new role.
-pub fn set_admin(conn: &mut SqliteConnection, name: &str) -> Result<Option<User>, DbError> {
-    Ok(
-        diesel::update(users::table.filter(users::username.eq(name)))
-            .set(users::is_admin.eq(true))
-            .returning(User::as_returning())
-            .get_result(conn)
-            .optional()?,
+pub fn set_admin(conn: &mut AnyConnection, name: &str) -> Result<Option<User>, DbError> {
+    Ok(per_backend!(conn, |c| diesel::update(
+        users::table.filter(users::username.eq(name))
     )
+    .set(users::is_admin.eq(true))
+    .returning(User::as_returning())
+    .get_result(c)
+    .optional())?)
 }
 
 /// Sets a user's password hash; earlier tokens are revoked with it.
 #[allow(dead_code)] // the password-changing commands and routes call it
 pub fn set_password(
-    conn: &mut SqliteConnection,
+    conn: &mut AnyConnection,
     user_id: i32,
     password_hash: &str,
 ) -> Result<Option<User>, DbError> {
-    Ok(diesel::update(users::table.find(user_id))
-        .set((
-            users::password_hash.eq(password_hash),
-            users::token_version.eq(users::token_version + 1),
-        ))
-        .returning(User::as_returning())
-        .get_result(conn)
-        .optional()?)
+    Ok(per_backend!(conn, |c| diesel::update(
+        users::table.find(user_id)
+    )
+    .set((
+        users::password_hash.eq(password_hash),
+        users::token_version.eq(users::token_version + 1),
+    ))
+    .returning(User::as_returning())
+    .get_result(c)
+    .optional())?)
 }
 
 /// Creates the first user; `None` when a user already exists (registration is closed).
 pub fn register_first_user(
-    conn: &mut SqliteConnection,
+    conn: &mut AnyConnection,
     name: &str,
     password_hash: &str,
 ) -> Result<Option<User>, DbError> {
     // IMMEDIATE takes the write lock first, so two racing registrations cannot both win.
-    conn.immediate_transaction(|conn| {
+    write_transaction(conn, |conn| {
         if user_count(conn)? > 0 {
             return Ok(None);
         }
@@ -297,7 +455,7 @@ pub struct Session {
 }
 
 /// The row as the actors see it: with its project, summary and message count.
-pub fn session_row(conn: &mut SqliteConnection, s: Session) -> Result<SessionRow, DbError> {
+pub fn session_row(conn: &mut AnyConnection, s: Session) -> Result<SessionRow, DbError> {
     let summary = project::summary_of(conn, &s)?;
     let project =
         project::project_for_path(conn, s.user_id, &s.project_path)?.map(|p| ProjectRef {
@@ -324,42 +482,37 @@ pub fn session_row(conn: &mut SqliteConnection, s: Session) -> Result<SessionRow
 }
 
 pub fn create_session(
-    conn: &mut SqliteConnection,
+    conn: &mut AnyConnection,
     user_id: i32,
     provider: &str,
     project_path: &str,
     name: Option<&str>,
 ) -> Result<Session, DbError> {
     let now = now();
-    conn.immediate_transaction(|conn| {
-        diesel::insert_into(projects::table)
-            .values((
-                projects::user_id.eq(user_id),
-                projects::path.eq(project_path),
-                projects::created_at.eq(&now),
-            ))
-            .on_conflict((projects::user_id, projects::path))
-            .do_nothing()
-            .execute(conn)?;
-        Ok(diesel::insert_into(sessions::table)
-            .values((
-                sessions::id.eq(uuid::Uuid::new_v4().to_string()),
-                sessions::user_id.eq(user_id),
-                sessions::provider.eq(provider),
-                sessions::project_path.eq(project_path),
-                sessions::custom_name.eq(name),
-                sessions::created_at.eq(&now),
-                sessions::updated_at.eq(&now),
-            ))
-            .returning(Session::as_returning())
-            .get_result(conn)?)
+    write_transaction(conn, |conn| {
+        project::add_if_missing(conn, user_id, project_path, &now)?;
+        let id = uuid::Uuid::new_v4().to_string();
+        Ok(per_backend!(conn, |c| diesel::insert_into(
+            sessions::table
+        )
+        .values((
+            sessions::id.eq(&id),
+            sessions::user_id.eq(user_id),
+            sessions::provider.eq(provider),
+            sessions::project_path.eq(project_path),
+            sessions::custom_name.eq(name),
+            sessions::created_at.eq(&now),
+            sessions::updated_at.eq(&now),
+        ))
+        .returning(Session::as_returning())
+        .get_result(c))?)
     })
 }
 
 /// The user's projects (each a session was ever created in) as `(path,
 /// created_at)`, newest first.
 pub fn user_projects(
-    conn: &mut SqliteConnection,
+    conn: &mut AnyConnection,
     user_id: i32,
 ) -> Result<Vec<(String, String)>, DbError> {
     Ok(projects::table
@@ -369,7 +522,7 @@ pub fn user_projects(
         .load(conn)?)
 }
 
-pub fn session_by_id(conn: &mut SqliteConnection, id: &str) -> Result<Option<Session>, DbError> {
+pub fn session_by_id(conn: &mut AnyConnection, id: &str) -> Result<Option<Session>, DbError> {
     Ok(sessions::table
         .find(id)
         .select(Session::as_select())
@@ -443,99 +596,255 @@ impl SessionStore for DbStore {
         })
     }
 
-    fn reserve_seq(&self, id: &str, upto: u64) -> Result<(), StoreError> {
-        metrics().db_op("reserve_seq", || {
-            let mut conn = self.0.conn().map_err(store_err)?;
-            let upto = i64::try_from(upto).unwrap_or(i64::MAX);
-            diesel::update(sessions::table.find(id))
-                .filter(sessions::seq_reserved.lt(upto))
-                .set(sessions::seq_reserved.eq(upto))
-                .execute(&mut conn)
-                .map_err(|e| store_err(e.into()))?;
-            Ok(())
-        })
+    fn reserve_seq(&self, id: &str, after: u64, count: u64) -> Result<u64, StoreError> {
+        metrics().db_op("reserve_seq", || self.reserve_block(id, after, count))
     }
 
-    fn release_seq(&self, id: &str, last_seq: u64) -> Result<(), StoreError> {
-        metrics().db_op("release_seq", || {
-            self.set_last_seq(id, last_seq)?;
-            let mut conn = self.0.conn().map_err(store_err)?;
-            let seq = i64::try_from(last_seq).unwrap_or(i64::MAX);
+    fn release_seq(&self, id: &str, last_seq: u64, reserved: u64) -> Result<(), StoreError> {
+        metrics().db_op("release_seq", || self.release_block(id, last_seq, reserved))
+    }
+}
+
+impl DbStore {
+    fn reserve_block(&self, id: &str, after: u64, count: u64) -> Result<u64, StoreError> {
+        let mut conn = self.0.conn().map_err(store_err)?;
+        let after = i64::try_from(after).unwrap_or(i64::MAX);
+        let count = i64::try_from(count).unwrap_or(i64::MAX);
+        // Read and write under the write lock: two gateways reserving at
+        // once get disjoint blocks, the second above the first.
+        let end = write_transaction(&mut conn, |conn| {
+            let row: Option<(i64, i64)> = sessions::table
+                .find(id)
+                .select((sessions::seq_reserved, sessions::last_seq))
+                .first(conn)
+                .optional()?;
+            let Some((reserved, last)) = row else {
+                // No row (deleted): nobody else can use its seqs.
+                return Ok(after.saturating_add(count));
+            };
+            let end = reserved.max(last).max(after).saturating_add(count);
             diesel::update(sessions::table.find(id))
-                .set(sessions::seq_reserved.eq(seq))
-                .execute(&mut conn)
-                .map_err(|e| store_err(e.into()))?;
-            Ok(())
+                .set(sessions::seq_reserved.eq(end))
+                .execute(conn)?;
+            Ok(end)
         })
+        .map_err(store_err)?;
+        Ok(u64::try_from(end).unwrap_or(0))
+    }
+
+    fn release_block(&self, id: &str, last_seq: u64, reserved: u64) -> Result<(), StoreError> {
+        self.set_last_seq(id, last_seq)?;
+        let mut conn = self.0.conn().map_err(store_err)?;
+        let seq = i64::try_from(last_seq).unwrap_or(i64::MAX);
+        let reserved = i64::try_from(reserved).unwrap_or(i64::MAX);
+        // A reservation beyond ours is another gateway's: it stays.
+        diesel::update(sessions::table.find(id))
+            .filter(sessions::seq_reserved.le(reserved))
+            .set(sessions::seq_reserved.eq(seq))
+            .execute(&mut conn)
+            .map_err(|e| store_err(e.into()))?;
+        Ok(())
     }
 }
 
 #[cfg(test)]
+#[path = "../../tests/support/postgres.rs"]
+mod test_postgres;
+
+#[cfg(test)]
 mod tests {
     use super::*;
+    use agentgate_actors::protocol::Frame;
 
-    fn temp_db() -> (tempfile::TempDir, Db) {
-        let dir = tempfile::tempdir().unwrap();
-        let db = Db::open(dir.path().join("t.db").to_str().unwrap()).unwrap();
-        (dir, db)
+    /// Each test body runs twice: on a SQLite file and on a fresh PostgreSQL
+    /// database. It gets the URL, so it can open several pools (gateways).
+    macro_rules! on_both_backends {
+        ($($name:ident($url:ident) $body:block)*) => {$(
+            mod $name {
+                use super::*;
+
+                fn body($url: &str) $body
+
+                #[test]
+                fn sqlite() {
+                    let dir = tempfile::tempdir().unwrap();
+                    body(dir.path().join("t.db").to_str().unwrap());
+                }
+
+                #[test]
+                fn postgres() {
+                    let db = super::super::test_postgres::TestDatabase::create();
+                    body(&db.url);
+                }
+            }
+        )*};
     }
 
-    #[test]
-    fn registration_closes_after_the_first_user() {
-        let (_dir, db) = temp_db();
+    fn session_of(db: &Db, user: &str) -> Session {
         let mut conn = db.conn().unwrap();
-        assert!(register_first_user(&mut conn, "a", "h").unwrap().is_some());
-        assert!(register_first_user(&mut conn, "b", "h").unwrap().is_none());
-        assert_eq!(ensure_user(&mut conn, "b").unwrap().username, "b");
-        assert_eq!(ensure_user(&mut conn, "b").unwrap().id, 2);
+        let user = ensure_user(&mut conn, user).unwrap();
+        create_session(&mut conn, user.id, "claude", "/tmp/p", None).unwrap()
     }
 
-    #[test]
-    fn revocation_and_password_change_bump_the_token_version() {
-        let (_dir, db) = temp_db();
-        let mut conn = db.conn().unwrap();
-        let user = ensure_user(&mut conn, "a").unwrap();
-        assert_eq!(user.token_version, 0);
-        assert_eq!(
-            revoke_tokens(&mut conn, "a")
-                .unwrap()
-                .unwrap()
-                .token_version,
-            1
-        );
-        assert!(revoke_tokens(&mut conn, "nobody").unwrap().is_none());
-        let changed = set_password(&mut conn, user.id, "h").unwrap().unwrap();
-        assert_eq!(
-            (changed.token_version, changed.password_hash.as_deref()),
-            (2, Some("h"))
-        );
+    fn entry(n: usize) -> HistoryEntry {
+        HistoryEntry {
+            kind: "text",
+            role: Some("user"),
+            tool_id: None,
+            body: Frame::from(format!(r#"{{"type":"text","content":"prompt {n}"}}"#)),
+            timestamp: format!("2026-12-01T00:00:{n:02}.000Z"),
+        }
     }
 
-    #[test]
-    fn last_seq_never_moves_back() {
-        let (_dir, db) = temp_db();
-        let mut conn = db.conn().unwrap();
-        let user = ensure_user(&mut conn, "a").unwrap();
-        let s = create_session(&mut conn, user.id, "claude", "/tmp", None).unwrap();
-        let store = DbStore(db.clone());
-        store.set_last_seq(&s.id, 10).unwrap();
-        store.set_last_seq(&s.id, 4).unwrap();
-        assert_eq!(store.session(&s.id).unwrap().unwrap().last_seq, 10);
-    }
+    on_both_backends! {
+        registration_closes_after_the_first_user(url) {
+            let db = Db::open(url).unwrap();
+            let mut conn = db.conn().unwrap();
+            let first = register_first_user(&mut conn, "a", "h").unwrap().unwrap();
+            assert!(first.is_admin, "the first user is an admin");
+            assert!(register_first_user(&mut conn, "b", "h").unwrap().is_none());
+            assert!(!ensure_user(&mut conn, "b").unwrap().is_admin);
+            assert!(set_admin(&mut conn, "b").unwrap().unwrap().is_admin);
+            assert_eq!(first_admin(&mut conn).unwrap().unwrap().username, "a");
+            assert_eq!(usernames(&mut conn).unwrap().len(), 2);
+            assert_eq!(ensure_user(&mut conn, "b").unwrap().username, "b");
+            assert_eq!(ensure_user(&mut conn, "b").unwrap().id, 2);
+            assert_eq!(user_count(&mut conn).unwrap(), 2);
+            assert!(add_user(&mut conn, "b", "h2").unwrap().is_none());
+            assert_eq!(first_user(&mut conn).unwrap().unwrap().username, "a");
+        }
 
-    #[test]
-    fn seq_reservations_never_move_back_until_released() {
-        let (_dir, db) = temp_db();
-        let mut conn = db.conn().unwrap();
-        let user = ensure_user(&mut conn, "a").unwrap();
-        let s = create_session(&mut conn, user.id, "claude", "/tmp", None).unwrap();
-        let store = DbStore(db.clone());
-        store.reserve_seq(&s.id, 20_000).unwrap();
-        store.reserve_seq(&s.id, 10_000).unwrap();
-        let row = store.session(&s.id).unwrap().unwrap();
-        assert_eq!((row.last_seq, row.seq_reserved), (0, 20_000));
-        store.release_seq(&s.id, 123).unwrap();
-        let row = store.session(&s.id).unwrap().unwrap();
-        assert_eq!((row.last_seq, row.seq_reserved), (123, 123));
+        revocation_and_password_change_bump_the_token_version(url) {
+            let db = Db::open(url).unwrap();
+            let mut conn = db.conn().unwrap();
+            let user = ensure_user(&mut conn, "a").unwrap();
+            assert_eq!(user.token_version, 0);
+            assert_eq!(
+                revoke_tokens(&mut conn, "a").unwrap().unwrap().token_version,
+                1
+            );
+            assert!(revoke_tokens(&mut conn, "nobody").unwrap().is_none());
+            let changed = set_password(&mut conn, user.id, "h").unwrap().unwrap();
+            assert_eq!(
+                (changed.token_version, changed.password_hash.as_deref()),
+                (2, Some("h"))
+            );
+            assert_eq!(DbStore(db.clone()).token_version(i64::from(user.id)).unwrap(), Some(2));
+        }
+
+        migrations_apply_once(url) {
+            let db = Db::open(url).unwrap();
+            // A second gateway opening the same database finds nothing to do.
+            let again = Db::open(url).unwrap();
+            assert_eq!(again.migrate().unwrap(), 0);
+            assert_eq!(db.migrate().unwrap(), 0);
+        }
+
+        sessions_and_projects_round_trip(url) {
+            let db = Db::open(url).unwrap();
+            let s = session_of(&db, "a");
+            let mut conn = db.conn().unwrap();
+            let again = session_by_id(&mut conn, &s.id).unwrap().unwrap();
+            assert_eq!((again.provider.as_str(), again.archived), ("claude", false));
+            // The session's path became a project, once.
+            create_session(&mut conn, s.user_id, "codex", "/tmp/p", Some("named")).unwrap();
+            let projects = project::projects_of(&mut conn, s.user_id).unwrap();
+            assert_eq!(projects.len(), 1, "{projects:?}");
+            assert_eq!(projects[0].name(), "p");
+            assert!(project::create_project(&mut conn, s.user_id, "/tmp/p", None).unwrap().is_none());
+            let q = project::create_project(&mut conn, s.user_id, "/tmp/q", Some("Q")).unwrap().unwrap();
+            assert_eq!(q.name(), "Q");
+            assert_eq!(project::toggle_star(&mut conn, s.user_id, q.id).unwrap(), Some(true));
+            assert!(project::rename(&mut conn, s.user_id, q.id, Some("R")).unwrap());
+            assert_eq!(user_projects(&mut conn, s.user_id).unwrap().len(), 2);
+            let (page, total) = project::sessions_page(&mut conn, s.user_id, "/tmp/p", 10, 0).unwrap();
+            assert_eq!((page.len(), total), (2, 2));
+            let row = DbStore(db.clone()).session(&s.id).unwrap().unwrap();
+            assert_eq!(row.project.map(|p| p.display_name), Some("p".to_string()));
+        }
+
+        history_keeps_the_newest_messages(url) {
+            let db = Db::open(url).unwrap();
+            let s = session_of(&db, "a");
+            let store = DbStore(db.clone());
+            let entries: Vec<HistoryEntry> = (0..5).map(entry).collect();
+            store.append_history(&s.id, &entries[..2], 3).unwrap();
+            store.append_history(&s.id, &entries[2..], 3).unwrap();
+            let mut conn = db.conn().unwrap();
+            let page = history::page(&mut conn, &s.id, None, 0).unwrap();
+            let texts: Vec<&str> = page.messages.iter().map(|m| m["content"].as_str().unwrap()).collect();
+            assert_eq!(texts, ["prompt 2", "prompt 3", "prompt 4"]);
+            assert_eq!(page.total, 3);
+            let row = store.session(&s.id).unwrap().unwrap();
+            assert_eq!((row.summary.as_str(), row.message_count), ("prompt 2", 3));
+            assert_eq!(row.updated_at, "2026-12-01T00:00:04.000Z");
+        }
+
+        last_seq_never_moves_back(url) {
+            let db = Db::open(url).unwrap();
+            let s = session_of(&db, "a");
+            let store = DbStore(db.clone());
+            store.set_last_seq(&s.id, 10).unwrap();
+            store.set_last_seq(&s.id, 4).unwrap();
+            assert_eq!(store.session(&s.id).unwrap().unwrap().last_seq, 10);
+        }
+
+        seq_blocks_follow_each_other_and_release_gives_back_the_rest(url) {
+            let db = Db::open(url).unwrap();
+            let s = session_of(&db, "a");
+            let store = DbStore(db.clone());
+            // One gateway: each block follows its previous one.
+            assert_eq!(store.reserve_seq(&s.id, 0, 20_000).unwrap(), 20_000);
+            assert_eq!(store.reserve_seq(&s.id, 20_000, 10_000).unwrap(), 30_000);
+            let row = store.session(&s.id).unwrap().unwrap();
+            assert_eq!((row.last_seq, row.seq_reserved), (0, 30_000));
+            store.release_seq(&s.id, 123, 30_000).unwrap();
+            let row = store.session(&s.id).unwrap().unwrap();
+            assert_eq!((row.last_seq, row.seq_reserved), (123, 123));
+            // A caller whose view is stale gets a block above what is reserved.
+            assert_eq!(store.reserve_seq(&s.id, 0, 10).unwrap(), 133);
+            // Another gateway reserved beyond ours: releasing ours keeps theirs.
+            let other = DbStore(Db::open(url).unwrap());
+            assert_eq!(other.reserve_seq(&s.id, 0, 10).unwrap(), 143);
+            store.release_seq(&s.id, 130, 133).unwrap();
+            let row = store.session(&s.id).unwrap().unwrap();
+            assert_eq!((row.last_seq, row.seq_reserved), (130, 143));
+        }
+
+        two_gateways_racing_never_get_the_same_seq(url) {
+            const BLOCK: u64 = 100;
+            const ROUNDS: usize = 40;
+            let a = Db::open(url).unwrap();
+            let s = session_of(&a, "a");
+            let b = Db::open(url).unwrap();
+            let start = std::sync::Arc::new(std::sync::Barrier::new(2));
+            let racers: Vec<_> = [a, b]
+                .into_iter()
+                .map(|db| {
+                    let (id, start) = (s.id.clone(), start.clone());
+                    std::thread::spawn(move || {
+                        let store = DbStore(db);
+                        start.wait();
+                        let mut mine = 0;
+                        let mut blocks = Vec::new();
+                        for _ in 0..ROUNDS {
+                            let end = store.reserve_seq(&id, mine, BLOCK).unwrap();
+                            blocks.push((end - BLOCK + 1, end));
+                            mine = end;
+                        }
+                        blocks
+                    })
+                })
+                .collect();
+            let mut blocks: Vec<(u64, u64)> =
+                racers.into_iter().flat_map(|r| r.join().unwrap()).collect();
+            blocks.sort();
+            for w in blocks.windows(2) {
+                assert!(w[0].1 < w[1].0, "blocks {:?} and {:?} overlap", w[0], w[1]);
+            }
+            // Nothing lost either: together they cover 1..=80 blocks exactly.
+            assert_eq!(blocks.first().unwrap().0, 1);
+            assert_eq!(blocks.last().unwrap().1, 2 * ROUNDS as u64 * BLOCK);
+        }
     }
 }

@@ -4,10 +4,9 @@
 //! them on the way).
 
 use diesel::prelude::*;
-use diesel::sqlite::SqliteConnection;
 
 use super::schema::{projects, sessions};
-use super::{history, now, DbError, Session};
+use super::{history, now, per_backend, write_transaction, AnyConnection, DbError, Session};
 
 #[derive(Debug, Clone, Queryable, Selectable)]
 #[diesel(table_name = projects)]
@@ -42,8 +41,8 @@ pub fn display_name_of(name: Option<&str>, path: &str) -> String {
 }
 
 /// The user's projects, oldest first, including every path they have sessions in.
-pub fn projects_of(conn: &mut SqliteConnection, user_id: i32) -> Result<Vec<Project>, DbError> {
-    conn.immediate_transaction(|conn| {
+pub fn projects_of(conn: &mut AnyConnection, user_id: i32) -> Result<Vec<Project>, DbError> {
+    write_transaction(conn, |conn| {
         let known = projects::table
             .filter(projects::user_id.eq(user_id))
             .select(projects::path);
@@ -54,14 +53,7 @@ pub fn projects_of(conn: &mut SqliteConnection, user_id: i32) -> Result<Vec<Proj
             .distinct()
             .load(conn)?;
         for path in missing {
-            diesel::insert_into(projects::table)
-                .values((
-                    projects::user_id.eq(user_id),
-                    projects::path.eq(&path),
-                    projects::created_at.eq(now()),
-                ))
-                .on_conflict_do_nothing()
-                .execute(conn)?;
+            add_if_missing(conn, user_id, &path, &now())?;
         }
         Ok(projects::table
             .filter(projects::user_id.eq(user_id))
@@ -71,8 +63,34 @@ pub fn projects_of(conn: &mut SqliteConnection, user_id: i32) -> Result<Vec<Proj
     })
 }
 
+/// Adds the user's project row for `path` unless there is one. Diesel's
+/// `MultiConnection` has no `ON CONFLICT`, so this one statement is written
+/// for each backend (both have `ON CONFLICT DO NOTHING`).
+pub fn add_if_missing(
+    conn: &mut AnyConnection,
+    user_id: i32,
+    path: &str,
+    created_at: &str,
+) -> Result<(), DbError> {
+    macro_rules! insert {
+        ($conn:expr) => {
+            diesel::insert_into(projects::table)
+                .values((
+                    projects::user_id.eq(user_id),
+                    projects::path.eq(path),
+                    projects::created_at.eq(created_at),
+                ))
+                .on_conflict((projects::user_id, projects::path))
+                .do_nothing()
+                .execute($conn)
+        };
+    }
+    per_backend!(conn, |c| insert!(c))?;
+    Ok(())
+}
+
 pub fn project_by_id(
-    conn: &mut SqliteConnection,
+    conn: &mut AnyConnection,
     user_id: i32,
     id: i32,
 ) -> Result<Option<Project>, DbError> {
@@ -85,7 +103,7 @@ pub fn project_by_id(
 }
 
 pub fn project_for_path(
-    conn: &mut SqliteConnection,
+    conn: &mut AnyConnection,
     user_id: i32,
     path: &str,
 ) -> Result<Option<Project>, DbError> {
@@ -99,26 +117,27 @@ pub fn project_for_path(
 
 /// Adds a project; `None` when the user already has one at `path`.
 pub fn create_project(
-    conn: &mut SqliteConnection,
+    conn: &mut AnyConnection,
     user_id: i32,
     path: &str,
     display_name: Option<&str>,
 ) -> Result<Option<Project>, DbError> {
-    conn.immediate_transaction(|conn| {
+    write_transaction(conn, |conn| {
         if project_for_path(conn, user_id, path)?.is_some() {
             return Ok(None);
         }
-        Ok(Some(
-            diesel::insert_into(projects::table)
-                .values((
-                    projects::user_id.eq(user_id),
-                    projects::path.eq(path),
-                    projects::display_name.eq(display_name),
-                    projects::created_at.eq(now()),
-                ))
-                .returning(Project::as_returning())
-                .get_result(conn)?,
+        let now = now();
+        Ok(Some(per_backend!(conn, |c| diesel::insert_into(
+            projects::table
+        )
+        .values((
+            projects::user_id.eq(user_id),
+            projects::path.eq(path),
+            projects::display_name.eq(display_name),
+            projects::created_at.eq(&now),
         ))
+        .returning(Project::as_returning())
+        .get_result(c))?))
     })
 }
 
@@ -134,7 +153,7 @@ pub struct SessionSummary {
 }
 
 /// Name (or first prompt) and message count of a session.
-pub fn summary_of(conn: &mut SqliteConnection, s: &Session) -> Result<SessionSummary, DbError> {
+pub fn summary_of(conn: &mut AnyConnection, s: &Session) -> Result<SessionSummary, DbError> {
     let summary = match s.custom_name.as_deref().map(str::trim) {
         Some(name) if !name.is_empty() => name.to_string(),
         _ => history::first_prompt(conn, &s.id)?.unwrap_or_default(),
@@ -151,7 +170,7 @@ pub fn summary_of(conn: &mut SqliteConnection, s: &Session) -> Result<SessionSum
 
 /// The user's sessions in `path`, most recently active first: one page and the total.
 pub fn sessions_page(
-    conn: &mut SqliteConnection,
+    conn: &mut AnyConnection,
     user_id: i32,
     path: &str,
     limit: i64,
@@ -177,11 +196,11 @@ pub fn sessions_page(
 
 /// Flips the star of a project; its new state, or `None` when it is not the user's.
 pub fn toggle_star(
-    conn: &mut SqliteConnection,
+    conn: &mut AnyConnection,
     user_id: i32,
     id: i32,
 ) -> Result<Option<bool>, DbError> {
-    conn.immediate_transaction(|conn| {
+    write_transaction(conn, |conn| {
         let Some(p) = project_by_id(conn, user_id, id)? else {
             return Ok(None);
         };
@@ -194,7 +213,7 @@ pub fn toggle_star(
 
 /// Names a project (`None` goes back to the folder's name); false when it is not the user's.
 pub fn rename(
-    conn: &mut SqliteConnection,
+    conn: &mut AnyConnection,
     user_id: i32,
     id: i32,
     name: Option<&str>,

@@ -6,6 +6,7 @@
 //!   the requests it received; `stub.claude_env(home)` gives the env a Claude child needs.
 //! - [`browser`]: Debian's Chromium and a pinned playwright-core (installed on first use), running the
 //!   Node scripts of `tests/browser/` that report steps as JSON lines.
+//! - [`postgres`]: `TestDatabase`, a fresh database per test on the machine's PostgreSQL.
 //! - [`tls`]: `TestCa`, a throw-away CA (rcgen) signing leaf certificates, and a client config trusting it.
 //!
 //! Facts about the Claude CLI stream: /work/notes/claude-cli.md and tests/fixtures/claude/*.jsonl.
@@ -19,6 +20,7 @@ pub mod clis;
 pub mod gemini;
 pub mod model_stub;
 pub mod openai;
+pub mod postgres;
 pub mod proxy;
 pub mod terminal;
 pub mod tls;

@@ -366,6 +366,13 @@ struct SessionState {
     reserved_seq: u64,
     /// A reservation write is in flight.
     reserving: bool,
+    /// Batches that must wait for a block while one is being written; told
+    /// when that write answered (then they ask again). At most one per
+    /// in-flight `RunEvents`/`StartRun`, so bounded by the mailbox.
+    reserve_waiters: Vec<oneshot::Sender<()>>,
+    /// A block reserved above another gateway's seqs, not moved to yet
+    /// (`SessionState::jump_to`).
+    next_block: Option<(u64, u64)>,
     /// Replay buffer: contiguous seqs, oldest first.
     buffer: VecDeque<Buffered>,
     buffer_bytes: usize,
@@ -387,6 +394,35 @@ struct SessionState {
 }
 
 impl SessionState {
+    /// Continues the session's seqs in the block `start+1..=end` (reserved
+    /// above another gateway's). The replay buffer holds contiguous seqs
+    /// only, so it starts anew: a subscriber that had every event stays
+    /// caught up; one still behind is closed as a slow consumer at its next
+    /// delivery (4008) and resubscribes with its `lastSeq`.
+    fn jump_to(&mut self, start: u64, end: u64, session_id: &str) {
+        self.next_block = None;
+        if start <= self.last_seq {
+            self.reserved_seq = self.reserved_seq.max(end);
+            return;
+        }
+        tracing::warn!(
+            session_id,
+            from = self.last_seq,
+            to = start,
+            "seqs were reserved by another gateway on the same database; continuing above them"
+        );
+        let old = self.last_seq;
+        for sent in self.subscribers.values_mut() {
+            if *sent >= old {
+                *sent = start;
+            }
+        }
+        self.buffer.clear();
+        self.buffer_bytes = 0;
+        self.last_seq = start;
+        self.reserved_seq = end;
+    }
+
     /// Bytes of the session's events after `sent`; `None` when some of
     /// them are no longer buffered.
     fn lag_bytes(&self, sent: u64) -> Option<u64> {
@@ -998,19 +1034,55 @@ impl RunRegistry {
         ctx: &mut Context<Self>,
     ) -> Option<ResponseActFuture<Self, ()>> {
         let state = self.sessions.get_mut(session_id)?;
-        let left = state.reserved_seq.saturating_sub(state.last_seq);
-        let must_wait = left < needed + SEQ_MARGIN;
+        let mut left = state.reserved_seq.saturating_sub(state.last_seq);
+        let mut must_wait = left < needed + SEQ_MARGIN;
+        if let Some((start, end)) = state.next_block {
+            // A block above another gateway's seqs is ours already: moved to
+            // once every subscriber has all events (none loses a replay),
+            // or when the current block is used up.
+            let caught_up = state
+                .subscribers
+                .values()
+                .all(|&sent| sent >= state.last_seq);
+            if !(must_wait || caught_up) {
+                return None;
+            }
+            state.jump_to(start, end, session_id);
+            left = state.reserved_seq.saturating_sub(state.last_seq);
+            must_wait = left < needed + SEQ_MARGIN;
+        }
         if !must_wait && (left >= SEQ_BLOCK / 2 || state.reserving) {
             return None;
         }
+        if state.reserving {
+            // One reservation at a time per session: the store's answer then
+            // tells whether the block follows ours (see `reserved`). This one
+            // is asked again once the write under way has answered.
+            let (tx, rx) = oneshot::channel();
+            state.reserve_waiters.push(tx);
+            let sid = session_id.to_string();
+            let again = async move {
+                let _ = rx.await;
+            }
+            .into_actor(self)
+            .then(move |_, act, ctx| -> ResponseActFuture<Self, ()> {
+                match act.reserve_seqs(&sid, needed, ctx) {
+                    Some(write) => write,
+                    None => Box::pin(fut::ready(())),
+                }
+            });
+            return Some(Box::pin(again));
+        }
         let upto = state.last_seq + needed + SEQ_MARGIN + SEQ_BLOCK;
+        let (after, count) = (state.reserved_seq, upto - state.reserved_seq.min(upto));
         state.reserving = true;
         let (id, store) = (session_id.to_string(), self.store.clone());
-        let write = async move { store::blocking(&store, move |s| s.reserve_seq(&id, upto)).await };
+        let write =
+            async move { store::blocking(&store, move |s| s.reserve_seq(&id, after, count)).await };
         let sid = session_id.to_string();
         let done = write.into_actor(self).map(move |result, act, ctx| {
             act.guarded(ctx, "seq reservation", (), |act, _| {
-                act.reserved(&sid, upto, result)
+                act.reserved(&sid, upto, count, result)
             })
         });
         if must_wait {
@@ -1021,14 +1093,41 @@ impl RunRegistry {
         }
     }
 
-    fn reserved(&mut self, session_id: &str, upto: u64, result: Result<(), store::StoreError>) {
+    fn reserved(
+        &mut self,
+        session_id: &str,
+        upto: u64,
+        count: u64,
+        result: Result<u64, store::StoreError>,
+    ) {
         let Some(state) = self.sessions.get_mut(session_id) else {
             return;
         };
         state.reserving = false;
-        // Even on failure the run goes on (its output is not lost); the
-        // seqs are then only as safe as the database lets them be.
-        state.reserved_seq = state.reserved_seq.max(upto);
+        for waiter in state.reserve_waiters.drain(..) {
+            let _ = waiter.send(());
+        }
+        match result {
+            Ok(end) => {
+                let start = end.saturating_sub(count);
+                if start > state.reserved_seq {
+                    // Another gateway on the same database reserved seqs
+                    // since our last block: ours continue above theirs
+                    // (a jump, never a seq used twice), once that is safe
+                    // for the replay buffer (see `reserve_seqs`).
+                    if state.run.is_none() && state.buffer.is_empty() {
+                        state.jump_to(start, end, session_id);
+                    } else {
+                        state.next_block = Some((start, end));
+                    }
+                } else {
+                    state.reserved_seq = state.reserved_seq.max(end);
+                }
+            }
+            // Even on failure the run goes on (its output is not lost); the
+            // seqs are then only as safe as the database lets them be.
+            Err(_) => state.reserved_seq = state.reserved_seq.max(upto),
+        }
         if let Err(err) = result {
             tracing::error!(session_id, %err, "failed to persist the seq reservation; seqs may repeat after a crash");
             let running = state
@@ -1158,6 +1257,8 @@ impl RunRegistry {
                 last_seq: floor,
                 reserved_seq: floor,
                 reserving: false,
+                reserve_waiters: Vec::new(),
+                next_block: None,
                 buffer: VecDeque::new(),
                 buffer_bytes: 0,
                 total_bytes: 0,
@@ -1171,10 +1272,10 @@ impl RunRegistry {
                 last_activity: row.updated_at.clone(),
                 project: row.project.clone(),
             });
-        // A row read earlier may lag the registry's own counters, never lead
-        // them (its reservation is not a used seq while the state lives).
-        state.last_seq = state.last_seq.max(row.last_seq);
-        state.reserved_seq = state.reserved_seq.max(row.seq_reserved);
+        // While the state lives its counters are the registry's own: every
+        // seq it uses comes from a block the store handed it, so a row that
+        // leads them (another gateway on the same database ran the session)
+        // is not merged here; the next reservation continues above it.
         // The project may have been renamed or starred since.
         state.project.clone_from(&row.project);
         state
@@ -2369,10 +2470,10 @@ impl RunRegistry {
         // Every counter now (not in the background), and the reservations
         // released: nothing runs any more, so a clean restart continues at
         // the next seq.
-        let seqs: Vec<(String, u64)> = self
+        let seqs: Vec<(String, u64, u64)> = self
             .sessions
             .iter()
-            .map(|(id, s)| (id.clone(), s.last_seq))
+            .map(|(id, s)| (id.clone(), s.last_seq, s.reserved_seq))
             .collect();
         let store = self.store.clone();
         tracing::info!(
@@ -2398,7 +2499,7 @@ impl RunRegistry {
             }
             let result = store::blocking(&store, move |s| {
                 seqs.iter()
-                    .try_for_each(|(id, seq)| s.release_seq(id, *seq))
+                    .try_for_each(|(id, seq, reserved)| s.release_seq(id, *seq, *reserved))
             })
             .await;
             if let Err(err) = result {
@@ -2435,13 +2536,14 @@ pub(crate) mod tests {
             }
             Ok(())
         }
-        fn reserve_seq(&self, id: &str, upto: u64) -> Result<(), StoreError> {
+        fn reserve_seq(&self, id: &str, after: u64, count: u64) -> Result<u64, StoreError> {
+            let end = after + count;
             if let Ok(mut m) = self.0.lock() {
-                m.insert(format!("{id}:reserved"), upto);
+                m.insert(format!("{id}:reserved"), end);
             }
-            Ok(())
+            Ok(end)
         }
-        fn release_seq(&self, id: &str, seq: u64) -> Result<(), StoreError> {
+        fn release_seq(&self, id: &str, seq: u64, _: u64) -> Result<(), StoreError> {
             self.set_last_seq(id, seq)
         }
         fn append_history(

@@ -1,0 +1,3 @@
+DROP TABLE sessions;
+DROP TABLE projects;
+DROP TABLE users;
