@@ -36,6 +36,8 @@ pub struct Screen {
     parser: vt100::Parser,
     /// An escape sequence cut off at the end of the previous read (normal screen only).
     partial: String,
+    /// Times a vt100 panic reset the state (the tests expect none).
+    resets: u32,
 }
 
 impl std::fmt::Debug for Screen {
@@ -49,11 +51,21 @@ impl std::fmt::Debug for Screen {
     }
 }
 
+/// The model's size for a terminal of `size`: at least two columns and two
+/// rows. vt100 cannot place a wide character in one column (its column
+/// arithmetic overflowed and panicked) nor wrap it on a one-row screen (its
+/// row arithmetic did), both found by `fuzz/` terminal_output.
+fn model_size(size: TermSize) -> (u16, u16) {
+    (size.rows.max(2), size.cols.max(2))
+}
+
 impl Screen {
     pub fn new(size: TermSize) -> Self {
+        let (rows, cols) = model_size(size);
         Self {
-            parser: vt100::Parser::new(size.rows, size.cols, 0),
+            parser: vt100::Parser::new(rows, cols, 0),
             partial: String::new(),
+            resets: 0,
         }
     }
 
@@ -111,19 +123,22 @@ impl Screen {
                 "terminal state parser panicked; screen state reset"
             );
             self.parser = vt100::Parser::new(rows, cols, 0);
+            self.resets += 1;
         }
     }
 
     /// Follows a PTY resize.
     pub fn resize(&mut self, size: TermSize) {
+        let (rows, cols) = model_size(size);
         let parser = &mut self.parser;
-        if catch_unwind(AssertUnwindSafe(|| parser.set_size(size.rows, size.cols))).is_err() {
+        if catch_unwind(AssertUnwindSafe(|| parser.set_size(rows, cols))).is_err() {
             tracing::warn!(
-                rows = size.rows,
-                cols = size.cols,
+                rows,
+                cols,
                 "terminal state resize panicked; screen state reset"
             );
-            self.parser = vt100::Parser::new(size.rows, size.cols, 0);
+            self.parser = vt100::Parser::new(rows, cols, 0);
+            self.resets += 1;
         }
     }
 
@@ -224,6 +239,44 @@ mod tests {
 
     fn size(cols: u16, rows: u16) -> TermSize {
         TermSize { cols, rows }
+    }
+
+    /// The inputs fuzz/ (terminal_output) found, replayed as the target
+    /// does (first byte the size, reads split at 0xFF, through the UTF-8
+    /// carry): vt100 panicked on a one-column and on a one-row terminal
+    /// (caught, but the screen state was reset).
+    #[test]
+    fn fuzz_regressions_keep_the_screen() {
+        let inputs: [&[u8]; 2] = [
+            include_bytes!("../../../fuzz/regressions/terminal_output/crash-5c6c88078f4e60fa2b0ebe2da5d3b834f5a5d985"),
+            include_bytes!("../../../fuzz/regressions/terminal_output/crash-22f9bd869d9818817975b3d169e0f4e23ae73c76"),
+        ];
+        for input in inputs {
+            let (&b, rest) = input.split_first().unwrap();
+            let mut s = Screen::new(size(u16::from(b % 200) + 1, u16::from(b % 60) + 1));
+            let mut carry = crate::shell::utf8::Utf8Carry::new();
+            for read in rest.split(|&x| x == 0xff) {
+                s.process(&carry.decode(read));
+            }
+            assert_eq!(s.resets, 0, "vt100 panicked on {input:?}");
+        }
+    }
+
+    /// Found by fuzz/ (terminal_output): a wide character on a one-column
+    /// terminal overflowed vt100's column arithmetic; the panic was caught
+    /// but reset the screen (the full-screen program's state was lost).
+    #[test]
+    fn a_wide_character_on_a_one_column_terminal_keeps_the_screen() {
+        for resized in [false, true] {
+            let mut s = Screen::new(size(if resized { 80 } else { 1 }, 1));
+            if resized {
+                s.resize(size(1, 1));
+            }
+            s.process("\x1b[?1049h");
+            s.process("\u{4e2d}");
+            assert!(s.in_alternate_screen(), "the screen was reset");
+            assert!(s.contents().contains('\u{4e2d}'), "{:?}", s.contents());
+        }
     }
 
     #[test]
