@@ -749,7 +749,7 @@ async fn read_stdout_line<R: AsyncRead + Unpin>(
 /// that are not UTF-8 neither grows memory nor stops being read (a stderr
 /// left unread would block it on a full pipe).
 async fn read_stderr(stderr: impl AsyncRead + Unpin, run_id: String) -> String {
-    let mut reader = BufReader::with_capacity(64 * 1024, stderr);
+    let mut reader = BufReader::new(stderr);
     let mut bytes = Vec::with_capacity(256);
     let mut tail = String::new();
     loop {
