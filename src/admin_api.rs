@@ -4,7 +4,7 @@
 //!
 //! | route | answer |
 //! |---|---|
-//! | `GET /api/admin/snapshot` | chat sockets and runs (RunRegistry), terminals (PtyHub, each PtySession describing itself), plugin servers (PluginRegistry), open connections by endpoint |
+//! | `GET /api/admin/snapshot` | chat sockets and runs (RunRegistry), terminals (PtyHub, each PtySession describing itself), plugin servers and open plugin proxies (PluginRegistry), open connections by endpoint |
 //! | `GET /api/admin/events` | server-sent events: `snapshot` once a second, each built only when the client has read the previous one (at most one in flight per client) |
 //! | `POST /api/admin/runs/{sessionId}/abort` | aborts the session's live run (its clients get `complete` with `aborted: true`) |
 //! | `POST /api/admin/ptys/{id}/kill` | kills the terminal (its sockets see the exit line) |
@@ -22,7 +22,7 @@ use agentgate_actors::chat::run_registry::{
     AbortRun, AdminDisconnect, AdminSnapshot, RegistrySnapshot, ADMIN_USER,
 };
 use agentgate_actors::metrics::{metrics, RecentSupervision};
-use agentgate_actors::plugin::{ListPlugins, StartPlugin, StopPlugin};
+use agentgate_actors::plugin::{ListPlugins, ListProxies, StartPlugin, StopPlugin};
 use agentgate_actors::shell::{KillPty, ListPtys};
 use serde_json::{json, Value};
 
@@ -80,10 +80,11 @@ async fn page_js() -> HttpResponse {
 
 /// The whole snapshot as JSON (also what `agentgate status` prints).
 pub async fn gather(state: &AppState) -> Result<Value, ApiError> {
-    let (registry, ptys, plugins, supervision) = tokio::join!(
+    let (registry, ptys, plugins, proxies, supervision) = tokio::join!(
         state.registry.send(AdminSnapshot),
         state.shells.send(ListPtys),
         state.plugins.send(ListPlugins),
+        state.plugins.send(ListProxies),
         state.supervision.send(RecentSupervision),
     );
     let registry: RegistrySnapshot = registry.unwrap_or_default();
@@ -118,6 +119,7 @@ pub async fn gather(state: &AppState) -> Result<Value, ApiError> {
         "runs": runs,
         "ptys": ptys_json,
         "plugins": plugins,
+        "pluginProxies": proxies.unwrap_or_default(),
         "connections": connections,
         "supervision": supervision.unwrap_or_default(),
     }))

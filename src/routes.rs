@@ -402,6 +402,7 @@ async fn plugin_ws(
         &state.plugins,
         state.config.heartbeat,
         state.watched(&req),
+        &user.username,
     )
     .await
 }

@@ -205,6 +205,23 @@ pub fn render(data: &Value) -> String {
         &["NAME", "STATE", "PID", "RESTARTS", "LAST ERROR"],
         plugins,
     );
+    let proxies = list(&data["pluginProxies"])
+        .iter()
+        .map(|p| {
+            vec![
+                s(&p["id"]),
+                s(&p["plugin"]),
+                s(&p["user"]),
+                format!("{}s", s(&p["ageSecs"])),
+            ]
+        })
+        .collect();
+    table(
+        &mut out,
+        "PLUGIN PROXIES",
+        &["ID", "PLUGIN", "USER", "AGE"],
+        proxies,
+    );
     if let Some(conns) = data["connections"].as_object() {
         let parts: Vec<String> = conns.iter().map(|(k, v)| format!("{k}={v}")).collect();
         out.push_str(&format!("CONNECTIONS  {}\n", parts.join("  ")));

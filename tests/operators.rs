@@ -842,6 +842,32 @@ async fn admin_api_roles_and_status() {
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
 
+    // An open plugin proxy is listed with its plugin and user.
+    let mut proxied = server.ws(&format!("/plugin-ws/echo?token={bob}")).await;
+    proxied.send_text("ping").await;
+    assert!(matches!(proxied.recv().await, WsEvent::Text(t) if t == "ping"));
+    let snap = snapshot(&server, &admin).await;
+    let proxy = &snap["pluginProxies"][0];
+    assert_eq!(
+        (proxy["plugin"].as_str(), proxy["user"].as_str()),
+        (Some("echo"), Some("bob")),
+        "{snap}"
+    );
+    let out = status(&server, &[]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("PLUGIN PROXIES (1)"));
+    proxied.close(1000).await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while snapshot(&server, &admin).await["pluginProxies"]
+        .as_array()
+        .is_some_and(|p| !p.is_empty())
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the closed proxy is still listed"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+
     // Stop and restart a plugin.
     let (code, body) = server
         .post("/api/admin/plugins/echo/stop", Some(&admin), json!({}))

@@ -26,7 +26,8 @@ use serde::Serialize;
 pub use manifest::{valid_name, PluginManifest};
 pub use plugin_proxy::start_proxy;
 pub use plugin_registry::{
-    ListPlugins, LookupPort, PluginError, PluginRegistry, StartPlugin, StopAllPlugins, StopPlugin,
+    ListPlugins, ListProxies, LookupPort, PluginError, PluginRegistry, ProxyClosed, ProxyInfo,
+    ProxyOpened, StartPlugin, StopAllPlugins, StopPlugin,
 };
 
 /// Lifecycle state of a plugin server, as shown over REST.

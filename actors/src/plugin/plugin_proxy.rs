@@ -65,7 +65,10 @@ use tokio_util::sync::PollSender;
 
 use super::frames::{self, Control, Next, Scanner, Sender, Violation};
 use super::manifest::valid_name;
-use super::plugin_registry::{LookupPort, PluginPort, PluginRegistry};
+use super::plugin_registry::{LookupPort, PluginPort, PluginRegistry, ProxyClosed, ProxyOpened};
+
+/// Ids of proxies, for the admin snapshot.
+static NEXT_PROXY: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 use crate::config::MAX_INBOUND_FRAME;
 use crate::heartbeat::Heartbeat;
 use crate::metrics::{Connection, Endpoint, PanicWatch};
@@ -118,6 +121,7 @@ pub async fn start_proxy<S>(
     registry: &Addr<PluginRegistry>,
     heartbeat: Duration,
     conn: Option<WatchedConn>,
+    user: &str,
 ) -> Result<HttpResponse, actix_web::Error>
 where
     S: Stream<Item = Result<Bytes, PayloadError>> + 'static,
@@ -165,6 +169,11 @@ where
         conn,
         metric: None,
         _panics: PanicWatch::new("PluginProxy", format!("plugin={name}")),
+        listed: Some((
+            registry.clone(),
+            NEXT_PROXY.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            user.to_string(),
+        )),
     }
     .start();
     Ok(response.streaming(ClientOutput {
@@ -251,6 +260,9 @@ pub struct PluginProxy {
     /// Counted in `agentgate_connections_*` while the actor lives.
     metric: Option<Connection>,
     _panics: PanicWatch,
+    /// Listed in the registry's open proxies (admin snapshot) while attached:
+    /// the registry, this proxy's id and its user.
+    listed: Option<(Addr<PluginRegistry>, u64, String)>,
 }
 
 impl Actor for PluginProxy {
@@ -261,11 +273,19 @@ impl Actor for PluginProxy {
         let plugin = match self.target.take() {
             None => return,
             Some(Target::Refuse(code, reason)) => {
+                self.listed = None;
                 self.finish(ctx, reason, Some(Some((code, reason.into()))), None);
                 return;
             }
             Some(Target::Upstream(plugin)) => plugin,
         };
+        if let Some((registry, id, user)) = &self.listed {
+            registry.do_send(ProxyOpened {
+                id: *id,
+                plugin: self.name.clone(),
+                user: user.clone(),
+            });
+        }
         let PluginPort {
             port,
             mut going_away,
@@ -340,6 +360,9 @@ impl Actor for PluginProxy {
     }
 
     fn stopped(&mut self, _ctx: &mut Self::Context) {
+        if let Some((registry, id, _)) = self.listed.take() {
+            registry.do_send(ProxyClosed { id });
+        }
         // The last frames for each side, and the plugin's close reply, are
         // waited for by tasks of their own.
         self.client_out = None;

@@ -94,6 +94,74 @@ struct Entry {
 pub struct PluginRegistry {
     config: Arc<GatewayConfig>,
     plugins: BTreeMap<String, Entry>,
+    /// Open `/plugin-ws` proxies (for the admin snapshot), by proxy id:
+    /// told by each proxy as it attaches and stops.
+    proxies: BTreeMap<u64, (String, String, tokio::time::Instant)>,
+}
+
+/// From a `PluginProxy` attached to its plugin: (id, plugin, user).
+#[derive(Message, Debug)]
+#[rtype(result = "()")]
+pub struct ProxyOpened {
+    pub id: u64,
+    pub plugin: String,
+    pub user: String,
+}
+
+/// From a `PluginProxy` that stopped.
+#[derive(Message, Debug)]
+#[rtype(result = "()")]
+pub struct ProxyClosed {
+    pub id: u64,
+}
+
+/// Admin snapshot: the open plugin proxies.
+#[derive(Message, Debug)]
+#[rtype(result = "Vec<ProxyInfo>")]
+pub struct ListProxies;
+
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ProxyInfo {
+    pub id: u64,
+    pub plugin: String,
+    pub user: String,
+    pub age_secs: u64,
+}
+
+impl Handler<ProxyOpened> for PluginRegistry {
+    type Result = ();
+
+    fn handle(&mut self, msg: ProxyOpened, _: &mut Self::Context) {
+        self.proxies
+            .insert(msg.id, (msg.plugin, msg.user, tokio::time::Instant::now()));
+    }
+}
+
+impl Handler<ProxyClosed> for PluginRegistry {
+    type Result = ();
+
+    fn handle(&mut self, msg: ProxyClosed, _: &mut Self::Context) {
+        self.proxies.remove(&msg.id);
+    }
+}
+
+impl Handler<ListProxies> for PluginRegistry {
+    type Result = MessageResult<ListProxies>;
+
+    fn handle(&mut self, _: ListProxies, _: &mut Self::Context) -> Self::Result {
+        MessageResult(
+            self.proxies
+                .iter()
+                .map(|(id, (plugin, user, since))| ProxyInfo {
+                    id: *id,
+                    plugin: plugin.clone(),
+                    user: user.clone(),
+                    age_secs: since.elapsed().as_secs(),
+                })
+                .collect(),
+        )
+    }
 }
 
 impl PluginRegistry {
@@ -101,6 +169,7 @@ impl PluginRegistry {
         PluginRegistry {
             config,
             plugins: BTreeMap::new(),
+            proxies: BTreeMap::new(),
         }
     }
 
