@@ -23,7 +23,7 @@ pub async fn read_line_bounded<R: AsyncBufRead + Unpin>(
         if chunk.is_empty() {
             return Ok(consumed);
         }
-        let (take, done) = match chunk.iter().position(|&b| b == b'\n') {
+        let (take, done) = match memchr::memchr(b'\n', chunk) {
             Some(i) => (i + 1, true),
             None => (chunk.len(), false),
         };
