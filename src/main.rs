@@ -32,6 +32,7 @@ mod files;
 mod guard;
 mod plugins_api;
 mod remote_api;
+mod request_input;
 mod routes;
 mod server;
 mod state;

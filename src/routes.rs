@@ -13,13 +13,13 @@ use agentgate_actors::chat::run_registry::ListRunning;
 use agentgate_actors::config::MAX_INBOUND_FRAME;
 use agentgate_actors::provider::ProviderKind;
 use agentgate_actors::shell::{ShellDeps, ShellSocket};
-use serde::Deserialize;
 use serde_json::json;
 
 use crate::api::{self, ApiError, AuthError};
 use crate::auth;
 use crate::db;
 use crate::guard::{Authed, Identity};
+use crate::request_input::{Credentials, NewSession};
 use crate::state::AppState;
 use agentgate_actors::metrics::metrics;
 
@@ -87,14 +87,6 @@ fn auth_json_config() -> web::JsonConfig {
 
 async fn health() -> HttpResponse {
     HttpResponse::Ok().json(json!({"status": "ok"}))
-}
-
-#[derive(Deserialize)]
-struct Credentials {
-    #[serde(default)]
-    username: String,
-    #[serde(default)]
-    password: String,
 }
 
 impl Credentials {
@@ -272,17 +264,6 @@ async fn auth_refresh(
 /// forgetting it (`agentgate token --revoke` revokes).
 async fn auth_logout(_user: Authed) -> Result<HttpResponse, AuthError> {
     Ok(HttpResponse::Ok().json(json!({"success": true, "message": "Logged out successfully"})))
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct NewSession {
-    #[serde(default)]
-    provider: Option<String>,
-    #[serde(default)]
-    project_path: Option<String>,
-    #[serde(default)]
-    initial_message: Option<String>,
 }
 
 async fn create_session(

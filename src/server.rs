@@ -23,10 +23,11 @@ use agentgate_actors::store::Store;
 use agentgate_actors::watchdog::{conn_fd, ConnFd, ConnWatchdog};
 use futures_util::FutureExt;
 
-use crate::auth::{redact_query, Keys};
+use crate::auth::Keys;
 use crate::config::{Common, ServeArgs};
 use crate::db::DbStore;
 use crate::guard::Policy;
+use crate::request_input::redact_query;
 use crate::routes;
 use crate::state::AppState;
 use crate::throttle::LoginThrottle;

@@ -19,12 +19,12 @@ use std::path::{Component, Path, PathBuf};
 
 use actix_web::http::StatusCode;
 use actix_web::{web, HttpRequest, HttpResponse};
-use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::api::{self, ApiError};
 use crate::db::{self, history, project, project::Project, project::SessionSummary};
 use crate::guard::Authed;
+use crate::request_input::{NewProject, Rename};
 use crate::state::AppState;
 
 /// Sessions per project page, by default and at most (the reference's).
@@ -171,15 +171,6 @@ async fn project_sessions(
     Ok(HttpResponse::Ok().json(page))
 }
 
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct NewProject {
-    #[serde(default)]
-    path: Option<String>,
-    #[serde(default)]
-    custom_name: Option<String>,
-}
-
 /// The folder a project may live in: absolute, not a system folder, and a
 /// directory (created when missing, as the reference does). Blocking.
 fn project_dir(raw: &str) -> Result<PathBuf, ApiError> {
@@ -279,13 +270,6 @@ async fn toggle_star(
     .await??
     .ok_or_else(|| ApiError::not_found("PROJECT_NOT_FOUND", "Project not found"))?;
     Ok(HttpResponse::Ok().json(json!({"success": true, "isStarred": starred})))
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct Rename {
-    #[serde(default)]
-    display_name: Option<String>,
 }
 
 async fn rename_project(
