@@ -530,13 +530,18 @@ async fn event_stream(
     let caller = caller(&state, &req)?;
     let session = owned(&state, &caller.user, &path).await?;
     let target = caller.target(session);
+    let user = target.user.clone();
     let (actor, rx) = EventStream::new(deps(&state), target, cursor(&req));
-    actor.start();
-    let body = futures_util::stream::unfold(rx, |mut rx| async move {
+    // Pinned: the ticketed stream below is polled through `Unpin`.
+    let body = Box::pin(futures_util::stream::unfold(rx, |mut rx| async move {
         rx.recv()
             .await
             .map(|chunk| (Ok::<_, std::convert::Infallible>(chunk), rx))
-    });
+    }));
+    // An open stream counts as one of the user's sockets, given back when
+    // actix drops the body (the client went away or the stream ended).
+    let body = state.admit_socket(&user, body).await?;
+    actor.start();
     Ok(HttpResponse::Ok()
         .content_type("text/event-stream")
         .insert_header(("cache-control", "no-cache"))

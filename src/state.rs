@@ -65,12 +65,13 @@ impl AppState {
 
     /// One more socket for the user, or 429 `TOO_MANY_SOCKETS` before the
     /// upgrade. The returned stream carries the ticket: the place is given
-    /// back when the socket actor drops it.
-    pub async fn admit_socket(
+    /// back when the socket actor drops it (a WebSocket's inbound payload)
+    /// or the response body is dropped (an SSE stream's outbound events).
+    pub async fn admit_socket<S>(
         &self,
         user: &AuthUser,
-        stream: web::Payload,
-    ) -> Result<Ticketed<web::Payload>, ApiError> {
+        stream: S,
+    ) -> Result<Ticketed<S>, ApiError> {
         let ticket: SocketTicket = self
             .limits
             .send(AdmitSocket { user_id: user.id })

@@ -608,3 +608,53 @@ async fn the_sse_stream_numbers_by_seq_and_resumes_from_last_event_id() {
     let behind = read_sse(&mut res, is_result).await;
     assert_eq!(behind[0].0, "catch_up_truncated");
 }
+
+/// An open SSE stream is one of the user's sockets (`--max-sockets-per-user`):
+/// with a limit of one, a `/ws` upgrade and a second stream are refused
+/// with 429 while it is open, and its place comes back once the client
+/// drops it (the gateway notices at its next write to the stream: within a
+/// heartbeat interval).
+#[actix_rt::test]
+async fn an_sse_stream_counts_as_a_socket_of_its_user() {
+    let server = TestServer::start_with(|cmd| {
+        cmd.arg("--claude-bin")
+            .arg(example_bin("fake_claude"))
+            .args(["--max-sockets-per-user", "1", "--heartbeat-secs", "2"]);
+    });
+    let r = remote(&server, "alice", "text:3").await;
+    let mut res = open_sse(&server, &r, None).await;
+    read_sse(&mut res, is_result).await;
+    let ws = format!("/ws?token={}", r.token);
+    assert_eq!(
+        server.try_ws(&ws).await.err().as_deref(),
+        Some("status 429")
+    );
+    let second = awc::Client::new()
+        .get(server.url(&format!("/v1/code/sessions/{}/events/stream", r.id)))
+        .bearer_auth(&r.token)
+        .send()
+        .await
+        .expect("second GET events/stream");
+    assert_eq!(second.status().as_u16(), 429);
+    // Another user is not counted against alice.
+    server.chat("bob").await;
+
+    drop(res);
+    // The gateway learns of the dropped connection at its next heartbeat
+    // write (no event reaches this client), so the upgrade is retried
+    // until it is let in, within a bound.
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        match server.try_ws(&ws).await {
+            Ok(_) => break,
+            Err(e) => {
+                assert_eq!(e, "status 429");
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the stream's place never came back"
+                );
+                actix_rt::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
