@@ -584,7 +584,7 @@ pub async fn fanout(ctx: &Ctx) -> Result<Vec<Row>, String> {
     let gw = Gateway::start(&ctx.bins, |_, _| {})?;
     let mut socks = open_many(ctx, &gw, subscribers).await?;
     let (mut rates, mut p50, mut p99) = (vec![], vec![], vec![]);
-    let (mut gaps, mut complete, mut max_lat) = (0, true, 0);
+    let (mut gaps, mut complete, mut max_lat, mut rejoins) = (0, true, 0, 0);
     for _ in 0..reps {
         // A fresh session each time: the sockets stay subscribed to the previous one.
         let (_project, sid) = session(&gw).await?;
@@ -597,10 +597,18 @@ pub async fn fanout(ctx: &Ctx) -> Result<Vec<Row>, String> {
         let t0 = Instant::now();
         release_gate(owner, &request).await?;
         let deadline = run_deadline(events * subscribers / 20);
+        // A subscriber far behind while others keep up is closed with 4008
+        // (E4) and resubscribes with its lastSeq, as a real client does.
+        let rejoin = Rejoin {
+            ctx,
+            gw: &gw,
+            session: &sid,
+        };
+        let rejoin = &rejoin;
         let results = join_all(socks.iter_mut().map(|ws| async move {
             // The replayed permission events come first; continuity is checked from there.
             let mut seqc = SeqCheck::default();
-            let seen = read_run(ws, &mut seqc, deadline).await;
+            let seen = read_run_after(ws, &mut seqc, deadline, 0..=0, Some(rejoin)).await;
             (seen, seqc)
         }))
         .await;
@@ -610,6 +618,7 @@ pub async fn fanout(ctx: &Ctx) -> Result<Vec<Row>, String> {
         for (seen, seqc) in results {
             let seen = seen?;
             gaps += seqc.gaps;
+            rejoins += seen.rejoins;
             complete &= seen.deltas == events;
             total += seen.deltas;
             end = end.max(seen.last.unwrap_or(t0));
@@ -633,6 +642,8 @@ pub async fn fanout(ctx: &Ctx) -> Result<Vec<Row>, String> {
         Row::new(s, "p99 latency", median(&p99), Unit::Millis, Target::None),
         Row::new(s, "max latency", ms(max_lat), Unit::Millis, Target::None),
         Row::new(s, "peak RSS", mb(gw.hwm_kib()), Unit::MB, Target::None),
+        Row::new(s, "4008 closes of a reading client", rejoins as f64, Unit::Count, Target::None)
+            .note("far behind while others kept up (E4); each recovered by resubscribing with its lastSeq"),
         Row::new(s, "seq gaps", gaps as f64, Unit::Count, Target::Equals(0.0))
             .also(complete)
             .note(if complete {
