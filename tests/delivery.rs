@@ -263,6 +263,35 @@ async fn completed_run_catch_up_only_for_subscribers_that_reached_it() {
     }
 }
 
+/// E7 with E4: a subscriber more than 5,000 events (half the replay buffer,
+/// the far-behind mark) behind a completed run gets all of it and its
+/// `complete`, streamed in budgeted deliveries, and is not closed as far
+/// behind: the run no longer moves on without it.
+#[actix_rt::test]
+async fn a_subscriber_far_behind_a_completed_run_catches_up() {
+    let server = server();
+    let token = server.token("alice");
+    let project = project_dir();
+    let session = server
+        .create_session(&token, "claude", project.path())
+        .await;
+    let mut ws = server.ws(&format!("/ws?token={token}")).await;
+    send(&mut ws, &session, "text:7000").await;
+    let run = seqs(&until_complete(&mut ws, &session).await);
+    let (first, last) = (run[0], *run.last().unwrap());
+    assert!(last - first > 5_000, "{first}..{last}");
+
+    let mut c = server.ws(&format!("/ws?token={token}")).await;
+    c.send_json(
+        json!({"type":"chat.subscribe","sessions":[{"sessionId": session, "lastSeq": first}]}),
+    )
+    .await;
+    let ack = c.recv_json().await;
+    assert_eq!(ack["kind"], "chat_subscribed", "{ack}");
+    let replayed = seqs(&until_complete(&mut c, &session).await);
+    assert_eq!(replayed, (first + 1..=last).collect::<Vec<_>>());
+}
+
 /// Waits until the gateway no longer holds the connection with client port
 /// `conn` (the client still holds its end), bounded; returns how long it took.
 pub async fn until_dropped(server: &TestServer, conn: u16) -> Duration {

@@ -131,11 +131,22 @@ async fn read_run_after(
             In::Binary => continue,
             In::Close(Some(4008)) if rejoin.is_some() && seen.rejoins < MAX_REJOINS => {
                 let Some(r) = rejoin else { continue };
-                *ws = chat_socket(r.ctx, r.gw).await?;
-                subscribe(ws, r.session, seqc.last())
-                    .await
-                    .map_err(|e| format!("resubscribing after 4008: {e}"))?;
-                seen.rejoins += 1;
+                // A resubscriber still too far behind a live run is closed
+                // again before its ack: it retries after a growing delay,
+                // as a client's reconnect does, and catches up at the latest
+                // once the run completes.
+                loop {
+                    seen.rejoins += 1;
+                    *ws = chat_socket(r.ctx, r.gw).await?;
+                    match resubscribe(ws, r.session, seqc.last()).await {
+                        Ok(()) => break,
+                        Err(e) if e.contains("4008") && seen.rejoins < MAX_REJOINS => {
+                            let backoff = Duration::from_millis(100 * seen.rejoins as u64);
+                            actix_rt::time::sleep(backoff).await;
+                        }
+                        Err(e) => return Err(format!("resubscribing after 4008: {e}")),
+                    }
+                }
                 continue;
             }
             In::Close(code) => return Err(format!("socket closed with {code:?}")),
@@ -575,6 +586,23 @@ async fn subscribe(ws: &mut Ws, sid: &str, last_seq: u64) -> Result<(), String> 
         return Err(format!("subscribed to a run that is not processing: {ack}"));
     }
     Ok(())
+}
+
+/// A subscribe after a 4008: the run may have completed meanwhile (its
+/// catch-up then ends with the `complete` the reader waits for).
+async fn resubscribe(ws: &mut Ws, sid: &str, last_seq: u64) -> Result<(), String> {
+    ws::send_json(
+        ws,
+        &json!({"type": "chat.subscribe", "sessions": [{"sessionId": sid, "lastSeq": last_seq}]}),
+    )
+    .await?;
+    until_kind(
+        ws,
+        "chat_subscribed",
+        Instant::now() + Duration::from_secs(60),
+    )
+    .await
+    .map(drop)
 }
 
 pub async fn fanout(ctx: &Ctx) -> Result<Vec<Row>, String> {
