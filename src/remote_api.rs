@@ -43,6 +43,7 @@ use crate::api::ApiError;
 use crate::auth::request_token;
 use crate::db;
 use crate::guard::Identity;
+use crate::request_input::query_value;
 use crate::state::AppState;
 
 /// User events accepted in one POST.
@@ -514,10 +515,9 @@ fn cursor(req: &HttpRequest) -> u64 {
         .and_then(|v| v.trim().parse().ok());
     header
         .or_else(|| {
-            req.query_string().split('&').find_map(|pair| {
-                let (k, v) = pair.split_once('=')?;
-                (k == "from_sequence_num").then(|| v.parse().ok()).flatten()
-            })
+            query_value(req.query_string(), "from_sequence_num")?
+                .parse()
+                .ok()
         })
         .unwrap_or(0)
 }

@@ -6,12 +6,17 @@
 
 use serde::Deserialize;
 
+/// The raw (still percent-encoded) value of the first `key=` in a query.
+pub fn query_value<'q>(query: &'q str, key: &str) -> Option<&'q str> {
+    query.split('&').find_map(|pair| {
+        let (k, v) = pair.split_once('=')?;
+        (k == key).then_some(v)
+    })
+}
+
 /// The token of a request: `?token=` first, else `Authorization: Bearer`.
 pub fn token_from(query: &str, authorization: Option<&[u8]>) -> Option<String> {
-    let from_query = query.split('&').find_map(|pair| {
-        let (k, v) = pair.split_once('=')?;
-        (k == "token").then(|| percent_decode(v))
-    });
+    let from_query = query_value(query, "token").map(percent_decode);
     from_query.filter(|t| !t.is_empty()).or_else(|| {
         std::str::from_utf8(authorization?)
             .ok()?
@@ -89,6 +94,14 @@ mod tests {
         assert_eq!(percent_decode("a%2Eb+c"), "a.b c");
         assert_eq!(percent_decode("bad%zz%"), "bad%zz%");
         assert_eq!(redact_query("x=1&token=abc"), "x=1&token=REDACTED");
+    }
+
+    #[test]
+    fn query_values_are_found_by_whole_key_first_one_wins() {
+        let q = "x_from_sequence_num=1&from_sequence_num=42&from_sequence_num=7";
+        assert_eq!(query_value(q, "from_sequence_num"), Some("42"));
+        assert_eq!(query_value(q, "token"), None);
+        assert_eq!(query_value("token", "token"), None);
     }
 
     #[test]

@@ -138,8 +138,8 @@ async fn read_run_after(
                 loop {
                     seen.rejoins += 1;
                     *ws = chat_socket(r.ctx, r.gw).await?;
-                    match resubscribe(ws, r.session, seqc.last()).await {
-                        Ok(()) => break,
+                    match send_subscribe(ws, r.session, seqc.last()).await {
+                        Ok(_) => break,
                         Err(e) if e.contains("4008") && seen.rejoins < MAX_REJOINS => {
                             let backoff = Duration::from_millis(100 * seen.rejoins as u64);
                             actix_rt::time::sleep(backoff).await;
@@ -571,26 +571,17 @@ async fn release_gate(ws: &mut Ws, request_id: &str) -> Result<(), String> {
 
 /// Subscribes `ws` to the live run and waits for the ack; returns the seq to continue from.
 async fn subscribe(ws: &mut Ws, sid: &str, last_seq: u64) -> Result<(), String> {
-    ws::send_json(
-        ws,
-        &json!({"type": "chat.subscribe", "sessions": [{"sessionId": sid, "lastSeq": last_seq}]}),
-    )
-    .await?;
-    let ack = until_kind(
-        ws,
-        "chat_subscribed",
-        Instant::now() + Duration::from_secs(60),
-    )
-    .await?;
+    let ack = send_subscribe(ws, sid, last_seq).await?;
     if !ack.contains("\"isProcessing\":true") {
         return Err(format!("subscribed to a run that is not processing: {ack}"));
     }
     Ok(())
 }
 
-/// A subscribe after a 4008: the run may have completed meanwhile (its
-/// catch-up then ends with the `complete` the reader waits for).
-async fn resubscribe(ws: &mut Ws, sid: &str, last_seq: u64) -> Result<(), String> {
+/// Subscribes to the session from `last_seq`; returns the ack. After a 4008
+/// the run may have completed meanwhile (its catch-up then ends with the
+/// `complete` the reader waits for), so the rejoin takes any ack.
+async fn send_subscribe(ws: &mut Ws, sid: &str, last_seq: u64) -> Result<String, String> {
     ws::send_json(
         ws,
         &json!({"type": "chat.subscribe", "sessions": [{"sessionId": sid, "lastSeq": last_seq}]}),
@@ -602,7 +593,6 @@ async fn resubscribe(ws: &mut Ws, sid: &str, last_seq: u64) -> Result<(), String
         Instant::now() + Duration::from_secs(60),
     )
     .await
-    .map(drop)
 }
 
 pub async fn fanout(ctx: &Ctx) -> Result<Vec<Row>, String> {
