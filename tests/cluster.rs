@@ -129,3 +129,29 @@ async fn two_gateways_running_one_session_never_repeat_a_seq() {
     let twice: Vec<&u64> = on_a.iter().filter(|s| on_b.contains(s)).collect();
     assert!(twice.is_empty(), "seqs used by both gateways: {twice:?}");
 }
+
+/// The tests' own Redis (support::redis): it answers on its port, a SIGKILL
+/// closes the port, and a restart brings it back on the same port, empty
+/// (nothing is persisted), as the Redis-loss tests need.
+#[test]
+fn test_redis_is_killed_and_restarted_on_its_port() {
+    use crate::support::redis::TestRedis;
+    let mut redis = TestRedis::start();
+    let port = redis.port();
+    assert_eq!(redis.url(), format!("redis://127.0.0.1:{port}"));
+    assert_eq!(redis.command(&["SET", "k", "v"]).as_deref(), Ok("OK"));
+    assert_eq!(redis.command(&["GET", "k"]).as_deref(), Ok("v"));
+    let pid = redis.pid().expect("running") as i32;
+    redis.kill();
+    assert!(
+        !crate::util::pid_alive(pid),
+        "redis-server survived SIGKILL"
+    );
+    assert!(!redis.alive(), "port {port} still answers after the kill");
+    assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err());
+    redis.restart();
+    assert_eq!(redis.port(), port);
+    assert!(redis.alive());
+    assert_eq!(redis.command(&["GET", "k"]).as_deref(), Ok("(nil)"));
+    assert!(redis.command(&["NOSUCHCOMMAND"]).is_err());
+}
