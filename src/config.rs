@@ -188,6 +188,20 @@ pub struct ServeArgs {
     /// providers, so they stay on loopback unless an address says otherwise.
     #[arg(long, env = "AGENTGATE_METRICS_LISTEN", value_parser = parse_metrics_listen)]
     pub metrics_listen: Option<SocketAddr>,
+    /// Cluster mode: share live runs with the other nodes on this Redis
+    /// (`redis://[:password@]host:port[/db]`). Needs a PostgreSQL
+    /// `--database-url` shared by every node, and the same `AGENTGATE_JWT_SECRET`.
+    #[arg(long, env = "AGENTGATE_REDIS_URL", hide_env_values = true)]
+    pub redis_url: Option<String>,
+    /// This node's id in cluster mode (letters, digits, `-`, `_`, `.`);
+    /// default: generated at start and logged.
+    #[arg(long, env = "AGENTGATE_NODE_ID")]
+    pub node_id: Option<String>,
+    /// Cluster mode: a run's lease on its session, renewed every third of
+    /// it while the run lives; a node that stops renewing (it died) has its
+    /// runs ended by another node within about 1.5 times this.
+    #[arg(long, env = "AGENTGATE_CLUSTER_LEASE_MS", default_value = "10000", value_parser = clap::value_parser!(u64).range(300..))]
+    pub cluster_lease_ms: u64,
     /// A built single-page web UI to serve after the API routes (default:
     /// <data-dir>/web-ui/dist when `agentgate web-ui install` put one there).
     #[arg(long, env = "AGENTGATE_WEB_DIR")]

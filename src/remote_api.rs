@@ -140,6 +140,7 @@ impl From<ChatError> for V1Error {
             ErrorCode::SessionNotFound => StatusCode::NOT_FOUND,
             ErrorCode::NoActiveRun => StatusCode::CONFLICT,
             ErrorCode::TooManyRuns => StatusCode::TOO_MANY_REQUESTS,
+            ErrorCode::ClusterUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             ErrorCode::InternalError => StatusCode::INTERNAL_SERVER_ERROR,
             _ => StatusCode::BAD_REQUEST,
         };

@@ -13,6 +13,7 @@ use actix::{Actor, Arbiter, Supervisor};
 use actix_web::dev::Service;
 use actix_web::{web, App, HttpServer};
 use agentgate_actors::chat::run_registry::{RunRegistry, Shutdown as RunShutdown};
+use agentgate_actors::cluster::bus::{AttachRegistry, ClusterBus, ClusterConfig, Drain};
 use agentgate_actors::config::GatewayConfig;
 use agentgate_actors::limits::UserLimits;
 use agentgate_actors::plugin::{PluginRegistry, StopAllPlugins};
@@ -29,7 +30,7 @@ use crate::db::DbStore;
 use crate::guard::Policy;
 use crate::request_input::redact_query;
 use crate::routes;
-use crate::state::AppState;
+use crate::state::{AppState, ClusterNode};
 use crate::throttle::LoginThrottle;
 use crate::web_ui::WebUi;
 
@@ -38,6 +39,8 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// After the actors closed every socket, how long their close frames get to
 /// reach the clients before the HTTP server stops.
 const CLOSE_FRAME_FLUSH: Duration = Duration::from_millis(200);
+/// How long a shutdown waits for the runs' last frames to reach Redis.
+const CLUSTER_DRAIN: Duration = Duration::from_secs(3);
 /// HTTP worker threads; the actors run on the system arbiter beside them.
 const HTTP_WORKERS: usize = 2;
 
@@ -96,6 +99,7 @@ pub async fn serve(common: Common, args: ServeArgs) -> std::io::Result<()> {
         .await
         .map_err(std::io::Error::other)?;
 
+    let cluster = cluster_node(&common, &args)?;
     let store: Store = Arc::new(DbStore(db.clone()));
     // Provider runs parse stdout on their own thread, beside the registry's.
     let runs_arbiter = Arbiter::new();
@@ -103,8 +107,17 @@ pub async fn serve(common: Common, args: ServeArgs) -> std::io::Result<()> {
     // (its runs fail, its sockets are closed; see `Supervised for RunRegistry`).
     let (registry_config, registry_store) = (config.clone(), store.clone());
     let runs = runs_arbiter.handle();
-    let registry =
-        Supervisor::start(move |_| RunRegistry::new(registry_config, registry_store, runs));
+    let registry_cluster = cluster.as_ref().map(|c| (c.bus.clone(), c.node_id.clone()));
+    let registry = Supervisor::start(move |_| {
+        let registry = RunRegistry::new(registry_config, registry_store, runs);
+        match registry_cluster {
+            Some((bus, node)) => registry.with_cluster(bus, &node),
+            None => registry,
+        }
+    });
+    if let Some(c) = &cluster {
+        c.bus.do_send(AttachRegistry(registry.clone()));
+    }
     // Terminals (PTY reads, screen state) run on their own thread.
     let shells_arbiter = Arbiter::new();
     let shells_config = config.clone();
@@ -148,6 +161,7 @@ pub async fn serve(common: Common, args: ServeArgs) -> std::io::Result<()> {
         followers,
         limits,
         supervision,
+        cluster,
     });
 
     let app_state = state.clone();
@@ -276,10 +290,53 @@ fn tls_conn_fd(io: &dyn std::any::Any) -> Option<ConnFd> {
         .map(|tls| ConnFd((**tls).get_ref().0.as_raw_fd()))
 }
 
+/// Cluster mode: refuses SQLite (the nodes must share a database), checks
+/// the node id and the Redis URL, and starts this node's bus (it connects
+/// in the background and retries while Redis is unreachable).
+fn cluster_node(common: &Common, args: &ServeArgs) -> std::io::Result<Option<ClusterNode>> {
+    let Some(url) = &args.redis_url else {
+        return Ok(None);
+    };
+    let invalid = |m: String| std::io::Error::new(std::io::ErrorKind::InvalidInput, m);
+    let database = common.database_url();
+    if !(database.starts_with("postgres://") || database.starts_with("postgresql://")) {
+        return Err(invalid(
+            "cluster mode (--redis-url) needs a database every node shares: give --database-url postgres://... (SQLite is one node's file)".into(),
+        ));
+    }
+    let node_id = args
+        .node_id
+        .clone()
+        .unwrap_or_else(agentgate_actors::cluster::generated_node_id);
+    if !agentgate_actors::cluster::valid_node_id(&node_id) {
+        return Err(invalid(format!(
+            "--node-id {node_id:?}: use 1 to 64 letters, digits, '-', '_' or '.'"
+        )));
+    }
+    let bus = ClusterBus::new(ClusterConfig {
+        redis_url: url.clone(),
+        node_id: node_id.clone(),
+        lease: Duration::from_millis(args.cluster_lease_ms),
+    })
+    .map_err(invalid)?
+    .start();
+    tracing::info!(event = "cluster.node", node_id = %node_id, redis = %agentgate_actors::cluster::bus::redact(url), lease_ms = args.cluster_lease_ms, "cluster mode: this node's id");
+    Ok(Some(ClusterNode { bus, node_id }))
+}
+
 /// Tells each supervising actor to finish its children, and waits for it.
 async fn shutdown_actors(state: &AppState) {
     if state.registry.send(RunShutdown).await.is_err() {
         tracing::error!("run registry did not answer the shutdown");
+    }
+    // The runs' last frames reach their streams and the leases are released.
+    if let Some(cluster) = &state.cluster {
+        let drain = Drain {
+            timeout: CLUSTER_DRAIN,
+        };
+        if cluster.bus.send(drain).await.is_err() {
+            tracing::error!("cluster bus did not answer the shutdown");
+        }
     }
     // SIGTERM to every plugin server, SIGKILL after its grace period.
     if state.plugins.send(StopAllPlugins).await.is_err() {

@@ -21,6 +21,14 @@ use crate::db::{self, Db};
 use crate::guard::{Identity, Policy};
 use crate::throttle::LoginThrottle;
 
+/// This node in cluster mode (`--redis-url`).
+pub struct ClusterNode {
+    /// The link to Redis (leases, streams, routed commands).
+    pub bus: Addr<agentgate_actors::cluster::bus::ClusterBus>,
+    /// `--node-id`, or the generated one.
+    pub node_id: String,
+}
+
 pub struct AppState {
     pub config: Arc<GatewayConfig>,
     pub db: Db,
@@ -51,6 +59,8 @@ pub struct AppState {
     pub limits: Addr<UserLimits>,
     /// The last supervision events (admin page).
     pub supervision: Addr<agentgate_actors::metrics::SupervisionLog>,
+    /// Cluster mode: this node's id and its bus; `None` on a single node.
+    pub cluster: Option<ClusterNode>,
 }
 
 impl AppState {

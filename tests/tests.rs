@@ -24,6 +24,7 @@ mod support;
 mod chat;
 mod claude_e2e;
 mod cluster;
+mod cluster_nodes;
 mod delivery;
 mod foundation;
 mod operators;

@@ -28,6 +28,7 @@
 //! happens when it is full).
 
 pub mod chat;
+pub mod cluster;
 pub mod config;
 pub mod heartbeat;
 pub mod kill;

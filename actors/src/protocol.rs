@@ -100,6 +100,9 @@ pub enum ErrorCode {
     TooManyRuns,
     /// Extension: a `chat.subscribe` with more than `--max-subscribe-entries` entries.
     TooManyEntries,
+    /// Extension (cluster mode): Redis is unreachable, so no new run can be
+    /// leased, or the node that owns a run did not answer a routed command.
+    ClusterUnavailable,
     InternalError,
 }
 
@@ -118,8 +121,32 @@ impl ErrorCode {
             ErrorCode::ShuttingDown => "SHUTTING_DOWN",
             ErrorCode::TooManyRuns => "TOO_MANY_RUNS",
             ErrorCode::TooManyEntries => "TOO_MANY_ENTRIES",
+            ErrorCode::ClusterUnavailable => "CLUSTER_UNAVAILABLE",
             ErrorCode::InternalError => "INTERNAL_ERROR",
         }
+    }
+
+    /// The code of [`ErrorCode::as_str`] (an answer routed from another node).
+    pub fn parse(code: &str) -> Option<ErrorCode> {
+        use ErrorCode::*;
+        [
+            InvalidPayload,
+            UnknownMessageType,
+            SessionIdRequired,
+            SessionNotFound,
+            UnsupportedProvider,
+            RunInProgress,
+            NoActiveRun,
+            MessageTooLarge,
+            RateLimited,
+            ShuttingDown,
+            TooManyRuns,
+            TooManyEntries,
+            ClusterUnavailable,
+            InternalError,
+        ]
+        .into_iter()
+        .find(|c| c.as_str() == code)
     }
 }
 
@@ -261,7 +288,7 @@ pub struct SubscribeTarget {
 }
 
 /// A client's answer to a `permission_request` (the default is a bare deny).
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct PermissionDecision {
     /// JavaScript truthiness, as the reference's `Boolean(allow)`.

@@ -82,6 +82,8 @@ use crate::protocol::{
 use crate::provider::{provider_for, safe_id, Provider, ProviderEvent, ProviderKind, Turn};
 use crate::store::{self, ProjectRef, SessionRow, Store};
 
+mod cluster;
+
 /// Events kept for replay per session (PROTOCOL.md asks for at least 5000).
 pub const REPLAY_MAX_EVENTS: usize = 10_000;
 /// Bytes kept for replay per session.
@@ -256,6 +258,9 @@ pub struct RunningSession {
     pub started_at: String,
     pub last_seq: u64,
     pub run_id: String,
+    /// Cluster mode: the node whose process runs it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
 }
 
 /// Parsed stdout of a run (from `ProviderRun`, awaited: the answer is
@@ -330,6 +335,9 @@ struct Run {
     paused_for: Duration,
     /// Sends waiting for this run's process to be gone.
     exit_waiters: Vec<oneshot::Sender<()>>,
+    /// Cluster mode: the run lives on this other node, and its events come
+    /// from the session's stream (see `cluster.rs`); never sequenced here.
+    remote: Option<String>,
 }
 
 impl Run {
@@ -486,6 +494,8 @@ pub struct RunRegistry {
     spawn_processes: bool,
     /// While a `RunEvents` batch is sequenced: when its first line was read.
     reading: Option<Instant>,
+    /// Cluster mode (`--redis-url`): the bus and what goes to it.
+    cluster: Option<cluster::ClusterLink>,
 }
 
 /// How the registry finds a provider's adapter.
@@ -516,6 +526,7 @@ impl RunRegistry {
             providers,
             spawn_processes: true,
             reading: None,
+            cluster: None,
         }
     }
 
@@ -569,7 +580,11 @@ impl RunRegistry {
         let running: Vec<String> = self
             .sessions
             .iter()
-            .filter(|(_, s)| s.run.as_ref().is_some_and(Run::is_live))
+            .filter(|(_, s)| {
+                s.run
+                    .as_ref()
+                    .is_some_and(|r| r.is_live() && r.remote.is_none())
+            })
             .map(|(id, _)| id.clone())
             .collect();
         let runs = running.len();
@@ -775,6 +790,7 @@ impl RunRegistry {
     /// Sends every subscriber of the session what it can take, and closes
     /// those that fell too far behind.
     fn fan_out(&mut self, session_id: &str) {
+        self.cluster_publish();
         let Some(state) = self.sessions.get(session_id) else {
             return;
         };
@@ -855,7 +871,7 @@ impl RunRegistry {
         let Some(state) = self.sessions.get_mut(session_id) else {
             return;
         };
-        let Some(run) = state.run.as_mut() else {
+        let Some(run) = state.run.as_mut().filter(|r| r.remote.is_none()) else {
             return;
         };
         state.last_seq += 1;
@@ -902,6 +918,11 @@ impl RunRegistry {
         if seq > state.reserved_seq {
             // Only when the database failed to take reservations (logged there).
             state.reserved_seq = seq;
+        }
+        if let Some(link) = self.cluster.as_mut() {
+            if let Some(back) = state.buffer.back() {
+                link.outgoing(session_id, seq, &id, event.body.kind(), &back.frame);
+            }
         }
         if history_batch {
             self.flush_history(session_id, None);
@@ -1198,6 +1219,7 @@ impl RunRegistry {
         self.fan_out(session_id);
         self.resume(session_id);
         self.persist_seq(session_id);
+        self.cluster_run_done(session_id, &run_id, ctx);
         // An abort or a shutdown completes at once; what the run said is still kept.
         if let Some(state) = self.sessions.get_mut(session_id) {
             let provider = state.provider.as_str();
@@ -1327,6 +1349,7 @@ impl RunRegistry {
         for socket in sockets {
             self.deliver_to(socket, frames.clone());
         }
+        self.cluster_upsert(owner, &frames[0]);
     }
 
     /// Records (or forgets) the session's native id: in memory now, in the
@@ -1610,9 +1633,11 @@ impl RunRegistry {
         Some(rx)
     }
 
+    /// `preset`: the run id (cluster mode leased the session for it).
     fn start_run(
         &mut self,
         msg: StartRun,
+        preset: Option<String>,
         ctx: &mut Context<Self>,
     ) -> Result<RunStarted, ChatError> {
         if self.shutting_down {
@@ -1663,7 +1688,12 @@ impl RunRegistry {
         let running = self
             .sessions
             .values()
-            .filter(|s| s.owner == msg.user_id && s.run.as_ref().is_some_and(Run::is_live))
+            .filter(|s| {
+                s.owner == msg.user_id
+                    && s.run
+                        .as_ref()
+                        .is_some_and(|r| r.is_live() && r.remote.is_none())
+            })
             .count();
         let Some(state) = self.sessions.get_mut(&session_id) else {
             return Err(ChatError::new(
@@ -1685,7 +1715,7 @@ impl RunRegistry {
             ));
         }
 
-        let run_id = uuid::Uuid::new_v4().to_string();
+        let run_id = preset.unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
         if record_history {
             let (prompt_id, now) = (format!("{run_id}:prompt"), now_iso());
             state
@@ -1738,6 +1768,7 @@ impl RunRegistry {
             pauses: 0,
             paused_for: Duration::ZERO,
             exit_waiters: Vec::new(),
+            remote: None,
         });
         if let Some(socket) = msg.socket {
             self.attach(socket, &session_id, first_seq - 1, false);
@@ -1906,6 +1937,11 @@ impl Actor for RunRegistry {
                 });
             })
         });
+        if self.cluster.is_some() {
+            ctx.run_interval(cluster::UNFOLLOW_EVERY, |act, ctx| {
+                act.guarded(ctx, "cluster unfollow", (), |act, _| act.unfollow_idle())
+            });
+        }
         tracing::info!(
             event = "actor.started",
             actor = "RunRegistry",
@@ -1970,6 +2006,7 @@ impl Supervised for RunRegistry {
         self.sessions.clear();
         self.permissions.clear();
         self.sockets.clear();
+        self.cluster_reset();
         tracing::warn!(actor = "RunRegistry", event = "actor.restarted", reason = %reason, runs_failed, sockets_closed, "supervision: actor restarted");
     }
 }
@@ -2060,40 +2097,61 @@ impl Handler<StartRun> for RunRegistry {
     type Result = ResponseActFuture<Self, Result<RunStarted, ChatError>>;
 
     fn handle(&mut self, msg: StartRun, ctx: &mut Context<Self>) -> Self::Result {
-        self.guarded(ctx, "StartRun", Box::pin(fut::ready(Err(internal_error()))), |act, ctx| {
-            let session_id = msg.session.id.clone();
-            let previous = act.previous_run_exit(&session_id);
-            // E9: the run's first seqs are persisted as reserved before it starts.
-            if let Ok(kind) = msg.session.provider.parse::<ProviderKind>() {
-                act.state_for(&msg.session, kind);
-            }
-            let reservation = act.reserve_seqs(&session_id, 0, ctx);
-            if previous.is_none() && reservation.is_none() {
-                return Box::pin(fut::ready(act.start_run(msg, ctx)));
-            }
-            let sid = session_id.clone();
-            let wait_previous = async move {
-                if let Some(rx) = previous {
-                    if tokio::time::timeout(PREVIOUS_RUN_EXIT_WAIT, rx).await.is_err() {
-                        tracing::warn!(session_id = %sid, "the previous run's process is still not gone; starting anyway");
-                    }
+        self.guarded(
+            ctx,
+            "StartRun",
+            Box::pin(fut::ready(Err(internal_error()))),
+            |act, ctx| {
+                if act.cluster.is_some() {
+                    return act.start_run_clustered(msg, ctx);
+                }
+                act.start_when_ready(msg, None, ctx)
+            },
+        )
+    }
+}
+
+impl RunRegistry {
+    /// Starts the run once the previous run's process is gone and its first
+    /// seqs are reserved.
+    fn start_when_ready(
+        &mut self,
+        msg: StartRun,
+        preset: Option<String>,
+        ctx: &mut Context<Self>,
+    ) -> ResponseActFuture<Self, Result<RunStarted, ChatError>> {
+        let session_id = msg.session.id.clone();
+        let previous = self.previous_run_exit(&session_id);
+        // E9: the run's first seqs are persisted as reserved before it starts.
+        if let Ok(kind) = msg.session.provider.parse::<ProviderKind>() {
+            self.state_for(&msg.session, kind);
+        }
+        let reservation = self.reserve_seqs(&session_id, 0, ctx);
+        if previous.is_none() && reservation.is_none() {
+            return Box::pin(fut::ready(self.start_run(msg, preset, ctx)));
+        }
+        let sid = session_id.clone();
+        let wait_previous = async move {
+            if let Some(rx) = previous {
+                if tokio::time::timeout(PREVIOUS_RUN_EXIT_WAIT, rx).await.is_err() {
+                    tracing::warn!(session_id = %sid, "the previous run's process is still not gone; starting anyway");
                 }
             }
-            .into_actor(act);
-            let reserved: ResponseActFuture<Self, ()> = match reservation {
-                Some(r) => r,
-                None => Box::pin(fut::ready(())),
-            };
-            Box::pin(
-                wait_previous
-                    .then(|_, _, _| reserved)
-                    .map(move |_, act, ctx| {
-                        act.guarded(ctx, "StartRun", Err(internal_error()), |act, ctx| {
-                            act.start_run(msg, ctx)
-                        })
-                    }),
-            )
-        })
+        }
+        .into_actor(self);
+        let reserved: ResponseActFuture<Self, ()> = match reservation {
+            Some(r) => r,
+            None => Box::pin(fut::ready(())),
+        };
+        Box::pin(
+            wait_previous
+                .then(|_, _, _| reserved)
+                .map(move |_, act, ctx| {
+                    act.guarded(ctx, "StartRun", Err(internal_error()), |act, ctx| {
+                        act.start_run(msg, preset, ctx)
+                    })
+                }),
+        )
     }
 }
 
@@ -2224,36 +2282,45 @@ impl Handler<AdminDisconnect> for RunRegistry {
 }
 
 impl Handler<AbortRun> for RunRegistry {
-    type Result = Result<(), ChatError>;
+    type Result = ResponseActFuture<Self, Result<(), ChatError>>;
 
     fn handle(&mut self, msg: AbortRun, ctx: &mut Context<Self>) -> Self::Result {
-        self.guarded(ctx, "AbortRun", Err(internal_error()), |act, ctx| {
-            let no_run =
-                || ChatError::new(ErrorCode::NoActiveRun, "No active run for this session");
-            let state = act.sessions.get(&msg.session_id).ok_or_else(no_run)?;
-            // An admin (ADMIN_USER) may abort anyone's run.
-            if state.owner != msg.user_id && msg.user_id != ADMIN_USER {
-                return Err(ChatError::new(
-                    ErrorCode::SessionNotFound,
-                    "Session not found",
-                ));
+        let fallback: Self::Result = Box::pin(fut::ready(Err(internal_error())));
+        self.guarded(ctx, "AbortRun", fallback, |act, ctx| {
+            if let Some(routed) = act.route_abort(&msg) {
+                return routed;
             }
-            let run = state
-                .run
-                .as_ref()
-                .filter(|r| r.is_live())
-                .ok_or_else(no_run)?;
-            // exitCode 0 when the interrupt reached the run, as the reference.
-            let delivered = run.addr.as_ref().is_some_and(|a| {
-                a.do_send(Abort);
-                a.connected()
-            });
-            run_span(&msg.session_id, &run.id).in_scope(|| {
-                tracing::info!(session_id = %msg.session_id, run_id = %run.id, "abort requested")
-            });
-            act.complete(&msg.session_id, if delivered { 0 } else { 1 }, true, ctx);
-            Ok(())
+            Box::pin(fut::ready(act.abort_run(msg, ctx)))
         })
+    }
+}
+
+impl RunRegistry {
+    fn abort_run(&mut self, msg: AbortRun, ctx: &mut Context<Self>) -> Result<(), ChatError> {
+        let no_run = || ChatError::new(ErrorCode::NoActiveRun, "No active run for this session");
+        let state = self.sessions.get(&msg.session_id).ok_or_else(no_run)?;
+        // An admin (ADMIN_USER) may abort anyone's run.
+        if state.owner != msg.user_id && msg.user_id != ADMIN_USER {
+            return Err(ChatError::new(
+                ErrorCode::SessionNotFound,
+                "Session not found",
+            ));
+        }
+        let run = state
+            .run
+            .as_ref()
+            .filter(|r| r.is_live())
+            .ok_or_else(no_run)?;
+        // exitCode 0 when the interrupt reached the run, as the reference.
+        let delivered = run.addr.as_ref().is_some_and(|a| {
+            a.do_send(Abort);
+            a.connected()
+        });
+        run_span(&msg.session_id, &run.id).in_scope(
+            || tracing::info!(session_id = %msg.session_id, run_id = %run.id, "abort requested"),
+        );
+        self.complete(&msg.session_id, if delivered { 0 } else { 1 }, true, ctx);
+        Ok(())
     }
 }
 
@@ -2311,11 +2378,15 @@ impl Handler<Inspect> for RunRegistry {
 }
 
 impl Handler<Subscribe> for RunRegistry {
-    type Result = ();
+    type Result = ResponseActFuture<Self, ()>;
 
-    fn handle(&mut self, msg: Subscribe, ctx: &mut Context<Self>) {
-        self.guarded(ctx, "Subscribe", (), |act, _| {
+    fn handle(&mut self, msg: Subscribe, ctx: &mut Context<Self>) -> Self::Result {
+        self.guarded(ctx, "Subscribe", Box::pin(fut::ready(())), |act, ctx| {
+            if act.cluster.is_some() {
+                return act.subscribe_clustered(msg, ctx);
+            }
             act.subscribe(msg);
+            Box::pin(fut::ready(()))
         })
     }
 }
@@ -2329,6 +2400,9 @@ impl Handler<RespondPermission> for RunRegistry {
                 return;
             };
             if act.sessions.get(&session_id).map(|s| s.owner) != Some(msg.user_id) {
+                return;
+            }
+            if act.route_permission(&session_id, &msg, ctx) {
                 return;
             }
             let request_id = msg.request_id.clone();
@@ -2359,28 +2433,44 @@ impl Handler<RespondPermission> for RunRegistry {
 }
 
 impl Handler<ListRunning> for RunRegistry {
-    type Result = Vec<RunningSession>;
+    type Result = ResponseActFuture<Self, Vec<RunningSession>>;
 
     fn handle(&mut self, msg: ListRunning, ctx: &mut Context<Self>) -> Self::Result {
-        self.guarded(ctx, "ListRunning", Vec::new(), |act, _| {
-            let mut list: Vec<RunningSession> = act
-                .sessions
-                .iter()
-                .filter(|(_, s)| s.owner == msg.user_id)
-                .filter_map(|(id, s)| {
-                    let run = s.run.as_ref().filter(|r| r.is_live())?;
-                    Some(RunningSession {
-                        session_id: id.clone(),
-                        provider: s.provider.as_str().to_string(),
-                        started_at: run.started_at.clone(),
-                        last_seq: s.last_seq,
-                        run_id: run.id.clone(),
-                    })
-                })
-                .collect();
-            list.sort_by(|a, b| a.started_at.cmp(&b.started_at));
-            list
+        let fallback: Self::Result = Box::pin(fut::ready(Vec::new()));
+        self.guarded(ctx, "ListRunning", fallback, |act, _| {
+            if act.cluster.is_some() {
+                return act.list_running_clustered(msg.user_id);
+            }
+            Box::pin(fut::ready(act.list_running(msg.user_id)))
         })
+    }
+}
+
+impl RunRegistry {
+    /// The user's live runs that this node runs.
+    fn list_running(&self, user_id: i64) -> Vec<RunningSession> {
+        let node = self.cluster.as_ref().map(|c| c.node.to_string());
+        let mut list: Vec<RunningSession> = self
+            .sessions
+            .iter()
+            .filter(|(_, s)| s.owner == user_id)
+            .filter_map(|(id, s)| {
+                let run = s
+                    .run
+                    .as_ref()
+                    .filter(|r| r.is_live() && r.remote.is_none())?;
+                Some(RunningSession {
+                    session_id: id.clone(),
+                    provider: s.provider.as_str().to_string(),
+                    started_at: run.started_at.clone(),
+                    last_seq: s.last_seq,
+                    run_id: run.id.clone(),
+                    node: node.clone(),
+                })
+            })
+            .collect();
+        list.sort_by(|a, b| a.started_at.cmp(&b.started_at));
+        list
     }
 }
 
