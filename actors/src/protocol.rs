@@ -13,6 +13,8 @@ use bytestring::ByteString;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+pub(crate) use crate::json_text::{push_json_str, push_u64};
+
 /// One serialized server->client text frame. Cloning shares the bytes: the
 /// RunRegistry serializes an event once and hands clones to every subscriber.
 pub type Frame = ByteString;
@@ -675,81 +677,84 @@ pub struct Envelope<'a> {
 
 impl Envelope<'_> {
     /// The frame of this event: byte for byte what [`frame_of`] gives, for a
-    /// fifth of the work. The envelope's own fields are written directly
+    /// fraction of the work. The envelope's own fields are written directly
     /// (strings that need no escaping are copied as they are) instead of
     /// through serde's flatten map, and a `stream_delta` body too; other
-    /// bodies are serialized by serde and spliced in.
+    /// bodies are serialized by serde and spliced in. The frame is written
+    /// straight into its own allocation, sized for the usual case (nothing
+    /// to escape), which becomes the shared frame without a copy.
     pub fn to_frame(&self) -> Frame {
-        SCRATCH.with(|scratch| {
-            let Ok(mut buf) = scratch.try_borrow_mut() else {
-                return frame_of(self);
+        const ID: &str = "{\"id\":";
+        const SESSION: &str = ",\"sessionId\":";
+        const TIMESTAMP: &str = ",\"timestamp\":";
+        const PROVIDER: &str = ",\"provider\":";
+        const SEQ: &str = ",\"seq\":";
+        const RUN: &str = ",\"runId\":";
+        const PARENT: &str = ",\"parentToolUseId\":";
+        const DELTA: &str = ",\"kind\":\"stream_delta\",\"content\":";
+        // The exact size when nothing needs escaping (the usual case), so
+        // the frame's allocation is shared as it is (a larger one would cost
+        // the frame another allocation).
+        let quoted = |s: &str| s.len() + 2;
+        let mut size = ID.len() + quoted(self.id);
+        size += SESSION.len() + quoted(self.session_id);
+        size += TIMESTAMP.len() + quoted(self.timestamp);
+        size += PROVIDER.len() + quoted(self.provider);
+        size += SEQ.len() + decimal_len(self.seq);
+        size += RUN.len() + quoted(self.run_id);
+        if let Some(parent) = self.parent_tool_use_id {
+            size += PARENT.len() + quoted(parent);
+        }
+        if let EventBody::StreamDelta { content } = self.body {
+            size += DELTA.len() + quoted(content) + 1;
+        }
+        let mut buf = String::with_capacity(size);
+        buf.push_str(ID);
+        push_json_str(&mut buf, self.id);
+        buf.push_str(SESSION);
+        push_json_str(&mut buf, self.session_id);
+        buf.push_str(TIMESTAMP);
+        push_json_str(&mut buf, self.timestamp);
+        buf.push_str(PROVIDER);
+        push_json_str(&mut buf, self.provider);
+        buf.push_str(SEQ);
+        push_u64(&mut buf, self.seq);
+        buf.push_str(RUN);
+        push_json_str(&mut buf, self.run_id);
+        if let Some(parent) = self.parent_tool_use_id {
+            buf.push_str(PARENT);
+            push_json_str(&mut buf, parent);
+        }
+        if let EventBody::StreamDelta { content } = self.body {
+            buf.push_str(DELTA);
+            push_json_str(&mut buf, content);
+            buf.push('}');
+        } else {
+            // The body is an internally tagged struct variant: a JSON object
+            // whose entries continue ours after its `{`.
+            let body = match serde_json::to_string(self.body) {
+                Ok(body) if body.starts_with('{') => body,
+                _ => return frame_of(self),
             };
-            buf.clear();
-            buf.extend_from_slice(b"{\"id\":");
-            push_json_str(&mut buf, self.id);
-            buf.extend_from_slice(b",\"sessionId\":");
-            push_json_str(&mut buf, self.session_id);
-            buf.extend_from_slice(b",\"timestamp\":");
-            push_json_str(&mut buf, self.timestamp);
-            buf.extend_from_slice(b",\"provider\":");
-            push_json_str(&mut buf, self.provider);
-            buf.extend_from_slice(b",\"seq\":");
-            // Writing a number into a Vec cannot fail.
-            let _ = serde_json::to_writer(&mut *buf, &self.seq);
-            buf.extend_from_slice(b",\"runId\":");
-            push_json_str(&mut buf, self.run_id);
-            if let Some(parent) = self.parent_tool_use_id {
-                buf.extend_from_slice(b",\"parentToolUseId\":");
-                push_json_str(&mut buf, parent);
-            }
-            if let EventBody::StreamDelta { content } = self.body {
-                buf.extend_from_slice(b",\"kind\":\"stream_delta\",\"content\":");
-                push_json_str(&mut buf, content);
-                buf.push(b'}');
-            } else {
-                // The body is an internally tagged struct variant: a JSON object
-                // whose entries continue ours once its `{` becomes a `,`.
-                let at = buf.len();
-                let spliced = serde_json::to_writer(&mut *buf, self.body).is_ok()
-                    && buf.get(at) == Some(&b'{');
-                if !spliced {
-                    drop(buf);
-                    return frame_of(self);
-                }
-                if let Some(open) = buf.get_mut(at) {
-                    *open = b',';
-                }
-            }
-            let frame = match std::str::from_utf8(&buf) {
-                Ok(text) => ByteString::from(text),
-                Err(_) => {
-                    drop(buf);
-                    return frame_of(self);
-                }
-            };
-            if buf.capacity() > SCRATCH_KEEP_BYTES {
-                *buf = Vec::new();
-            }
-            frame
-        })
+            buf.push(',');
+            buf.push_str(&body[1..]);
+        }
+        ByteString::from(buf)
     }
 }
 
-/// Appends `s` as a JSON string: copied as it is when no byte needs an
-/// escape (the check has no early exit, so it compiles to vector code),
-/// else escaped by serde_json exactly as [`frame_of`] would.
-fn push_json_str(buf: &mut Vec<u8>, s: &str) {
-    let needs_escape = s.bytes().fold(false, |acc, b| {
-        acc | (b < 0x20) | (b == b'"') | (b == b'\\')
-    });
-    if needs_escape {
-        // Writing a str into a Vec cannot fail.
-        let _ = serde_json::to_writer(&mut *buf, s);
-    } else {
-        buf.push(b'"');
-        buf.extend_from_slice(s.as_bytes());
-        buf.push(b'"');
-    }
+/// Digits of `n` in decimal.
+fn decimal_len(n: u64) -> usize {
+    n.checked_ilog10().map_or(1, |d| d as usize + 1)
+}
+
+/// The envelope id of event `seq` of run `run_id`: `<run_id>:<seq>`.
+pub fn event_id(run_id: &str, seq: u64) -> String {
+    let mut id = String::with_capacity(run_id.len() + 21);
+    id.push_str(run_id);
+    id.push(':');
+    push_u64(&mut id, seq);
+    id
 }
 
 #[cfg(test)]

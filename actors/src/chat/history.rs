@@ -27,7 +27,7 @@ use std::sync::Arc;
 
 use serde_json::{json, Value};
 
-use crate::protocol::{frame_of, EventBody, Frame, Role};
+use crate::protocol::{frame_of, push_json_str, EventBody, Frame, Role};
 use crate::store::HistoryEntry;
 
 /// Largest recorded message (bytes of JSON); longer text is cut.
@@ -76,15 +76,7 @@ impl HistoryLog {
     ) {
         self.close_text(session_id, provider);
         let (content, cut) = cut_text(content);
-        let body = frame_of(&json!({
-            "id": id,
-            "sessionId": session_id,
-            "timestamp": timestamp,
-            "provider": provider,
-            "kind": "text",
-            "role": "user",
-            "content": with_cut_note(content, cut),
-        }));
+        let body = text_entry(id, session_id, timestamp, provider, "user", content, cut);
         self.push(HistoryEntry {
             kind: "text",
             role: Some("user"),
@@ -165,15 +157,15 @@ impl HistoryLog {
         if open.content.is_empty() {
             return;
         }
-        let body = frame_of(&json!({
-            "id": open.id,
-            "sessionId": session_id,
-            "timestamp": open.timestamp,
-            "provider": provider,
-            "kind": "text",
-            "role": "assistant",
-            "content": with_cut_note(&open.content, open.cut),
-        }));
+        let body = text_entry(
+            &open.id,
+            session_id,
+            &open.timestamp,
+            provider,
+            "assistant",
+            &open.content,
+            open.cut,
+        );
         self.push(HistoryEntry {
             kind: "text",
             role: Some("assistant"),
@@ -255,6 +247,43 @@ fn split_at_char(text: &str, max: usize) -> (&str, &str) {
     text.split_at(at)
 }
 
+/// The history entry of a `text` message: byte for byte
+/// `frame_of(&json!({"id", "sessionId", "timestamp", "provider", "kind":
+/// "text", "role", "content": with_cut_note(content, cut)}))` (a `Value`
+/// map writes its keys in sorted order), written directly: streamed text
+/// of up to a megabyte is copied once instead of into a `Value`, and its
+/// escape check runs a word at a time.
+fn text_entry(
+    id: &str,
+    session_id: &str,
+    timestamp: &str,
+    provider: &str,
+    role: &str,
+    content: &str,
+    cut: usize,
+) -> Frame {
+    let strings = [content, id, provider, role, session_id, timestamp];
+    let mut buf = String::with_capacity(100 + strings.iter().map(|s| s.len()).sum::<usize>());
+    buf.push_str("{\"content\":");
+    if cut == 0 {
+        push_json_str(&mut buf, content);
+    } else {
+        push_json_str(&mut buf, &with_cut_note(content, cut));
+    }
+    buf.push_str(",\"id\":");
+    push_json_str(&mut buf, id);
+    buf.push_str(",\"kind\":\"text\",\"provider\":");
+    push_json_str(&mut buf, provider);
+    buf.push_str(",\"role\":");
+    push_json_str(&mut buf, role);
+    buf.push_str(",\"sessionId\":");
+    push_json_str(&mut buf, session_id);
+    buf.push_str(",\"timestamp\":");
+    push_json_str(&mut buf, timestamp);
+    buf.push('}');
+    Frame::from(buf)
+}
+
 fn with_cut_note(text: &str, cut: usize) -> String {
     if cut == 0 {
         text.to_string()
@@ -295,6 +324,37 @@ mod tests {
             content: text.into(),
         };
         log.record("s", "claude", id, "t", &body, &frame_of(&body));
+    }
+
+    /// The directly written text entry is what the `Value` map gave.
+    #[test]
+    fn text_entries_are_byte_for_byte_the_value_map() {
+        for (content, cut) in [
+            ("plain", 0),
+            ("", 0),
+            ("q \" b \\ nl \n é \u{1}", 0),
+            ("head", 42),
+        ] {
+            let expected = frame_of(&json!({
+                "id": "run-1:7",
+                "sessionId": "sess\"1",
+                "timestamp": "2026-07-08T10:00:05.120Z",
+                "provider": "claude",
+                "kind": "text",
+                "role": "assistant",
+                "content": with_cut_note(content, cut),
+            }));
+            let got = text_entry(
+                "run-1:7",
+                "sess\"1",
+                "2026-07-08T10:00:05.120Z",
+                "claude",
+                "assistant",
+                content,
+                cut,
+            );
+            assert_eq!(got, expected);
+        }
     }
 
     #[test]

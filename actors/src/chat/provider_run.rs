@@ -39,7 +39,7 @@ use std::time::Duration;
 use actix::prelude::*;
 use rustix::process::Pid;
 use serde_json::Value;
-use tokio::io::{AsyncRead, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWriteExt, BufReader};
 use tokio::sync::mpsc;
 use tracing::Instrument;
 
@@ -614,48 +614,49 @@ impl StdoutReader {
             let mut read_at = None;
             // Parse every complete line already buffered before awaiting the registry.
             let eof = loop {
-                line.clear();
-                let read = match self.idle_timeout.filter(|_| !awaiting_user) {
-                    Some(limit) => {
-                        match tokio::time::timeout(limit, read_stdout_line(&mut reader, &mut line))
+                // A whole line in the buffer is parsed where it is (no copy).
+                if let Some(end) = memchr::memchr(b'\n', reader.buffer()) {
+                    let bytes = &reader.buffer()[..=end];
+                    read_at.get_or_insert_with(tokio::time::Instant::now);
+                    batch_bytes += bytes.len();
+                    parse_stdout_line(parser.as_mut(), bytes, &mut events);
+                    reader.consume(end + 1);
+                } else if batch_bytes > 0 {
+                    // No complete line left: hand over what this batch has.
+                    break false;
+                } else {
+                    line.clear();
+                    let read = match self.idle_timeout.filter(|_| !awaiting_user) {
+                        Some(limit) => {
+                            match tokio::time::timeout(
+                                limit,
+                                read_stdout_line(&mut reader, &mut line),
+                            )
                             .await
-                        {
-                            Ok(r) => r,
-                            Err(_) => {
-                                self.flush(&mut events).await;
-                                return ReadOutcome::IdleTimeout;
-                            }
-                        }
-                    }
-                    None => read_stdout_line(&mut reader, &mut line).await,
-                };
-                match read {
-                    LineRead::Eof => break true,
-                    LineRead::TooLong => {
-                        tracing::warn!(run_id = %self.run_id, limit = MAX_LINE_BYTES, "dropping an over-long stdout line");
-                    }
-                    LineRead::Line => {
-                        read_at.get_or_insert_with(tokio::time::Instant::now);
-                        batch_bytes += line.len();
-                        match std::str::from_utf8(&line) {
-                            Ok(text) => {
-                                let text = text.trim_end_matches(['\n', '\r']);
-                                if !text.trim().is_empty() {
-                                    parser.parse_line(text, &mut events);
+                            {
+                                Ok(r) => r,
+                                Err(_) => {
+                                    self.flush(&mut events).await;
+                                    return ReadOutcome::IdleTimeout;
                                 }
                             }
-                            Err(_) => {
-                                let text = String::from_utf8_lossy(&line);
-                                parser.parse_line(text.trim_end_matches(['\n', '\r']), &mut events);
-                            }
+                        }
+                        None => read_stdout_line(&mut reader, &mut line).await,
+                    };
+                    match read {
+                        LineRead::Eof => break true,
+                        LineRead::TooLong => {
+                            tracing::warn!(run_id = %self.run_id, limit = MAX_LINE_BYTES, "dropping an over-long stdout line");
+                            break false;
+                        }
+                        LineRead::Line => {
+                            read_at.get_or_insert_with(tokio::time::Instant::now);
+                            batch_bytes += line.len();
+                            parse_stdout_line(parser.as_mut(), &line, &mut events);
                         }
                     }
                 }
-                let buffered_line = reader.buffer().contains(&b'\n');
-                if !buffered_line
-                    || events.len() >= BATCH_MAX_EVENTS
-                    || batch_bytes >= BATCH_MAX_BYTES
-                {
+                if events.len() >= BATCH_MAX_EVENTS || batch_bytes >= BATCH_MAX_BYTES {
                     break false;
                 }
             };
@@ -686,6 +687,17 @@ impl StdoutReader {
         if events.is_empty() {
             return;
         }
+        let for_the_run = |e: &ProviderEvent| {
+            matches!(
+                e,
+                ProviderEvent::Reply(_) | ProviderEvent::TurnComplete { .. }
+            )
+        };
+        if !events.iter().any(for_the_run) {
+            // The usual batch (deltas): handed over as it is, not moved event by event.
+            let batch = std::mem::replace(events, Vec::with_capacity(events.len()));
+            return self.send_batch(batch, read_at).await;
+        }
         let mut batch = Vec::with_capacity(events.len());
         for event in events.drain(..) {
             match event {
@@ -706,6 +718,10 @@ impl StdoutReader {
                 other => batch.push(other),
             }
         }
+        self.send_batch(batch, read_at).await
+    }
+
+    async fn send_batch(&self, batch: Vec<ProviderEvent>, read_at: Option<tokio::time::Instant>) {
         if batch.is_empty() {
             return;
         }
@@ -717,6 +733,23 @@ impl StdoutReader {
         };
         if self.registry.send(msg).await.is_err() {
             tracing::error!(run_id = %self.run_id, "run registry is gone; dropping events");
+        }
+    }
+}
+
+/// Hands one stdout line (its newline included, if any) to the parser:
+/// blank lines are skipped, bytes that are not UTF-8 are replaced.
+fn parse_stdout_line(parser: &mut dyn LineParser, bytes: &[u8], events: &mut Vec<ProviderEvent>) {
+    match std::str::from_utf8(bytes) {
+        Ok(text) => {
+            let text = text.trim_end_matches(['\n', '\r']);
+            if !text.trim().is_empty() {
+                parser.parse_line(text, events);
+            }
+        }
+        Err(_) => {
+            let text = String::from_utf8_lossy(bytes);
+            parser.parse_line(text.trim_end_matches(['\n', '\r']), events);
         }
     }
 }

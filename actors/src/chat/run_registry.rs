@@ -76,7 +76,7 @@ use crate::chat::provider_run::{Abort, AnswerPermission, Kill, ProviderRun};
 use crate::config::GatewayConfig;
 use crate::metrics::metrics;
 use crate::protocol::{
-    now_iso, ChatError, Envelope, ErrorCode, Event, EventBody, Frame, PendingPermission,
+    event_id, now_iso, ChatError, Envelope, ErrorCode, Event, EventBody, Frame, PendingPermission,
     PermissionDecision, ServerFrame, SubscribedRun, UpsertedProject, UpsertedSession,
 };
 use crate::provider::{provider_for, safe_id, Provider, ProviderEvent, ProviderKind, Turn};
@@ -878,7 +878,7 @@ impl RunRegistry {
         let seq = state.last_seq;
         run.last_seq = seq;
         let run_id = run.id.as_str();
-        let id = format!("{run_id}:{seq}");
+        let id = event_id(run_id, seq);
         let timestamp = now_iso();
         let frame = Envelope {
             id: &id,

@@ -12,6 +12,7 @@ use std::collections::HashSet;
 
 use serde_json::{json, Map, Value};
 
+use super::json_scan::{once, Scanner};
 use super::{safe_id, CommandSpec, LineParser, Provider, ProviderEvent, ProviderKind, Turn};
 use crate::protocol::{Event, EventBody, PermissionDecision, Role};
 
@@ -193,36 +194,73 @@ fn line(value: Value) -> Vec<u8> {
     bytes
 }
 
-/// A `stream_event` text delta line, borrowed from the line: the bulk of a
-/// streaming turn is parsed without building a `Value` tree (about a fifth
-/// of the instructions). Anything else fails to match and takes the `Value`
-/// path; unknown fields are skipped.
-#[derive(serde::Deserialize)]
+/// A `stream_event` text delta line, read in place by [`json_scan`]: the
+/// bulk of a streaming turn is parsed without a `Value` tree or serde's
+/// derived reader (the text is borrowed unless it has escapes). Unknown
+/// fields are skipped (and checked); anything else the scanner does not
+/// handle takes the `Value` path.
 struct DeltaLine<'a> {
-    #[serde(rename = "type")]
     kind: &'a str,
-    #[serde(default)]
-    session_id: Option<&'a str>,
-    #[serde(default)]
-    parent_tool_use_id: Option<&'a str>,
-    event: DeltaEvent<'a>,
-}
-
-#[derive(serde::Deserialize)]
-struct DeltaEvent<'a> {
-    #[serde(rename = "type")]
-    kind: &'a str,
-    #[serde(default)]
+    session_id: Option<Cow<'a, str>>,
+    parent_tool_use_id: Option<Cow<'a, str>>,
+    event_kind: &'a str,
     index: Option<u64>,
-    delta: TextDelta<'a>,
+    delta_kind: &'a str,
+    text: Cow<'a, str>,
 }
 
-#[derive(serde::Deserialize)]
-struct TextDelta<'a> {
-    #[serde(rename = "type")]
-    kind: &'a str,
-    #[serde(borrow)]
-    text: Cow<'a, str>,
+/// A string field without escapes (the kinds compared below).
+fn plain<'a>(s: &mut Scanner<'a>) -> Option<&'a str> {
+    match s.string()? {
+        Cow::Borrowed(v) => Some(v),
+        Cow::Owned(_) => None,
+    }
+}
+
+impl<'a> DeltaLine<'a> {
+    fn scan(line: &'a str) -> Option<DeltaLine<'a>> {
+        let mut s = Scanner::new(line);
+        let (mut kind, mut session_id, mut parent, mut event) = (None, None, None, None);
+        s.object(|s, key| match key {
+            "type" => once(&mut kind, plain(s)?),
+            "session_id" => once(&mut session_id, s.opt_string()?),
+            "parent_tool_use_id" => once(&mut parent, s.opt_string()?),
+            "event" => once(&mut event, Self::event(s)?),
+            _ => s.skip(1),
+        })?;
+        s.end()?;
+        let (event_kind, index, delta_kind, text) = event?;
+        Some(DeltaLine {
+            kind: kind?,
+            session_id: session_id.flatten(),
+            parent_tool_use_id: parent.flatten(),
+            event_kind,
+            index,
+            delta_kind,
+            text,
+        })
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn event(s: &mut Scanner<'a>) -> Option<(&'a str, Option<u64>, &'a str, Cow<'a, str>)> {
+        let (mut kind, mut index, mut delta) = (None, None, None);
+        s.object(|s, key| match key {
+            "type" => once(&mut kind, plain(s)?),
+            "index" => once(&mut index, s.opt_u64()?),
+            "delta" => {
+                let (mut kind, mut text) = (None, None);
+                s.object(|s, key| match key {
+                    "type" => once(&mut kind, plain(s)?),
+                    "text" => once(&mut text, s.string()?),
+                    _ => s.skip(3),
+                })?;
+                once(&mut delta, (kind?, text?))
+            }
+            _ => s.skip(2),
+        })?;
+        let (delta_kind, text) = delta?;
+        Some((kind?, index.flatten(), delta_kind, text))
+    }
 }
 
 /// Parsing state of one run.
@@ -235,8 +273,13 @@ pub struct ClaudeParser {
     streamed_messages: HashSet<String>,
     /// The message id of the current stream (`message_start`).
     current_message: Option<String>,
-    /// Content block indexes of the current message that are open text streams.
-    open_text_blocks: HashSet<u64>,
+    /// Content block indexes of the current message that are open text
+    /// streams (a handful at most: a list, not a hashed set, since every
+    /// delta inserts).
+    open_text_blocks: Vec<u64>,
+    /// `current_message` is already in `streamed_messages` (spares every
+    /// delta a hash lookup).
+    current_streamed: bool,
     /// Messages whose token usage was already reported.
     usage_reported: HashSet<String>,
 }
@@ -311,6 +354,7 @@ impl ClaudeParser {
                     .pointer("/message/id")
                     .and_then(Value::as_str)
                     .map(str::to_string);
+                self.current_streamed = false;
                 self.open_text_blocks.clear();
             }
             "content_block_delta" => {
@@ -325,10 +369,7 @@ impl ClaudeParser {
                 if text.is_empty() {
                     return;
                 }
-                self.open_text_blocks.insert(index);
-                if let Some(id) = &self.current_message {
-                    self.streamed_messages.insert(id.clone());
-                }
+                self.text_block_streamed(index);
                 Self::emit(
                     out,
                     EventBody::StreamDelta {
@@ -337,12 +378,12 @@ impl ClaudeParser {
                     parent,
                 );
             }
-            "content_block_stop" if self.open_text_blocks.remove(&index) => {
+            "content_block_stop" if self.close_text_block(index) => {
                 Self::emit(out, EventBody::StreamEnd {}, parent);
             }
             "message_stop" => {
                 // An interrupted stream may never stop its blocks.
-                for _ in self.open_text_blocks.drain() {
+                for _ in self.open_text_blocks.drain(..) {
                     Self::emit(out, EventBody::StreamEnd {}, parent);
                 }
             }
@@ -473,6 +514,7 @@ impl ClaudeParser {
 
     fn result(&mut self, v: &Value, out: &mut Vec<ProviderEvent>) {
         self.streamed_messages.clear();
+        self.current_streamed = false;
         self.usage_reported.clear();
         let subtype = v
             .get("subtype")
@@ -556,38 +598,49 @@ impl ClaudeParser {
     /// The fast path for text deltas; false when `line` is anything else.
     /// Same effects, in the same order, as the `Value` path for such a line.
     fn text_delta(&mut self, line: &str, out: &mut Vec<ProviderEvent>) -> bool {
-        // A derived struct would also accept a JSON array; the Value path refuses it.
-        if !line.trim_start().starts_with('{') {
-            return false;
-        }
-        let Ok(l) = serde_json::from_str::<DeltaLine>(line) else {
+        let Some(l) = DeltaLine::scan(line) else {
             return false;
         };
         if l.kind != "stream_event"
-            || l.event.kind != "content_block_delta"
-            || l.event.delta.kind != "text_delta"
+            || l.event_kind != "content_block_delta"
+            || l.delta_kind != "text_delta"
         {
             return false;
         }
-        self.announce(l.session_id, out);
-        if l.event.delta.text.is_empty() {
+        self.announce(l.session_id.as_deref(), out);
+        if l.text.is_empty() {
             return true;
         }
-        self.open_text_blocks.insert(l.event.index.unwrap_or(0));
-        if let Some(id) = &self.current_message {
-            if !self.streamed_messages.contains(id) {
-                self.streamed_messages.insert(id.clone());
-            }
-        }
-        let parent = l.parent_tool_use_id.map(str::to_string);
+        self.text_block_streamed(l.index.unwrap_or(0));
+        let parent = l.parent_tool_use_id.map(Cow::into_owned);
         Self::emit(
             out,
             EventBody::StreamDelta {
-                content: l.event.delta.text.into_owned(),
+                content: l.text.into_owned(),
             },
             &parent,
         );
         true
+    }
+
+    /// Text was streamed in block `index` of the current message.
+    fn text_block_streamed(&mut self, index: u64) {
+        if !self.open_text_blocks.contains(&index) {
+            self.open_text_blocks.push(index);
+        }
+        if !self.current_streamed {
+            if let Some(id) = &self.current_message {
+                self.streamed_messages.insert(id.clone());
+                self.current_streamed = true;
+            }
+        }
+    }
+
+    /// Block `index` stopped; true if it was an open text stream.
+    fn close_text_block(&mut self, index: u64) -> bool {
+        let open = self.open_text_blocks.iter().position(|i| *i == index);
+        open.map(|at| self.open_text_blocks.swap_remove(at))
+            .is_some()
     }
 
     /// A native id seen for the first time is announced once.
@@ -646,7 +699,7 @@ impl LineParser for ClaudeParser {
     }
 
     fn finish(&mut self, out: &mut Vec<ProviderEvent>) {
-        for _ in self.open_text_blocks.drain() {
+        for _ in self.open_text_blocks.drain(..) {
             Self::emit(out, EventBody::StreamEnd {}, &None);
         }
     }
@@ -680,6 +733,23 @@ mod tests {
             r#"["stream_event",null,null,{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"array"}}]"#,
             r#"{"type":"stream_event","event":{"type":"content_block_stop","index":0}}"#,
             r#"{"type":"stream_event","event":{"type":"content_block_stop","index":1}}"#,
+            // As the real CLI writes them (uuid, api_message_id).
+            r#"{"type":"stream_event","event":{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"real"}},"session_id":"708c3a00-c950-43b2-b3bc-49b7a806f227","parent_tool_use_id":null,"uuid":"fbe394c1-f98d-491d-960b-290c7a5b7760","api_message_id":"msg_9"}"#,
+            r#" { "type" : "stream_event" , "event" : { "delta" : { "text" : "spaced" , "type" : "text_delta" } , "index" : 3 , "type" : "content_block_delta" } } "#,
+            r#"{"type":"stream_event","event":{"type":"content_block_delta","index":2,"delta":{"type":"text_delta","text":"nested","x":{"a":[1,{"b":null}],"c":true}}},"extra":{"deep":[[[]]]},"n":-12}"#,
+            r#"{"type":"stream_event","session_id":"s\u002d3","parent_tool_use_id":"t\"q","event":{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"escaped ids"}}}"#,
+            // Duplicate keys: a Value keeps the last one.
+            r#"{"type":"stream_event","type":"assistant","event":{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"dup"}}}"#,
+            r#"{"type":"stream_event","event":{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"a","text":"b"}}}"#,
+            // Escaped keys, floats, trailing bytes, bad strings, deep nesting.
+            r#"{"t\u0079pe":"stream_event","event":{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"key"}}}"#,
+            r#"{"type":"stream_event","event":{"type":"content_block_delta","index":1.0,"delta":{"type":"text_delta","text":"float"}}}"#,
+            r#"{"type":"stream_event","event":{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"trail"}}} x"#,
+            r#"{"type":"stream_event","event":{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"lone \ud800"}}}"#,
+            r#"{"type":"stream_event","x":[[[[[[[[[[[[[[[[[[[[1]]]]]]]]]]]]]]]]]]],"event":{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"deep"}}}"#,
+            r#"{"type":"stream_event","event":{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"big","n":123456789012345678901234567890}}}"#,
+            r#"{"type":"stream_event","event":{"type":"content_block_stop","index":3}}"#,
+            r#"{"type":"stream_event","event":{"type":"message_stop"}}"#,
         ];
         let mut fast = ClaudeParser::default();
         let mut slow = ClaudeParser::default();
@@ -690,6 +760,29 @@ mod tests {
         }
         assert_eq!(a, b);
         assert!(a.iter().any(|e| matches!(e, ProviderEvent::Emit(ev) if ev.body == EventBody::StreamDelta { content: "esc \"q\" \n é".into() } && ev.parent_tool_use_id.as_deref() == Some("toolu_1"))));
+    }
+
+    /// The lines a streaming turn is made of are read by the scanner, not
+    /// handed to serde_json.
+    #[test]
+    fn text_deltas_take_the_scanner() {
+        let real = r#"{"type":"stream_event","event":{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"I will \"create\" it.\n"}},"session_id":"708c3a00-c950-43b2-b3bc-49b7a806f227","parent_tool_use_id":null,"uuid":"fbe394c1-f98d-491d-960b-290c7a5b7760","api_message_id":"msg_9"}"#;
+        let l = DeltaLine::scan(real).expect("scanned");
+        assert_eq!(
+            (l.kind, l.event_kind, l.index, l.delta_kind, &*l.text),
+            (
+                "stream_event",
+                "content_block_delta",
+                Some(0),
+                "text_delta",
+                "I will \"create\" it.\n"
+            )
+        );
+        assert_eq!(
+            l.session_id.as_deref(),
+            Some("708c3a00-c950-43b2-b3bc-49b7a806f227")
+        );
+        assert_eq!(l.parent_tool_use_id, None);
     }
 
     fn fixture(name: &str) -> String {

@@ -13,6 +13,7 @@ pub(crate) mod cli_support;
 pub mod codex;
 pub mod cursor;
 pub mod gemini;
+pub(crate) mod json_scan;
 pub mod opencode;
 
 use std::ffi::OsString;

@@ -1,0 +1,302 @@
+//! A strict reader of JSON objects in place, for the adapters' fast paths
+//! (one Claude `text_delta` line per streamed token): no `Value` tree and no
+//! allocation, a string is borrowed from the line unless it has escapes.
+//!
+//! It never decides anything on its own: every function returns `None` when
+//! the input is not what it fully understands (an escaped key, a number
+//! with a fraction or exponent, nesting deeper than [`MAX_DEPTH`], a
+//! duplicate key...), and the caller then takes the `serde_json` path. When
+//! it returns `Some`, the input was valid JSON as `serde_json::from_str`
+//! reads it (strings with escapes are decoded by serde_json itself), so the
+//! fast path and the slow path agree on every line.
+
+use std::borrow::Cow;
+
+use crate::json_text::find_special;
+
+/// Nesting of skipped values handled here; deeper input takes the slow path.
+pub const MAX_DEPTH: usize = 16;
+/// Longest integer handled here (serde_json reads longer ones as floats,
+/// and fails on some).
+const MAX_DIGITS: usize = 18;
+
+/// A position in one JSON text.
+pub struct Scanner<'a> {
+    text: &'a str,
+    at: usize,
+}
+
+impl<'a> Scanner<'a> {
+    pub fn new(text: &'a str) -> Self {
+        Scanner { text, at: 0 }
+    }
+
+    fn bytes(&self) -> &'a [u8] {
+        self.text.as_bytes()
+    }
+
+    fn peek(&self) -> Option<u8> {
+        self.bytes().get(self.at).copied()
+    }
+
+    /// Skips JSON whitespace (space, tab, CR, LF).
+    pub fn ws(&mut self) {
+        while matches!(self.peek(), Some(b' ' | b'\t' | b'\n' | b'\r')) {
+            self.at += 1;
+        }
+    }
+
+    /// Consumes `byte` (after whitespace).
+    fn eat(&mut self, byte: u8) -> Option<()> {
+        self.ws();
+        (self.peek()? == byte).then(|| self.at += 1)
+    }
+
+    /// Only whitespace is left.
+    pub fn end(&mut self) -> Option<()> {
+        self.ws();
+        (self.at == self.text.len()).then_some(())
+    }
+
+    /// A string (after whitespace): borrowed when it has no escape,
+    /// otherwise decoded by serde_json.
+    pub fn string(&mut self) -> Option<Cow<'a, str>> {
+        self.eat(b'"')?;
+        let start = self.at;
+        let rest = self.bytes().get(start..)?;
+        let special = find_special(rest)?;
+        match rest[special] {
+            b'"' => {
+                self.at = start + special + 1;
+                return self.text.get(start..start + special).map(Cow::Borrowed);
+            }
+            // JSON strings hold no raw control characters.
+            b'\\' => {}
+            _ => return None,
+        }
+        // An escape: find the closing quote, then let serde_json decode
+        // (and check) the whole literal.
+        let mut i = start + special;
+        loop {
+            match self.bytes().get(i)? {
+                b'\\' => i += 2,
+                b'"' => break,
+                _ => i += 1,
+            }
+        }
+        let literal = self.text.get(start - 1..=i)?;
+        let decoded: String = serde_json::from_str(literal).ok()?;
+        self.at = i + 1;
+        Some(Cow::Owned(decoded))
+    }
+
+    /// A string without escapes, or `null` (after whitespace).
+    pub fn opt_string(&mut self) -> Option<Option<Cow<'a, str>>> {
+        self.ws();
+        if self.peek()? == b'n' {
+            return self.literal(b"null").map(|_| None);
+        }
+        self.string().map(Some)
+    }
+
+    /// A non-negative integer of at most [`MAX_DIGITS`] digits, or `null`.
+    pub fn opt_u64(&mut self) -> Option<Option<u64>> {
+        self.ws();
+        if self.peek()? == b'n' {
+            return self.literal(b"null").map(|_| None);
+        }
+        let start = self.at;
+        let digits = self.digits()?;
+        // No fraction or exponent: serde_json would read a float.
+        if matches!(self.peek(), Some(b'.' | b'e' | b'E')) {
+            return None;
+        }
+        let mut n = 0u64;
+        for &d in &self.bytes()[start..start + digits] {
+            n = n * 10 + u64::from(d - b'0');
+        }
+        Some(Some(n))
+    }
+
+    /// Digits of a JSON integer (no leading zero), at most [`MAX_DIGITS`].
+    fn digits(&mut self) -> Option<usize> {
+        let start = self.at;
+        while self.peek().is_some_and(|b| b.is_ascii_digit()) {
+            self.at += 1;
+        }
+        let n = self.at - start;
+        let leading_zero = n > 1 && self.bytes()[start] == b'0';
+        (n > 0 && n <= MAX_DIGITS && !leading_zero).then_some(n)
+    }
+
+    fn literal(&mut self, word: &[u8]) -> Option<()> {
+        let end = self.at + word.len();
+        (self.bytes().get(self.at..end)? == word).then(|| self.at = end)
+    }
+
+    /// Reads an object key by key: `each` gets every key (without escapes)
+    /// and must consume its value (for instance with [`Scanner::skip`]).
+    pub fn object(&mut self, mut each: impl FnMut(&mut Self, &'a str) -> Option<()>) -> Option<()> {
+        self.eat(b'{')?;
+        self.ws();
+        if self.peek()? == b'}' {
+            self.at += 1;
+            return Some(());
+        }
+        loop {
+            let key = match self.string()? {
+                Cow::Borrowed(key) => key,
+                Cow::Owned(_) => return None,
+            };
+            self.eat(b':')?;
+            each(self, key)?;
+            self.ws();
+            match self.peek()? {
+                b',' => self.at += 1,
+                b'}' => {
+                    self.at += 1;
+                    return Some(());
+                }
+                _ => return None,
+            }
+        }
+    }
+
+    /// Skips one value of any kind, checking it.
+    pub fn skip(&mut self, depth: usize) -> Option<()> {
+        if depth > MAX_DEPTH {
+            return None;
+        }
+        self.ws();
+        match self.peek()? {
+            b'"' => self.string().map(drop),
+            b'{' => self.object(|s, _| s.skip(depth + 1)),
+            b'[' => {
+                self.at += 1;
+                self.ws();
+                if self.peek()? == b']' {
+                    self.at += 1;
+                    return Some(());
+                }
+                loop {
+                    self.skip(depth + 1)?;
+                    self.ws();
+                    match self.peek()? {
+                        b',' => self.at += 1,
+                        b']' => {
+                            self.at += 1;
+                            return Some(());
+                        }
+                        _ => return None,
+                    }
+                }
+            }
+            b't' => self.literal(b"true"),
+            b'f' => self.literal(b"false"),
+            b'n' => self.literal(b"null"),
+            b'-' => {
+                self.at += 1;
+                self.integer()
+            }
+            b'0'..=b'9' => self.integer(),
+            _ => None,
+        }
+    }
+
+    fn integer(&mut self) -> Option<()> {
+        self.digits()?;
+        (!matches!(self.peek(), Some(b'.' | b'e' | b'E'))).then_some(())
+    }
+}
+
+/// Sets `slot` once; a second value for the same key is not handled here
+/// (serde_json's derived readers refuse it, a `Value` keeps the last).
+pub fn once<T>(slot: &mut Option<T>, value: T) -> Option<()> {
+    if slot.is_some() {
+        return None;
+    }
+    *slot = Some(value);
+    Some(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::Value;
+
+    /// Skipping a whole text accepts exactly what serde_json accepts, for
+    /// everything the scanner handles.
+    fn agrees(text: &str) {
+        let mut s = Scanner::new(text);
+        let fast = s.skip(0).and_then(|_| s.end()).is_some();
+        let slow = serde_json::from_str::<Value>(text).is_ok();
+        assert!(!fast || slow, "accepted what serde_json refuses: {text:?}");
+    }
+
+    #[test]
+    fn never_accepts_what_serde_json_refuses() {
+        for text in [
+            r#"{"a":1}"#,
+            r#" { "a" : [1, -2, true, false, null, "x\"y", {"b":{}} ] } "#,
+            r#"{"a":01}"#,
+            r#"{"a":-}"#,
+            r#"{"a":1.5}"#,
+            r#"{"a":1e5}"#,
+            r#"{"a":"ctrl	tab"}"#,
+            r#"{"a":"\x"}"#,
+            r#"{"a":"\ud800"}"#,
+            r#"{"a":"\u00e9"}"#,
+            r#"{"a":1,}"#,
+            r#"{"a":1}x"#,
+            r#"{"a" 1}"#,
+            r#"[1,2"#,
+            r#"{"a":tru}"#,
+            r#"{"a":"unterminated}"#,
+            r#"{"a":"ends in backslash\"#,
+            "{\"a\":\"\\",
+            r#"{,}"#,
+            r#"[,]"#,
+            r#"[]"#,
+            r#"{}"#,
+            "",
+        ] {
+            agrees(text);
+        }
+        let deep = format!("{}{}", "[".repeat(40), "]".repeat(40));
+        agrees(&deep);
+        assert!(
+            Scanner::new(&deep).skip(0).is_none(),
+            "deep input is left to serde_json"
+        );
+    }
+
+    #[test]
+    fn strings_borrow_unless_escaped() {
+        let mut s = Scanner::new(r#""plain" "a\nb\u00e9""#);
+        assert!(matches!(s.string(), Some(Cow::Borrowed("plain"))));
+        assert_eq!(s.string().as_deref(), Some("a\nb\u{e9}"));
+        assert!(s.end().is_some());
+    }
+
+    #[test]
+    fn integers_and_nulls() {
+        let mut s = Scanner::new("12 null 012");
+        assert_eq!(s.opt_u64(), Some(Some(12)));
+        assert_eq!(s.opt_u64(), Some(None));
+        assert_eq!(s.opt_u64(), None);
+        assert_eq!(Scanner::new("-1").opt_u64(), None);
+        assert_eq!(Scanner::new("1.0").opt_u64(), None);
+        assert_eq!(Scanner::new("1234567890123456789").opt_u64(), None);
+    }
+
+    #[test]
+    fn duplicate_keys_are_left_to_serde_json() {
+        let mut seen = None;
+        let got = Scanner::new(r#"{"k":1,"k":2}"#).object(|s, key| {
+            assert_eq!(key, "k");
+            s.skip(0)?;
+            once(&mut seen, ())
+        });
+        assert!(got.is_none());
+    }
+}
