@@ -373,14 +373,15 @@ impl PtySession {
         };
         ctx.spawn(
             read.into_actor(self)
-                .map(|(reader, mut buf, result), act, ctx| {
+                .map(|(reader, buf, result), act, ctx| {
                     act.reading = false;
                     act.reader = Some(reader);
                     match result {
                         Ok(n) if n > 0 => {
                             metrics().shell_output_bytes.inc_by(n as u64);
-                            buf.truncate(n);
-                            act.on_output(&buf, ctx);
+                            // Not truncated: the next read reuses the
+                            // buffer without zeroing it again.
+                            act.on_output(buf.get(..n).unwrap_or_default(), ctx);
                         }
                         // EIO: every holder of the terminal side has closed it.
                         Ok(_) | Err(_) => act.on_read_end(ctx),

@@ -86,7 +86,7 @@ impl Screen {
         };
         let bytes = input.as_bytes();
         let mut i = 0;
-        while let Some(off) = bytes[i..].iter().position(|&b| b == ESC) {
+        while let Some(off) = memchr::memchr(ESC, &bytes[i..]) {
             let esc = i + off;
             match escape_sequence_end(bytes, esc) {
                 Sequence::Complete(end) => {

@@ -94,19 +94,29 @@ impl UrlDetector {
     pub fn feed(&mut self, chunk: &str) -> Vec<DetectedUrl> {
         let clean = strip_ansi(chunk);
         let mut chunk_start = self.text.len();
-        self.text.push_str(&clean);
-        if self.text.len() > URL_TEXT_BUFFER_BYTES {
-            let cut = ceil_char_boundary(&self.text, self.text.len() - URL_TEXT_BUFFER_BYTES);
-            self.text.drain(..cut);
-            chunk_start = chunk_start.saturating_sub(cut);
+        if clean.len() >= URL_TEXT_BUFFER_BYTES {
+            // The chunk alone fills the buffer: only its tail stays (what
+            // appending it whole and cutting the front would keep).
+            let cut = ceil_char_boundary(&clean, clean.len() - URL_TEXT_BUFFER_BYTES);
+            self.text.clear();
+            self.text.push_str(&clean[cut..]);
+            chunk_start = 0;
+        } else {
+            self.text.push_str(&clean);
+            if self.text.len() > URL_TEXT_BUFFER_BYTES {
+                let cut = ceil_char_boundary(&self.text, self.text.len() - URL_TEXT_BUFFER_BYTES);
+                self.text.drain(..cut);
+                chunk_start = chunk_start.saturating_sub(cut);
+            }
         }
         // The cue speaks about the chunk that carried it: the URL to open is
         // the longest on the lines this chunk wrote, not an older one in view.
-        let cue_from = should_auto_open(&clean).then(|| {
-            let chunk_start = floor_char_boundary(&self.text, chunk_start);
-            self.text[..chunk_start].rfind('\n').map_or(0, |i| i + 1)
-        });
-        self.scan(cue_from, clean.len(), true)
+        // Only looked for when there is a URL to open.
+        let cue = Cue {
+            chunk: &clean,
+            chunk_start,
+        };
+        self.scan(Some(cue), clean.len(), true)
     }
 
     /// Announces a held-back URL as it stands.
@@ -117,9 +127,9 @@ impl UrlDetector {
         self.scan(None, 0, false)
     }
 
-    /// URLs near the end of the text. `cue_from`: the new chunk asked for a
-    /// URL to be opened, and its lines start there.
-    fn scan(&mut self, cue_from: Option<usize>, new_len: usize, defer: bool) -> Vec<DetectedUrl> {
+    /// URLs near the end of the text. `cue`: the new chunk, which may ask
+    /// for a URL to be opened.
+    fn scan(&mut self, cue: Option<Cue<'_>>, new_len: usize, defer: bool) -> Vec<DetectedUrl> {
         let held = self.pending.take();
         // Search from the start of the line where the lookback window begins,
         // so a URL is never cut at its front.
@@ -127,9 +137,14 @@ impl UrlDetector {
         let window = floor_char_boundary(&self.text, window);
         let start = self.text[..window].rfind('\n').map_or(0, |i| i + 1);
         let region = &self.text[start..];
-        if !contains_ignore_ascii_case(region.as_bytes(), b"http") {
+        if !contains_http(region.as_bytes()) {
             return Vec::new();
         }
+        // When the chunk asks for a URL to be opened, its lines start here.
+        let cue_from = cue.filter(|c| should_auto_open(c.chunk)).map(|c| {
+            let chunk_start = floor_char_boundary(&self.text, c.chunk_start);
+            self.text[..chunk_start].rfind('\n').map_or(0, |i| i + 1)
+        });
 
         let mut urls = detect(region);
         let open = if defer { open_url(region) } else { None };
@@ -164,6 +179,13 @@ impl UrlDetector {
             })
             .collect()
     }
+}
+
+/// The chunk just fed, and where it starts in the text buffer.
+#[derive(Clone, Copy)]
+struct Cue<'a> {
+    chunk: &'a str,
+    chunk_start: usize,
 }
 
 /// The longest of some URLs (the first of equals).
@@ -219,12 +241,16 @@ pub fn detect(text: &str) -> Vec<String> {
 /// Removes ANSI escape sequences: CSI (`ESC [ ... final`), OSC (`ESC ] ...
 /// BEL` or `ESC ] ... ESC \`) and two-byte escapes (`ESC` + `@`..`Z`, `\`..`_`).
 /// An escape that is cut off (the rest comes in the next chunk) is left as is.
-pub fn strip_ansi(s: &str) -> String {
+pub fn strip_ansi(s: &str) -> Cow<'_, str> {
     let bytes = s.as_bytes();
+    let Some(first) = memchr::memchr(0x1b, bytes) else {
+        // Most output (a `cat`, a build log) has no escape at all.
+        return Cow::Borrowed(s);
+    };
     let mut out = String::with_capacity(s.len());
     let mut copied = 0;
-    let mut i = 0;
-    while let Some(off) = bytes[i..].iter().position(|&b| b == 0x1b) {
+    let mut i = first;
+    while let Some(off) = memchr::memchr(0x1b, &bytes[i..]) {
         let esc = i + off;
         let end = escape_end(bytes, esc);
         match end {
@@ -237,7 +263,7 @@ pub fn strip_ansi(s: &str) -> String {
         }
     }
     out.push_str(&s[copied..]);
-    out
+    Cow::Owned(out)
 }
 
 /// End (exclusive) of the escape sequence starting at `esc`, if complete.
@@ -417,7 +443,7 @@ pub fn should_auto_open(chunk: &str) -> bool {
 /// marker some CLIs print when they cannot open a browser themselves).
 pub fn rewrite_open_url(chunk: &str) -> Cow<'_, str> {
     const MARKER: &str = "OPEN_URL:";
-    if !chunk.contains(MARKER) {
+    if memchr::memmem::find(chunk.as_bytes(), MARKER.as_bytes()).is_none() {
         return Cow::Borrowed(chunk);
     }
     let mut out = String::with_capacity(chunk.len() + 32);
@@ -466,10 +492,14 @@ fn starts_with_ignore_ascii_case(haystack: &[u8], prefix: &[u8]) -> bool {
     haystack.len() >= prefix.len() && haystack[..prefix.len()].eq_ignore_ascii_case(prefix)
 }
 
-fn contains_ignore_ascii_case(haystack: &[u8], needle: &[u8]) -> bool {
-    haystack
-        .windows(needle.len())
-        .any(|w| w.eq_ignore_ascii_case(needle))
+/// Whether `haystack` holds `http` in any case (an `h` is looked for with
+/// SIMD, then the three bytes after it).
+fn contains_http(haystack: &[u8]) -> bool {
+    memchr::memchr2_iter(b'h', b'H', haystack).any(|at| {
+        haystack
+            .get(at..at + 4)
+            .is_some_and(|w| w.eq_ignore_ascii_case(b"http"))
+    })
 }
 
 fn floor_char_boundary(s: &str, mut i: usize) -> usize {

@@ -8,6 +8,8 @@
 //! every character arrives whole. Bytes that can never form a character
 //! (truly invalid input) still become U+FFFD, as a terminal would show them.
 
+use std::borrow::Cow;
+
 /// The longest incomplete UTF-8 sequence (a 4-byte character minus its last byte).
 const MAX_CARRY: usize = 3;
 
@@ -25,7 +27,29 @@ impl Utf8Carry {
 
     /// Decodes `bytes` (with the carried tail in front); an incomplete
     /// character at the end is kept for the next call.
-    pub fn decode(&mut self, bytes: &[u8]) -> String {
+    pub fn decode<'a>(&mut self, bytes: &'a [u8]) -> Cow<'a, str> {
+        if self.carry_len == 0 {
+            // The usual read: whole characters, maybe one cut at the end,
+            // decoded in place.
+            match std::str::from_utf8(bytes) {
+                Ok(text) => return Cow::Borrowed(text),
+                Err(err)
+                    if err.error_len().is_none()
+                        && bytes.len() - err.valid_up_to() <= MAX_CARRY =>
+                {
+                    let (valid, tail) = bytes.split_at(err.valid_up_to());
+                    self.carry[..tail.len()].copy_from_slice(tail);
+                    self.carry_len = tail.len();
+                    // valid_up_to marks a verified prefix, so this cannot fail.
+                    return Cow::Borrowed(std::str::from_utf8(valid).unwrap_or_default());
+                }
+                Err(_) => {}
+            }
+        }
+        Cow::Owned(self.decode_carried(bytes))
+    }
+
+    fn decode_carried(&mut self, bytes: &[u8]) -> String {
         let mut input = Vec::with_capacity(self.carry_len + bytes.len());
         input.extend_from_slice(&self.carry[..self.carry_len]);
         input.extend_from_slice(bytes);
@@ -89,7 +113,7 @@ mod tests {
             let bytes = text.as_bytes();
             for cut in 0..=bytes.len() {
                 let mut d = Utf8Carry::new();
-                let mut out = d.decode(&bytes[..cut]);
+                let mut out = d.decode(&bytes[..cut]).into_owned();
                 out.push_str(&d.decode(&bytes[cut..]));
                 assert_eq!(out, text, "cut at {cut}");
                 assert!(!out.contains('\u{FFFD}'));
@@ -101,7 +125,7 @@ mod tests {
     fn a_character_split_over_three_reads_arrives_whole() {
         let bytes = "𝄞".as_bytes();
         let mut d = Utf8Carry::new();
-        let mut out = d.decode(&bytes[..1]);
+        let mut out = d.decode(&bytes[..1]).into_owned();
         out.push_str(&d.decode(&bytes[1..2]));
         out.push_str(&d.decode(&bytes[2..]));
         assert_eq!(out, "𝄞");
