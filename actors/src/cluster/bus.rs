@@ -389,8 +389,12 @@ impl ClusterBus {
                             // run: the renewal finds it lost and stops it.
                             refused = true;
                         } else if ends {
-                            // The complete freed the session in Redis.
+                            // The complete freed the session in Redis. What
+                            // follows in the stream is another run's.
                             act.leases.remove(&session);
+                            if let Some(cursor) = act.follows.get_mut(&session) {
+                                *cursor = (*cursor).max(last);
+                            }
                             act.drained();
                         } else {
                             lease.published = lease.published.max(last);
@@ -483,7 +487,13 @@ impl ClusterBus {
         self.reading = true;
         let mut keys = vec![cmd_key(&self.node), UPSERTS_KEY.to_string()];
         let mut ids = vec![self.cmd_cursor.clone(), self.upsert_cursor.clone()];
-        for (session, seq) in &self.follows {
+        // A session whose lease this node holds has only this node's frames
+        // in its stream until the lease ends (then its cursor moves past them).
+        for (session, seq) in self
+            .follows
+            .iter()
+            .filter(|(s, _)| self.leases.get(*s).is_none_or(|l| l.owner != *self.node))
+        {
             keys.push(events_key(session));
             ids.push(stream_id(*seq));
         }
@@ -1098,6 +1108,10 @@ impl Handler<RunDone> for ClusterBus {
 pub struct Followed {
     pub meta: Option<RunMeta>,
     pub events: Vec<RemoteEvent>,
+    /// Where the stream read goes on: the registry sends it back as
+    /// `Follow { from: Some(cursor) }` once it took these events, so no
+    /// later entry reaches it before them.
+    pub cursor: u64,
 }
 
 /// Start following a session's stream (its later entries come as
@@ -1123,7 +1137,6 @@ impl Handler<Follow> for ClusterBus {
         }
         let Some(mut con) = self.cmd.clone() else {
             // Read from the start once Redis is back.
-            self.follows.entry(msg.session_id).or_insert(0);
             return Box::pin(fut::ready(Followed::default()));
         };
         let session = msg.session_id.clone();
@@ -1150,19 +1163,19 @@ impl Handler<Follow> for ClusterBus {
                 .collect();
             Ok::<_, redis::RedisError>((meta, events, from))
         };
-        let session = msg.session_id;
         Box::pin(
             query
                 .into_actor(self)
                 .map(move |result, act, ctx| match result {
                     Ok((meta, events, start)) => {
                         let cursor = events.last().map_or(start, |e| e.seq);
-                        act.follows.insert(session, cursor);
-                        act.read(ctx);
-                        Followed { meta, events }
+                        Followed {
+                            meta,
+                            events,
+                            cursor,
+                        }
                     }
                     Err(err) => {
-                        act.follows.entry(session).or_insert(0);
                         act.lost(&err, ctx);
                         Followed::default()
                     }

@@ -334,6 +334,21 @@ impl RunRegistry {
         }))
     }
 
+    /// The stream read of a followed session goes on after `cursor` (the
+    /// events up to it were taken from the `Follow` answer).
+    fn follow_on(&mut self, session_id: &str, cursor: u64) {
+        if let Some(link) = self
+            .cluster
+            .as_ref()
+            .filter(|l| l.followed.contains(session_id))
+        {
+            link.bus.do_send(Follow {
+                session_id: session_id.to_string(),
+                from: Some(cursor),
+            });
+        }
+    }
+
     /// The sending socket stays subscribed after its run, as on one node:
     /// the session's next run may be another node's, so it is followed.
     fn follow_after(&mut self, session_id: &str, seq: u64) {
@@ -405,15 +420,23 @@ impl RunRegistry {
         });
         if local_live {
             self.subscribe(msg);
-            return Box::pin(follow.into_actor(self).map(|_, _, _| ()));
+            let sid = session_id.clone();
+            return Box::pin(follow.into_actor(self).map(move |followed, act, _| {
+                act.follow_on(&sid, followed.map_or(0, |f| f.cursor));
+            }));
         }
         Box::pin(follow.into_actor(self).map(move |followed, act, ctx| {
             act.guarded(ctx, "Subscribe", (), |act, ctx| {
-                let Followed { meta, events } = followed.unwrap_or_default();
+                let Followed {
+                    meta,
+                    events,
+                    cursor,
+                } = followed.unwrap_or_default();
                 if let Some(meta) = meta {
                     act.remote_run_from_meta(&session_id, &meta);
                 }
                 act.remote_events(&session_id, events, ctx);
+                act.follow_on(&session_id, cursor);
                 act.subscribe(msg);
             })
         }))
