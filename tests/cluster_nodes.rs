@@ -293,3 +293,70 @@ async fn a_follower_resumes_without_a_gap_after_redis_comes_back() {
     assert_eq!(on_b.last().unwrap()["success"], true);
     assert_eq!(of_kind(&on_b, "stream_delta").len(), 600);
 }
+
+/// Node A is frozen (SIGSTOP: it can neither renew its lease nor write)
+/// past its lease: node B ends the run (one failed `complete` naming
+/// node-a). When A thaws, its writes for that run are refused, so B's
+/// client never gets a second `complete` or anything after it; A stops
+/// its run and tells its own client with an error and a failed `complete`.
+#[actix_rt::test]
+async fn a_node_cut_off_past_its_lease_adds_nothing_to_the_reaped_run() {
+    let cluster = TestCluster::start(2);
+    let (a, b) = (cluster.node(0), cluster.node(1));
+    let token = a.token("alice");
+    let project = project_dir();
+    let session = a.create_session(&token, "claude", project.path()).await;
+    let mut ws_a = a.ws(&format!("/ws?token={token}")).await;
+    let mut ws_b = b.ws(&format!("/ws?token={token}")).await;
+    send(&mut ws_a, &session, "text:100000 delay_ms:2").await;
+    ws_a.recv_until_kind("stream_delta").await;
+    subscribe(&mut ws_b, &session, None).await;
+    ws_b.recv_until_kind("stream_delta").await;
+
+    let signal = |sig: &str| {
+        let status = std::process::Command::new("kill")
+            .args([sig, &a.pid().to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success(), "kill {sig}");
+    };
+    signal("-STOP");
+    let on_b = until_complete(&mut ws_b, &session).await;
+    signal("-CONT");
+    let complete = on_b.last().unwrap();
+    assert_eq!(complete["success"], false, "{complete}");
+    assert!(
+        of_kind(&on_b, "error").iter().any(|e| e["content"]
+            .as_str()
+            .unwrap_or("")
+            .contains("node node-a was lost")),
+        "{:?}",
+        of_kind(&on_b, "error")
+    );
+
+    // A finds its lease gone and stops the run for its own client.
+    let on_a = until_complete(&mut ws_a, &session).await;
+    assert_eq!(on_a.last().unwrap()["success"], false);
+    assert!(
+        of_kind(&on_a, "error").iter().any(|e| e["content"]
+            .as_str()
+            .unwrap_or("")
+            .contains("lost the session's lease")),
+        "{:?}",
+        of_kind(&on_a, "error")
+    );
+    log_line(a, "cluster.lease_lost").await;
+
+    // Nothing more of that run reaches B: the next frame B gets is the
+    // ack of a probe subscribe (the registry answers after all it sent).
+    let (after, _) = ws_b.frames_before_probe(&session).await;
+    let late: Vec<&Value> = after.iter().filter(|v| v["seq"].is_u64()).collect();
+    assert!(
+        late.is_empty(),
+        "frames after the reaped run's complete: {late:?}"
+    );
+    // The session runs again (on B).
+    send(&mut ws_b, &session, "text:2").await;
+    let next = until_complete(&mut ws_b, &session).await;
+    assert_eq!(next.last().unwrap()["success"], true, "{next:?}");
+}

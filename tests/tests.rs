@@ -4,6 +4,7 @@
 //! - `util`: start a server, tokens, WebSocket and REST clients.
 //! - `chat`: the `/ws` protocol with the scripted stand-in CLI `fake_claude`.
 //! - `cluster`: gateways on the machine's PostgreSQL (`--database-url postgres://...`): restarts, two gateways on one database.
+//! - `cluster_nodes`: cluster mode (`--redis-url`) between two nodes: follow, lease, routed commands, node and Redis loss.
 //! - `claude_e2e`: the real Claude Code CLI through the gateway, against the Anthropic stand-in.
 //! - `foundation`: CLI, auth refusals, REST routes, bad frames, heartbeat, restart, SIGTERM.
 //! - `providers`: Codex, Gemini, OpenCode (real CLIs) and Cursor (fake CLI) end to end, one row each.
