@@ -110,6 +110,14 @@ impl Scanner {
     /// head (plus more bytes) after `Partial`, and with the bytes after the
     /// frame after `Data` or `Control`. Nothing is valid after `Fail`.
     pub fn next(&mut self, buf: &[u8]) -> Next {
+        match self.small_message(buf) {
+            Some(len) => Next::Data(len),
+            None => self.check(buf),
+        }
+    }
+
+    /// [`Scanner::next`] with every check spelled out, for any frame.
+    fn check(&mut self, buf: &[u8]) -> Next {
         let h = match header(buf, self.max_payload) {
             Ok(Some(h)) => h,
             Ok(None) => return Next::Partial,
@@ -189,6 +197,58 @@ impl Scanner {
             self.message = Some(text);
         }
         Next::Data(total)
+    }
+
+    /// How many bytes at the head of `buf` are whole frames that
+    /// [`Scanner::next`] would return as `Data` on its short path (see
+    /// `small_message`), all valid and relayed as they are. Such frames
+    /// leave the scanner's state as it was, so a run of them is found
+    /// without building a [`Next`] for each.
+    pub fn small_run(&self, buf: &[u8]) -> usize {
+        let mut at = 0;
+        while let Some(len) = self.small_message(&buf[at..]) {
+            at += len;
+        }
+        at
+    }
+
+    /// The usual frame on a short path: a whole unfragmented text (ASCII)
+    /// or binary message of at most 125 bytes, outside a fragmented message,
+    /// masked as its sender must. Its length, or `None` for anything else
+    /// (then the full checks in [`Scanner::next`] decide, also for the same
+    /// frame).
+    #[inline]
+    fn small_message(&self, buf: &[u8]) -> Option<usize> {
+        // `message` is `None` and nothing is checked of a frame at the head:
+        // no fragment state, and no UTF-8 carried over.
+        if self.message.is_some() || self.checked != 0 {
+            return None;
+        }
+        let (&b0, &b1) = (buf.first()?, buf.get(1)?);
+        // FIN, no reserved bit, text or binary.
+        let text = match b0 {
+            0x81 => true,
+            0x82 => false,
+            _ => return None,
+        };
+        let masked = b1 & 0x80 != 0;
+        let len = usize::from(b1 & 0x7F);
+        if masked != (self.sender == Sender::Client) || len > 125 || len > self.max_payload {
+            return None;
+        }
+        let head = if masked { 6 } else { 2 };
+        let payload = buf.get(head..head + len)?;
+        if text {
+            let ascii = if masked {
+                masked_ascii(payload, [buf[2], buf[3], buf[4], buf[5]], 0)
+            } else {
+                payload.is_ascii()
+            };
+            if !ascii {
+                return None;
+            }
+        }
+        Some(head + len)
     }
 
     /// Checks masked text without touching the frame: unmasks a copy, a
@@ -301,15 +361,23 @@ fn key_at(key: [u8; 4], offset: usize) -> ([u8; 4], u64) {
 /// Whether masked `data` (at payload position `offset`) unmasks to ASCII,
 /// without unmasking it.
 fn masked_ascii(data: &[u8], key: [u8; 4], offset: usize) -> bool {
-    let (k, wide) = key_at(key, offset);
+    // The key as it applies from `offset` on, in memory order, twice.
+    let shift = 8 * (offset % 4) as u32;
+    let k = u32::from_ne_bytes(key);
+    let k = if cfg!(target_endian = "little") {
+        k.rotate_right(shift)
+    } else {
+        k.rotate_left(shift)
+    };
+    let wide = u64::from(k) | (u64::from(k) << 32);
     let mut high = 0u64;
-    let mut chunks = data.chunks_exact(8);
-    for chunk in &mut chunks {
-        let mut w = [0u8; 8];
-        w.copy_from_slice(chunk);
-        high |= u64::from_ne_bytes(w) ^ wide;
+    let mut words = data.chunks_exact(8);
+    for w in &mut words {
+        // `chunks_exact(8)`: the conversion cannot fail.
+        high |= u64::from_ne_bytes(w.try_into().unwrap_or_default()) ^ wide;
     }
-    for (i, b) in chunks.remainder().iter().enumerate() {
+    let k = k.to_ne_bytes();
+    for (i, b) in words.remainder().iter().enumerate() {
         high |= u64::from(b ^ k[i % 4]);
     }
     high & 0x8080_8080_8080_8080 == 0
@@ -464,6 +532,72 @@ mod tests {
         let mut s = Scanner::new(Sender::Server, MAX);
         let f = frame(true, OP_TEXT, b"hi", None);
         assert_eq!(s.next(&f), Next::Data(4));
+    }
+
+    #[test]
+    fn the_short_path_decides_as_the_full_checks_do() {
+        let mut frames = Vec::new();
+        for key in [Some(KEY), None] {
+            for payload in [
+                &b""[..],
+                b"e",
+                &[b'e'; 64],
+                &[b'e'; 125],
+                &[b'e'; 126],
+                "héllo".as_bytes(),
+                b"\xFF\xFE",
+                b"ok\xCE",
+            ] {
+                for (fin, op) in [
+                    (true, OP_TEXT),
+                    (true, OP_BINARY),
+                    (false, OP_TEXT),
+                    (true, OP_CONTINUATION),
+                    (true, OP_PING),
+                ] {
+                    frames.push(frame(fin, op, payload, key));
+                }
+            }
+        }
+        let mut reserved = client(true, OP_TEXT, b"x");
+        reserved[0] |= 0x40;
+        frames.push(reserved);
+        let mut short = 0;
+        for f in &frames {
+            for end in [f.len(), f.len().saturating_sub(1), 1] {
+                for sender in [Sender::Client, Sender::Server] {
+                    for max in [MAX, 10] {
+                        let bytes = &f[..end];
+                        let fast = Scanner::new(sender, max).next(bytes);
+                        let full = Scanner::new(sender, max).check(bytes);
+                        assert_eq!(fast, full, "{bytes:?} {sender:?} {max}");
+                        if Scanner::new(sender, max).small_message(bytes).is_some() {
+                            short += 1;
+                        }
+                    }
+                }
+            }
+            // Inside a fragmented text message the short path steps aside.
+            let mut fast = Scanner::new(Sender::Client, MAX);
+            let mut full = Scanner::new(Sender::Client, MAX);
+            let first = client(false, OP_TEXT, b"\xCE");
+            assert_eq!(fast.next(&first), full.check(&first));
+            assert_eq!(fast.next(f), full.check(f), "{f:?}");
+        }
+        // Whole ASCII text and binary frames up to 125 bytes, both senders.
+        assert!(short >= 20, "{short}");
+        // A run of them ends at the first frame the short path leaves alone.
+        let mut run = Vec::new();
+        run.extend(client(true, OP_TEXT, &[b'e'; 64]));
+        run.extend(client(true, OP_BINARY, b"\xFF"));
+        run.extend(client(true, OP_TEXT, b""));
+        let whole = run.len();
+        run.extend(client(true, OP_PING, b"p"));
+        run.extend(client(true, OP_TEXT, b"after the ping"));
+        let s = Scanner::new(Sender::Client, MAX);
+        assert_eq!(s.small_run(&run), whole);
+        assert_eq!(s.small_run(&run[..whole - 1]), whole - 6);
+        assert_eq!(s.small_run(&run[whole..]), 0);
     }
 
     #[test]
@@ -625,7 +759,7 @@ mod tests {
 
     #[test]
     fn the_ascii_check_sees_every_high_bit_through_the_mask() {
-        for len in 0..20 {
+        for len in 0..40 {
             for offset in 0..4 {
                 let plain = vec![b'a'; len];
                 let mut masked = plain.clone();

@@ -525,18 +525,26 @@ impl PluginProxy {
         if !self.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
             self.waker = Some(cx.waker().clone());
         }
+        // A source that had nothing to read is not asked again in this
+        // poll: its waker is registered, and the next poll comes when it
+        // has something (each ask of an idle socket costs a readiness check).
+        let (mut upstream_idle, mut client_idle) = (false, false);
         for _ in 0..ROUNDS_PER_POLL {
             let mut progress = self.flush_outbox(ctx, cx);
             progress |= self.flush_upstream(ctx, cx);
-            if self.outbox.is_empty() {
-                progress |= self.read_upstream(ctx, cx);
+            if !upstream_idle && self.outbox.is_empty() {
+                let read = self.read_upstream(ctx, cx);
+                upstream_idle = !read;
+                progress |= read;
             }
             let room = self
                 .upstream
                 .as_ref()
                 .is_some_and(|up| up.write_buf.len() < UPSTREAM_BUFFER_BYTES);
-            if room && self.outbox.len() < OUTBOX_MAX {
-                progress |= self.read_client(ctx, cx);
+            if !client_idle && room && self.outbox.len() < OUTBOX_MAX {
+                let read = self.read_client(ctx, cx);
+                client_idle = !read;
+                progress |= read;
             }
             if stopping(ctx) {
                 return Poll::Ready(());
@@ -551,11 +559,24 @@ impl PluginProxy {
 
     /// Hands queued frames to the response body while it has room.
     fn flush_outbox(&mut self, ctx: &mut Context<Self>, cx: &mut TaskContext<'_>) -> bool {
-        let Some(out) = self.client_out.as_mut() else {
+        let (Some(out), Some(tx)) = (self.client_out.as_mut(), self.client_tx.as_ref()) else {
             return false;
         };
         let mut progress = false;
-        while !self.outbox.is_empty() {
+        while let Some(chunk) = self.outbox.pop_front() {
+            // While the channel has room, a plain send (no reservation
+            // future); when it is full, a reservation registers the waker.
+            match tx.try_send(chunk) {
+                Ok(()) => {
+                    progress = true;
+                    continue;
+                }
+                Err(mpsc::error::TrySendError::Full(chunk)) => self.outbox.push_front(chunk),
+                Err(mpsc::error::TrySendError::Closed(_)) => {
+                    self.finish(ctx, "client disconnected", None, Some(going_away_close()));
+                    return false;
+                }
+            }
             match out.poll_reserve(cx) {
                 Poll::Ready(Ok(())) => {
                     if let Some(chunk) = self.outbox.pop_front() {
@@ -634,6 +655,7 @@ impl PluginProxy {
             };
             let mut relay = 0;
             let next = loop {
+                relay += up.scan.small_run(&up.read_buf[relay..]);
                 match up.scan.next(&up.read_buf[relay..]) {
                     Next::Data(n) => relay += n,
                     other => break other,
@@ -732,6 +754,7 @@ impl PluginProxy {
         loop {
             let mut relay = done;
             let next = loop {
+                relay += self.client_scan.small_run(&buf[relay..]);
                 match self.client_scan.next(&buf[relay..]) {
                     Next::Data(n) => relay += n,
                     other => break other,
