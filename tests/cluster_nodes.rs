@@ -176,6 +176,22 @@ async fn commands_sent_on_another_node_reach_the_run() {
     assert_eq!(on_b.last().unwrap()["aborted"], true, "{:?}", on_b.last());
     assert_eq!(on_a.last(), on_b.last());
     assert!(of_kind(&on_a, "stream_delta").len() < 2000);
+
+    // B knows nothing of this session (no socket there follows it): the
+    // abort finds the run's node in the cluster's list of runs.
+    let other = a.create_session(&token, "claude", project.path()).await;
+    send(&mut ws_a, &other, "text:2000 delay_ms:5").await;
+    ws_a.recv_until_kind("stream_delta").await;
+    ws_b.send_json(json!({"type": "chat.abort", "sessionId": other}))
+        .await;
+    let on_a = until_complete(&mut ws_a, &other).await;
+    assert_eq!(on_a.last().unwrap()["aborted"], true, "{:?}", on_a.last());
+    // And B's client was answered without an error.
+    let (before, _) = ws_b.frames_before_probe(&other).await;
+    assert!(
+        before.iter().all(|v| v["kind"] != "protocol_error"),
+        "{before:?}"
+    );
 }
 
 /// Node A is SIGKILLed mid-run: the client on node B gets one failed

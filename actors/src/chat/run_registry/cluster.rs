@@ -743,20 +743,50 @@ impl RunRegistry {
         msg: &AbortRun,
     ) -> Option<ResponseActFuture<Self, Result<(), ChatError>>> {
         let link = self.cluster.as_ref()?;
-        let state = self.sessions.get(&msg.session_id)?;
+        let bus = link.bus.clone();
+        let me = link.node.clone();
+        let command = Command::Abort {
+            user_id: msg.user_id,
+            session_id: msg.session_id.clone(),
+        };
+        let Some(state) = self.sessions.get(&msg.session_id) else {
+            // This node knows nothing of the session (no socket here follows
+            // it): the cluster's list of the user's runs says where it runs.
+            if msg.user_id == ADMIN_USER {
+                return None;
+            }
+            let sid = msg.session_id.clone();
+            let find = bus.send(ListClusterRuns {
+                user_id: msg.user_id,
+            });
+            let routed = async move {
+                let runs = find.await.map_err(|_| unavailable())??;
+                let no_run =
+                    || ChatError::new(ErrorCode::NoActiveRun, "No active run for this session");
+                let run = runs
+                    .into_iter()
+                    .find(|r| r.session_id == sid)
+                    .ok_or_else(no_run)?;
+                if *run.meta.node == *me {
+                    return Err(no_run());
+                }
+                tracing::info!(session_id = %sid, node = %run.meta.node, "abort routed to the run's node");
+                bus.send(RouteCommand {
+                    node: run.meta.node,
+                    command,
+                })
+                .await
+                .map_err(|_| unavailable())?
+            };
+            return Some(Box::pin(routed.into_actor(self)));
+        };
         if state.owner != msg.user_id && msg.user_id != ADMIN_USER {
             return None;
         }
         let run = state.run.as_ref().filter(|r| r.is_live())?;
         let node = run.remote.clone()?;
         tracing::info!(session_id = %msg.session_id, run_id = %run.id, node = %node, "abort routed to the run's node");
-        let routed = link.bus.send(RouteCommand {
-            node,
-            command: Command::Abort {
-                user_id: msg.user_id,
-                session_id: msg.session_id.clone(),
-            },
-        });
+        let routed = bus.send(RouteCommand { node, command });
         Some(Box::pin(routed.into_actor(self).map(|answer, _, _| {
             answer.unwrap_or_else(|_| Err(unavailable()))
         })))
