@@ -20,7 +20,8 @@
 //! in-process; run it under callgrind for instruction counts). Figures are medians over `--reps` repetitions. Traffic goes
 //! to 127.0.0.1 only; every wait is bounded. The tool raises its own
 //! RLIMIT_NOFILE to the hard limit (`idle` needs about 10,200 descriptors
-//! in the tool and as many in the gateway, which inherits the limit).
+//! in the tool and twice as many in the gateway, which inherits the limit
+//! and holds two per socket; with less it opens as many sockets as fit).
 //!
 //! Environment: `LOADGEN_GATEWAY_LOG` sets the gateway's `RUST_LOG`
 //! (default `info`), `LOADGEN_ECHO_LOGS=1` copies its log to stderr.

@@ -27,6 +27,8 @@ use crate::Ctx;
 
 /// Payload bytes per chat event (the events are small text deltas).
 const EVENT_BYTES: usize = 64;
+/// Descriptors the gateway needs beside its sockets (database, pipes, listeners).
+const IDLE_FD_RESERVE: u64 = 200;
 /// Sockets connected at once when opening many (the gateway's accept backlog is larger).
 const CONNECT_PARALLEL: usize = 128;
 /// 4008 closes one reader recovers from before the run counts as failed.
@@ -745,13 +747,19 @@ pub async fn replay(ctx: &Ctx) -> Result<Vec<Row>, String> {
 // ---------------------------------------------------------------- idle
 
 pub async fn idle(ctx: &Ctx) -> Result<Vec<Row>, String> {
-    let n = if ctx.quick { 2_000 } else { 10_000 };
-    let need = n as u64 + 200;
-    if ctx.nofile < need {
+    let want = if ctx.quick { 2_000 } else { 10_000 };
+    // The gateway (which inherits our limit) holds two descriptors per
+    // socket: the connection and the stall watchdog's duplicate of it. Past
+    // its limit, accept(2) fails with EMFILE and the sockets beyond it wait
+    // for an answer that never comes.
+    let fit = (ctx.nofile.saturating_sub(IDLE_FD_RESERVE) / 2) as usize;
+    let n = want.min(fit);
+    if n < want / 2 {
         return Ok(vec![Row::unavailable(
             "idle",
             &format!(
-                "needs RLIMIT_NOFILE >= {need} (have {}); raise the hard limit (ulimit -Hn)",
+                "needs RLIMIT_NOFILE >= {} for {want} sockets (have {}); raise the hard limit (ulimit -Hn)",
+                2 * want as u64 + IDLE_FD_RESERVE,
                 ctx.nofile
             ),
         )]);
@@ -823,9 +831,14 @@ pub async fn idle(ctx: &Ctx) -> Result<Vec<Row>, String> {
         )
         .also(all)
         .note(format!(
-            "gateway RSS {:.1} -> {:.1} MB; all answered a ping: {all}",
+            "gateway RSS {:.1} -> {:.1} MB; all answered a ping: {all}{}",
             mb(before),
-            mb(after)
+            mb(after),
+            if n < want {
+                format!("; {n} of {want} sockets: RLIMIT_NOFILE {} holds two descriptors per socket in the gateway", ctx.nofile)
+            } else {
+                String::new()
+            }
         )),
         Row::new(
             s,
