@@ -30,6 +30,7 @@ mod config;
 mod db;
 mod files;
 mod guard;
+mod listener;
 mod plugins_api;
 mod remote_api;
 mod request_input;

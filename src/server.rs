@@ -1,5 +1,5 @@
 //! `agentgate serve`: opens the database, starts the actors and the HTTP
-//! server, and runs the shutdown sequence on SIGINT/SIGTERM.
+//! server (`listener.rs`), and runs the shutdown sequence on SIGINT/SIGTERM.
 //!
 //! Shutdown: stop accepting connections, tell every supervising actor to finish its
 //! children (runs get their terminal `complete`, child process groups are
@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use actix::{Actor, Arbiter, Supervisor};
+use actix_service::ServiceFactoryExt;
 use actix_web::dev::Service;
 use actix_web::{web, App, HttpServer};
 use agentgate_actors::chat::run_registry::{RunRegistry, Shutdown as RunShutdown};
@@ -28,6 +29,7 @@ use crate::auth::Keys;
 use crate::config::{Common, ServeArgs};
 use crate::db::DbStore;
 use crate::guard::Policy;
+use crate::listener::{self, AppFactory, MakeApp};
 use crate::request_input::redact_query;
 use crate::routes;
 use crate::state::{AppState, ClusterNode};
@@ -164,60 +166,37 @@ pub async fn serve(common: Common, args: ServeArgs) -> std::io::Result<()> {
         cluster,
     });
 
-    let app_state = state.clone();
-    let app_web_ui = web_ui.clone();
-    let server = HttpServer::new(move || {
-        App::new()
-            .app_data(app_state.clone())
-            .app_data(app_web_ui.clone())
-            .app_data(routes::json_config())
-            // Host, Origin and authentication before any handler (guard.rs).
-            .wrap(actix_web::middleware::from_fn(crate::guard::guard))
-            // Outermost: refusals of the guard are logged too.
-            .wrap_fn(|req, srv| {
-                // Our own access log: the query token never reaches a log line.
-                let method = req.method().clone();
-                let path = req.path().to_string();
-                let query = redact_query(req.query_string());
-                srv.call(req).map(move |res| {
-                    if let Ok(res) = &res {
-                        tracing::info!(%method, %path, query = %query, status = res.status().as_u16(), "request");
-                    }
-                    res
-                })
-            })
-            .configure(routes::configure)
-            .configure(crate::plugins_api::configure)
-            .configure(crate::admin_api::configure)
-            .configure(crate::remote_api::configure)
-            .configure(crate::ui_api::configure)
-            // After every API and WebSocket route: the web UI, else the JSON 404.
-            .default_service(web::to(crate::web_ui::serve))
-    })
-    // The raw descriptor of each connection, for the stall watchdog.
-    .on_connect(|io, ext| {
-        if let Some(fd) = conn_fd(io).or_else(|| tls_conn_fd(io)) {
-            ext.insert(fd);
-        }
-    })
-    .workers(HTTP_WORKERS)
-    .disable_signals()
-    .shutdown_timeout(SHUTDOWN_GRACE.as_secs());
+    let (app_state, app_web_ui) = (state.clone(), web_ui.clone());
+    let make_app: MakeApp = Arc::new(move || app(app_state.clone(), app_web_ui.clone()));
+    let listener = listener::bind(args.listen)?;
+    let addrs = [listener.local_addr()?];
+    let builder = actix_web::dev::Server::build()
+        .workers(HTTP_WORKERS)
+        .disable_signals()
+        .shutdown_timeout(SHUTDOWN_GRACE.as_secs());
     let (server, scheme) = match (&args.tls_cert, &args.tls_key) {
         (Some(cert), Some(key)) => {
             let tls = crate::tls::server_config(cert, key)?;
-            (server.bind_rustls_0_23(args.listen, tls)?, "https")
+            let builder = builder.listen("agentgate-https", listener, move || {
+                listener::http_service::<TlsStream>(&make_app, on_connect).rustls_0_23(tls.clone())
+            })?;
+            (builder, "https")
         }
-        _ => (server.bind(args.listen)?, "http"),
+        _ => {
+            let builder = builder.listen("agentgate-http", listener, move || {
+                listener::http_service::<TcpStream>(&make_app, on_connect).tcp()
+            })?;
+            (builder, "http")
+        }
     };
 
-    for addr in server.addrs() {
+    for addr in &addrs {
         // Tests and scripts read this line to learn an ephemeral port.
         println!("listening on {scheme}://{addr}");
     }
     match web_ui.root() {
         Some(root) => {
-            for addr in server.addrs() {
+            for addr in &addrs {
                 println!("web UI on {scheme}://{addr}/ (from {})", root.display());
             }
         }
@@ -226,7 +205,7 @@ pub async fn serve(common: Common, args: ServeArgs) -> std::io::Result<()> {
         ),
     }
     std::io::stdout().flush()?;
-    tracing::info!(listen = ?server.addrs(), tls = scheme == "https", platform = args.platform, data_dir = %data_dir.display(), "agentgate started");
+    tracing::info!(listen = ?addrs, tls = scheme == "https", platform = args.platform, data_dir = %data_dir.display(), "agentgate started");
 
     let metrics = match args.metrics_listen {
         Some(addr) => Some(metrics_server(addr)?),
@@ -250,6 +229,52 @@ pub async fn serve(common: Common, args: ServeArgs) -> std::io::Result<()> {
     server.await?;
     tracing::info!("agentgate stopped");
     Ok(())
+}
+
+/// The App: every HTTP route and WebSocket upgrade, behind the guard and
+/// the access log (one instance per worker for requests, one for upgrades).
+fn app(state: web::Data<AppState>, web_ui: web::Data<WebUi>) -> AppFactory {
+    let app = App::new()
+        .app_data(state)
+        .app_data(web_ui)
+        .app_data(routes::json_config())
+        // Host, Origin and authentication before any handler (guard.rs).
+        .wrap(actix_web::middleware::from_fn(crate::guard::guard))
+        // Outermost: refusals of the guard are logged too.
+        .wrap_fn(|req, srv| {
+            // Our own access log: the query token never reaches a log line.
+            let method = req.method().clone();
+            let path = req.path().to_string();
+            let query = redact_query(req.query_string());
+            srv.call(req).map(move |res| {
+                if let Ok(res) = &res {
+                    tracing::info!(%method, %path, query = %query, status = res.status().as_u16(), "request");
+                }
+                res
+            })
+        })
+        .configure(routes::configure)
+        .configure(crate::plugins_api::configure)
+        .configure(crate::admin_api::configure)
+        .configure(crate::remote_api::configure)
+        .configure(crate::ui_api::configure)
+        // After every API and WebSocket route: the web UI, else the JSON 404.
+        .default_service(web::to(crate::web_ui::serve));
+    // AppConfig's host and scheme are only read by URL generation and
+    // connection info, which no route uses.
+    actix_service::boxed::factory(
+        actix_service::map_config(app, |_| actix_web::dev::AppConfig::default())
+            .map(|res| res.map_into_boxed_body().into())
+            .map_err(|err: actix_web::Error| err.error_response().into()),
+    )
+}
+
+/// The raw descriptor of each connection, for the stall watchdog.
+fn on_connect<T: 'static>(io: &T, ext: &mut actix_web::dev::Extensions) {
+    let io: &dyn std::any::Any = io;
+    if let Some(fd) = conn_fd(io).or_else(|| tls_conn_fd(io)) {
+        ext.insert(fd);
+    }
 }
 
 /// `GET /metrics` on its own listener (`--metrics-listen`), outside the
@@ -282,11 +307,14 @@ fn metrics_server(addr: std::net::SocketAddr) -> std::io::Result<actix_web::dev:
     Ok(handle)
 }
 
+type TcpStream = actix_web::rt::net::TcpStream;
+type TlsStream = actix_tls::accept::rustls_0_23::TlsStream<TcpStream>;
+
 /// The raw descriptor under a TLS connection (what `on_connect` sees with
 /// `--tls-cert`), for the stall watchdog.
 fn tls_conn_fd(io: &dyn std::any::Any) -> Option<ConnFd> {
     use std::os::fd::AsRawFd;
-    io.downcast_ref::<actix_tls::accept::rustls_0_23::TlsStream<actix_web::rt::net::TcpStream>>()
+    io.downcast_ref::<TlsStream>()
         .map(|tls| ConnFd((**tls).get_ref().0.as_raw_fd()))
 }
 

@@ -1,7 +1,8 @@
 //! TLS for `--tls-cert` / `--tls-key`: a rustls server configuration that
-//! actix-web's own acceptor (`bind_rustls_0_23`) serves HTTPS and `wss://` with.
+//! actix-http's acceptor (`HttpService::rustls_0_23`, see listener.rs) serves
+//! HTTPS and `wss://` with.
 //!
-//! Only the ring crypto provider is compiled in (see Cargo.toml). actix-web
+//! Only the ring crypto provider is compiled in (see Cargo.toml). actix-http
 //! adds the `http/1.1` ALPN protocol itself.
 
 use std::path::Path;

@@ -21,8 +21,8 @@
 //! byte for nearly two heartbeat intervals while bytes wait in the kernel's
 //! send queue (a polled actor closes with 4008). If the connection is still
 //! watched at two intervals (checked every eighth of one), it is dropped from here: `SO_LINGER` 0 and
-//! `shutdown(2)` on the duplicate, which wakes actix-http's dispatcher with
-//! an error, so it drops the connection (and the actor, whose `stopped`
+//! `shutdown(2)` on the duplicate, which wakes the connection's task (the
+//! binary's `listener.rs`) with an error, so it drops the connection (and the actor, whose `stopped`
 //! runs) and the kernel discards the unsent bytes with a reset.
 //!
 //! A client that reads, however slowly, moves `bytes_acked` and is never

@@ -13,8 +13,8 @@
 //!
 //! **Bounds**: the mailbox holds [`MAILBOX_CAPACITY`] deliveries (each a
 //! batch of at most 64 KiB of provider output). A client that stops reading
-//! stalls this actor (actix-web stops polling it while its write buffer is
-//! full), its mailbox fills, and the registry closes it with 4008.
+//! stalls this actor (its connection task stops polling it while a write
+//! waits), its mailbox fills, and the registry closes it with 4008.
 //! Delivered batches wait in a backlog of shared frames (the bytes the
 //! registry serialized once, not copies) and are handed to the WebSocket
 //! encoder at most [`WRITE_BYTES_PER_POLL`] per poll, i.e. only as fast as the
