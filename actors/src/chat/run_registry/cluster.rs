@@ -337,11 +337,10 @@ impl RunRegistry {
     /// The stream read of a followed session goes on after `cursor` (the
     /// events up to it were taken from the `Follow` answer).
     fn follow_on(&mut self, session_id: &str, cursor: u64) {
-        if let Some(link) = self
-            .cluster
-            .as_ref()
-            .filter(|l| l.followed.contains(session_id))
-        {
+        if let Some(link) = self.cluster.as_mut() {
+            // Again: an unfollow sweep may have run while the answer was on
+            // its way (the subscriber attaches right after this).
+            link.followed.insert(session_id.to_string());
             link.bus.do_send(Follow {
                 session_id: session_id.to_string(),
                 from: Some(cursor),
