@@ -3,7 +3,7 @@
 //!
 //! | route | answer |
 //! |---|---|
-//! | `GET /api/plugins` | `{plugins: [{name, enabled, state, running, port, pid, restarts, lastError}]}` |
+//! | `GET /api/plugins` | `{plugins: [{name, enabled, state, running, port, pid, restarts, lastError, node}]}` (`node`: the id of the node that answers and runs these servers in cluster mode, else null) |
 //! | `POST /api/plugins/{name}/start` | the plugin's status once it is ready or failed; 404 `PLUGIN_NOT_FOUND`, 409 `PLUGIN_DISABLED` |
 //! | `POST /api/plugins/{name}/stop` | the plugin's status once its server has exited; 404 `PLUGIN_NOT_FOUND`, 409 `PLUGIN_DISABLED` |
 //!
@@ -32,6 +32,13 @@ async fn list(_user: Authed, state: web::Data<AppState>) -> Result<HttpResponse,
         .send(ListPlugins)
         .await
         .map_err(ApiError::internal)?;
+    // Each node runs the plugin servers of its own data dir; /plugin-ws/{name}
+    // reaches the one of the node the client is connected to.
+    let node = state.cluster.as_ref().map(|c| c.node_id.clone());
+    let mut plugins = serde_json::to_value(plugins).map_err(ApiError::internal)?;
+    for p in plugins.as_array_mut().into_iter().flatten() {
+        p["node"] = json!(node);
+    }
     Ok(api::ok(json!({ "plugins": plugins })))
 }
 

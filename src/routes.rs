@@ -354,6 +354,7 @@ async fn shell_ws(
         hub: state.shells.clone(),
         store: state.store.clone(),
         config: state.config.clone(),
+        placement: state.pty_placement.clone(),
     };
     let token = identity.token_watch();
     let stream = state.admit_socket(&identity.user, stream).await?;

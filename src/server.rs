@@ -20,7 +20,7 @@ use agentgate_actors::limits::UserLimits;
 use agentgate_actors::plugin::{PluginRegistry, StopAllPlugins};
 use agentgate_actors::provider::ProviderKind;
 use agentgate_actors::remote::followers::Followers;
-use agentgate_actors::shell::{PtyHub, ShutdownPtys};
+use agentgate_actors::shell::{PtyHub, PtyPlacement, ShutdownPtys};
 use agentgate_actors::store::Store;
 use agentgate_actors::watchdog::{conn_fd, ConnFd, ConnWatchdog};
 use futures_util::FutureExt;
@@ -123,8 +123,22 @@ pub async fn serve(common: Common, args: ServeArgs) -> std::io::Result<()> {
     // Terminals (PTY reads, screen state) run on their own thread.
     let shells_arbiter = Arbiter::new();
     let shells_config = config.clone();
+    // Cluster mode: which node runs each terminal (its own Redis link).
+    let pty_placement = match (&cluster, &args.redis_url) {
+        (Some(c), Some(url)) => Some(
+            PtyPlacement::new(
+                url,
+                &c.node_id,
+                Duration::from_millis(args.cluster_lease_ms),
+            )
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?
+            .start(),
+        ),
+        _ => None,
+    };
+    let hub_placement = pty_placement.clone();
     let shells = PtyHub::start_in_arbiter(&shells_arbiter.handle(), move |_| {
-        PtyHub::new(shells_config)
+        PtyHub::new(shells_config).with_placement(hub_placement)
     });
     // Discovers <data-dir>/plugins and starts the enabled plugin servers.
     let plugins = PluginRegistry::new(config.clone()).start();
@@ -148,6 +162,7 @@ pub async fn serve(common: Common, args: ServeArgs) -> std::io::Result<()> {
         platform: args.platform,
         registry,
         shells,
+        pty_placement,
         plugins,
         watchdog,
         policy,

@@ -41,6 +41,8 @@ pub struct AppState {
     pub registry: Addr<RunRegistry>,
     /// The registry of live terminals (`/shell`).
     pub shells: Addr<PtyHub>,
+    /// Cluster mode: which node runs each terminal (`None` on a single node).
+    pub pty_placement: Option<Addr<agentgate_actors::shell::PtyPlacement>>,
     /// The plugin directory: plugin servers and their ports.
     pub plugins: Addr<PluginRegistry>,
     /// Cuts off WebSocket connections whose client stopped reading.

@@ -45,6 +45,7 @@
 //!   starts its own PTY instead of attaching to someone else's terminal.
 
 pub mod launch;
+pub mod placement;
 pub mod pty_hub;
 pub mod pty_session;
 pub mod replay;
@@ -60,6 +61,7 @@ use serde_json::Value;
 
 use crate::protocol::lenient;
 
+pub use placement::PtyPlacement;
 pub use pty_hub::{KillPty, ListPtys, PtyHub, ShutdownPtys};
 pub use pty_session::PtyInfo;
 pub use pty_session::PtySession;

@@ -12,7 +12,8 @@
 //! successor), [`ShutdownPtys`] (kills every PTY and refuses new ones),
 //! [`LivePtys`].
 //!
-//! Sends: [`TerminatePty`] to PtySessions.
+//! Sends: [`TerminatePty`] to PtySessions; in cluster mode [`ReleasePty`]
+//! to the [`PtyPlacement`] when a key's PTY is gone.
 //!
 //! Stops: with the actor system. PtySessions are independent actors, so a
 //! panic in one never reaches the hub or another PTY; a PtySession that
@@ -26,6 +27,7 @@ use std::time::Duration;
 use actix::prelude::*;
 
 use super::launch::LaunchSpec;
+use super::placement::{PtyPlacement, ReleasePty};
 use super::pty_session::{
     DescribePty, PtyClosed, PtyInfo, PtyParams, PtySession, TerminatePty, TerminateReason,
 };
@@ -92,6 +94,8 @@ pub struct PtyHub {
     sessions: HashMap<(i64, String), (u64, Addr<PtySession>)>,
     next_id: u64,
     shutting_down: bool,
+    /// Cluster mode: told when a key's PTY is gone.
+    placement: Option<Addr<PtyPlacement>>,
 }
 
 impl PtyHub {
@@ -106,6 +110,23 @@ impl PtyHub {
             sessions: HashMap::new(),
             next_id: 1,
             shutting_down: false,
+            placement: None,
+        }
+    }
+
+    /// Cluster mode: terminals' keys are placed through `placement`.
+    pub fn with_placement(mut self, placement: Option<Addr<PtyPlacement>>) -> Self {
+        self.placement = placement;
+        self
+    }
+
+    /// The key has no PTY here any more: other nodes may open it.
+    fn released(&self, (owner, key): &(i64, String)) {
+        if let Some(placement) = &self.placement {
+            placement.do_send(ReleasePty {
+                owner: *owner,
+                key: key.clone(),
+            });
         }
     }
 
@@ -119,6 +140,7 @@ impl PtyHub {
             Some((id, addr)) if addr.connected() => Some((*id, addr.clone())),
             Some(_) => {
                 self.sessions.remove(slot);
+                self.released(slot);
                 None
             }
             None => None,
@@ -226,6 +248,7 @@ impl Handler<PtyClosed> for PtyHub {
             .is_some_and(|(id, _)| *id == msg.pty)
         {
             self.sessions.remove(&slot);
+            self.released(&slot);
         }
     }
 }
@@ -235,8 +258,12 @@ impl Handler<ShutdownPtys> for PtyHub {
 
     fn handle(&mut self, _: ShutdownPtys, _ctx: &mut Self::Context) -> Self::Result {
         self.shutting_down = true;
-        let live: Vec<Addr<PtySession>> =
-            self.sessions.drain().map(|(_, (_, addr))| addr).collect();
+        let drained: Vec<_> = self.sessions.drain().collect();
+        let mut live = Vec::with_capacity(drained.len());
+        for (slot, (_, addr)) in drained {
+            self.released(&slot);
+            live.push(addr);
+        }
         tracing::info!(
             actor = "PtyHub",
             live = live.len(),

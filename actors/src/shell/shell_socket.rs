@@ -12,7 +12,9 @@
 //! shared output frame, preceded by `auth_url` frames for URLs new to this
 //! socket), [`PtyEnded`].
 //!
-//! Sends: [`LookupPty`] / [`LaunchPty`] to the hub; [`AttachSocket`],
+//! Sends: [`LookupPty`] / [`LaunchPty`] to the hub; in cluster mode
+//! [`ClaimPty`] (before a launch) and [`ReleasePty`] (after a failed one) to
+//! the PtyPlacement; [`AttachSocket`],
 //! [`DetachSocket`], [`WriteInput`], [`ResizePty`] to its PtySession.
 //! `init`, `input` and `resize` run one at a time, in arrival order: each
 //! waits for its PTY's answer in a spawned future (the heartbeat and the
@@ -41,6 +43,7 @@ use bytestring::ByteString;
 use tokio::sync::oneshot;
 
 use super::launch::{build_launch, check_project_dir, InitError, InitRequest, Mode};
+use super::placement::{ClaimPty, Placement, PtyPlacement, ReleasePty};
 use super::pty_hub::{LaunchError, LaunchPty, Launched, LookupPty, PtyHub};
 use super::pty_session::{
     AttachSocket, DetachSocket, InputRejected, PtySession, ResizePty, WriteInput,
@@ -98,6 +101,8 @@ pub struct ShellDeps {
     pub hub: Addr<PtyHub>,
     pub store: Store,
     pub config: Arc<GatewayConfig>,
+    /// Cluster mode: which node runs each terminal.
+    pub placement: Option<Addr<PtyPlacement>>,
 }
 
 /// URLs this socket announced, oldest first.
@@ -393,6 +398,8 @@ enum OpenError {
     SessionLookup(#[source] store::StoreError),
     #[error("Terminal session is busy; try again")]
     Busy,
+    #[error("This terminal runs on node {0}; connect to that node to use it (route /shell with sticky sessions)")]
+    OtherNode(String),
 }
 
 /// The `init` sequence: reattach to the key's live PTY, or validate and
@@ -443,13 +450,33 @@ async fn open_terminal(
             _ => None,
         };
         let spec = build_launch(&req, cwd, resume.as_deref(), &deps.config)?;
+        // Cluster mode: the key may live on another node (its PTY is a
+        // process there); Redis being unreachable opens it here.
+        if let Some(placement) = &deps.placement {
+            let claim = ClaimPty {
+                owner,
+                key: key.clone(),
+            };
+            if let Ok(Placement::Elsewhere(node)) = placement.send(claim).await {
+                return Err(OpenError::OtherNode(node));
+            }
+        }
         let launch = LaunchPty {
             owner,
             key: key.clone(),
             spec,
             socket: socket.clone(),
         };
-        match deps.hub.send(launch).await?? {
+        let launched = deps.hub.send(launch).await?;
+        if launched.is_err() {
+            if let Some(placement) = &deps.placement {
+                placement.do_send(ReleasePty {
+                    owner,
+                    key: key.clone(),
+                });
+            }
+        }
+        match launched? {
             Launched::Started(id, pty) => return Ok((id, pty)),
             Launched::Existing => continue,
         }
