@@ -5,6 +5,7 @@
 //! - `chat`: the `/ws` protocol with the scripted stand-in CLI `fake_claude`.
 //! - `cluster`: gateways on the machine's PostgreSQL (`--database-url postgres://...`): restarts, two gateways on one database.
 //! - `cluster_nodes`: cluster mode (`--redis-url`) between two nodes: follow, lease, routed commands, node and Redis loss.
+//! - `cluster_mode`: three nodes in cluster mode (`--redis-url`, support::cluster): cross-node follow, fan-out, abort, permissions, node and Redis loss, races, ownership.
 //! - `claude_e2e`: the real Claude Code CLI through the gateway, against the Anthropic stand-in.
 //! - `foundation`: CLI, auth refusals, REST routes, bad frames, heartbeat, restart, SIGTERM.
 //! - `providers`: Codex, Gemini, OpenCode (real CLIs) and Cursor (fake CLI) end to end, one row each.
@@ -25,6 +26,7 @@ mod support;
 mod chat;
 mod claude_e2e;
 mod cluster;
+mod cluster_mode;
 mod cluster_nodes;
 mod delivery;
 mod foundation;

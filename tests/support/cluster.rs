@@ -10,6 +10,7 @@
 //! them, as a shared secret promises.
 
 use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
 use std::process::Command;
 
 use super::postgres::TestDatabase;
@@ -45,6 +46,17 @@ impl TestCluster {
 
     /// `n` nodes with `lease_ms`; `f(i, cmd)` may add flags or env to node `i`.
     pub fn start_with(n: usize, lease_ms: u64, f: impl Fn(usize, &mut Command)) -> TestCluster {
+        TestCluster::start_full(n, lease_ms, |_, _| {}, f)
+    }
+
+    /// The same; `prepare(i, data_dir)` first writes into node `i`'s data
+    /// dir (e.g. plugins).
+    pub fn start_full(
+        n: usize,
+        lease_ms: u64,
+        prepare: impl Fn(usize, &Path),
+        f: impl Fn(usize, &mut Command),
+    ) -> TestCluster {
         let db = TestDatabase::create();
         let redis = TestRedis::start();
         let secret = format!(
@@ -60,7 +72,9 @@ impl TestCluster {
             lease_ms,
         };
         for i in 0..n {
-            let node = cluster.spawn_node(i, tempfile::tempdir().expect("temp dir"), &f);
+            let data = tempfile::tempdir().expect("temp dir");
+            prepare(i, data.path());
+            let node = cluster.spawn_node(i, data, &f);
             cluster.nodes.push(Some(node));
         }
         cluster
