@@ -1184,6 +1184,48 @@ impl Handler<Follow> for ClusterBus {
     }
 }
 
+/// A followed session's stream entries after `after`, read now (a
+/// subscribe on this node sees what the stream has, not only what the live
+/// reads brought so far). Empty while Redis is down.
+#[derive(Message)]
+#[rtype(result = "Vec<RemoteEvent>")]
+pub struct CatchUp {
+    pub session_id: String,
+    pub after: u64,
+}
+
+impl Handler<CatchUp> for ClusterBus {
+    type Result = ResponseActFuture<Self, Vec<RemoteEvent>>;
+
+    fn handle(&mut self, msg: CatchUp, _: &mut Context<Self>) -> Self::Result {
+        let Some(mut con) = self.cmd.clone() else {
+            return Box::pin(fut::ready(Vec::new()));
+        };
+        let query = async move {
+            redis::cmd("XRANGE")
+                .arg(events_key(&msg.session_id))
+                .arg(stream_id(msg.after + 1))
+                .arg("+")
+                .arg("COUNT")
+                .arg(REPLAY_MAX_EVENTS)
+                .query_async::<Value>(&mut con)
+                .await
+        };
+        Box::pin(query.into_actor(self).map(|result, act, ctx| {
+            match result {
+                Ok(entries) => parse_entries(&entries)
+                    .into_iter()
+                    .filter_map(|(id, f)| remote_event(&id, f))
+                    .collect(),
+                Err(err) => {
+                    act.lost(&err, ctx);
+                    Vec::new()
+                }
+            }
+        }))
+    }
+}
+
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Unfollow {

@@ -26,8 +26,9 @@ use std::collections::{HashMap, HashSet};
 
 use super::*;
 use crate::cluster::bus::{
-    AcquireLease, ClusterBus, Command, Follow, Followed, LeaseLost, ListClusterRuns, Publish,
-    RegisterRun, ReleaseLease, RemoteEvents, RemoteUpsert, RouteCommand, RunDone, Unfollow,
+    AcquireLease, CatchUp, ClusterBus, Command, Follow, Followed, LeaseLost, ListClusterRuns,
+    Publish, RegisterRun, ReleaseLease, RemoteEvents, RemoteUpsert, RouteCommand, RunDone,
+    Unfollow,
 };
 use crate::cluster::{Outgoing, RemoteEvent, RunMeta};
 
@@ -50,6 +51,10 @@ pub(super) struct ClusterLink {
     held: HashMap<String, Vec<Outgoing>>,
     /// Sends waiting for that (a next run on this node).
     release_waiters: HashMap<String, Vec<oneshot::Sender<()>>>,
+    /// Per followed session: the highest seq taken from its stream (the
+    /// `Follow`/`CatchUp` answers and the live reads overlap; each entry
+    /// is taken once).
+    stream_seq: HashMap<String, u64>,
 }
 
 /// A DB release slower than this lets the held frames go anyway (the next
@@ -105,6 +110,7 @@ impl RunRegistry {
             run_id: None,
             held: HashMap::new(),
             release_waiters: HashMap::new(),
+            stream_seq: HashMap::new(),
         });
         self
     }
@@ -167,6 +173,11 @@ impl RunRegistry {
         let Some(state) = self.sessions.get(session_id).filter(|_| !remote) else {
             return;
         };
+        if let Some(link) = self.cluster.as_mut() {
+            // Its own frames need not be read back by a later catch-up.
+            let taken = link.stream_seq.entry(session_id.to_string()).or_insert(0);
+            *taken = (*taken).max(state.last_seq);
+        }
         let (id, seq, reserved, store) = (
             session_id.to_string(),
             state.last_seq,
@@ -225,6 +236,7 @@ impl RunRegistry {
             link.outbox.clear();
             link.held.clear();
             link.release_waiters.clear();
+            link.stream_seq.clear();
         }
     }
 
@@ -408,8 +420,23 @@ impl RunRegistry {
             return Box::pin(fut::ready(()));
         };
         if link.followed.contains(&session_id) {
-            self.subscribe(msg);
-            return Box::pin(fut::ready(()));
+            if local_live {
+                self.subscribe(msg);
+                return Box::pin(fut::ready(()));
+            }
+            // What the stream has beyond the live reads so far (another
+            // node's run may have started since), before the ack.
+            let after = link.stream_seq.get(&session_id).copied().unwrap_or(0);
+            let catch_up = link.bus.send(CatchUp {
+                session_id: session_id.clone(),
+                after,
+            });
+            return Box::pin(catch_up.into_actor(self).map(move |events, act, ctx| {
+                act.guarded(ctx, "Subscribe", (), |act, ctx| {
+                    act.remote_events(&session_id, events.unwrap_or_default(), ctx);
+                    act.subscribe(msg);
+                })
+            }));
         }
         // Followed even with a local run: the session's next run may be another node's.
         link.followed.insert(session_id.clone());
@@ -541,6 +568,14 @@ impl RunRegistry {
         let me = self.cluster.as_ref().map(|c| c.node.clone());
         let mut any = false;
         for ev in events {
+            let Some(link) = self.cluster.as_mut() else {
+                return;
+            };
+            let taken = link.stream_seq.entry(session_id.to_string()).or_insert(0);
+            if ev.seq <= *taken {
+                continue;
+            }
+            *taken = ev.seq;
             // This node's own frames are delivered locally.
             if me.as_deref() == Some(ev.node.as_str()) {
                 continue;
@@ -687,6 +722,7 @@ impl RunRegistry {
             .collect();
         for session_id in idle {
             link.followed.remove(&session_id);
+            link.stream_seq.remove(&session_id);
             link.bus.do_send(Unfollow {
                 session_id: session_id.clone(),
             });
