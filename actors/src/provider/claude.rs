@@ -762,6 +762,62 @@ mod tests {
         assert!(a.iter().any(|e| matches!(e, ProviderEvent::Emit(ev) if ev.body == EventBody::StreamDelta { content: "esc \"q\" \n é".into() } && ev.parent_tool_use_id.as_deref() == Some("toolu_1"))));
     }
 
+    /// The scanner is a second JSON reader beside serde_json, so every small
+    /// corruption of real delta lines (a byte deleted, doubled or replaced by
+    /// JSON punctuation, the line cut short) must give the same events
+    /// through both paths: the scanner may decline a line, never read it
+    /// differently.
+    #[test]
+    fn fast_path_agrees_with_the_value_path_on_corrupted_lines() {
+        let mut seeds: Vec<String> = fixture("text")
+            .lines()
+            .filter(|l| l.contains("text_delta"))
+            .take(3)
+            .map(str::to_string)
+            .collect();
+        seeds.push(r#"{"type":"stream_event","session_id":"s\u002d3","parent_tool_use_id":"t\"q","event":{"type":"content_block_delta","index":7,"delta":{"type":"text_delta","text":"a\\b \u00e9 \ud83d\ude00"}},"x":[1.5e3,-0,true,null,{}]}"#.to_string());
+        assert!(seeds.len() >= 2, "the text fixture has delta lines");
+        let swaps = [
+            b'"', b'\\', b'{', b'}', b'[', b']', b',', b':', b' ', b'0', b'-', b'e', b'u', b'n',
+            b'x',
+        ];
+        let (mut checked, mut taken) = (0usize, 0usize);
+        let mut check = |bytes: Vec<u8>| {
+            let Ok(line) = String::from_utf8(bytes) else {
+                return;
+            };
+            let (mut fast, mut slow) = (ClaudeParser::default(), ClaudeParser::default());
+            let (mut a, mut b) = (Vec::new(), Vec::new());
+            fast.parse_line(&line, &mut a);
+            slow.parse_value_line(&line, &mut b);
+            assert_eq!(a, b, "paths disagree on {line:?}");
+            checked += 1;
+            taken += usize::from(DeltaLine::scan(&line).is_some());
+        };
+        for seed in &seeds {
+            let s = seed.as_bytes();
+            for i in 0..s.len() {
+                let mut cut = s.to_vec();
+                cut.remove(i);
+                check(cut);
+                let mut doubled = s.to_vec();
+                doubled.insert(i, s[i]);
+                check(doubled);
+                check(s[..i].to_vec());
+                for &c in &swaps {
+                    let mut swapped = s.to_vec();
+                    swapped[i] = c;
+                    check(swapped);
+                }
+            }
+        }
+        // Not vacuous: many corrupted lines were still read by the scanner.
+        assert!(
+            checked > 10_000 && taken > 2_000,
+            "{checked} checked, {taken} scanned"
+        );
+    }
+
     /// The lines a streaming turn is made of are read by the scanner, not
     /// handed to serde_json.
     #[test]
