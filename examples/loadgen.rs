@@ -15,7 +15,8 @@
 //! ```
 //!
 //! Scenarios: chat-one, chat-node (a Node `ws` reader), chat-many, fanout,
-//! replay, idle, shell, proxy, slow-client (never reads), slow-reader (ten
+//! cluster-fanout (fanout over three nodes in cluster mode beside one node,
+//! with the machine's PostgreSQL and a redis-server the tool starts), replay, idle, shell, proxy, slow-client (never reads), slow-reader (ten
 //! times slower than the run), and `micro` (the per-event parse and serialization cost,
 //! in-process; run it under callgrind for instruction counts). Figures are medians over `--reps` repetitions. Traffic goes
 //! to 127.0.0.1 only; every wait is bounded. The tool raises its own
@@ -28,6 +29,8 @@
 
 #[path = "loadgen/chat.rs"]
 mod chat;
+#[path = "loadgen/cluster.rs"]
+mod cluster;
 #[path = "loadgen/conns.rs"]
 mod conns;
 #[path = "loadgen/gateway.rs"]
@@ -46,6 +49,14 @@ mod shell;
 mod stats;
 #[path = "loadgen/ws.rs"]
 mod ws;
+// The machine's PostgreSQL (a fresh database) and a redis-server of our own
+// for cluster-fanout: the same code the tests use.
+#[path = "../tests/support/postgres.rs"]
+#[allow(dead_code)]
+mod test_postgres;
+#[path = "../tests/support/redis.rs"]
+#[allow(dead_code)]
+mod test_redis;
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -56,11 +67,12 @@ use serde_json::json;
 use gateway::Bins;
 use report::Row;
 
-const SCENARIOS: [&str; 11] = [
+const SCENARIOS: [&str; 12] = [
     "chat-one",
     "chat-node",
     "chat-many",
     "fanout",
+    "cluster-fanout",
     "replay",
     "idle",
     "shell",
@@ -161,6 +173,7 @@ async fn run_scenario(name: &str, ctx: &Ctx) -> Vec<Row> {
         "chat-one" => chat::chat_one(ctx).await,
         "chat-many" => chat::chat_many(ctx).await,
         "fanout" => chat::fanout(ctx).await,
+        "cluster-fanout" => cluster::cluster_fanout(ctx).await,
         "replay" => chat::replay(ctx).await,
         "idle" => chat::idle(ctx).await,
         "shell" => shell::shell(ctx).await,

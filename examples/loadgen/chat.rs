@@ -36,7 +36,7 @@ const MAX_REJOINS: usize = 20;
 /// Peak RSS target for the chat scenarios (issue 6).
 const RSS_TARGET_MB: f64 = 150.0;
 
-fn mb(kib: u64) -> f64 {
+pub(crate) fn mb(kib: u64) -> f64 {
     kib as f64 / 1024.0
 }
 
@@ -44,7 +44,7 @@ fn secs(d: Duration) -> f64 {
     d.as_secs_f64().max(1e-9)
 }
 
-fn ms(nanos: u64) -> f64 {
+pub(crate) fn ms(nanos: u64) -> f64 {
     nanos as f64 / 1e6
 }
 
@@ -54,13 +54,13 @@ fn run_deadline(events: usize) -> Instant {
 }
 
 /// A project dir and a session in it.
-async fn session(gw: &Gateway) -> Result<(tempfile::TempDir, String), String> {
+pub(crate) async fn session(gw: &Gateway) -> Result<(tempfile::TempDir, String), String> {
     let project = tempfile::tempdir().map_err(|e| e.to_string())?;
     let id = gw.create_session(project.path()).await?;
     Ok((project, id))
 }
 
-async fn chat_socket(ctx: &Ctx, gw: &Gateway) -> Result<Ws, String> {
+pub(crate) async fn chat_socket(ctx: &Ctx, gw: &Gateway) -> Result<Ws, String> {
     ws::connect(&ctx.client, &gw.ws_url(&format!("/ws?token={}", gw.token))).await
 }
 
@@ -87,11 +87,11 @@ async fn send_chat(ws: &mut Ws, session: &str, prompt: &str) -> Result<(), Strin
 
 /// What one socket saw of one run.
 #[derive(Default)]
-struct RunSeen {
-    deltas: usize,
+pub(crate) struct RunSeen {
+    pub deltas: usize,
     first: Option<Instant>,
     last: Option<Instant>,
-    hist: Histogram,
+    pub hist: Histogram,
     /// Latencies of the deltas in the caller's steady-state window.
     steady: Histogram,
     /// 4008 closes recovered by reconnecting and resubscribing.
@@ -113,7 +113,11 @@ impl RunSeen {
 }
 
 /// Reads one socket until the run's `complete`, checking seq continuity.
-async fn read_run(ws: &mut Ws, seqc: &mut SeqCheck, deadline: Instant) -> Result<RunSeen, String> {
+pub(crate) async fn read_run(
+    ws: &mut Ws,
+    seqc: &mut SeqCheck,
+    deadline: Instant,
+) -> Result<RunSeen, String> {
     read_run_after(ws, seqc, deadline, 0..=0, None).await
 }
 
@@ -550,7 +554,7 @@ pub async fn chat_many(ctx: &Ctx) -> Result<Vec<Row>, String> {
 
 /// Starts a run that waits on a permission (so subscribers can attach
 /// before any event streams); returns the gateway's permission request id.
-async fn start_gated(ws: &mut Ws, sid: &str, prompt: &str) -> Result<String, String> {
+pub(crate) async fn start_gated(ws: &mut Ws, sid: &str, prompt: &str) -> Result<String, String> {
     send_chat(ws, sid, &format!("permission:Bash {prompt}")).await?;
     let req = until_kind(
         ws,
@@ -563,7 +567,7 @@ async fn start_gated(ws: &mut Ws, sid: &str, prompt: &str) -> Result<String, Str
         .ok_or_else(|| format!("permission_request without requestId: {req}"))
 }
 
-async fn release_gate(ws: &mut Ws, request_id: &str) -> Result<(), String> {
+pub(crate) async fn release_gate(ws: &mut Ws, request_id: &str) -> Result<(), String> {
     ws::send_json(
         ws,
         &json!({"type": "chat.permission-response", "requestId": request_id, "allow": true}),
@@ -572,12 +576,35 @@ async fn release_gate(ws: &mut Ws, request_id: &str) -> Result<(), String> {
 }
 
 /// Subscribes `ws` to the live run and waits for the ack; returns the seq to continue from.
-async fn subscribe(ws: &mut Ws, sid: &str, last_seq: u64) -> Result<(), String> {
+pub(crate) async fn subscribe(ws: &mut Ws, sid: &str, last_seq: u64) -> Result<(), String> {
     let ack = send_subscribe(ws, sid, last_seq).await?;
     if !ack.contains("\"isProcessing\":true") {
         return Err(format!("subscribed to a run that is not processing: {ack}"));
     }
     Ok(())
+}
+
+/// Subscribes from seq 0 to a live run. On another node than the run's
+/// (`remote`), the node may not know of the run yet when the sender has just
+/// seen its first events (its start reaches Redis a moment later): the
+/// subscribe is then repeated, answered each time, for up to 10 s.
+async fn subscribe_live(ws: &mut Ws, sid: &str, remote: bool) -> Result<(), String> {
+    if !remote {
+        return subscribe(ws, sid, 0).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let ack = send_subscribe(ws, sid, 0).await?;
+        if ack.contains("\"isProcessing\":true") {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "the run never showed as processing on this node: {ack}"
+            ));
+        }
+        actix_rt::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// Subscribes to the session from `last_seq`; returns the ack. After a 4008
@@ -597,38 +624,70 @@ async fn send_subscribe(ws: &mut Ws, sid: &str, last_seq: u64) -> Result<String,
     .await
 }
 
-pub async fn fanout(ctx: &Ctx) -> Result<Vec<Row>, String> {
-    let subscribers = 1_000;
-    let events = if ctx.quick { 2_000 } else { 20_000 };
-    let reps = if ctx.quick { 1 } else { ctx.reps };
-    let gw = Gateway::start(&ctx.bins, |_, _| {})?;
-    let mut socks = open_many(ctx, &gw, subscribers).await?;
+/// What one fanout measurement gave (medians over the repetitions).
+pub struct FanoutStats {
+    pub events: usize,
+    pub subscribers: usize,
+    pub rate: f64,
+    pub p50: f64,
+    pub p99: f64,
+    pub max_ms: f64,
+    pub rejoins: usize,
+    pub gaps: u64,
+    pub complete: bool,
+}
+
+/// One run of `events` deltas started on `gws[0]`, followed by
+/// `subscribers` sockets (the sender included) spread round-robin over
+/// `gws` (one node: the single-node `fanout`; several: `cluster-fanout`).
+pub async fn fanout_over(
+    ctx: &Ctx,
+    gws: &[&Gateway],
+    subscribers: usize,
+    events: usize,
+    reps: usize,
+) -> Result<FanoutStats, String> {
+    let owner_gw = *gws.first().ok_or("no gateway")?;
+    let mut socks = Vec::with_capacity(subscribers);
+    for (i, gw) in gws.iter().enumerate() {
+        let n = subscribers / gws.len() + usize::from(i < subscribers % gws.len());
+        for ws in open_many(ctx, gw, n).await? {
+            socks.push((*gw, ws));
+        }
+    }
     let (mut rates, mut p50, mut p99) = (vec![], vec![], vec![]);
     let (mut gaps, mut complete, mut max_lat, mut rejoins) = (0, true, 0, 0);
     for _ in 0..reps {
         // A fresh session each time: the sockets stay subscribed to the previous one.
-        let (_project, sid) = session(&gw).await?;
-        let (owner, rest) = socks.split_first_mut().ok_or("no sockets")?;
+        let (_project, sid) = session(owner_gw).await?;
+        let ((_, owner), rest) = socks.split_first_mut().ok_or("no sockets")?;
         let request =
             start_gated(owner, &sid, &format!("text:{events} size:{EVENT_BYTES} ts")).await?;
-        for r in join_all(rest.iter_mut().map(|ws| subscribe(ws, &sid, 0))).await {
+        let owner_addr = owner_gw.addr;
+        for r in join_all(rest.iter_mut().map(|(gw, ws)| {
+            let remote = gw.addr != owner_addr;
+            subscribe_live(ws, &sid, remote)
+        }))
+        .await
+        {
             r?;
         }
         let t0 = Instant::now();
         release_gate(owner, &request).await?;
         let deadline = run_deadline(events * subscribers / 20);
-        // A subscriber far behind while others keep up is closed with 4008
-        // (E4) and resubscribes with its lastSeq, as a real client does.
-        let rejoin = Rejoin {
-            ctx,
-            gw: &gw,
-            session: &sid,
-        };
-        let rejoin = &rejoin;
-        let results = join_all(socks.iter_mut().map(|ws| async move {
+        let sid = &sid;
+        let results = join_all(socks.iter_mut().map(|(gw, ws)| async move {
+            // A subscriber far behind while others keep up is closed with
+            // 4008 (E4) and resubscribes on its own node with its lastSeq,
+            // as a real client does.
+            let rejoin = Rejoin {
+                ctx,
+                gw,
+                session: sid,
+            };
             // The replayed permission events come first; continuity is checked from there.
             let mut seqc = SeqCheck::default();
-            let seen = read_run_after(ws, &mut seqc, deadline, 0..=0, Some(rejoin)).await;
+            let seen = read_run_after(ws, &mut seqc, deadline, 0..=0, Some(&rejoin)).await;
             (seen, seqc)
         }))
         .await;
@@ -649,29 +708,53 @@ pub async fn fanout(ctx: &Ctx) -> Result<Vec<Row>, String> {
         p99.push(ms(hist.quantile(0.99)));
         max_lat = max_lat.max(hist.max());
     }
+    Ok(FanoutStats {
+        events,
+        subscribers,
+        rate: median(&rates),
+        p50: median(&p50),
+        p99: median(&p99),
+        max_ms: ms(max_lat),
+        rejoins,
+        gaps,
+        complete,
+    })
+}
+
+pub async fn fanout(ctx: &Ctx) -> Result<Vec<Row>, String> {
+    let subscribers = 1_000;
+    let events = if ctx.quick { 2_000 } else { 20_000 };
+    let reps = if ctx.quick { 1 } else { ctx.reps };
+    let gw = Gateway::start(&ctx.bins, |_, _| {})?;
+    let f = fanout_over(ctx, &[&gw], subscribers, events, reps).await?;
     let s = "fanout";
     Ok(vec![
         Row::new(
             s,
             &format!("deliveries/s (1 run x {events} -> {subscribers} sockets)"),
-            median(&rates),
+            f.rate,
             Unit::PerSec,
             Target::AtLeast(300_000.0),
         ),
-        Row::new(s, "p50 latency", median(&p50), Unit::Millis, Target::None),
-        Row::new(s, "p99 latency", median(&p99), Unit::Millis, Target::None),
-        Row::new(s, "max latency", ms(max_lat), Unit::Millis, Target::None),
+        Row::new(s, "p50 latency", f.p50, Unit::Millis, Target::None),
+        Row::new(s, "p99 latency", f.p99, Unit::Millis, Target::None),
+        Row::new(s, "max latency", f.max_ms, Unit::Millis, Target::None),
         Row::new(s, "peak RSS", mb(gw.hwm_kib()), Unit::MB, Target::None),
-        Row::new(s, "4008 closes of a reading client", rejoins as f64, Unit::Count, Target::None)
+        Row::new(s, "4008 closes of a reading client", f.rejoins as f64, Unit::Count, Target::None)
             .note("far behind while others kept up (E4); each recovered by resubscribing with its lastSeq"),
-        Row::new(s, "seq gaps", gaps as f64, Unit::Count, Target::Equals(0.0))
-            .also(complete)
-            .note(if complete {
-                ""
-            } else {
-                "a subscriber missed events"
-            }),
+        gaps_row(s, "seq gaps", &f),
     ])
+}
+
+/// Seq gaps of a fanout measurement, failing it when a subscriber missed events.
+pub fn gaps_row(s: &str, figure: &str, f: &FanoutStats) -> Row {
+    Row::new(s, figure, f.gaps as f64, Unit::Count, Target::Equals(0.0))
+        .also(f.complete)
+        .note(if f.complete {
+            ""
+        } else {
+            "a subscriber missed events"
+        })
 }
 
 // ---------------------------------------------------------------- replay

@@ -66,6 +66,17 @@ impl Bins {
     }
 }
 
+/// What a cluster-mode node is started with.
+pub struct ClusterNode<'a> {
+    /// The PostgreSQL database every node shares.
+    pub database_url: &'a str,
+    pub redis_url: &'a str,
+    /// `AGENTGATE_JWT_SECRET` of every node.
+    pub secret: &'a str,
+    pub node_id: &'a str,
+    pub lease_ms: u64,
+}
+
 pub struct Gateway {
     child: Child,
     /// `perf record` attached to the gateway when `LOADGEN_PERF=<file>` is set.
@@ -84,8 +95,30 @@ impl Gateway {
         bins: &Bins,
         prepare: impl FnOnce(&Path, &mut Command),
     ) -> Result<Gateway, String> {
+        Gateway::start_as(bins, None, prepare)
+    }
+
+    /// A node in cluster mode (`--redis-url`, `--node-id`, the shared
+    /// database and JWT secret); the token works on every node.
+    pub fn start_node(bins: &Bins, node: &ClusterNode<'_>) -> Result<Gateway, String> {
+        Gateway::start_as(bins, Some(node), |_, _| {})
+    }
+
+    fn start_as(
+        bins: &Bins,
+        node: Option<&ClusterNode<'_>>,
+        prepare: impl FnOnce(&Path, &mut Command),
+    ) -> Result<Gateway, String> {
         let data = tempfile::tempdir().map_err(|e| format!("temp dir: {e}"))?;
-        let token = token(bins, data.path(), "bench")?;
+        if let Some(node) = node {
+            // The token command signs with the data dir's secret: the shared one.
+            use std::os::unix::fs::PermissionsExt;
+            let file = data.path().join("jwt-secret");
+            std::fs::write(&file, node.secret).map_err(|e| format!("jwt-secret: {e}"))?;
+            std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600))
+                .map_err(|e| format!("jwt-secret: {e}"))?;
+        }
+        let token = token(bins, data.path(), node.map(|n| n.database_url), "bench")?;
         // `LOADGEN_GATEWAY_WRAP="valgrind --tool=callgrind"` runs the gateway under a tool.
         let wrap = std::env::var("LOADGEN_GATEWAY_WRAP").unwrap_or_default();
         let mut words = wrap.split_whitespace();
@@ -97,6 +130,9 @@ impl Gateway {
             }
             None => Command::new(&bins.agentgate),
         };
+        if let Some(node) = node {
+            cmd.arg("--database-url").arg(node.database_url);
+        }
         cmd.arg("serve")
             .arg("--listen")
             .arg("127.0.0.1:0")
@@ -119,6 +155,15 @@ impl Gateway {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
+        if let Some(node) = node {
+            cmd.env("AGENTGATE_JWT_SECRET", node.secret)
+                .arg("--redis-url")
+                .arg(node.redis_url)
+                .arg("--node-id")
+                .arg(node.node_id)
+                .arg("--cluster-lease-ms")
+                .arg(node.lease_ms.to_string());
+        }
         prepare(data.path(), &mut cmd);
         let mut child = cmd
             .spawn()
@@ -274,8 +319,17 @@ impl Drop for Gateway {
     }
 }
 
-fn token(bins: &Bins, data: &Path, user: &str) -> Result<String, String> {
-    let out = Command::new(&bins.agentgate)
+fn token(
+    bins: &Bins,
+    data: &Path,
+    database_url: Option<&str>,
+    user: &str,
+) -> Result<String, String> {
+    let mut cmd = Command::new(&bins.agentgate);
+    if let Some(url) = database_url {
+        cmd.arg("--database-url").arg(url);
+    }
+    let out = cmd
         .arg("token")
         .arg("--user")
         .arg(user)
