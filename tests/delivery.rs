@@ -263,10 +263,10 @@ async fn completed_run_catch_up_only_for_subscribers_that_reached_it() {
     }
 }
 
-/// E7 with E4: a subscriber more than 5,000 events (half the replay buffer,
-/// the far-behind mark) behind a completed run gets all of it and its
-/// `complete`, streamed in budgeted deliveries, and is not closed as far
-/// behind: the run no longer moves on without it.
+/// E7 with E4: a subscriber more than 5,000 events (half the replay buffer)
+/// behind a completed run gets all of it and its `complete`, streamed in
+/// budgeted deliveries, and is not closed as far behind: the run no longer
+/// moves on without it.
 #[actix_rt::test]
 async fn a_subscriber_far_behind_a_completed_run_catches_up() {
     let server = server();
@@ -290,6 +290,49 @@ async fn a_subscriber_far_behind_a_completed_run_catches_up() {
     assert_eq!(ack["kind"], "chat_subscribed", "{ack}");
     let replayed = seqs(&until_complete(&mut c, &session).await);
     assert_eq!(replayed, (first + 1..=last).collect::<Vec<_>>());
+}
+
+/// E4's far-behind rule: a subscriber that reads nothing while another
+/// keeps a live run going, 8,000 events behind (more than half the replay
+/// buffer of 10,000; its lag is shared frames, no memory of its own), is not
+/// closed while the buffer still holds what it lacks: once it reads again it
+/// gets every event of the run, in order, and no 4008. (A subscriber about
+/// to lose events is closed with 4008 and catches up by resubscribing:
+/// `run_registry::tests::far_behind_is_closed_before_its_events_leave_and_catches_up`.)
+#[actix_rt::test]
+async fn a_subscriber_far_behind_within_the_buffer_is_not_closed() {
+    // A long heartbeat: the watchdog's no-progress rule stays out of it.
+    let server = TestServer::start_with(|cmd| {
+        cmd.arg("--claude-bin")
+            .arg(example_bin("fake_claude"))
+            .args(["--heartbeat-secs", "60"]);
+    });
+    let token = server.token("alice");
+    let project = project_dir();
+    let session = server
+        .create_session(&token, "claude", project.path())
+        .await;
+    let mut reader = server.ws(&format!("/ws?token={token}")).await;
+    let mut behind = server.ws(&format!("/ws?token={token}")).await;
+    send(&mut reader, &session, "text:8000 size:2000").await;
+    let (first, _) = reader.recv_until_kind("stream_delta").await;
+    let first = first["seq"].as_u64().unwrap();
+    behind
+        .send_json(json!({"type":"chat.subscribe","sessions":[{"sessionId": session, "lastSeq": first - 1}]}))
+        .await;
+    // `behind` reads nothing until the run has completed for `reader`.
+    let run = seqs(&until_complete(&mut reader, &session).await);
+    let last = *run.last().unwrap();
+    assert!(last - first >= 7_999, "{first}..{last}");
+    let ack = behind.recv_json().await;
+    assert_eq!(ack["kind"], "chat_subscribed", "{ack}");
+    let events = until_complete(&mut behind, &session).await;
+    assert_eq!(seqs(&events), (first..=last).collect::<Vec<_>>());
+    assert_eq!(of_kind(&events, "stream_delta").len(), 8_000);
+    assert!(
+        !server.logs().contains("closing socket with 4008"),
+        "a subscriber was closed as a slow consumer"
+    );
 }
 
 /// Waits until the gateway no longer holds the connection with client port

@@ -24,14 +24,25 @@
 //! deliveries, each delivery at most [`DELIVERY_MAX_BYTES`]; live events,
 //! replay after `chat.subscribe` and catch-up after completion all take this
 //! one path, so a replay is streamed as the socket drains and a socket never
-//! gets a seq twice. When every subscriber of a run is behind, the answer to
-//! the `ProviderRun`'s [`RunEvents`] is withheld: it reads no more stdout
-//! and the CLI blocks on its pipe. The run resumes when a subscriber has
-//! caught up and is below [`SUBSCRIBER_LOW_WATER`], when subscribers leave,
-//! or when the run ends. A subscriber more than [`FAR_BEHIND_BYTES`] /
-//! [`FAR_BEHIND_EVENTS`] behind (another keeps the run going) is closed with
-//! 4008 while the buffer still holds what it missed, so it catches up by
-//! resubscribing with its `lastSeq`.
+//! gets a seq twice. When too many subscribers of a run are behind (every
+//! one, with one or two subscribers; all but the slowest sixteenth with
+//! more, [`pace_quorum`]), the answer to the `ProviderRun`'s [`RunEvents`]
+//! is withheld: it reads no more stdout and the CLI blocks on its pipe. The
+//! run resumes when a quorum of subscribers has caught up and is below
+//! [`SUBSCRIBER_LOW_WATER`], when subscribers leave, or when the run ends.
+//! The quorum is what keeps a thousand followers of one run together when
+//! the gateway is the bottleneck: with "any one keeps up", the few sockets
+//! served first raced ahead and the rest were closed as far behind.
+//! A subscriber is far behind when the oldest event its client may lack
+//! (counting what its socket holds unwritten, which a 4008 drops) is within
+//! [`FAR_BEHIND_MARGIN_EVENTS`] / [`FAR_BEHIND_MARGIN_BYTES`] of leaving the
+//! buffer: it is closed with 4008 while the buffer still holds what it
+//! missed, so it catches up by resubscribing with its `lastSeq`. Being
+//! behind costs no memory of its own (its lag is the shared buffer), so
+//! nothing closes it earlier. A resubscriber that arrives inside that margin
+//! is given time to catch up: it is closed only once its events leave the
+//! buffer. A subscriber that stops reading is the watchdog's (E4's
+//! no-progress rule); while it is one of few, the run goes on without it.
 //!
 //! **Invariants**:
 //! - `seq` is assigned only here, +1 per forwarded event, strictly increasing
@@ -99,19 +110,35 @@ const CLIENT_REQUEST_SWEEP: Duration = Duration::from_secs(60);
 /// Bytes sent to a subscriber and not yet written to its client, above
 /// which it is sent nothing more (and counts as behind).
 pub const SUBSCRIBER_HIGH_WATER: usize = 1024 * 1024;
-/// A run paused for its subscribers resumes when one of them has caught up
-/// and has less than this in flight.
+/// A run paused for its subscribers resumes when enough of them
+/// ([`pace_quorum`]) have caught up and have less than this in flight.
 pub const SUBSCRIBER_LOW_WATER: usize = 256 * 1024;
+/// Of a run's subscribers, at most `1/PACE_LEFT_BEHIND` (and at least one)
+/// may be behind while it moves on; see [`pace_quorum`].
+const PACE_LEFT_BEHIND: usize = 16;
+
+/// Subscribers that must have caught up for a run with `n` of them to move
+/// on: all but the slowest `n / PACE_LEFT_BEHIND`, leaving out at least one
+/// (so with one or two subscribers, one keeping up keeps the run going, as
+/// E4 asks) and waiting for at least one. When the gateway itself is the
+/// bottleneck (a thousand followers on two cores) its subscribers fall
+/// behind together and the run waits for most of them, instead of racing
+/// ahead for the few served first while the others are closed as far behind.
+pub fn pace_quorum(n: usize) -> usize {
+    n.saturating_sub((n / PACE_LEFT_BEHIND).max(1)).max(1)
+}
 /// Deliveries in flight per subscriber (its mailbox must hold more).
 pub const SUBSCRIBER_MAX_BATCHES: usize = 64;
 /// Most frame bytes in one delivery (a single larger frame goes alone).
 pub const DELIVERY_MAX_BYTES: usize = 64 * 1024;
 /// Most frames in one delivery.
 const DELIVERY_MAX_FRAMES: usize = 256;
-/// A subscriber this far behind the newest event is closed with 4008 while
-/// the replay buffer still holds what it missed (half the buffer).
-pub const FAR_BEHIND_BYTES: u64 = (REPLAY_MAX_BYTES / 2) as u64;
-pub const FAR_BEHIND_EVENTS: u64 = (REPLAY_MAX_EVENTS / 2) as u64;
+/// A subscriber is far behind (closed with 4008) when the oldest event its
+/// client may lack is this close to leaving the replay buffer: fewer events,
+/// or bytes, than this would push it out. What is left is the time its
+/// client has to resubscribe with its `lastSeq` and lose nothing.
+pub const FAR_BEHIND_MARGIN_EVENTS: usize = REPLAY_MAX_EVENTS / 8;
+pub const FAR_BEHIND_MARGIN_BYTES: usize = REPLAY_MAX_BYTES / 8;
 /// Seqs reserved (persisted) at a time (E9). A new block is written when
 /// less than half of the current one is left.
 pub const SEQ_BLOCK: u64 = 10_000;
@@ -361,6 +388,9 @@ struct Buffered {
 struct Pause {
     resume: oneshot::Sender<()>,
     since: Instant,
+    /// Subscribers that caught up and drained below the low-water mark
+    /// since the pause (the run resumes when they are a [`pace_quorum`]).
+    ready: BTreeSet<SocketId>,
 }
 
 struct SessionState {
@@ -388,6 +418,9 @@ struct SessionState {
     total_bytes: u64,
     /// Subscribed sockets and the last seq each was sent (E8 watermark).
     subscribers: BTreeMap<SocketId, u64>,
+    /// Subscribers that (re)subscribed already far behind: closed only
+    /// when their events leave the buffer, until they are out of the margin.
+    catching_up: BTreeSet<SocketId>,
     run: Option<Run>,
     paused: Option<Pause>,
     /// The last database write of the native id, so writes land in order.
@@ -447,6 +480,29 @@ impl SessionState {
             self.buffer[(sent - front.seq) as usize].end
         };
         Some(self.total_bytes - before)
+    }
+
+    /// Far behind: the oldest event the subscriber's client may lack is
+    /// within [`FAR_BEHIND_MARGIN_EVENTS`] / [`FAR_BEHIND_MARGIN_BYTES`] of
+    /// leaving the buffer, or gone. Its cursor is at `sent`; the `in_flight`
+    /// bytes delivered to its socket and not yet written count as lacking
+    /// (a 4008 drops them), so this is about what the client holds.
+    fn far_behind(&self, sent: u64, in_flight: usize) -> bool {
+        let Some(lag) = self.lag_bytes(sent) else {
+            return true;
+        };
+        let lacking = lag + in_flight as u64;
+        if lacking > (REPLAY_MAX_BYTES - FAR_BEHIND_MARGIN_BYTES) as u64 {
+            return true;
+        }
+        let max_events = REPLAY_MAX_EVENTS - FAR_BEHIND_MARGIN_EVENTS;
+        if self.buffer.len() <= max_events {
+            return false;
+        }
+        // The first buffered event that ends after what the client was written.
+        let written = self.total_bytes.saturating_sub(lacking);
+        let first = self.buffer.partition_point(|b| b.end <= written);
+        self.buffer.len() - first > max_events
     }
 }
 
@@ -698,12 +754,13 @@ impl RunRegistry {
                 continue;
             };
             state.subscribers.remove(&socket);
+            state.catching_up.remove(&socket);
             // A history write still under way keeps it until the periodic flush.
             let idle = !state.history.has_pending() && !state.history.writing();
             if state.subscribers.is_empty() && state.run.is_none() && idle {
                 self.sessions.remove(&session_id);
             } else {
-                self.maybe_resume(&session_id);
+                self.maybe_resume(&session_id, None);
             }
         }
     }
@@ -788,7 +845,7 @@ impl RunRegistry {
     }
 
     /// Sends every subscriber of the session what it can take, and closes
-    /// those that fell too far behind.
+    /// those about to lose events (far behind while the run moves on).
     fn fan_out(&mut self, session_id: &str) {
         self.cluster_publish();
         let Some(state) = self.sessions.get(session_id) else {
@@ -799,54 +856,95 @@ impl RunRegistry {
         for socket in subscribers {
             self.pump(socket, session_id, &mut memo, true);
         }
-        let Some(state) = self.sessions.get(session_id) else {
+        let Some(state) = self.sessions.get_mut(session_id) else {
             return;
         };
+        let sockets = &self.sockets;
         let far: Vec<SocketId> = state
             .subscribers
             .iter()
-            .filter(|(_, sent)| {
-                state.last_seq.saturating_sub(**sent) > FAR_BEHIND_EVENTS
-                    || state.lag_bytes(**sent).is_none_or(|b| b > FAR_BEHIND_BYTES)
+            .filter(|(socket, sent)| {
+                let in_flight = sockets.get(socket).map_or(0, |e| e.bytes_in_flight);
+                state.far_behind(**sent, in_flight)
             })
             .map(|(socket, _)| *socket)
+            .collect();
+        // Out of the margin, a resubscriber is a subscriber like any other.
+        state.catching_up.retain(|s| far.binary_search(s).is_ok());
+        let far: Vec<SocketId> = far
+            .into_iter()
+            .filter(|s| {
+                !state.catching_up.contains(s) || state.lag_bytes(state.subscribers[s]).is_none()
+            })
             .collect();
         for socket in far {
             self.drop_slow_consumer(socket, "far behind the run");
         }
     }
 
-    /// Every subscriber of the session is behind (so the run should wait).
-    fn all_behind(&self, session_id: &str) -> bool {
+    /// Too many of the session's subscribers are behind for its run to move
+    /// on (every one, with one or two subscribers; see [`pace_quorum`]).
+    fn should_pause(&self, session_id: &str) -> bool {
         self.sessions.get(session_id).is_some_and(|s| {
-            !s.subscribers.is_empty() && s.subscribers.values().all(|sent| *sent < s.last_seq)
+            let n = s.subscribers.len();
+            let caught_up = s.subscribers.values().filter(|sent| **sent >= s.last_seq);
+            n > 0 && caught_up.count() < pace_quorum(n)
+        })
+    }
+
+    /// Caught up with the session and below the low-water mark.
+    fn is_ready(&self, state: &SessionState, socket: SocketId) -> bool {
+        state.subscribers.get(&socket).is_some_and(|sent| {
+            *sent >= state.last_seq
+                && self
+                    .sockets
+                    .get(&socket)
+                    .is_some_and(|e| e.bytes_in_flight <= SUBSCRIBER_LOW_WATER)
         })
     }
 
     /// Resumes the session's paused run when it need not wait any more: no
-    /// subscriber, no running run, or a subscriber caught up and below the
-    /// low-water mark.
-    fn maybe_resume(&mut self, session_id: &str) {
+    /// subscriber, no running run, or a [`pace_quorum`] of subscribers
+    /// caught up and below the low-water mark. `drained`: the subscriber
+    /// whose budget came back (only it can have become ready); `None` when
+    /// the subscribers changed, which counts them all again.
+    fn maybe_resume(&mut self, session_id: &str, drained: Option<SocketId>) {
         let Some(state) = self.sessions.get(session_id) else {
             return;
         };
-        if state.paused.is_none() {
+        let Some(pause) = state.paused.as_ref() else {
             return;
-        }
+        };
         let running = state
             .run
             .as_ref()
             .is_some_and(|r| r.status == Status::Running);
-        let ready = !running
-            || state.subscribers.is_empty()
-            || state.subscribers.iter().any(|(socket, sent)| {
-                *sent >= state.last_seq
-                    && self
-                        .sockets
-                        .get(socket)
-                        .is_some_and(|e| e.bytes_in_flight <= SUBSCRIBER_LOW_WATER)
-            });
-        if ready {
+        if !running || state.subscribers.is_empty() {
+            return self.resume(session_id);
+        }
+        let ready = match drained {
+            Some(socket) if pause.ready.contains(&socket) || !self.is_ready(state, socket) => {
+                return;
+            }
+            Some(socket) => vec![socket],
+            None => {
+                let all = state.subscribers.keys();
+                all.copied().filter(|s| self.is_ready(state, *s)).collect()
+            }
+        };
+        let need = pace_quorum(state.subscribers.len());
+        let Some(pause) = self
+            .sessions
+            .get_mut(session_id)
+            .and_then(|s| s.paused.as_mut())
+        else {
+            return;
+        };
+        if drained.is_none() {
+            pause.ready.clear();
+        }
+        pause.ready.extend(ready);
+        if pause.ready.len() >= need {
             self.resume(session_id);
         }
     }
@@ -1285,6 +1383,7 @@ impl RunRegistry {
                 buffer_bytes: 0,
                 total_bytes: 0,
                 subscribers: BTreeMap::new(),
+                catching_up: BTreeSet::new(),
                 run: None,
                 paused: None,
                 id_write: None,
@@ -1616,8 +1715,23 @@ impl RunRegistry {
                     metrics().replays_truncated.inc();
                 }
             }
+            let new = self
+                .sessions
+                .get(&session_id)
+                .is_some_and(|s| !s.subscribers.contains_key(&msg.socket));
             self.attach(msg.socket, &session_id, sent, true);
             self.pump(msg.socket, &session_id, &mut None, false);
+            // A resubscriber already in the margin (a 4008 closed it there)
+            // gets time to catch up: it is closed only once its events leave.
+            let in_flight = self.sockets.get(&msg.socket).map(|e| e.bytes_in_flight);
+            if let (true, Some(state), Some(in_flight)) =
+                (new, self.sessions.get_mut(&session_id), in_flight)
+            {
+                let sent = state.subscribers.get(&msg.socket).copied();
+                if sent.is_some_and(|sent| state.far_behind(sent, in_flight)) {
+                    state.catching_up.insert(msg.socket);
+                }
+            }
         }
     }
 
@@ -1844,9 +1958,14 @@ impl RunRegistry {
             .get(&msg.session_id)
             .and_then(|s| s.run.as_ref())
             .is_some_and(|r| r.id == msg.run_id && !r.aborted);
-        if !still_current || !self.all_behind(&msg.session_id) {
+        if !still_current || !self.should_pause(&msg.session_id) {
             return Box::pin(fut::ready(()));
         }
+        let Some(state) = self.sessions.get(&msg.session_id) else {
+            return Box::pin(fut::ready(()));
+        };
+        let ready = state.subscribers.keys().copied();
+        let ready = ready.filter(|s| self.is_ready(state, *s)).collect();
         let Some(state) = self.sessions.get_mut(&msg.session_id) else {
             return Box::pin(fut::ready(()));
         };
@@ -1854,6 +1973,7 @@ impl RunRegistry {
         if let Some(old) = state.paused.replace(Pause {
             resume: tx,
             since: Instant::now(),
+            ready,
         }) {
             // One batch at a time per run; an older pause cannot exist, but never strand it.
             let _ = old.resume.send(());
@@ -1862,7 +1982,7 @@ impl RunRegistry {
             run.pauses += 1;
         }
         metrics().flow_control_pauses.inc();
-        tracing::debug!(session_id = %msg.session_id, run_id = %msg.run_id, "run paused: every subscriber is behind");
+        tracing::debug!(session_id = %msg.session_id, run_id = %msg.run_id, "run paused: too many subscribers are behind");
         Box::pin(
             async move {
                 let _ = rx.await;
@@ -2087,7 +2207,7 @@ impl Handler<Drained> for RunRegistry {
             let sessions: Vec<String> = entry.sessions.iter().cloned().collect();
             for session_id in sessions {
                 act.pump(msg.socket, &session_id, &mut None, true);
-                act.maybe_resume(&session_id);
+                act.maybe_resume(&session_id, Some(msg.socket));
             }
         })
     }
@@ -2686,6 +2806,10 @@ pub(crate) mod tests {
 
     impl Actor for Sink {
         type Context = Context<Self>;
+        fn started(&mut self, ctx: &mut Context<Self>) {
+            // As a chat socket's: a replay sends a whole budget at once.
+            ctx.set_mailbox_capacity(crate::chat::chat_socket::MAILBOX_CAPACITY);
+        }
     }
 
     impl Handler<Deliver> for Sink {
@@ -2996,6 +3120,154 @@ pub(crate) mod tests {
             events: vec![ProviderEvent::TurnComplete { exit_code: 0 }],
             read_at: None,
         }
+    }
+
+    /// `n` text events of `size` bytes each for the run, as its ProviderRun batches them.
+    fn texts(run_id: &str, n: usize, size: usize) -> RunEvents {
+        let text = || EventBody::text(crate::protocol::Role::Assistant, "x".repeat(size));
+        RunEvents {
+            session_id: "s1".into(),
+            run_id: run_id.into(),
+            events: (0..n).map(|_| ProviderEvent::Emit(text().into())).collect(),
+            read_at: None,
+        }
+    }
+
+    /// The sink wrote everything it was delivered (its whole budget comes back).
+    fn drained_all(socket: SocketId) -> Drained {
+        Drained {
+            socket,
+            bytes: usize::MAX,
+            batches: usize::MAX,
+        }
+    }
+
+    /// Frames the sink holds now, without waiting (after a barrier on the registry).
+    async fn held(registry: &Addr<RunRegistry>, rx: &mut Frames) -> Vec<Value> {
+        registry.send(Inspect).await.unwrap();
+        tokio::task::yield_now().await;
+        let mut out = Vec::new();
+        while let Ok(v) = rx.try_recv() {
+            out.push(v);
+        }
+        out
+    }
+
+    /// E4 with the far-behind rule: a subscriber whose client wrote nothing
+    /// while another keeps the run going is not closed while the buffer
+    /// still holds what it lacks with room to spare (8,000 events behind:
+    /// more than half the buffer, the old mark), is closed with 4008 once
+    /// it would otherwise lose events within the margin, and the client
+    /// resubscribing with its `lastSeq` (0) while the run goes on gets every
+    /// event: it arrives inside the margin, so it is given time to catch up.
+    #[actix_rt::test]
+    async fn far_behind_is_closed_before_its_events_leave_and_catches_up() {
+        let (registry, fast, mut fast_rx) = registry_without_processes().await;
+        let run = registry
+            .send(start_run(fast, "hello"))
+            .await
+            .unwrap()
+            .unwrap();
+        let (slow, mut slow_rx) = connect_sink(&registry).await;
+        registry
+            .send(Subscribe {
+                socket: slow,
+                session: row(),
+                last_seq: Some(0),
+                follow: false,
+            })
+            .await
+            .unwrap();
+        assert_eq!(
+            next_of_kind(&mut slow_rx, "chat_subscribed").await["isProcessing"],
+            true
+        );
+        // 1 KB events: the slow socket's budget (1 MiB) holds about 1,000 of
+        // them, so its cursor is far ahead of what its client was written.
+        // Batches of 50 (55 KB): the fast sink takes each whole, so the run
+        // never waits for it (a batch answer is withheld while it would).
+        let feed = |n: usize| {
+            let (registry, run_id) = (registry.clone(), run.run_id.clone());
+            async move {
+                for _ in 0..n / 50 {
+                    registry.send(texts(&run_id, 50, 1_000)).await.unwrap();
+                    registry.send(drained_all(fast)).await.unwrap();
+                }
+            }
+        };
+        let mut sent = 0;
+        let mut closed_at = None;
+        while sent < 9_000 && closed_at.is_none() {
+            feed(100).await;
+            sent += 100;
+            let frames = held(&registry, &mut slow_rx).await;
+            if frames
+                .iter()
+                .any(|v| v["kind"] == "close" && v["code"] == 4008)
+            {
+                closed_at = Some(sent);
+            }
+        }
+        let closed_at = closed_at.expect("never closed as far behind");
+        let margin = REPLAY_MAX_EVENTS - FAR_BEHIND_MARGIN_EVENTS;
+        assert!(
+            closed_at > 8_000 && closed_at <= margin + 100,
+            "closed after {closed_at} events (margin at {margin})"
+        );
+        // The run goes on while the client reconnects, up to the margin.
+        feed(1_000).await;
+        let last = held(&registry, &mut fast_rx).await;
+        let last = last.iter().filter_map(|v| v["seq"].as_u64()).max().unwrap();
+
+        let (again, mut again_rx) = connect_sink(&registry).await;
+        registry
+            .send(Subscribe {
+                socket: again,
+                session: row(),
+                last_seq: Some(0),
+                follow: false,
+            })
+            .await
+            .unwrap();
+        let ack = next_of_kind(&mut again_rx, "chat_subscribed").await;
+        assert_eq!(ack["replayTruncated"], false, "{ack}");
+        // Still catching up (inside the margin) while the run moves on: not closed.
+        feed(50).await;
+        registry.send(turn_end(&run.run_id)).await.unwrap();
+        let mut seqs = Vec::new();
+        loop {
+            let mut frames = held(&registry, &mut again_rx).await;
+            if frames.is_empty() {
+                // `complete` waits for the history write.
+                let next = tokio::time::timeout(Duration::from_secs(20), again_rx.recv());
+                let next = next.await.expect("the replay stalled").expect("sink open");
+                frames.push(next);
+            }
+            assert!(
+                !frames.iter().any(|v| v["kind"] == "close"),
+                "closed again while catching up"
+            );
+            seqs.extend(frames.iter().filter_map(|v| v["seq"].as_u64()));
+            if frames.iter().any(|v| v["kind"] == "complete") {
+                break;
+            }
+            registry.send(drained_all(again)).await.unwrap();
+        }
+        assert!(seqs.len() as u64 > last + 50);
+        assert_eq!(seqs, (1..=*seqs.last().unwrap()).collect::<Vec<_>>());
+    }
+
+    /// The pace quorum: with one or two subscribers one keeping up keeps the
+    /// run going (E4: the other is left behind), with more the run waits
+    /// for all but the slowest sixteenth (and at least one).
+    #[test]
+    fn a_run_waits_for_most_of_its_subscribers() {
+        assert_eq!(
+            (1..=5).map(pace_quorum).collect::<Vec<_>>(),
+            [1, 1, 2, 3, 4],
+            "one or two subscribers: one keeping up is enough"
+        );
+        assert_eq!(pace_quorum(1_000), 1_000 - 1_000 / PACE_LEFT_BEHIND);
     }
 
     /// Advances paused time to `at` (no-op when already past it).
