@@ -65,6 +65,26 @@ async fn allow(ws: &mut WsClient, request_id: &str) {
         .await;
 }
 
+/// [`subscribe`] to a run that is live on another node. That node may not
+/// know of the run yet when the sender has just seen its first events (its
+/// start reaches Redis a moment later) and answer `isProcessing: false`:
+/// the subscribe is then repeated, each answered, until the run shows as
+/// live (bounded by `WAIT`). The README says so.
+async fn subscribe_live(ws: &mut WsClient, session: &str, last_seq: u64) -> Value {
+    let deadline = Instant::now() + crate::util::WAIT;
+    loop {
+        let ack = subscribe(ws, session, last_seq).await;
+        if ack["isProcessing"] == true || ack["kind"] != "chat_subscribed" {
+            return ack;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the run never showed as live here: {ack}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// The next frame of `session` that carries a seq.
 async fn next_of(ws: &mut WsClient, session: &str) -> Value {
     loop {
@@ -122,7 +142,7 @@ async fn a_client_on_another_node_follows_a_run_from_seq_1() {
     let mut on_a = client(&cluster, A, "alice").await;
     let mut on_b = client(&cluster, B, "alice").await;
     let (request, mut a_events) = start_gated(&mut on_a, &session, "text:60 delay_ms:20").await;
-    let ack = subscribe(&mut on_b, &session, 0).await;
+    let ack = subscribe_live(&mut on_b, &session, 0).await;
     assert_eq!(
         (ack["kind"].clone(), ack["isProcessing"].clone()),
         (json!("chat_subscribed"), json!(true)),
@@ -143,7 +163,7 @@ async fn a_client_on_another_node_follows_a_run_from_seq_1() {
         }
     }
     let mut on_c = client(&cluster, C, "alice").await;
-    let ack = subscribe(&mut on_c, &session, 0).await;
+    let ack = subscribe_live(&mut on_c, &session, 0).await;
     assert_eq!(ack["isProcessing"], true, "{ack}");
     assert_eq!(ack["runFirstSeq"], 1, "{ack}");
     assert_eq!(ack["replayTruncated"], false, "{ack}");
@@ -186,7 +206,7 @@ async fn fan_out_reaches_clients_on_all_three_nodes() {
     for node in [A, B, C] {
         for _ in 0..2 {
             let mut ws = client(&cluster, node, "alice").await;
-            let ack = subscribe(&mut ws, &session, 0).await;
+            let ack = subscribe_live(&mut ws, &session, 0).await;
             assert_eq!(ack["isProcessing"], true, "{ack}");
             followers.push((node, ws));
         }
@@ -221,7 +241,7 @@ async fn abort_sent_on_another_node_reaches_the_run() {
     let pids = children_of(cluster.node(A).pid());
     assert!(!pids.is_empty(), "no CLI process under node A");
     let mut on_c = client(&cluster, C, "alice").await;
-    let ack = subscribe(&mut on_c, &session, first["seq"].as_u64().unwrap()).await;
+    let ack = subscribe_live(&mut on_c, &session, first["seq"].as_u64().unwrap()).await;
     assert_eq!(ack["isProcessing"], true, "{ack}");
     next_of(&mut on_c, &session).await;
 
@@ -277,7 +297,7 @@ async fn a_permission_answer_sent_on_another_node_reaches_the_run() {
     let request_id = request["requestId"].as_str().unwrap().to_string();
 
     let mut on_c = client(&cluster, C, "alice").await;
-    let ack = subscribe(&mut on_c, &session, u64::MAX).await;
+    let ack = subscribe_live(&mut on_c, &session, u64::MAX).await;
     assert_eq!(ack["isProcessing"], true, "{ack}");
     assert_eq!(
         ack["pendingPermissions"][0]["requestId"],
@@ -322,11 +342,11 @@ async fn sigkill_of_the_owning_node_ends_the_run_everywhere_within_the_lease() {
     send(&mut on_a, &session, "text:100000 delay_ms:10").await;
     next_of(&mut on_a, &session).await;
     assert_eq!(
-        subscribe(&mut on_b, &session, 0).await["isProcessing"],
+        subscribe_live(&mut on_b, &session, 0).await["isProcessing"],
         true
     );
     assert_eq!(
-        subscribe(&mut on_c, &session, 0).await["isProcessing"],
+        subscribe_live(&mut on_c, &session, 0).await["isProcessing"],
         true
     );
     let mut seen_b = vec![next_of(&mut on_b, &session).await];
@@ -391,7 +411,7 @@ async fn redis_killed_and_restarted_mid_run_leaves_no_gap() {
     send(&mut on_a, &session, "text:400 delay_ms:20").await;
     let mut seen_a = vec![next_of(&mut on_a, &session).await];
     assert_eq!(
-        subscribe(&mut on_b, &session, 0).await["isProcessing"],
+        subscribe_live(&mut on_b, &session, 0).await["isProcessing"],
         true
     );
     let mut seen_b = Vec::new();
@@ -493,7 +513,7 @@ async fn two_nodes_racing_chat_send_start_one_run() {
             "round {round}: one run and one RUN_IN_PROGRESS (A {a:?}, B {b:?})"
         );
         let (run_id, request_id) = winners[0].clone();
-        let ack = subscribe(&mut observer, &session, 0).await;
+        let ack = subscribe_live(&mut observer, &session, 0).await;
         assert_eq!(ack["isProcessing"], true, "round {round}: {ack}");
         assert_eq!(ack["runId"], run_id.as_str(), "round {round}: {ack}");
         let pending = ack["pendingPermissions"]
