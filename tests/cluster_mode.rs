@@ -499,21 +499,37 @@ async fn two_nodes_racing_chat_send_start_one_run() {
     let mut on_b = client(&cluster, B, "alice").await;
     let mut observer = client(&cluster, C, "alice").await;
     for round in 0..3 {
-        let frame =
-            json!({"type":"chat.send","sessionId": session, "content":"permission:Bash text:20"});
-        tokio::join!(on_a.send_json(frame.clone()), on_b.send_json(frame));
+        // clientRequestId (E6): the sender whose send started the run is
+        // told so by `chat_accepted`; frames of the session that a socket
+        // also receives (its node follows the session) decide nothing.
+        let frame = |id: &str| {
+            json!({"type":"chat.send","sessionId": session, "content":"permission:Bash text:20",
+                "clientRequestId": format!("race-{round}-{id}")})
+        };
+        tokio::join!(on_a.send_json(frame("a")), on_b.send_json(frame("b")));
+        let (id_a, id_b) = (format!("race-{round}-a"), format!("race-{round}-b"));
         let (a, b) = tokio::join!(
-            race_outcome(&mut on_a, &session),
-            race_outcome(&mut on_b, &session)
+            race_outcome(&mut on_a, &session, &id_a),
+            race_outcome(&mut on_b, &session, &id_b)
         );
-        let winners: Vec<&(String, String)> = [&a, &b].into_iter().flatten().collect();
+        let winners: Vec<&String> = [&a, &b].into_iter().flatten().collect();
         assert_eq!(
             winners.len(),
             1,
             "round {round}: one run and one RUN_IN_PROGRESS (A {a:?}, B {b:?})"
         );
-        let (run_id, request_id) = winners[0].clone();
-        let ack = subscribe_live(&mut observer, &session, 0).await;
+        let run_id = winners[0].clone();
+        // The run waits on its permission: the observer sees it live with
+        // that one request (answered below by the winner).
+        let ack = loop {
+            let ack = subscribe_live(&mut observer, &session, 0).await;
+            if ack["pendingPermissions"]
+                .as_array()
+                .is_some_and(|p| !p.is_empty())
+            {
+                break ack;
+            }
+        };
         assert_eq!(ack["isProcessing"], true, "round {round}: {ack}");
         assert_eq!(ack["runId"], run_id.as_str(), "round {round}: {ack}");
         let pending = ack["pendingPermissions"]
@@ -521,6 +537,7 @@ async fn two_nodes_racing_chat_send_start_one_run() {
             .cloned()
             .unwrap_or_default();
         assert_eq!(pending.len(), 1, "round {round}: {ack}");
+        let request_id = pending[0]["requestId"].as_str().unwrap().to_string();
         let (_, list) = cluster
             .node(C)
             .get("/api/providers/sessions/running", Some(&token))
@@ -542,9 +559,9 @@ async fn two_nodes_racing_chat_send_start_one_run() {
     }
 }
 
-/// What a racing sender got: `Some((runId, requestId))` of the run it
-/// started (waiting on its permission), `None` for RUN_IN_PROGRESS.
-async fn race_outcome(ws: &mut WsClient, session: &str) -> Option<(String, String)> {
+/// What a racing sender got: `Some(runId)` when its send (`client_id`)
+/// started the run (`chat_accepted`), `None` for RUN_IN_PROGRESS.
+async fn race_outcome(ws: &mut WsClient, session: &str, client_id: &str) -> Option<String> {
     loop {
         let v = ws.recv_json().await;
         if v["sessionId"] != session {
@@ -554,10 +571,10 @@ async fn race_outcome(ws: &mut WsClient, session: &str) -> Option<(String, Strin
             assert_eq!(v["code"], "RUN_IN_PROGRESS", "{v}");
             return None;
         }
-        if v["kind"] == "permission_request" {
-            let run = v["runId"].as_str().expect("runId").to_string();
-            let request = v["requestId"].as_str().expect("requestId").to_string();
-            return Some((run, request));
+        if v["kind"] == "chat_accepted" {
+            assert_eq!(v["clientRequestId"], client_id, "{v}");
+            assert_eq!(v["duplicate"], false, "{v}");
+            return Some(v["runId"].as_str().expect("runId").to_string());
         }
     }
 }
