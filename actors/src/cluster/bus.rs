@@ -1033,14 +1033,7 @@ pub struct ReleaseLease {
 impl Handler<ReleaseLease> for ClusterBus {
     type Result = ();
     fn handle(&mut self, msg: ReleaseLease, ctx: &mut Context<Self>) {
-        if let Some(lease) = self
-            .leases
-            .get_mut(&msg.session_id)
-            .filter(|l| l.run_id == msg.run_id)
-        {
-            lease.done = true;
-            self.flush(ctx);
-        }
+        self.lease_done(&msg.session_id, &msg.run_id, ctx);
     }
 }
 
@@ -1091,10 +1084,18 @@ pub struct RunDone {
 impl Handler<RunDone> for ClusterBus {
     type Result = ();
     fn handle(&mut self, msg: RunDone, ctx: &mut Context<Self>) {
+        self.lease_done(&msg.session_id, &msg.run_id, ctx);
+    }
+}
+
+impl ClusterBus {
+    /// The run's lease is given back once its frames are in the stream
+    /// (both for a run that ended and one that never started).
+    fn lease_done(&mut self, session_id: &str, run_id: &str, ctx: &mut Context<Self>) {
         if let Some(lease) = self
             .leases
-            .get_mut(&msg.session_id)
-            .filter(|l| l.run_id == msg.run_id)
+            .get_mut(session_id)
+            .filter(|l| l.run_id == run_id)
         {
             lease.done = true;
             self.flush(ctx);
