@@ -452,16 +452,24 @@ impl SessionState {
             to = start,
             "seqs were reserved by another gateway on the same database; continuing above them"
         );
+        self.skip_to(start);
+        self.reserved_seq = end;
+    }
+
+    /// Continues the session at `seq`, above seqs it never had (another
+    /// gateway's or node's): the replay buffer, which holds contiguous seqs
+    /// only, starts anew, and a subscriber that had every event stays caught
+    /// up (one still behind is closed 4008 at its next delivery).
+    fn skip_to(&mut self, seq: u64) {
         let old = self.last_seq;
         for sent in self.subscribers.values_mut() {
             if *sent >= old {
-                *sent = start;
+                *sent = seq;
             }
         }
         self.buffer.clear();
         self.buffer_bytes = 0;
-        self.last_seq = start;
-        self.reserved_seq = end;
+        self.last_seq = seq;
     }
 
     /// Bytes of the session's events after `sent`; `None` when some of

@@ -383,15 +383,7 @@ impl RunRegistry {
             return;
         };
         if stream_last > state.last_seq {
-            let old = state.last_seq;
-            for sent in state.subscribers.values_mut() {
-                if *sent >= old {
-                    *sent = stream_last;
-                }
-            }
-            state.buffer.clear();
-            state.buffer_bytes = 0;
-            state.last_seq = stream_last;
+            state.skip_to(stream_last);
         }
         state.next_block = None;
         state.reserved_seq = state.last_seq;
@@ -517,15 +509,7 @@ impl RunRegistry {
             state.last_seq = before;
         } else if before > state.last_seq {
             // Seqs this node never saw (another node's runs): a jump.
-            let old = state.last_seq;
-            for sent in state.subscribers.values_mut() {
-                if *sent >= old {
-                    *sent = before;
-                }
-            }
-            state.buffer.clear();
-            state.buffer_bytes = 0;
-            state.last_seq = before;
+            state.skip_to(before);
         }
         if let Some(old) = state.run.take() {
             for p in old.pending {
