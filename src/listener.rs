@@ -89,6 +89,10 @@ where
     HttpService::build()
         .client_request_timeout(CLIENT_REQUEST_TIMEOUT)
         .client_disconnect_timeout(CLIENT_DISCONNECT_TIMEOUT)
+        // As Node's `ws` does: a chat delta or keystroke echo is one small
+        // write that should leave at once, not wait for the peer's delayed
+        // ACK (writes are already batched per socket, so Nagle saves little).
+        .tcp_nodelay(true)
         .on_connect_ext(on_connect)
         .upgrade(Upgrades {
             make_app: make_app.clone(),
