@@ -25,17 +25,6 @@ async fn client(cluster: &TestCluster, i: usize, user: &str) -> WsClient {
     cluster.node(i).ws(&format!("/ws?token={token}")).await
 }
 
-/// Alice's token, a project dir and a new Claude session of hers, made on node A.
-async fn alice_session_on_a(cluster: &TestCluster) -> (String, tempfile::TempDir, String) {
-    let token = cluster.node(A).token("alice");
-    let project = project_dir();
-    let session = cluster
-        .node(A)
-        .create_session(&token, "claude", project.path())
-        .await;
-    (token, project, session)
-}
-
 /// Subscribes `ws` to `session` after `last_seq`; returns the ack.
 async fn subscribe(ws: &mut WsClient, session: &str, last_seq: u64) -> Value {
     ws.send_json(
@@ -144,7 +133,7 @@ fn digest(events: &[Value]) -> Vec<(u64, String, String)> {
 #[actix_rt::test]
 async fn a_client_on_another_node_follows_a_run_from_seq_1() {
     let cluster = TestCluster::start(3);
-    let (_token, _project, session) = alice_session_on_a(&cluster).await;
+    let (_token, _project, session) = cluster.alice_session(A).await;
     let mut on_a = client(&cluster, A, "alice").await;
     let mut on_b = client(&cluster, B, "alice").await;
     let (request, mut a_events) = start_gated(&mut on_a, &session, "text:60 delay_ms:20").await;
@@ -200,7 +189,7 @@ async fn a_client_on_another_node_follows_a_run_from_seq_1() {
 #[actix_rt::test]
 async fn fan_out_reaches_clients_on_all_three_nodes() {
     let cluster = TestCluster::start(3);
-    let (_token, _project, session) = alice_session_on_a(&cluster).await;
+    let (_token, _project, session) = cluster.alice_session(A).await;
     let mut sender = client(&cluster, A, "alice").await;
     let (request, mut sent) = start_gated(&mut sender, &session, "text:300 size:32").await;
     let mut followers = Vec::new();
@@ -230,7 +219,7 @@ async fn fan_out_reaches_clients_on_all_three_nodes() {
 #[actix_rt::test]
 async fn abort_sent_on_another_node_reaches_the_run() {
     let cluster = TestCluster::start(3);
-    let (_token, _project, session) = alice_session_on_a(&cluster).await;
+    let (_token, _project, session) = cluster.alice_session(A).await;
     let mut on_a = client(&cluster, A, "alice").await;
     send(&mut on_a, &session, "text:5000 delay_ms:20").await;
     let first = next_of(&mut on_a, &session).await;
@@ -281,7 +270,7 @@ async fn abort_sent_on_another_node_reaches_the_run() {
 #[actix_rt::test]
 async fn a_permission_answer_sent_on_another_node_reaches_the_run() {
     let cluster = TestCluster::start(3);
-    let (_token, project, session) = alice_session_on_a(&cluster).await;
+    let (_token, project, session) = cluster.alice_session(A).await;
     let mut on_a = client(&cluster, A, "alice").await;
     send(&mut on_a, &session, "permission:Bash text:2").await;
     let (request, _) = on_a.recv_until_kind("permission_request").await;
@@ -321,7 +310,7 @@ async fn a_permission_answer_sent_on_another_node_reaches_the_run() {
 async fn sigkill_of_the_owning_node_ends_the_run_everywhere_within_the_lease() {
     let mut cluster = TestCluster::start(3);
     let lease = Duration::from_millis(cluster.lease_ms);
-    let (_token, _project, session) = alice_session_on_a(&cluster).await;
+    let (_token, _project, session) = cluster.alice_session(A).await;
     let mut on_a = client(&cluster, A, "alice").await;
     let mut on_b = client(&cluster, B, "alice").await;
     let mut on_c = client(&cluster, C, "alice").await;
@@ -382,7 +371,7 @@ async fn sigkill_of_the_owning_node_ends_the_run_everywhere_within_the_lease() {
 #[actix_rt::test]
 async fn redis_killed_and_restarted_mid_run_leaves_no_gap() {
     let mut cluster = TestCluster::start(3);
-    let (token, project, session) = alice_session_on_a(&cluster).await;
+    let (token, project, session) = cluster.alice_session(A).await;
     let other = cluster
         .node(A)
         .create_session(&token, "claude", project.path())
@@ -470,7 +459,7 @@ async fn redis_killed_and_restarted_mid_run_leaves_no_gap() {
 #[actix_rt::test]
 async fn two_nodes_racing_chat_send_start_one_run() {
     let cluster = TestCluster::start(3);
-    let (token, _project, session) = alice_session_on_a(&cluster).await;
+    let (token, _project, session) = cluster.alice_session(A).await;
     let mut on_a = client(&cluster, A, "alice").await;
     let mut on_b = client(&cluster, B, "alice").await;
     let mut observer = client(&cluster, C, "alice").await;

@@ -8,7 +8,17 @@ use serde_json::{json, Value};
 
 use crate::chat::{of_kind, send, seqs, until_complete};
 use crate::support::cluster::TestCluster;
-use crate::util::{project_dir, WsClient};
+use crate::util::WsClient;
+
+/// Alice's session made on node A, and a `/ws` client of hers on A and on B.
+async fn alice_on_both(
+    cluster: &TestCluster,
+) -> (String, tempfile::TempDir, String, WsClient, WsClient) {
+    let (token, project, session) = cluster.alice_session(0).await;
+    let ws_a = cluster.node(0).ws(&format!("/ws?token={token}")).await;
+    let ws_b = cluster.node(1).ws(&format!("/ws?token={token}")).await;
+    (token, project, session, ws_a, ws_b)
+}
 
 async fn subscribe(ws: &mut WsClient, session: &str, last_seq: Option<u64>) -> Value {
     let mut entry = json!({"sessionId": session});
@@ -41,12 +51,8 @@ fn assert_contiguous_from(events: &[Value], first: u64) {
 #[actix_rt::test]
 async fn a_run_on_one_node_is_followed_from_another() {
     let cluster = TestCluster::start(2);
-    let (a, b) = (cluster.node(0), cluster.node(1));
-    let token = a.token("alice");
-    let project = project_dir();
-    let session = a.create_session(&token, "claude", project.path()).await;
-    let mut ws_a = a.ws(&format!("/ws?token={token}")).await;
-    let mut ws_b = b.ws(&format!("/ws?token={token}")).await;
+    let b = cluster.node(1);
+    let (token, _project, session, mut ws_a, mut ws_b) = alice_on_both(&cluster).await;
 
     send(&mut ws_a, &session, "text:200 delay_ms:5").await;
     let (first, _) = ws_a.recv_until_kind("stream_delta").await;
@@ -135,12 +141,8 @@ async fn log_line(node: &crate::util::TestServer, needle: &str) {
 #[actix_rt::test]
 async fn commands_sent_on_another_node_reach_the_run() {
     let cluster = TestCluster::start(2);
-    let (a, b) = (cluster.node(0), cluster.node(1));
-    let token = a.token("alice");
-    let project = project_dir();
-    let session = a.create_session(&token, "claude", project.path()).await;
-    let mut ws_a = a.ws(&format!("/ws?token={token}")).await;
-    let mut ws_b = b.ws(&format!("/ws?token={token}")).await;
+    let a = cluster.node(0);
+    let (token, project, session, mut ws_a, mut ws_b) = alice_on_both(&cluster).await;
 
     send(&mut ws_a, &session, "permission:Bash text:3").await;
     let (request, _) = ws_a.recv_until_kind("permission_request").await;
@@ -200,14 +202,7 @@ async fn commands_sent_on_another_node_reach_the_run() {
 #[actix_rt::test]
 async fn a_lost_node_s_run_is_ended_by_a_survivor() {
     let mut cluster = TestCluster::start(2);
-    let token = cluster.node(0).token("alice");
-    let project = project_dir();
-    let session = cluster
-        .node(0)
-        .create_session(&token, "claude", project.path())
-        .await;
-    let mut ws_a = cluster.node(0).ws(&format!("/ws?token={token}")).await;
-    let mut ws_b = cluster.node(1).ws(&format!("/ws?token={token}")).await;
+    let (_token, _project, session, mut ws_a, mut ws_b) = alice_on_both(&cluster).await;
     send(&mut ws_a, &session, "text:100000 delay_ms:10").await;
     ws_a.recv_until_kind("stream_delta").await;
     let ack = subscribe(&mut ws_b, &session, None).await;
@@ -251,14 +246,7 @@ async fn a_lost_node_s_run_is_ended_by_a_survivor() {
 #[actix_rt::test]
 async fn a_follower_resumes_without_a_gap_after_redis_comes_back() {
     let mut cluster = TestCluster::start(2);
-    let token = cluster.node(0).token("alice");
-    let project = project_dir();
-    let session = cluster
-        .node(0)
-        .create_session(&token, "claude", project.path())
-        .await;
-    let mut ws_a = cluster.node(0).ws(&format!("/ws?token={token}")).await;
-    let mut ws_b = cluster.node(1).ws(&format!("/ws?token={token}")).await;
+    let (token, project, session, mut ws_a, mut ws_b) = alice_on_both(&cluster).await;
     send(&mut ws_a, &session, "text:600 delay_ms:5").await;
     ws_a.recv_until_kind("stream_delta").await;
     let ack = subscribe(&mut ws_b, &session, None).await;
@@ -318,12 +306,8 @@ async fn a_follower_resumes_without_a_gap_after_redis_comes_back() {
 #[actix_rt::test]
 async fn a_node_cut_off_past_its_lease_adds_nothing_to_the_reaped_run() {
     let cluster = TestCluster::start(2);
-    let (a, b) = (cluster.node(0), cluster.node(1));
-    let token = a.token("alice");
-    let project = project_dir();
-    let session = a.create_session(&token, "claude", project.path()).await;
-    let mut ws_a = a.ws(&format!("/ws?token={token}")).await;
-    let mut ws_b = b.ws(&format!("/ws?token={token}")).await;
+    let a = cluster.node(0);
+    let (_token, _project, session, mut ws_a, mut ws_b) = alice_on_both(&cluster).await;
     send(&mut ws_a, &session, "text:100000 delay_ms:2").await;
     ws_a.recv_until_kind("stream_delta").await;
     subscribe(&mut ws_b, &session, None).await;
