@@ -336,6 +336,88 @@ async fn a_subscriber_far_behind_within_the_buffer_is_not_closed() {
     );
 }
 
+/// E4 for a reader that stops for a moment (a busy client, or one a busy
+/// machine serves last) while another keeps the run going: it falls far
+/// behind, but its socket wrote within the last heartbeat interval, so the
+/// run waits for it (it holds the run) instead of closing it with 4008; when it reads
+/// again it gets every event, and the run goes on for both. (One that stops
+/// for good is closed: `run_registry::tests::a_holder_that_stops_reading_is_closed_a_heartbeat_later`.)
+#[actix_rt::test]
+async fn a_reader_that_stops_for_a_moment_holds_the_run_and_loses_nothing() {
+    let server = server();
+    let token = server.token("alice");
+    let project = project_dir();
+    let session = server
+        .create_session(&token, "claude", project.path())
+        .await;
+    let mut reader = server.ws(&format!("/ws?token={token}")).await;
+    let mut pausing = server.ws(&format!("/ws?token={token}")).await;
+    // 30,000 deltas of 2 KB: the replay buffer keeps 10,000 of them.
+    send(&mut reader, &session, "text:30000 size:2000").await;
+    let (first, _) = reader.recv_until_kind("stream_delta").await;
+    let first = first["seq"].as_u64().unwrap();
+    pausing
+        .send_json(json!({"type":"chat.subscribe","sessions":[{"sessionId": session, "lastSeq": first - 1}]}))
+        .await;
+    let (ack, _) = pausing.recv_until_kind("chat_subscribed").await;
+    assert_eq!(ack["isProcessing"], true, "{ack}");
+    let mut paused_events = vec![pausing.recv_until_kind("stream_delta").await.0];
+    let paused_at = paused_events[0]["seq"].as_u64().unwrap();
+    // `pausing` reads nothing while `reader` reads on: until the run stops
+    // (it waits for `pausing`), or 20,000 events later (it went on without
+    // it; more than the buffer's reach: `pausing` was closed or lost events).
+    let mut reader_events = vec![first];
+    let held = loop {
+        match reader.recv_within(Duration::from_millis(500)).await {
+            None => break true,
+            Some(WsEvent::Text(t)) => {
+                let v: Value = serde_json::from_str(&t).unwrap();
+                let Some(seq) = v["seq"].as_u64() else {
+                    continue;
+                };
+                reader_events.push(seq);
+                assert_ne!(v["kind"], "complete", "the run ended without waiting");
+                if seq > paused_at + 20_000 {
+                    break false;
+                }
+            }
+            other => panic!("the reader got {other:?}"),
+        }
+    };
+    // Both read on (a reader that stopped now would hold the run in turn):
+    // `pausing` gets everything, in order, and no close.
+    let resumed = async {
+        loop {
+            let v = match pausing.recv().await {
+                WsEvent::Text(t) => serde_json::from_str::<Value>(&t).unwrap(),
+                other => panic!(
+                    "the paused reader got {other:?} after seq {:?}",
+                    seqs(&paused_events).last()
+                ),
+            };
+            if v["seq"].is_u64() {
+                let done = v["kind"] == "complete";
+                paused_events.push(v);
+                if done {
+                    break;
+                }
+            }
+        }
+    };
+    let (_, rest) = tokio::join!(resumed, until_complete(&mut reader, &session));
+    assert!(held, "the run went on 20,000 events past the paused reader");
+    let got = seqs(&paused_events);
+    let last = *got.last().unwrap();
+    assert_eq!(got, (first..=last).collect::<Vec<_>>());
+    assert_eq!(of_kind(&paused_events, "stream_delta").len(), 30_000);
+    reader_events.extend(seqs(&rest));
+    assert_eq!(reader_events, (first..=last).collect::<Vec<_>>());
+    assert!(
+        !server.logs().contains("closing socket with 4008"),
+        "a reader was closed as a slow consumer"
+    );
+}
+
 /// Waits until the gateway no longer holds the connection with client port
 /// `conn` (the client still holds its end), bounded; returns how long it took.
 pub async fn until_dropped(server: &TestServer, conn: u16) -> Duration {

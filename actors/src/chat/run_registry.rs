@@ -36,13 +36,24 @@
 //! A subscriber is far behind when the oldest event its client may lack
 //! (counting what its socket holds unwritten, which a 4008 drops) is within
 //! [`FAR_BEHIND_MARGIN_EVENTS`] / [`FAR_BEHIND_MARGIN_BYTES`] of leaving the
-//! buffer: it is closed with 4008 while the buffer still holds what it
-//! missed, so it catches up by resubscribing with its `lastSeq`. Being
-//! behind costs no memory of its own (its lag is the shared buffer), so
-//! nothing closes it earlier. A resubscriber that arrives inside that margin
-//! is given time to catch up: it is closed only once its events leave the
-//! buffer. A subscriber that stops reading is the watchdog's (E4's
-//! no-progress rule); while it is one of few, the run goes on without it.
+//! buffer. Being behind costs no memory of its own (its lag is the shared
+//! buffer), so nothing acts earlier. A far-behind subscriber whose client is
+//! reading (it reported a write within one heartbeat interval; E4 cuts one
+//! that made no progress for two) holds the run: the answer is withheld as
+//! for a pause until it is twice the margin away, so the readers a busy
+//! machine happens to serve last are not closed (with a thousand followers
+//! on two cores, the same few went unread for 12 s and were closed again
+//! and again). A run waits for such readers alone (its quorum there) at
+//! most [`HOLD_GRACE`] plus a quarter of its time ([`HOLD_SHARE`]), so a
+//! reader slower than the run for good slows it by at most that. A
+//! far-behind subscriber that is not reading, or once the run's hold time
+//! is spent, is closed with 4008 while the buffer still holds what it
+//! missed, so it catches up by resubscribing with its `lastSeq` (E4). A
+//! resubscriber that arrives inside that margin holds the run the same way
+//! while it reads, and is otherwise closed only once its events leave the
+//! buffer. A subscriber that stops reading holds the run no longer than a
+//! heartbeat interval and is the watchdog's (E4's no-progress rule); while
+//! it is one of few, the run goes on without it.
 //!
 //! **Invariants**:
 //! - `seq` is assigned only here, +1 per forwarded event, strictly increasing
@@ -139,6 +150,17 @@ const DELIVERY_MAX_FRAMES: usize = 256;
 /// client has to resubscribe with its `lastSeq` and lose nothing.
 pub const FAR_BEHIND_MARGIN_EVENTS: usize = REPLAY_MAX_EVENTS / 8;
 pub const FAR_BEHIND_MARGIN_BYTES: usize = REPLAY_MAX_BYTES / 8;
+/// A run is held for its far-behind readers (paused for them alone) at
+/// most this long plus `1/HOLD_SHARE` of its time so far; beyond that they
+/// are closed with 4008 as far behind (E4), so a reader that is slower than
+/// the run for good slows it by at most a quarter. A far-behind subscriber
+/// holds the run while it is reading: it reported a write ([`Drained`])
+/// within one heartbeat interval (E4 cuts one that made no progress for two).
+pub const HOLD_GRACE: Duration = Duration::from_secs(2);
+pub const HOLD_SHARE: u32 = 4;
+/// How often holds are looked at while nothing else happens (a holder that
+/// stopped reading sends nothing that would end its hold).
+const HOLD_REVIEW_EVERY: Duration = Duration::from_millis(250);
 /// Seqs reserved (persisted) at a time (E9). A new block is written when
 /// less than half of the current one is left.
 pub const SEQ_BLOCK: u64 = 10_000;
@@ -360,6 +382,9 @@ struct Run {
     /// Times this run was paused for its subscribers, and for how long.
     pauses: u32,
     paused_for: Duration,
+    /// Times it was held for far-behind readers, and for how long in all.
+    holds: u32,
+    held_for: Duration,
     /// Sends waiting for this run's process to be gone.
     exit_waiters: Vec<oneshot::Sender<()>>,
     /// Cluster mode: the run lives on this other node, and its events come
@@ -391,6 +416,9 @@ struct Pause {
     /// Subscribers that caught up and drained below the low-water mark
     /// since the pause (the run resumes when they are a [`pace_quorum`]).
     ready: BTreeSet<SocketId>,
+    /// Since when it has waited for far-behind readers alone (its quorum
+    /// was there): the run's hold time ([`HOLD_GRACE`]).
+    held_since: Option<Instant>,
 }
 
 struct SessionState {
@@ -421,6 +449,10 @@ struct SessionState {
     /// Subscribers that (re)subscribed already far behind: closed only
     /// when their events leave the buffer, until they are out of the margin.
     catching_up: BTreeSet<SocketId>,
+    /// Far-behind subscribers that are reading: the run waits for them
+    /// (see [`HOLD_GRACE`]) until they are twice the margin away from
+    /// losing events.
+    holding: BTreeSet<SocketId>,
     run: Option<Run>,
     paused: Option<Pause>,
     /// The last database write of the native id, so writes land in order.
@@ -496,14 +528,27 @@ impl SessionState {
     /// bytes delivered to its socket and not yet written count as lacking
     /// (a 4008 drops them), so this is about what the client holds.
     fn far_behind(&self, sent: u64, in_flight: usize) -> bool {
+        self.within_margins(sent, in_flight, 1)
+    }
+
+    /// Still at risk, for a subscriber that holds the run: within twice the
+    /// far-behind margin (so a hold ends with room to spare, not at once
+    /// again).
+    fn at_risk(&self, sent: u64, in_flight: usize) -> bool {
+        self.within_margins(sent, in_flight, 2)
+    }
+
+    /// The oldest event the client may lack is within `margins` times the
+    /// far-behind margin of leaving the buffer, or gone.
+    fn within_margins(&self, sent: u64, in_flight: usize, margins: usize) -> bool {
         let Some(lag) = self.lag_bytes(sent) else {
             return true;
         };
         let lacking = lag + in_flight as u64;
-        if lacking > (REPLAY_MAX_BYTES - FAR_BEHIND_MARGIN_BYTES) as u64 {
+        if lacking > (REPLAY_MAX_BYTES - margins * FAR_BEHIND_MARGIN_BYTES) as u64 {
             return true;
         }
-        let max_events = REPLAY_MAX_EVENTS - FAR_BEHIND_MARGIN_EVENTS;
+        let max_events = REPLAY_MAX_EVENTS - margins * FAR_BEHIND_MARGIN_EVENTS;
         if self.buffer.len() <= max_events {
             return false;
         }
@@ -511,6 +556,33 @@ impl SessionState {
         let written = self.total_bytes.saturating_sub(lacking);
         let first = self.buffer.partition_point(|b| b.end <= written);
         self.buffer.len() - first > max_events
+    }
+
+    /// The run may be held for far-behind readers: it is a local run that
+    /// runs, and has been paused for them alone (its quorum was there) less
+    /// than [`HOLD_GRACE`] plus `1/HOLD_SHARE` of its time.
+    fn may_hold(&self, now: Instant) -> bool {
+        let Some(run) = self.run.as_ref() else {
+            return false;
+        };
+        if run.status != Status::Running || run.remote.is_some() {
+            return false;
+        }
+        let holding = self
+            .paused
+            .as_ref()
+            .and_then(|p| p.held_since)
+            .map_or(Duration::ZERO, |s| now - s);
+        run.held_for + holding < HOLD_GRACE + (now - run.started) / HOLD_SHARE
+    }
+
+    fn hold(&mut self, socket: SocketId) {
+        if self.holding.is_empty() {
+            if let Some(run) = self.run.as_mut() {
+                run.holds += 1;
+            }
+        }
+        self.holding.insert(socket);
     }
 }
 
@@ -521,6 +593,8 @@ struct SocketEntry {
     /// Delivered and not yet reported written.
     bytes_in_flight: usize,
     batches_in_flight: usize,
+    /// When it last reported a write ([`Drained`]).
+    drained_at: Option<Instant>,
     /// Sessions this socket follows.
     sessions: BTreeSet<String>,
 }
@@ -529,6 +603,11 @@ impl SocketEntry {
     fn has_room(&self) -> bool {
         self.bytes_in_flight < SUBSCRIBER_HIGH_WATER
             && self.batches_in_flight < SUBSCRIBER_MAX_BATCHES
+    }
+
+    /// Its client is reading: it reported a write within `window`.
+    fn reading(&self, now: Instant, window: Duration) -> bool {
+        self.drained_at.is_some_and(|at| now - at < window)
     }
 }
 
@@ -737,11 +816,14 @@ impl RunRegistry {
     fn drop_slow_consumer(&mut self, socket: SocketId, why: &'static str) {
         if let Some(entry) = self.sockets.get(&socket) {
             metrics().slow_consumer_disconnects.inc();
+            // How long its client had been silent (None: it never wrote).
+            let since_write_ms = entry.drained_at.map(|at| at.elapsed().as_millis() as u64);
             tracing::warn!(
                 actor = "ChatSocket",
                 socket,
                 reason = "slow consumer",
                 detail = why,
+                since_write_ms,
                 "closing socket with 4008"
             );
             // Once per socket: it is forgotten right after.
@@ -763,6 +845,7 @@ impl RunRegistry {
             };
             state.subscribers.remove(&socket);
             state.catching_up.remove(&socket);
+            state.holding.remove(&socket);
             // A history write still under way keeps it until the periodic flush.
             let idle = !state.history.has_pending() && !state.history.writing();
             if state.subscribers.is_empty() && state.run.is_none() && idle {
@@ -852,8 +935,9 @@ impl RunRegistry {
         }
     }
 
-    /// Sends every subscriber of the session what it can take, and closes
-    /// those about to lose events (far behind while the run moves on).
+    /// Sends every subscriber of the session what it can take, holds the
+    /// run for those about to lose events that are reading, and closes the
+    /// others (far behind while the run moves on).
     fn fan_out(&mut self, session_id: &str) {
         self.cluster_publish();
         let Some(state) = self.sessions.get(session_id) else {
@@ -879,15 +963,64 @@ impl RunRegistry {
             .collect();
         // Out of the margin, a resubscriber is a subscriber like any other.
         state.catching_up.retain(|s| far.binary_search(s).is_ok());
-        let far: Vec<SocketId> = far
-            .into_iter()
-            .filter(|s| {
-                !state.catching_up.contains(s) || state.lag_bytes(state.subscribers[s]).is_none()
-            })
-            .collect();
+        let now = Instant::now();
+        let may_hold = state.may_hold(now);
+        let window = self.config.heartbeat;
+        let mut close = Vec::new();
         for socket in far {
+            let buffered = state.lag_bytes(state.subscribers[&socket]).is_some();
+            if state.holding.contains(&socket) && buffered {
+                continue;
+            }
+            let reading = sockets.get(&socket).is_some_and(|e| e.reading(now, window));
+            if may_hold && reading && buffered {
+                // The run waits for it rather than lose it: `should_pause`.
+                state.hold(socket);
+                continue;
+            }
+            if state.catching_up.contains(&socket) && buffered {
+                continue;
+            }
+            close.push(socket);
+        }
+        for socket in close {
             self.drop_slow_consumer(socket, "far behind the run");
         }
+    }
+
+    /// Ends the session's holds that no longer apply: the holder is twice
+    /// the margin away from losing events, or wrote nothing for a heartbeat
+    /// interval, or the run's hold time is spent, or the run no longer runs.
+    /// A holder still far behind is closed at the next fan-out. True when a
+    /// hold ended.
+    fn review_holds(&mut self, session_id: &str) -> bool {
+        let Some(state) = self.sessions.get_mut(session_id) else {
+            return false;
+        };
+        if state.holding.is_empty() {
+            return false;
+        }
+        let now = Instant::now();
+        let may_hold = state.may_hold(now);
+        let window = self.config.heartbeat;
+        let ended: Vec<SocketId> = state
+            .holding
+            .iter()
+            .copied()
+            .filter(|s| {
+                let (Some(entry), Some(sent)) = (self.sockets.get(s), state.subscribers.get(s))
+                else {
+                    return true;
+                };
+                !may_hold
+                    || !entry.reading(now, window)
+                    || !state.at_risk(*sent, entry.bytes_in_flight)
+            })
+            .collect();
+        for socket in &ended {
+            state.holding.remove(socket);
+        }
+        !ended.is_empty()
     }
 
     /// Too many of the session's subscribers are behind for its run to move
@@ -896,7 +1029,7 @@ impl RunRegistry {
         self.sessions.get(session_id).is_some_and(|s| {
             let n = s.subscribers.len();
             let caught_up = s.subscribers.values().filter(|sent| **sent >= s.last_seq);
-            n > 0 && caught_up.count() < pace_quorum(n)
+            n > 0 && (caught_up.count() < pace_quorum(n) || !s.holding.is_empty())
         })
     }
 
@@ -913,10 +1046,12 @@ impl RunRegistry {
 
     /// Resumes the session's paused run when it need not wait any more: no
     /// subscriber, no running run, or a [`pace_quorum`] of subscribers
-    /// caught up and below the low-water mark. `drained`: the subscriber
-    /// whose budget came back (only it can have become ready); `None` when
-    /// the subscribers changed, which counts them all again.
+    /// caught up and below the low-water mark and no far-behind reader
+    /// holding it. `drained`: the subscriber whose budget came back (only
+    /// it can have become ready); `None` when the subscribers changed,
+    /// which counts them all again.
     fn maybe_resume(&mut self, session_id: &str, drained: Option<SocketId>) {
+        let drained = drained.filter(|_| !self.review_holds(session_id));
         let Some(state) = self.sessions.get(session_id) else {
             return;
         };
@@ -941,18 +1076,24 @@ impl RunRegistry {
             }
         };
         let need = pace_quorum(state.subscribers.len());
-        let Some(pause) = self
-            .sessions
-            .get_mut(session_id)
-            .and_then(|s| s.paused.as_mut())
-        else {
+        let Some(state) = self.sessions.get_mut(session_id) else {
+            return;
+        };
+        let held = !state.holding.is_empty();
+        let Some(pause) = state.paused.as_mut() else {
             return;
         };
         if drained.is_none() {
             pause.ready.clear();
         }
         pause.ready.extend(ready);
-        if pause.ready.len() >= need {
+        if pause.ready.len() < need {
+            return;
+        }
+        if held {
+            // From here the run waits for its far-behind readers alone.
+            pause.held_since.get_or_insert_with(Instant::now);
+        } else {
             self.resume(session_id);
         }
     }
@@ -968,6 +1109,7 @@ impl RunRegistry {
         metrics().paused_for(paused);
         if let Some(run) = state.run.as_mut() {
             run.paused_for += paused;
+            run.held_for += pause.held_since.map_or(Duration::ZERO, |s| s.elapsed());
         }
         let _ = pause.resume.send(());
     }
@@ -1324,6 +1466,8 @@ impl RunRegistry {
         self.sequence(session_id, &Event::from(body));
         self.fan_out(session_id);
         self.resume(session_id);
+        // The run no longer runs: its holds end (counted in its figures).
+        self.review_holds(session_id);
         self.persist_seq(session_id);
         self.cluster_run_done(session_id, &run_id, ctx);
         // An abort or a shutdown completes at once; what the run said is still kept.
@@ -1332,13 +1476,16 @@ impl RunRegistry {
             state.history.close_text(session_id, provider);
         }
         self.flush_history(session_id, None);
-        let (pauses, paused_ms) = self
+        let (pauses, paused_ms, holds, held_ms) = self
             .sessions
             .get(session_id)
             .and_then(|s| s.run.as_ref())
-            .map_or((0, 0), |r| (r.pauses, r.paused_for.as_millis() as u64));
+            .map_or((0, 0, 0, 0), |r| {
+                let ms = |d: Duration| d.as_millis() as u64;
+                (r.pauses, ms(r.paused_for), r.holds, ms(r.held_for))
+            });
         run_span(session_id, &run_id).in_scope(|| {
-            tracing::info!(actor = "ProviderRun", session_id, run_id = %run_id, exit_code, aborted, pauses, paused_ms, "run completed")
+            tracing::info!(actor = "ProviderRun", session_id, run_id = %run_id, exit_code, aborted, pauses, paused_ms, holds, held_ms, "run completed")
         });
         // Keep the buffer for late subscribers, then forget the run.
         let sid = session_id.to_string();
@@ -1392,6 +1539,7 @@ impl RunRegistry {
                 total_bytes: 0,
                 subscribers: BTreeMap::new(),
                 catching_up: BTreeSet::new(),
+                holding: BTreeSet::new(),
                 run: None,
                 paused: None,
                 id_write: None,
@@ -1889,6 +2037,8 @@ impl RunRegistry {
             provider_id_at_start: state.provider_session_id.clone(),
             pauses: 0,
             paused_for: Duration::ZERO,
+            holds: 0,
+            held_for: Duration::ZERO,
             exit_waiters: Vec::new(),
             remote: None,
         });
@@ -1973,15 +2123,18 @@ impl RunRegistry {
             return Box::pin(fut::ready(()));
         };
         let ready = state.subscribers.keys().copied();
-        let ready = ready.filter(|s| self.is_ready(state, *s)).collect();
+        let ready: BTreeSet<SocketId> = ready.filter(|s| self.is_ready(state, *s)).collect();
+        let now = Instant::now();
+        let held_since = (ready.len() >= pace_quorum(state.subscribers.len())).then_some(now);
         let Some(state) = self.sessions.get_mut(&msg.session_id) else {
             return Box::pin(fut::ready(()));
         };
         let (tx, rx) = oneshot::channel();
         if let Some(old) = state.paused.replace(Pause {
             resume: tx,
-            since: Instant::now(),
+            since: now,
             ready,
+            held_since,
         }) {
             // One batch at a time per run; an older pause cannot exist, but never strand it.
             let _ = old.resume.send(());
@@ -2063,6 +2216,22 @@ impl Actor for RunRegistry {
                     ids.retain(|(_, _, at)| now.duration_since(*at) < CLIENT_REQUEST_TTL);
                     !ids.is_empty()
                 });
+            })
+        });
+        // A holder that stopped reading sends nothing that would end its hold.
+        ctx.run_interval(HOLD_REVIEW_EVERY, |act, ctx| {
+            act.guarded(ctx, "hold review", (), |act, _| {
+                let held: Vec<String> = act
+                    .sessions
+                    .iter()
+                    .filter(|(_, s)| !s.holding.is_empty())
+                    .map(|(id, _)| id.clone())
+                    .collect();
+                for session_id in held {
+                    if act.review_holds(&session_id) {
+                        act.maybe_resume(&session_id, None);
+                    }
+                }
             })
         });
         if self.cluster.is_some() {
@@ -2176,6 +2345,7 @@ impl Handler<Connect> for RunRegistry {
                 close: msg.close,
                 bytes_in_flight: 0,
                 batches_in_flight: 0,
+                drained_at: None,
                 sessions: BTreeSet::new(),
             };
             act.sockets.insert(id, entry);
@@ -2212,6 +2382,9 @@ impl Handler<Drained> for RunRegistry {
             };
             entry.bytes_in_flight = entry.bytes_in_flight.saturating_sub(msg.bytes);
             entry.batches_in_flight = entry.batches_in_flight.saturating_sub(msg.batches);
+            if msg.bytes > 0 || msg.batches > 0 {
+                entry.drained_at = Some(Instant::now());
+            }
             let sessions: Vec<String> = entry.sessions.iter().cloned().collect();
             for session_id in sessions {
                 act.pump(msg.socket, &session_id, &mut None, true);
@@ -2491,14 +2664,15 @@ impl Handler<Inspect> for RunRegistry {
         }
         for (id, st) in &self.sessions {
             out += &format!(
-                "session {id}: last {} front {:?} cursors {:?} run {:?} paused {}\n",
+                "session {id}: last {} front {:?} cursors {:?} run {:?} paused {} holding {:?}\n",
                 st.last_seq,
                 st.buffer.front().map(|b| b.seq),
                 st.subscribers,
                 st.run
                     .as_ref()
                     .map(|r| (&r.id, r.status, r.first_seq, r.last_seq)),
-                st.paused.is_some()
+                st.paused.is_some(),
+                st.holding
             );
         }
         out
@@ -3276,6 +3450,187 @@ pub(crate) mod tests {
             "one or two subscribers: one keeping up is enough"
         );
         assert_eq!(pace_quorum(1_000), 1_000 - 1_000 / PACE_LEFT_BEHIND);
+    }
+
+    /// A batch of the run sent to the registry: its answer comes when the
+    /// run is not held (or paused) for its subscribers.
+    fn feed_batch(registry: &Addr<RunRegistry>, run_id: &str) -> tokio::task::JoinHandle<()> {
+        let answer = registry.send(texts(run_id, 50, 1_000));
+        tokio::spawn(async move {
+            answer.await.unwrap();
+        })
+    }
+
+    /// A registry with a run of `fast` (which drains everything it gets)
+    /// and a second subscriber from seq 0; the run is `age` old (paused
+    /// clock), so it has hold time to spare (2 s + a quarter of it).
+    async fn fast_and_slow(
+        age: Duration,
+    ) -> (Addr<RunRegistry>, RunStarted, SocketId, SocketId, Frames) {
+        tokio::time::pause();
+        let (registry, fast, _fast_rx) = registry_without_processes().await;
+        let run = registry
+            .send(start_run(fast, "hello"))
+            .await
+            .unwrap()
+            .unwrap();
+        let (slow, mut slow_rx) = connect_sink(&registry).await;
+        registry
+            .send(Subscribe {
+                socket: slow,
+                session: row(),
+                last_seq: Some(0),
+                follow: false,
+            })
+            .await
+            .unwrap();
+        next_of_kind(&mut slow_rx, "chat_subscribed").await;
+        tokio::time::advance(age).await;
+        (registry, run, fast, slow, slow_rx)
+    }
+
+    /// Feeds 50-event batches; the slow subscriber writes a tenth of what
+    /// it is sent after each (it reads, slowly). Returns the batch whose
+    /// answer is withheld (the run held for the slow one) and the slow
+    /// one's frames so far; panics if it is closed first.
+    async fn feed_until_held(
+        registry: &Addr<RunRegistry>,
+        run_id: &str,
+        fast: SocketId,
+        slow: SocketId,
+        slow_rx: &mut Frames,
+    ) -> (tokio::task::JoinHandle<()>, Vec<Value>) {
+        let mut frames = Vec::new();
+        for _ in 0..400 {
+            let answer = feed_batch(registry, run_id);
+            frames.extend(held(registry, slow_rx).await);
+            assert!(
+                !frames.iter().any(|v| v["kind"] == "close"),
+                "closed while it was reading"
+            );
+            if !registry.send(Inspect).await.unwrap().contains("holding {}") {
+                return (answer, frames);
+            }
+            registry.send(drained_all(fast)).await.unwrap();
+            let tenth = Drained {
+                socket: slow,
+                bytes: 5_500,
+                batches: 1,
+            };
+            registry.send(tenth).await.unwrap();
+        }
+        panic!("the run was never held for the slow reader");
+    }
+
+    /// The run is held for a far-behind subscriber that is reading (instead
+    /// of closing it with 4008, as it is one that reads nothing): once it
+    /// has read back to twice the margin the run goes on, and it gets every
+    /// event of the run without a close.
+    #[actix_rt::test]
+    async fn a_reading_subscriber_far_behind_holds_the_run_and_loses_nothing() {
+        let (registry, run, fast, slow, mut slow_rx) = fast_and_slow(Duration::from_secs(8)).await;
+        let (answer, mut frames) =
+            feed_until_held(&registry, &run.run_id, fast, slow, &mut slow_rx).await;
+        assert!(!answer.is_finished(), "answered while held");
+        // It reads: the run goes on once it is out of reach, without any
+        // time passing (not the no-progress rule ending the hold).
+        let t0 = Instant::now();
+        for _ in 0..100 {
+            if registry.send(Inspect).await.unwrap().contains("holding {}") {
+                break;
+            }
+            registry.send(drained_all(slow)).await.unwrap();
+            frames.extend(held(&registry, &mut slow_rx).await);
+        }
+        answer.await.unwrap();
+        assert_eq!(Instant::now(), t0, "the hold ended by the clock");
+        for _ in 0..40 {
+            let answer = feed_batch(&registry, &run.run_id);
+            registry.send(drained_all(fast)).await.unwrap();
+            registry.send(drained_all(slow)).await.unwrap();
+            answer.await.unwrap();
+        }
+        registry.send(turn_end(&run.run_id)).await.unwrap();
+        loop {
+            registry.send(drained_all(slow)).await.unwrap();
+            let more = held(&registry, &mut slow_rx).await;
+            frames.extend(more);
+            if frames.iter().any(|v| v["kind"] == "complete") {
+                break;
+            }
+            if !frames.is_empty() {
+                continue;
+            }
+            frames.push(next_of_kind(&mut slow_rx, "complete").await);
+        }
+        assert!(!frames.iter().any(|v| v["kind"] == "close"), "closed");
+        let seqs: Vec<u64> = frames.iter().filter_map(|v| v["seq"].as_u64()).collect();
+        assert_eq!(seqs, (1..=*seqs.last().unwrap()).collect::<Vec<_>>());
+        assert!(seqs.len() > REPLAY_MAX_EVENTS, "{} events", seqs.len());
+    }
+
+    /// E4 still holds for a far-behind subscriber that holds the run: one
+    /// that stops reading holds it for one heartbeat interval (from its
+    /// last write), then is closed with 4008 as the run goes on.
+    #[actix_rt::test]
+    async fn a_holder_that_stops_reading_is_closed_a_heartbeat_later() {
+        let heartbeat = GatewayConfig::for_tests(std::env::temp_dir()).heartbeat;
+        // An old run: its hold time (a quarter of it) outlasts the heartbeat.
+        let (registry, run, fast, slow, mut slow_rx) = fast_and_slow(heartbeat * 8).await;
+        let (answer, _) = feed_until_held(&registry, &run.run_id, fast, slow, &mut slow_rx).await;
+        let t0 = Instant::now();
+        tokio::time::advance(heartbeat - Duration::from_millis(100)).await;
+        held(&registry, &mut slow_rx).await;
+        assert!(!answer.is_finished(), "released while it was reading");
+        answer.await.unwrap();
+        let waited = Instant::now() - t0;
+        assert!(waited <= heartbeat + HOLD_REVIEW_EVERY, "{waited:?}");
+        let answer = feed_batch(&registry, &run.run_id);
+        let frames = held(&registry, &mut slow_rx).await;
+        assert!(
+            frames
+                .iter()
+                .any(|v| v["kind"] == "close" && v["code"] == 4008),
+            "not closed once it stopped reading: {frames:?}"
+        );
+        answer.await.unwrap();
+    }
+
+    /// E4 for a single slow reader beside a fast one: one that reads but
+    /// never catches up holds the run no longer than [`HOLD_GRACE`] plus a
+    /// quarter of the run's time, then is closed with 4008 as far behind.
+    #[actix_rt::test]
+    async fn a_holder_that_stays_behind_is_closed_once_the_hold_time_is_spent() {
+        // Reads a little every 100 ms, never enough to get out of reach.
+        let (registry, run, fast, slow, mut slow_rx) = fast_and_slow(Duration::from_secs(8)).await;
+        let (answer, _) = feed_until_held(&registry, &run.run_id, fast, slow, &mut slow_rx).await;
+        let t0 = Instant::now();
+        while !answer.is_finished() {
+            tokio::time::advance(Duration::from_millis(100)).await;
+            let trickle = Drained {
+                socket: slow,
+                bytes: 1_000,
+                batches: 0,
+            };
+            registry.send(trickle).await.unwrap();
+            held(&registry, &mut slow_rx).await;
+            assert!(
+                Instant::now() - t0 < Duration::from_secs(30),
+                "held for good"
+            );
+        }
+        // Held 2 s plus a quarter of the run's 8 s and of the hold itself.
+        let held_for = (Instant::now() - t0).as_secs_f64();
+        assert!((5.2..=5.6).contains(&held_for), "held for {held_for} s");
+        let answer = feed_batch(&registry, &run.run_id);
+        let frames = held(&registry, &mut slow_rx).await;
+        assert!(
+            frames
+                .iter()
+                .any(|v| v["kind"] == "close" && v["code"] == 4008),
+            "not closed once its hold time was spent: {frames:?}"
+        );
+        answer.await.unwrap();
     }
 
     /// Advances paused time to `at` (no-op when already past it).

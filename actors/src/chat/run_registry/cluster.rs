@@ -529,6 +529,8 @@ impl RunRegistry {
             provider_id_at_start: None,
             pauses: 0,
             paused_for: Duration::ZERO,
+            holds: 0,
+            held_for: Duration::ZERO,
             exit_waiters: Vec::new(),
             remote: Some(node.to_string()),
         });
