@@ -217,8 +217,59 @@ fn plain<'a>(s: &mut Scanner<'a>) -> Option<&'a str> {
     }
 }
 
+/// How the CLI starts every text delta line (these keys, this order, no
+/// spaces), up to the index; [`DeltaLine::exact`] reads such a line with
+/// two comparisons where the key-by-key scan reads fourteen strings.
+const EXACT_HEAD: &[u8] =
+    br#"{"type":"stream_event","event":{"type":"content_block_delta","index":"#;
+/// ... and from the index to the text.
+const EXACT_DELTA: &[u8] = br#","delta":{"type":"text_delta","text":"#;
+
 impl<'a> DeltaLine<'a> {
     fn scan(line: &'a str) -> Option<DeltaLine<'a>> {
+        Self::exact(line).or_else(|| Self::by_keys(line))
+    }
+
+    /// A delta line that begins exactly as the CLI writes one: the event
+    /// object is then whole (its keys and the delta's are fixed by the
+    /// prefix, so none is repeated) and only the top level's other keys are
+    /// read one by one. Anything unusual (a second `type` or `event` among
+    /// them included) is left to [`DeltaLine::by_keys`].
+    fn exact(line: &'a str) -> Option<DeltaLine<'a>> {
+        let mut s = Scanner::new(line);
+        s.literal(EXACT_HEAD)?;
+        let index = s.opt_u64()?;
+        s.literal(EXACT_DELTA)?;
+        let text = s.string()?;
+        s.literal(b"}}")?;
+        let (mut session_id, mut parent) = (None, None);
+        // The keys the CLI writes next, compared rather than read.
+        if s.literal(br#","session_id":"#).is_some() {
+            session_id = Some(s.opt_string()?);
+        }
+        if s.literal(br#","parent_tool_use_id":"#).is_some() {
+            parent = Some(s.opt_string()?);
+        }
+        s.object_rest(|s, key| match key {
+            "session_id" => once(&mut session_id, s.opt_string()?),
+            "parent_tool_use_id" => once(&mut parent, s.opt_string()?),
+            "type" | "event" => None,
+            _ => s.skip(1),
+        })?;
+        s.end()?;
+        Some(DeltaLine {
+            kind: "stream_event",
+            session_id: session_id.flatten(),
+            parent_tool_use_id: parent.flatten(),
+            event_kind: "content_block_delta",
+            index,
+            delta_kind: "text_delta",
+            text,
+        })
+    }
+
+    /// Any other line, key by key.
+    fn by_keys(line: &'a str) -> Option<DeltaLine<'a>> {
         let mut s = Scanner::new(line);
         let (mut kind, mut session_id, mut parent, mut event) = (None, None, None, None);
         s.object(|s, key| match key {
@@ -749,6 +800,16 @@ mod tests {
             r#"{"type":"stream_event","x":[[[[[[[[[[[[[[[[[[[[1]]]]]]]]]]]]]]]]]]],"event":{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"deep"}}}"#,
             r#"{"type":"stream_event","event":{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"big","n":123456789012345678901234567890}}}"#,
             r#"{"type":"stream_event","event":{"type":"content_block_stop","index":3}}"#,
+            // The CLI's own prefix (the exact reader) with unusual rests.
+            r#"{"type":"stream_event","event":{"type":"content_block_delta","index":4,"delta":{"type":"text_delta","text":"then a type"}},"type":"assistant"}"#,
+            r#"{"type":"stream_event","event":{"type":"content_block_delta","index":4,"delta":{"type":"text_delta","text":"then an event"}},"event":{"type":"message_stop"}}"#,
+            r#"{"type":"stream_event","event":{"type":"content_block_delta","index":4,"delta":{"type":"text_delta","text":"two ids"}},"session_id":"s-4","session_id":"s-5"}"#,
+            r#"{"type":"stream_event","event":{"type":"content_block_delta","index":null,"delta":{"type":"text_delta","text":"e\u0301 \"x\""}},"session_id":"s-4","parent_tool_use_id":"toolu_2","uuid":"u","n":[1,{"a":null}]}"#,
+            r#"{"type":"stream_event","event":{"type":"content_block_delta","index":4,"delta":{"type":"text_delta","text":"more in delta","x":1}},"session_id":"s-4"}"#,
+            r#"{"type":"stream_event","event":{"type":"content_block_delta","index":4,"delta":{"type":"text_delta","text":"open"}}"#,
+            r#"{"type":"stream_event","event":{"type":"content_block_delta","index":4,"delta":{"type":"text_delta","text":"comma"}},}"#,
+            r#"{"type":"stream_event","event":{"type":"content_block_delta","index":4,"delta":{"type":"text_delta","text":"after"}}} {}"#,
+            r#"{"type":"stream_event","event":{"type":"content_block_stop","index":4}}"#,
             r#"{"type":"stream_event","event":{"type":"message_stop"}}"#,
         ];
         let mut fast = ClaudeParser::default();
@@ -823,7 +884,16 @@ mod tests {
     #[test]
     fn text_deltas_take_the_scanner() {
         let real = r#"{"type":"stream_event","event":{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"I will \"create\" it.\n"}},"session_id":"708c3a00-c950-43b2-b3bc-49b7a806f227","parent_tool_use_id":null,"uuid":"fbe394c1-f98d-491d-960b-290c7a5b7760","api_message_id":"msg_9"}"#;
-        let l = DeltaLine::scan(real).expect("scanned");
+        let l = DeltaLine::exact(real).expect("read by the exact reader");
+        let k = DeltaLine::by_keys(real).expect("scanned");
+        assert_eq!(
+            (l.kind, l.event_kind, l.index, l.delta_kind, &*l.text),
+            (k.kind, k.event_kind, k.index, k.delta_kind, &*k.text)
+        );
+        assert_eq!(
+            (&l.session_id, &l.parent_tool_use_id),
+            (&k.session_id, &k.parent_tool_use_id)
+        );
         assert_eq!(
             (l.kind, l.event_kind, l.index, l.delta_kind, &*l.text),
             (

@@ -129,7 +129,8 @@ impl<'a> Scanner<'a> {
         (n > 0 && n <= MAX_DIGITS && !leading_zero).then_some(n)
     }
 
-    fn literal(&mut self, word: &[u8]) -> Option<()> {
+    /// Consumes exactly `word` (no whitespace before it).
+    pub fn literal(&mut self, word: &[u8]) -> Option<()> {
         let end = self.at + word.len();
         (self.bytes().get(self.at..end)? == word).then(|| self.at = end)
     }
@@ -159,6 +160,32 @@ impl<'a> Scanner<'a> {
                 }
                 _ => return None,
             }
+        }
+    }
+
+    /// Continues an object whose `{` and first entries were read (by the
+    /// caller, who knows they were whole entries): from the next `,` or the
+    /// closing `}` on, exactly as [`Scanner::object`] reads the rest.
+    pub fn object_rest(
+        &mut self,
+        mut each: impl FnMut(&mut Self, &'a str) -> Option<()>,
+    ) -> Option<()> {
+        loop {
+            self.ws();
+            match self.peek()? {
+                b',' => self.at += 1,
+                b'}' => {
+                    self.at += 1;
+                    return Some(());
+                }
+                _ => return None,
+            }
+            let key = match self.string()? {
+                Cow::Borrowed(key) => key,
+                Cow::Owned(_) => return None,
+            };
+            self.eat(b':')?;
+            each(self, key)?;
         }
     }
 
