@@ -23,6 +23,15 @@ pub type Frame = ByteString;
 /// Formatted once per millisecond per thread: a streaming run stamps
 /// hundreds of events within the same millisecond.
 pub fn now_iso() -> String {
+    let mut now = String::new();
+    set_now_iso(&mut now);
+    now
+}
+
+/// [`now_iso`] into `dst`, which keeps its allocation: the registry stamps
+/// every event of a streaming run into the session's last-activity time,
+/// which then changes once per millisecond, not once per event.
+pub fn set_now_iso(dst: &mut String) {
     thread_local! {
         static LAST: std::cell::RefCell<(u128, String)> = const { std::cell::RefCell::new((0, String::new())) };
     }
@@ -35,9 +44,12 @@ pub fn now_iso() -> String {
             if last.0 != millis || last.1.is_empty() {
                 *last = (millis, humantime::format_rfc3339_millis(now).to_string());
             }
-            last.1.clone()
+            if *dst != last.1 {
+                dst.clear();
+                dst.push_str(&last.1);
+            }
         }
-        Err(_) => humantime::format_rfc3339_millis(now).to_string(),
+        Err(_) => *dst = humantime::format_rfc3339_millis(now).to_string(),
     })
 }
 
@@ -728,6 +740,99 @@ impl Envelope<'_> {
     }
 }
 
+/// What a run's event envelopes share, escaped once when the run starts:
+/// [`EnvelopeHead::frame`] writes the bytes [`Envelope::to_frame`] writes
+/// (tested) but copies the session id, provider and run id (twice) where
+/// `to_frame` escapes each of them again for every event.
+pub struct EnvelopeHead {
+    /// `{"id":"<run id>:` (escaping is per character, so the id's escaped
+    /// run id is the escaped run id).
+    id: String,
+    /// `","sessionId":"<session id>","timestamp":`
+    session: String,
+    /// `,"provider":"<provider>","seq":`
+    provider: String,
+    /// `,"runId":"<run id>"`
+    run: String,
+    /// The raw values, for bodies `frame` hands to [`Envelope::to_frame`].
+    raw: (String, &'static str, String),
+}
+
+impl EnvelopeHead {
+    pub fn new(session_id: &str, provider: &'static str, run_id: &str) -> Self {
+        let mut id = String::from("{\"id\":");
+        push_json_str(&mut id, run_id);
+        id.pop();
+        id.push(':');
+        let mut session = String::from("\",\"sessionId\":");
+        push_json_str(&mut session, session_id);
+        session.push_str(",\"timestamp\":");
+        let mut prov = String::from(",\"provider\":");
+        push_json_str(&mut prov, provider);
+        prov.push_str(",\"seq\":");
+        let mut run = String::from(",\"runId\":");
+        push_json_str(&mut run, run_id);
+        EnvelopeHead {
+            id,
+            session,
+            provider: prov,
+            run,
+            raw: (session_id.to_string(), provider, run_id.to_string()),
+        }
+    }
+
+    /// The frame of event `seq` of this run; a `stream_delta` is written
+    /// here, any other body by [`Envelope::to_frame`].
+    pub fn frame(
+        &self,
+        seq: u64,
+        timestamp: &str,
+        parent_tool_use_id: Option<&str>,
+        body: &EventBody,
+    ) -> Frame {
+        const PARENT: &str = ",\"parentToolUseId\":";
+        const DELTA: &str = ",\"kind\":\"stream_delta\",\"content\":";
+        let EventBody::StreamDelta { content } = body else {
+            let (session_id, provider, run_id) = &self.raw;
+            return Envelope {
+                id: &event_id(run_id, seq),
+                session_id,
+                timestamp,
+                provider,
+                seq,
+                run_id,
+                parent_tool_use_id,
+                body,
+            }
+            .to_frame();
+        };
+        let digits = decimal_len(seq);
+        // Exact when nothing needs escaping (see `to_frame`).
+        let mut size = self.id.len() + digits + self.session.len() + timestamp.len() + 2;
+        size += self.provider.len() + digits + self.run.len();
+        if let Some(parent) = parent_tool_use_id {
+            size += PARENT.len() + parent.len() + 2;
+        }
+        size += DELTA.len() + content.len() + 3;
+        let mut buf = String::with_capacity(size);
+        buf.push_str(&self.id);
+        push_u64(&mut buf, seq);
+        buf.push_str(&self.session);
+        push_json_str(&mut buf, timestamp);
+        buf.push_str(&self.provider);
+        push_u64(&mut buf, seq);
+        buf.push_str(&self.run);
+        if let Some(parent) = parent_tool_use_id {
+            buf.push_str(PARENT);
+            push_json_str(&mut buf, parent);
+        }
+        buf.push_str(DELTA);
+        push_json_str(&mut buf, content);
+        buf.push('}');
+        ByteString::from(buf)
+    }
+}
+
 /// Digits of `n` in decimal.
 fn decimal_len(n: u64) -> usize {
     n.checked_ilog10().map_or(1, |d| d as usize + 1)
@@ -908,6 +1013,50 @@ mod tests {
                         body,
                     };
                     assert_eq!(env.to_frame(), frame_of(&env));
+                }
+            }
+        }
+    }
+
+    /// A run's envelope head writes what `to_frame` writes (and so what
+    /// serde writes), whatever the ids hold and however long the seq.
+    #[test]
+    fn envelope_head_frames_are_to_frame_s() {
+        let mut bodies: Vec<EventBody> = ["plain", "", "q \" b \\ nl \n \u{1f} é 𝄞"]
+            .iter()
+            .map(|t| EventBody::StreamDelta {
+                content: t.to_string(),
+            })
+            .collect();
+        bodies.push(EventBody::StreamEnd {});
+        bodies.extend(every_kind());
+        let ids = [
+            (
+                "6353e92a-3dda-4327-85e4-f02c17e3b567",
+                "6c9fe3f6-75cf-4729-ba8e-3e96b15a1e69",
+            ),
+            ("s\"1\\", "r\\un\n:2"),
+        ];
+        for (session_id, run_id) in ids {
+            let head = EnvelopeHead::new(session_id, "claude", run_id);
+            for body in &bodies {
+                for parent in [None, Some("toolu_1"), Some("we\"ird")] {
+                    for seq in [0, 9, 10, 12_345, u64::MAX] {
+                        let id = event_id(run_id, seq);
+                        let env = Envelope {
+                            id: &id,
+                            session_id,
+                            timestamp: "2026-07-08T10:00:05.120Z",
+                            provider: "claude",
+                            seq,
+                            run_id,
+                            parent_tool_use_id: parent,
+                            body,
+                        };
+                        let frame = head.frame(seq, env.timestamp, parent, body);
+                        assert_eq!(frame, env.to_frame());
+                        assert_eq!(frame, frame_of(&env));
+                    }
                 }
             }
         }

@@ -86,12 +86,13 @@ impl HistoryLog {
         });
     }
 
-    /// One sequenced event (`frame` is its live frame, `id` its envelope id).
+    /// One sequenced event (`frame` is its live frame, `id` makes its
+    /// envelope id: only the first delta of a text needs it).
     pub fn record(
         &mut self,
         session_id: &str,
         provider: &str,
-        id: &str,
+        id: impl FnOnce() -> String,
         timestamp: &str,
         body: &EventBody,
         frame: &Frame,
@@ -99,7 +100,7 @@ impl HistoryLog {
         let (kind, role, tool_id) = match body {
             EventBody::StreamDelta { content } => {
                 let open = self.open_text.get_or_insert_with(|| OpenText {
-                    id: id.to_string(),
+                    id: id(),
                     timestamp: timestamp.to_string(),
                     content: String::new(),
                     cut: 0,
@@ -323,7 +324,14 @@ mod tests {
         let body = EventBody::StreamDelta {
             content: text.into(),
         };
-        log.record("s", "claude", id, "t", &body, &frame_of(&body));
+        log.record(
+            "s",
+            "claude",
+            || id.to_string(),
+            "t",
+            &body,
+            &frame_of(&body),
+        );
     }
 
     /// The directly written text entry is what the `Value` map gave.
@@ -364,20 +372,27 @@ mod tests {
         delta(&mut log, "r:1", "Hel");
         delta(&mut log, "r:2", "lo");
         let end = EventBody::StreamEnd {};
-        log.record("s", "claude", "r:3", "t", &end, &frame_of(&end));
+        log.record("s", "claude", || "r:3".into(), "t", &end, &frame_of(&end));
         let status = EventBody::Status {
             text: Some("working".into()),
             status: None,
             tokens: None,
             token_budget: None,
         };
-        log.record("s", "claude", "r:4", "t", &status, &frame_of(&status));
+        log.record(
+            "s",
+            "claude",
+            || "r:4".into(),
+            "t",
+            &status,
+            &frame_of(&status),
+        );
         let tool = EventBody::ToolUse {
             tool_name: "Bash".into(),
             tool_input: json!({"command": "ls"}),
             tool_id: "toolu_1".into(),
         };
-        log.record("s", "claude", "r:5", "t", &tool, &frame_of(&tool));
+        log.record("s", "claude", || "r:5".into(), "t", &tool, &frame_of(&tool));
         let (entries, dropped) = log.take();
         assert_eq!(dropped, 0);
         let kinds: Vec<_> = entries.iter().map(|e| (e.kind, e.role)).collect();

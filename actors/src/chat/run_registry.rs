@@ -98,8 +98,9 @@ use crate::chat::provider_run::{Abort, AnswerPermission, Kill, ProviderRun};
 use crate::config::GatewayConfig;
 use crate::metrics::metrics;
 use crate::protocol::{
-    event_id, now_iso, ChatError, Envelope, ErrorCode, Event, EventBody, Frame, PendingPermission,
-    PermissionDecision, ServerFrame, SubscribedRun, UpsertedProject, UpsertedSession,
+    event_id, now_iso, set_now_iso, ChatError, EnvelopeHead, ErrorCode, Event, EventBody, Frame,
+    PendingPermission, PermissionDecision, ServerFrame, SubscribedRun, UpsertedProject,
+    UpsertedSession,
 };
 use crate::provider::{provider_for, safe_id, Provider, ProviderEvent, ProviderKind, Turn};
 use crate::store::{self, ProjectRef, SessionRow, Store};
@@ -390,6 +391,8 @@ struct Run {
     /// Cluster mode: the run lives on this other node, and its events come
     /// from the session's stream (see `cluster.rs`); never sequenced here.
     remote: Option<String>,
+    /// What every envelope of the run starts with, escaped once.
+    head: EnvelopeHead,
 }
 
 impl Run {
@@ -1126,26 +1129,17 @@ impl RunRegistry {
         let seq = state.last_seq;
         run.last_seq = seq;
         let run_id = run.id.as_str();
-        let id = event_id(run_id, seq);
-        let timestamp = now_iso();
-        let frame = Envelope {
-            id: &id,
-            session_id,
-            timestamp: &timestamp,
-            provider: state.provider.as_str(),
-            seq,
-            run_id,
-            parent_tool_use_id: event.parent_tool_use_id.as_deref(),
-            body: &event.body,
-        }
-        .to_frame();
+        set_now_iso(&mut state.last_activity);
+        let timestamp = state.last_activity.as_str();
+        let parent = event.parent_tool_use_id.as_deref();
+        let frame = run.head.frame(seq, timestamp, parent, &event.body);
         if self.config.history_max_messages > 0 {
             let provider = state.provider.as_str();
+            let id = || event_id(run_id, seq);
             state
                 .history
-                .record(session_id, provider, &id, &timestamp, &event.body, &frame);
+                .record(session_id, provider, id, timestamp, &event.body, &frame);
         }
-        state.last_activity = timestamp;
         let history_batch = state.history.batch_ready();
         metrics().event(event.body.kind());
         state.buffer_bytes += frame.len();
@@ -1169,6 +1163,7 @@ impl RunRegistry {
         }
         if let Some(link) = self.cluster.as_mut() {
             if let Some(back) = state.buffer.back() {
+                let id = event_id(&run.id, seq);
                 link.outgoing(session_id, seq, &id, event.body.kind(), &back.frame);
             }
         }
@@ -2041,6 +2036,7 @@ impl RunRegistry {
             held_for: Duration::ZERO,
             exit_waiters: Vec::new(),
             remote: None,
+            head: EnvelopeHead::new(&session_id, state.provider.as_str(), &run_id),
         });
         if let Some(socket) = msg.socket {
             self.attach(socket, &session_id, first_seq - 1, false);

@@ -533,6 +533,7 @@ impl RunRegistry {
             held_for: Duration::ZERO,
             exit_waiters: Vec::new(),
             remote: Some(node.to_string()),
+            head: EnvelopeHead::new(session_id, state.provider.as_str(), run_id),
         });
         tracing::info!(
             session_id,
