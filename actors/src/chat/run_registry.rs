@@ -623,9 +623,9 @@ pub struct RunRegistry {
     store: Store,
     /// Where `ProviderRun`s live, off the registry's thread.
     runs_arbiter: ArbiterHandle,
-    sockets: HashMap<SocketId, SocketEntry>,
+    sockets: FastMap<SocketId, SocketEntry>,
     next_socket: SocketId,
-    sessions: HashMap<String, SessionState>,
+    sessions: FastMap<String, SessionState>,
     /// Gateway request id -> app session id, for pending permissions.
     permissions: HashMap<String, String>,
     /// Per session: `clientRequestId` -> (run id, when), oldest first (E6).
@@ -643,6 +643,12 @@ pub struct RunRegistry {
     /// Cluster mode (`--redis-url`): the bus and what goes to it.
     cluster: Option<cluster::ClusterLink>,
 }
+
+/// The maps looked up for every event and every delivery: SipHash of a
+/// session id cost about 250 instructions a lookup, foldhash a tenth. Their
+/// keys are the gateway's own (session ids are UUIDs it made, socket ids
+/// its counter), and foldhash is still seeded per process.
+type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 
 /// How the registry finds a provider's adapter.
 pub type ProviderLookup = fn(ProviderKind) -> Option<&'static dyn Provider>;
@@ -662,9 +668,9 @@ impl RunRegistry {
             config,
             store,
             runs_arbiter,
-            sockets: HashMap::new(),
+            sockets: FastMap::default(),
             next_socket: 1,
-            sessions: HashMap::new(),
+            sessions: FastMap::default(),
             permissions: HashMap::new(),
             client_requests: HashMap::new(),
             shutting_down: false,
