@@ -343,7 +343,10 @@ pub async fn chat_one(ctx: &Ctx) -> Result<Vec<Row>, String> {
     let events = ctx
         .events
         .unwrap_or(if ctx.quick { 50_000 } else { 200_000 });
-    let prompt = format!("text:{events} size:{EVENT_BYTES} ts");
+    // `LOADGEN_CHAT_ONE_EXTRA="delay_ms:1"` paces the fake CLI (one event per
+    // batch: the per-batch cost under callgrind, which otherwise sees full pipes).
+    let extra = std::env::var("LOADGEN_CHAT_ONE_EXTRA").unwrap_or_default();
+    let prompt = format!("text:{events} size:{EVENT_BYTES} ts {extra}");
     let gw = Gateway::start(&ctx.bins, |_, _| {})?;
     let (_project, sid) = session(&gw).await?;
     let mut ws = chat_socket(ctx, &gw).await?;
