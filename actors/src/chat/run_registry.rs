@@ -106,6 +106,8 @@ use crate::provider::{provider_for, safe_id, Provider, ProviderEvent, ProviderKi
 use crate::store::{self, ProjectRef, SessionRow, Store};
 
 mod cluster;
+mod replay;
+use replay::ReplayBuffer;
 
 /// Events kept for replay per session (PROTOCOL.md asks for at least 5000).
 pub const REPLAY_MAX_EVENTS: usize = 10_000;
@@ -402,16 +404,6 @@ impl Run {
     }
 }
 
-/// One buffered event: its seq, its frame, and the session's byte count
-/// after it (for "how far behind" in bytes).
-struct Buffered {
-    seq: u64,
-    frame: Frame,
-    end: u64,
-    /// When its provider line was read (`None` for the registry's own events).
-    read_at: Option<Instant>,
-}
-
 /// A withheld `RunEvents` answer.
 struct Pause {
     resume: oneshot::Sender<()>,
@@ -443,10 +435,7 @@ struct SessionState {
     /// (`SessionState::jump_to`).
     next_block: Option<(u64, u64)>,
     /// Replay buffer: contiguous seqs, oldest first.
-    buffer: VecDeque<Buffered>,
-    buffer_bytes: usize,
-    /// Bytes ever buffered for the session.
-    total_bytes: u64,
+    buffer: ReplayBuffer,
     /// Subscribed sockets and the last seq each was sent (E8 watermark).
     subscribers: BTreeMap<SocketId, u64>,
     /// Subscribers that (re)subscribed already far behind: closed only
@@ -503,7 +492,6 @@ impl SessionState {
             }
         }
         self.buffer.clear();
-        self.buffer_bytes = 0;
         self.last_seq = seq;
     }
 
@@ -513,16 +501,16 @@ impl SessionState {
         if sent >= self.last_seq {
             return Some(0);
         }
-        let front = self.buffer.front()?;
-        if sent + 1 < front.seq {
+        let front = self.buffer.front_seq()?;
+        if sent + 1 < front {
             return None;
         }
-        let before = if sent + 1 == front.seq {
-            front.end - front.frame.len() as u64
+        let before = if sent + 1 == front {
+            self.buffer[0].end - self.buffer[0].frame.len() as u64
         } else {
-            self.buffer[(sent - front.seq) as usize].end
+            self.buffer[(sent - front) as usize].end
         };
-        Some(self.total_bytes - before)
+        Some(self.buffer.total_bytes() - before)
     }
 
     /// Far behind: the oldest event the subscriber's client may lack is
@@ -556,8 +544,8 @@ impl SessionState {
             return false;
         }
         // The first buffered event that ends after what the client was written.
-        let written = self.total_bytes.saturating_sub(lacking);
-        let first = self.buffer.partition_point(|b| b.end <= written);
+        let written = self.buffer.total_bytes().saturating_sub(lacking);
+        let first = self.buffer.first_ending_after(written);
         self.buffer.len() - first > max_events
     }
 
@@ -768,12 +756,7 @@ impl RunRegistry {
             let Some(sent) = state.subscribers.get_mut(&socket) else {
                 continue;
             };
-            let rest: Arc<[Frame]> = state
-                .buffer
-                .iter()
-                .filter(|b| b.seq > *sent)
-                .map(|b| b.frame.clone())
-                .collect();
+            let rest: Arc<[Frame]> = state.buffer.frames_after(*sent).cloned().collect();
             *sent = state.last_seq;
             if !rest.is_empty() {
                 self.deliver_to(socket, rest);
@@ -899,7 +882,7 @@ impl RunRegistry {
             if sent >= state.last_seq || !entry.has_room() {
                 return;
             }
-            let Some(front) = state.buffer.front().map(|b| b.seq) else {
+            let Some(front) = state.buffer.front_seq() else {
                 return self.drop_slow_consumer(socket, "its events left the replay buffer");
             };
             if sent + 1 < front {
@@ -917,16 +900,12 @@ impl RunRegistry {
                 bytes += len;
                 end += 1;
             }
-            let (from, to) = (state.buffer[start].seq, state.buffer[end - 1].seq);
-            let read_at = state.buffer[start].read_at.filter(|_| live);
+            let (from, to) = (state.buffer.seq(start), state.buffer.seq(end - 1));
+            let read_at = state.buffer.read_at(start).filter(|_| live);
             let frames = match memo {
                 Some((f, t, frames)) if *f == from && *t == to => frames.clone(),
                 _ => {
-                    let frames: Arc<[Frame]> = state
-                        .buffer
-                        .range(start..end)
-                        .map(|b| b.frame.clone())
-                        .collect();
+                    let frames = state.buffer.frames(start..end);
                     *memo = Some((from, to, frames.clone()));
                     frames
                 }
@@ -1139,6 +1118,8 @@ impl RunRegistry {
         let timestamp = state.last_activity.as_str();
         let parent = event.parent_tool_use_id.as_deref();
         let frame = run.head.frame(seq, timestamp, parent, &event.body);
+        // Stored first, so the history shares the stored copy.
+        let frame = state.buffer.push(seq, frame, self.reading);
         if self.config.history_max_messages > 0 {
             let provider = state.provider.as_str();
             let id = || event_id(run_id, seq);
@@ -1148,30 +1129,13 @@ impl RunRegistry {
         }
         let history_batch = state.history.batch_ready();
         metrics().event(event.body.kind());
-        state.buffer_bytes += frame.len();
-        state.total_bytes += frame.len() as u64;
-        state.buffer.push_back(Buffered {
-            seq,
-            frame,
-            end: state.total_bytes,
-            read_at: self.reading,
-        });
-        while state.buffer.len() > REPLAY_MAX_EVENTS
-            || (state.buffer_bytes > REPLAY_MAX_BYTES && state.buffer.len() > 1)
-        {
-            if let Some(old) = state.buffer.pop_front() {
-                state.buffer_bytes -= old.frame.len();
-            }
-        }
         if seq > state.reserved_seq {
             // Only when the database failed to take reservations (logged there).
             state.reserved_seq = seq;
         }
         if let Some(link) = self.cluster.as_mut() {
-            if let Some(back) = state.buffer.back() {
-                let id = event_id(&run.id, seq);
-                link.outgoing(session_id, seq, &id, event.body.kind(), &back.frame);
-            }
+            let id = event_id(&run.id, seq);
+            link.outgoing(session_id, seq, &id, event.body.kind(), &frame);
         }
         if history_batch {
             self.flush_history(session_id, None);
@@ -1509,7 +1473,6 @@ impl RunRegistry {
         }
         state.run = None;
         state.buffer.clear();
-        state.buffer_bytes = 0;
         // A history write still under way keeps it until the periodic flush.
         let idle = !state.history.has_pending() && !state.history.writing();
         if state.subscribers.is_empty() && idle {
@@ -1535,9 +1498,7 @@ impl RunRegistry {
                 reserving: false,
                 reserve_waiters: Vec::new(),
                 next_block: None,
-                buffer: VecDeque::new(),
-                buffer_bytes: 0,
-                total_bytes: 0,
+                buffer: ReplayBuffer::default(),
                 subscribers: BTreeMap::new(),
                 catching_up: BTreeSet::new(),
                 holding: BTreeSet::new(),
@@ -1824,8 +1785,8 @@ impl RunRegistry {
             // events start at first_seq.
             let oldest = state
                 .buffer
-                .front()
-                .map(|b| b.seq.max(run.first_seq))
+                .front_seq()
+                .map(|s| s.max(run.first_seq))
                 .filter(|o| *o <= state.last_seq)
                 .unwrap_or(state.last_seq + 1);
             // Saturating: lastSeq is any u64 a client sends.
@@ -2019,11 +1980,7 @@ impl RunRegistry {
             .map(|sent| sent + 1)
             .min()
             .unwrap_or(state.last_seq + 1);
-        while state.buffer.front().is_some_and(|b| b.seq < keep_from) {
-            if let Some(old) = state.buffer.pop_front() {
-                state.buffer_bytes -= old.frame.len();
-            }
-        }
+        state.buffer.drop_before(keep_from);
         let first_seq = state.last_seq + 1;
         state.run = Some(Run {
             id: run_id.clone(),
@@ -2545,7 +2502,7 @@ impl Handler<AdminSnapshot> for RunRegistry {
                     age_secs: run.started.elapsed().as_secs(),
                     pending_permissions: run.pending.len(),
                     buffered_events: s.buffer.len(),
-                    buffered_bytes: s.buffer_bytes,
+                    buffered_bytes: s.buffer.bytes(),
                 })
             })
             .collect();
@@ -2668,7 +2625,7 @@ impl Handler<Inspect> for RunRegistry {
             out += &format!(
                 "session {id}: last {} front {:?} cursors {:?} run {:?} paused {} holding {:?}\n",
                 st.last_seq,
-                st.buffer.front().map(|b| b.seq),
+                st.buffer.front_seq(),
                 st.subscribers,
                 st.run
                     .as_ref()

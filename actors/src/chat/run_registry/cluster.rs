@@ -502,7 +502,6 @@ impl RunRegistry {
             // Our counters came from the database (another node's block of
             // seqs): the run's own seqs are the truth. Nothing here had them.
             state.buffer.clear();
-            state.buffer_bytes = 0;
             for sent in state.subscribers.values_mut() {
                 *sent = (*sent).min(before);
             }
@@ -619,7 +618,6 @@ impl RunRegistry {
                 "cluster: a gap in the session's stream"
             );
             state.buffer.clear();
-            state.buffer_bytes = 0;
             state.last_seq = ev.seq - 1;
             for socket in behind {
                 self.drop_slow_consumer(socket, "events missing from the cluster stream");
@@ -673,21 +671,7 @@ impl RunRegistry {
             }
             _ => {}
         }
-        state.buffer_bytes += ev.frame.len();
-        state.total_bytes += ev.frame.len() as u64;
-        state.buffer.push_back(Buffered {
-            seq: ev.seq,
-            frame: ev.frame,
-            end: state.total_bytes,
-            read_at: None,
-        });
-        while state.buffer.len() > REPLAY_MAX_EVENTS
-            || (state.buffer_bytes > REPLAY_MAX_BYTES && state.buffer.len() > 1)
-        {
-            if let Some(old) = state.buffer.pop_front() {
-                state.buffer_bytes -= old.frame.len();
-            }
-        }
+        state.buffer.push(ev.seq, ev.frame, None);
         true
     }
 
@@ -721,7 +705,6 @@ impl RunRegistry {
                         }
                     }
                     state.buffer.clear();
-                    state.buffer_bytes = 0;
                 }
             }
         }
