@@ -54,6 +54,13 @@ pub fn find_special(bytes: &[u8]) -> Option<usize> {
 pub fn push_json_str(out: &mut String, s: &str) {
     out.reserve(s.len() + 2);
     out.push('"');
+    push_json_escaped(out, s);
+    out.push('"');
+}
+
+/// Appends the inside of `s` as a JSON string literal (as [`push_json_str`]
+/// without the quotes), so a string can be written in pieces.
+pub fn push_json_escaped(out: &mut String, s: &str) {
     let mut rest = s;
     while let Some(at) = find_special(rest.as_bytes()) {
         // The special byte is ASCII, so `at` and `at + 1` are char boundaries.
@@ -78,7 +85,6 @@ pub fn push_json_str(out: &mut String, s: &str) {
         rest = &tail[1..];
     }
     out.push_str(rest);
-    out.push('"');
 }
 
 /// Appends `n` in decimal (itoa: the digits two at a time, as serde_json

@@ -27,6 +27,7 @@ use std::sync::Arc;
 
 use serde_json::{json, Value};
 
+use crate::json_text::push_json_escaped;
 use crate::protocol::{frame_of, push_json_str, EventBody, Frame, Role};
 use crate::store::HistoryEntry;
 
@@ -43,7 +44,14 @@ pub const MAX_QUEUED_WRITES: usize = 8;
 struct OpenText {
     id: String,
     timestamp: String,
-    content: String,
+    /// Its entry so far: the head of [`text_entry`]'s JSON and the text
+    /// escaped. Written as the deltas come, the text is held once (not as a
+    /// string and again as the entry when it ends), and it grows by a
+    /// quarter at a time, not by doubling: a hundred runs streaming at once
+    /// each hold one of these for the whole turn.
+    json: String,
+    /// Bytes of text kept (before escaping).
+    len: usize,
     /// Bytes left out beyond [`MAX_ENTRY_BYTES`].
     cut: usize,
 }
@@ -102,17 +110,21 @@ impl HistoryLog {
                 let open = self.open_text.get_or_insert_with(|| OpenText {
                     id: id(),
                     timestamp: timestamp.to_string(),
-                    content: String::new(),
+                    json: String::from(TEXT_ENTRY_HEAD),
+                    len: 0,
                     cut: 0,
                 });
-                let room = MAX_ENTRY_BYTES.saturating_sub(open.content.len());
-                if content.len() <= room {
-                    open.content.push_str(content);
-                } else {
-                    let (head, _) = split_at_char(content, room);
-                    open.content.push_str(head);
-                    open.cut += content.len() - head.len();
+                let room = MAX_ENTRY_BYTES.saturating_sub(open.len);
+                let (head, rest) = split_at_char(content, room);
+                let json = &mut open.json;
+                if json.capacity() - json.len() < head.len() {
+                    // Never more room than the text may still take.
+                    let grow = (json.len() / 4).max(1024).min(room);
+                    json.reserve_exact(head.len().max(grow));
                 }
+                push_json_escaped(json, head);
+                open.len += head.len();
+                open.cut += rest.len();
                 return;
             }
             EventBody::StreamEnd {} => return self.close_text(session_id, provider),
@@ -155,16 +167,16 @@ impl HistoryLog {
         let Some(open) = self.open_text.take() else {
             return;
         };
-        if open.content.is_empty() {
+        if open.len == 0 {
             return;
         }
-        let body = text_entry(
+        let body = finish_text_entry(
+            open.json,
             &open.id,
             session_id,
             &open.timestamp,
             provider,
             "assistant",
-            &open.content,
             open.cut,
         );
         self.push(HistoryEntry {
@@ -265,12 +277,28 @@ fn text_entry(
 ) -> Frame {
     let strings = [content, id, provider, role, session_id, timestamp];
     let mut buf = String::with_capacity(100 + strings.iter().map(|s| s.len()).sum::<usize>());
-    buf.push_str("{\"content\":");
-    if cut == 0 {
-        push_json_str(&mut buf, content);
-    } else {
-        push_json_str(&mut buf, &with_cut_note(content, cut));
+    buf.push_str(TEXT_ENTRY_HEAD);
+    push_json_escaped(&mut buf, content);
+    finish_text_entry(buf, id, session_id, timestamp, provider, role, cut)
+}
+
+/// What a `text` entry's JSON starts with: its content comes first.
+const TEXT_ENTRY_HEAD: &str = "{\"content\":\"";
+
+/// Ends a [`text_entry`] whose head and escaped content are in `buf`.
+fn finish_text_entry(
+    mut buf: String,
+    id: &str,
+    session_id: &str,
+    timestamp: &str,
+    provider: &str,
+    role: &str,
+    cut: usize,
+) -> Frame {
+    if cut > 0 {
+        push_json_escaped(&mut buf, &with_cut_note("", cut));
     }
+    buf.push('"');
     buf.push_str(",\"id\":");
     push_json_str(&mut buf, id);
     buf.push_str(",\"kind\":\"text\",\"provider\":");
@@ -282,6 +310,8 @@ fn text_entry(
     buf.push_str(",\"timestamp\":");
     push_json_str(&mut buf, timestamp);
     buf.push('}');
+    // Kept until written; a frame of a larger allocation keeps all of it.
+    buf.shrink_to_fit();
     Frame::from(buf)
 }
 
