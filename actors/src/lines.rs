@@ -28,7 +28,14 @@ pub async fn read_line_bounded<R: AsyncBufRead + Unpin>(
             None => (chunk.len(), false),
         };
         let room = max.saturating_sub(buf.len()).min(take);
-        buf.extend_from_slice(chunk.get(..room).unwrap_or_default());
+        let piece = chunk.get(..room).unwrap_or_default();
+        if buf.capacity() - buf.len() < piece.len() {
+            // A quarter more at a time, not double: a hundred runs ending
+            // together each read a final line of the whole text (150 KB
+            // in `chat-many`), which doubling left in 256 KB.
+            buf.reserve_exact(piece.len().max(buf.len() / 4));
+        }
+        buf.extend_from_slice(piece);
         reader.consume(take);
         consumed += take;
         if done {
