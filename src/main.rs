@@ -83,7 +83,27 @@ fn init_logging(format: LogFormat) {
     }));
 }
 
+/// glibc's malloc gives threads arenas of their own (up to 8 per core) and
+/// a freed chunk goes back to the arena it came from, so memory freed after
+/// one thread's burst (the provider reads' final lines, the socket writes,
+/// the database calls) stays resident beside the registry's replay buffers
+/// instead of being reused for them. With one arena `chat-many` peaks at
+/// 149-151 MB instead of 158-159 MB (RSS; small allocations still come from
+/// each thread's own cache without the arena's lock). An operator's own
+/// `MALLOC_ARENA_MAX` wins.
+fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+        // SAFETY: mallopt only sets a malloc parameter; called before any
+        // other thread exists.
+        unsafe {
+            libc::mallopt(libc::M_ARENA_MAX, 1);
+        }
+    }
+}
+
 fn main() -> ExitCode {
+    tune_allocator();
     let cli = Cli::parse();
     init_logging(cli.common.log_format);
     let result = match cli.command {
