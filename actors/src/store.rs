@@ -4,7 +4,7 @@
 //! [`SessionStore`] over its SQLite pool and hands an `Arc<dyn SessionStore>`
 //! to the actors. Every method blocks, so actors call it through
 //! [`blocking`], which runs it on tokio's blocking pool and never on an actor
-//! thread.
+//! thread, at most [`BLOCKING_CALLS_MAX`] at once.
 
 use std::sync::Arc;
 
