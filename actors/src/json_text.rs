@@ -29,6 +29,46 @@ fn is_special(b: u8) -> bool {
 /// Index of the first control character, `"` or `\` in `bytes`.
 #[inline]
 pub fn find_special(bytes: &[u8]) -> Option<usize> {
+    #[cfg(target_arch = "x86_64")]
+    return find_special_sse2(bytes);
+    #[cfg(not(target_arch = "x86_64"))]
+    return find_special_words(bytes);
+}
+
+/// [`find_special_words`] sixteen bytes at a time with SSE2 (part of every
+/// x86_64 CPU), the rest of the slice by words: a streamed delta's text and
+/// the envelope's strings are found in half the instructions.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+fn find_special_sse2(bytes: &[u8]) -> Option<usize> {
+    use std::arch::x86_64::{
+        _mm_cmpeq_epi8, _mm_loadu_si128, _mm_min_epu8, _mm_movemask_epi8, _mm_or_si128,
+        _mm_set1_epi8,
+    };
+    let mut chunks = bytes.chunks_exact(16);
+    let mut at = 0;
+    for chunk in &mut chunks {
+        // SAFETY: SSE2 is always there on x86_64, and the unaligned load
+        // reads exactly the 16 bytes of `chunk`.
+        let mask = unsafe {
+            let v = _mm_loadu_si128(chunk.as_ptr().cast());
+            let quote = _mm_cmpeq_epi8(v, _mm_set1_epi8(b'"' as i8));
+            let backslash = _mm_cmpeq_epi8(v, _mm_set1_epi8(b'\\' as i8));
+            // Below 0x20 (unsigned): the byte is its own minimum with 0x1f.
+            let control = _mm_cmpeq_epi8(_mm_min_epu8(v, _mm_set1_epi8(0x1f)), v);
+            _mm_movemask_epi8(_mm_or_si128(_mm_or_si128(quote, backslash), control))
+        };
+        if mask != 0 {
+            return Some(at + mask.trailing_zeros() as usize);
+        }
+        at += 16;
+    }
+    find_special_words(chunks.remainder()).map(|i| at + i)
+}
+
+/// [`find_special`] eight bytes at a time in a `u64`.
+#[inline]
+fn find_special_words(bytes: &[u8]) -> Option<usize> {
     let mut words = bytes.chunks_exact(8);
     let mut at = 0;
     for word in &mut words {
@@ -139,6 +179,33 @@ mod tests {
             assert_eq!(find_special(&vec![b'~'; len]), None);
         }
         assert_eq!(find_special("é✓ 𝄞#[]".as_bytes()), None);
+    }
+
+    /// The SSE2 search finds what the word search finds, at every position
+    /// of both its sixteen-byte blocks and the remainder, among the bytes
+    /// next to the special ranges.
+    #[test]
+    fn both_searches_agree() {
+        let near = [
+            0u8, 0x1f, 0x20, b'"', b'#', b'\\', b']', 0x7f, 0x80, 0x9f, 0xa0, 0xff,
+        ];
+        for len in 0..70 {
+            for at in 0..len {
+                for &b in &near {
+                    let mut bytes = vec![b'a'; len];
+                    bytes[at] = b;
+                    // Something special further on too.
+                    if at + 3 < len {
+                        bytes[at + 3] = b'"';
+                    }
+                    assert_eq!(
+                        find_special(&bytes),
+                        find_special_words(&bytes),
+                        "len {len} at {at} byte {b:#x}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]
