@@ -436,6 +436,15 @@ struct SessionState {
     next_block: Option<(u64, u64)>,
     /// Replay buffer: contiguous seqs, oldest first.
     buffer: ReplayBuffer,
+    /// The last [`DELIVERY_CACHE`] deliveries built (with two subscribers
+    /// or more), oldest first: every subscriber that needs a range starting
+    /// where one does takes the same frames (one allocation, not one per
+    /// socket). In a fan-out the caught-up subscribers take the same ranges
+    /// (several when a batch is larger than a delivery), and one behind
+    /// takes, as it drains, the ranges the others took before it. They are
+    /// recent events, mostly still buffered: at most 32 x 64 KiB of frames
+    /// (and their arena chunks) are kept alive by it beyond the buffer.
+    deliveries: VecDeque<Chunk>,
     /// Subscribed sockets and the last seq each was sent (E8 watermark).
     subscribers: BTreeMap<SocketId, u64>,
     /// Subscribers that (re)subscribed already far behind: closed only
@@ -492,6 +501,7 @@ impl SessionState {
             }
         }
         self.buffer.clear();
+        self.deliveries.clear();
         self.last_seq = seq;
     }
 
@@ -602,9 +612,17 @@ impl SocketEntry {
     }
 }
 
-/// The last delivery built in one fan-out, reused by every subscriber that
-/// needs the same range (the common case: all of them caught up).
-type Memo = Option<(u64, u64, Arc<[Frame]>)>;
+/// Deliveries kept per session for reuse ([`SessionState::deliveries`]).
+const DELIVERY_CACHE: usize = 32;
+
+/// A delivery built for one subscriber, shared with the others: its first
+/// and last seq, its frame bytes, its frames.
+struct Chunk {
+    from: u64,
+    to: u64,
+    bytes: usize,
+    frames: Arc<[Frame]>,
+}
 
 pub struct RunRegistry {
     config: Arc<GatewayConfig>,
@@ -784,10 +802,21 @@ impl RunRegistry {
         frames: Arc<[Frame]>,
         read_at: Option<Instant>,
     ) -> bool {
+        let bytes = frames.iter().map(|f| f.len()).sum();
+        self.deliver_sized(socket, frames, bytes, read_at)
+    }
+
+    /// [`Self::deliver_read_at`] of frames of `bytes` in all.
+    fn deliver_sized(
+        &mut self,
+        socket: SocketId,
+        frames: Arc<[Frame]>,
+        bytes: usize,
+        read_at: Option<Instant>,
+    ) -> bool {
         let Some(entry) = self.sockets.get_mut(&socket) else {
             return false;
         };
-        let bytes: usize = frames.iter().map(|f| f.len()).sum();
         match entry.deliver.try_send(Deliver(frames, read_at)) {
             Ok(()) => {
                 entry.bytes_in_flight += bytes;
@@ -869,7 +898,7 @@ impl RunRegistry {
     /// Sends the socket what it has not been sent of the session, as far as
     /// its budget allows. `live`: not a replay after `chat.subscribe` (its
     /// deliveries are timed from the provider's line).
-    fn pump(&mut self, socket: SocketId, session_id: &str, memo: &mut Memo, live: bool) {
+    fn pump(&mut self, socket: SocketId, session_id: &str, live: bool) {
         loop {
             let (Some(entry), Some(state)) =
                 (self.sockets.get(&socket), self.sessions.get(session_id))
@@ -890,34 +919,47 @@ impl RunRegistry {
             }
             let start = (sent + 1 - front) as usize;
             let limit = DELIVERY_MAX_BYTES.min(SUBSCRIBER_HIGH_WATER - entry.bytes_in_flight);
-            let mut end = start;
-            let mut bytes = 0;
-            while end < state.buffer.len() && end - start < DELIVERY_MAX_FRAMES {
-                let len = state.buffer[end].frame.len();
-                if end > start && bytes + len > limit {
-                    break;
-                }
-                bytes += len;
-                end += 1;
-            }
-            let (from, to) = (state.buffer.seq(start), state.buffer.seq(end - 1));
             let read_at = state.buffer.read_at(start).filter(|_| live);
-            let frames = match memo {
-                Some((f, t, frames)) if *f == from && *t == to => frames.clone(),
-                _ => {
-                    let frames = state.buffer.frames(start..end);
-                    *memo = Some((from, to, frames.clone()));
-                    frames
+            // The longest delivery already built from here that fits.
+            let cached = state
+                .deliveries
+                .iter()
+                .filter(|c| c.from == sent + 1 && c.bytes <= limit)
+                .max_by_key(|c| c.to)
+                .map(|c| (c.to, c.bytes, c.frames.clone()));
+            let share = cached.is_none() && state.subscribers.len() > 1;
+            let (to, bytes, frames) = cached.unwrap_or_else(|| {
+                let mut end = start;
+                let mut bytes = 0;
+                while end < state.buffer.len() && end - start < DELIVERY_MAX_FRAMES {
+                    let len = state.buffer[end].frame.len();
+                    if end > start && bytes + len > limit {
+                        break;
+                    }
+                    bytes += len;
+                    end += 1;
                 }
+                let frames = state.buffer.frames(start..end);
+                (state.buffer.seq(end - 1), bytes, frames)
+            });
+            let Some(state) = self.sessions.get_mut(session_id) else {
+                return;
             };
-            if let Some(cursor) = self
-                .sessions
-                .get_mut(session_id)
-                .and_then(|s| s.subscribers.get_mut(&socket))
-            {
+            if share {
+                if state.deliveries.len() >= DELIVERY_CACHE {
+                    state.deliveries.pop_front();
+                }
+                state.deliveries.push_back(Chunk {
+                    from: sent + 1,
+                    to,
+                    bytes,
+                    frames: frames.clone(),
+                });
+            }
+            if let Some(cursor) = state.subscribers.get_mut(&socket) {
                 *cursor = to;
             }
-            if !self.deliver_read_at(socket, frames, read_at) {
+            if !self.deliver_sized(socket, frames, bytes, read_at) {
                 return;
             }
         }
@@ -932,9 +974,8 @@ impl RunRegistry {
             return;
         };
         let subscribers: Vec<SocketId> = state.subscribers.keys().copied().collect();
-        let mut memo = None;
         for socket in subscribers {
-            self.pump(socket, session_id, &mut memo, true);
+            self.pump(socket, session_id, true);
         }
         let Some(state) = self.sessions.get_mut(session_id) else {
             return;
@@ -1473,6 +1514,7 @@ impl RunRegistry {
         }
         state.run = None;
         state.buffer.clear();
+        state.deliveries.clear();
         // A history write still under way keeps it until the periodic flush.
         let idle = !state.history.has_pending() && !state.history.writing();
         if state.subscribers.is_empty() && idle {
@@ -1499,6 +1541,7 @@ impl RunRegistry {
                 reserve_waiters: Vec::new(),
                 next_block: None,
                 buffer: ReplayBuffer::default(),
+                deliveries: VecDeque::new(),
                 subscribers: BTreeMap::new(),
                 catching_up: BTreeSet::new(),
                 holding: BTreeSet::new(),
@@ -1838,7 +1881,7 @@ impl RunRegistry {
                 .get(&session_id)
                 .is_some_and(|s| !s.subscribers.contains_key(&msg.socket));
             self.attach(msg.socket, &session_id, sent, true);
-            self.pump(msg.socket, &session_id, &mut None, false);
+            self.pump(msg.socket, &session_id, false);
             // A resubscriber already in the margin (a 4008 closed it there)
             // gets time to catch up: it is closed only once its events leave.
             let in_flight = self.sockets.get(&msg.socket).map(|e| e.bytes_in_flight);
@@ -2346,7 +2389,7 @@ impl Handler<Drained> for RunRegistry {
             }
             let sessions: Vec<String> = entry.sessions.iter().cloned().collect();
             for session_id in sessions {
-                act.pump(msg.socket, &session_id, &mut None, true);
+                act.pump(msg.socket, &session_id, true);
                 act.maybe_resume(&session_id, Some(msg.socket));
             }
         })

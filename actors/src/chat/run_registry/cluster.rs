@@ -502,6 +502,7 @@ impl RunRegistry {
             // Our counters came from the database (another node's block of
             // seqs): the run's own seqs are the truth. Nothing here had them.
             state.buffer.clear();
+            state.deliveries.clear();
             for sent in state.subscribers.values_mut() {
                 *sent = (*sent).min(before);
             }
@@ -618,6 +619,7 @@ impl RunRegistry {
                 "cluster: a gap in the session's stream"
             );
             state.buffer.clear();
+            state.deliveries.clear();
             state.last_seq = ev.seq - 1;
             for socket in behind {
                 self.drop_slow_consumer(socket, "events missing from the cluster stream");
@@ -705,6 +707,7 @@ impl RunRegistry {
                         }
                     }
                     state.buffer.clear();
+                    state.deliveries.clear();
                 }
             }
         }
