@@ -13,6 +13,7 @@ use agentgate_actors::chat::run_registry::ListRunning;
 use agentgate_actors::config::MAX_INBOUND_FRAME;
 use agentgate_actors::provider::ProviderKind;
 use agentgate_actors::shell::{ShellDeps, ShellSocket};
+use agentgate_actors::write_pump::WithRaw;
 use serde_json::json;
 
 use crate::api::{self, ApiError, AuthError};
@@ -339,9 +340,13 @@ async fn chat_ws(
     .token(identity.token_watch())
     .subscribe_limit(state.config.limits.subscribe_entries);
     let stream = state.admit_socket(&identity.user, stream).await?;
-    ws::WsResponseBuilder::new(socket, &req, stream)
-        .frame_size(MAX_INBOUND_FRAME)
-        .start()
+    // As `WsResponseBuilder::start`, with the frames the socket encodes
+    // itself written ahead of its context's (see `write_pump::RawOut`).
+    let mut res = ws::handshake(&req)?;
+    let raw = socket.raw_out();
+    let codec = actix_http::ws::Codec::new().max_size(MAX_INBOUND_FRAME);
+    let body = ws::WebsocketContext::with_codec(socket, stream, codec);
+    Ok(res.streaming(WithRaw::new(body, raw)))
 }
 
 async fn shell_ws(

@@ -16,11 +16,13 @@
 //! stalls this actor (its connection task stops polling it while a write
 //! waits), its mailbox fills, and the registry closes it with 4008.
 //! Delivered batches wait in a backlog of shared frames (the bytes the
-//! registry serialized once, not copies) and are handed to the WebSocket
-//! encoder at most [`WRITE_BYTES_PER_POLL`] per poll, i.e. only as fast as the
+//! registry serialized once, not copies) and are encoded as WebSocket text
+//! frames at most [`WRITE_BYTES_PER_POLL`] per poll, i.e. only as fast as the
 //! HTTP layer writes: a thousand subscribers behind one fast run hold one copy
-//! of the stream, not a thousand encoded ones. A backlog above
-//! [`BACKLOG_MAX_BYTES`] closes the socket with 4008 as well.
+//! of the stream, not a thousand encoded ones. The socket encodes them itself,
+//! into one exact-size buffer per write ([`RawOut`], which the route writes
+//! ahead of the context's own frames: pings, pongs, errors, the close). A
+//! backlog above [`BACKLOG_MAX_BYTES`] closes the socket with 4008 as well.
 //!
 //! **Stops** on client close, heartbeat timeout, [`CloseSocket`], a
 //! protocol error, or when its token expires or is revoked (close 1008,
@@ -44,7 +46,7 @@ use crate::protocol::{protocol_error, ChatError, ClientMessage, ErrorCode, Frame
 use crate::store::{self, SessionRow, Store};
 use crate::token_watch::{TokenWatch, CLOSE_TOKEN_INVALID};
 use crate::watchdog::{Stalled, WatchedConn};
-use crate::write_pump::{Backlog, WritePump};
+use crate::write_pump::{Backlog, RawOut, WritePump};
 use crate::AuthUser;
 
 /// Deliveries queued for one socket (the registry keeps at most
@@ -88,6 +90,9 @@ pub struct ChatSocket {
     backlog_next: usize,
     /// Bytes of the frames in `backlog` not yet written.
     backlog_bytes: usize,
+    /// Where backlog frames are encoded (the route wraps the context's
+    /// body in [`crate::write_pump::WithRaw`] with it).
+    raw: RawOut,
     /// Written and finished since the last [`Drained`] report.
     drained_bytes: usize,
     drained_batches: usize,
@@ -140,6 +145,7 @@ impl ChatSocket {
             backlog: VecDeque::new(),
             backlog_next: 0,
             backlog_bytes: 0,
+            raw: RawOut::default(),
             drained_bytes: 0,
             drained_batches: 0,
             conn: None,
@@ -158,6 +164,12 @@ impl ChatSocket {
         self
     }
 
+    /// Where it encodes the frames it writes: the route writes them to the
+    /// connection ahead of the context's (`WithRaw::new(context, raw)`).
+    pub fn raw_out(&self) -> RawOut {
+        self.raw.clone()
+    }
+
     /// Closes the socket with 1008 when `token` expires or is revoked.
     pub fn token(mut self, token: TokenWatch) -> Self {
         self.token = token;
@@ -173,7 +185,22 @@ impl ChatSocket {
 
     /// Hands backlog frames to the encoder until `budget` bytes are written
     /// or the backlog is empty; true when frames remain.
-    fn write_backlog(&mut self, budget: usize, ctx: &mut ws::WebsocketContext<Self>) -> bool {
+    fn write_backlog(&mut self, budget: usize, _: &mut ws::WebsocketContext<Self>) -> bool {
+        // What this write encodes, so its frames go into one allocation.
+        let mut encoded = 0;
+        let mut payload = 0;
+        let mut next = self.backlog_next;
+        'size: for (batch, _) in &self.backlog {
+            for frame in &batch[next..] {
+                if payload >= budget {
+                    break 'size;
+                }
+                payload += frame.len();
+                encoded += RawOut::text_len(frame.len());
+            }
+            next = 0;
+        }
+        self.raw.reserve(encoded);
         let mut written = 0;
         while written < budget {
             let Some((batch, _)) = self.backlog.front() else {
@@ -183,7 +210,7 @@ impl ChatSocket {
                 Some(frame) => {
                     written += frame.len();
                     self.backlog_bytes = self.backlog_bytes.saturating_sub(frame.len());
-                    ctx.text(frame.clone());
+                    self.raw.text(frame.as_bytes());
                     self.backlog_next += 1;
                 }
                 None => self.finish_batch(),
