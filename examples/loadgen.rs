@@ -97,7 +97,8 @@ struct Args {
     /// Repetitions per figure (the median is reported); default 3.
     #[arg(long, default_value_t = 3)]
     reps: usize,
-    /// Events per run in chat-one (default 200,000; 50,000 with --quick).
+    /// Events per run in chat-one (default 200,000; 50,000 with --quick)
+    /// and fanout (20,000; 2,000 with --quick).
     #[arg(long)]
     events: Option<usize>,
     /// Directory holding agentgate, examples/fake_claude and examples/echo_plugin
@@ -111,7 +112,7 @@ pub struct Ctx {
     pub bins: Bins,
     pub quick: bool,
     pub reps: usize,
-    /// `--events`: overrides chat-one's events per run.
+    /// `--events`: overrides chat-one's and fanout's events per run.
     pub events: Option<usize>,
     pub client: awc::Client,
     /// RLIMIT_NOFILE after raising it.

@@ -48,9 +48,13 @@ pub(crate) fn ms(nanos: u64) -> f64 {
     nanos as f64 / 1e6
 }
 
-/// A per-run deadline generous enough for a slow machine, never unbounded.
+/// A per-run deadline generous enough for a slow machine, never unbounded
+/// (twenty times longer for a gateway under `LOADGEN_GATEWAY_WRAP`, e.g.
+/// callgrind).
 fn run_deadline(events: usize) -> Instant {
-    Instant::now() + Duration::from_secs(60) + Duration::from_micros(events as u64 * 200)
+    let wrapped = std::env::var_os("LOADGEN_GATEWAY_WRAP").is_some_and(|w| !w.is_empty());
+    let slow = if wrapped { 20 } else { 1 };
+    Instant::now() + (Duration::from_secs(60) + Duration::from_micros(events as u64 * 200)) * slow
 }
 
 /// A project dir and a session in it.
@@ -726,7 +730,7 @@ pub async fn fanout_over(
 
 pub async fn fanout(ctx: &Ctx) -> Result<Vec<Row>, String> {
     let subscribers = 1_000;
-    let events = if ctx.quick { 2_000 } else { 20_000 };
+    let events = ctx.events.unwrap_or(if ctx.quick { 2_000 } else { 20_000 });
     let reps = if ctx.quick { 1 } else { ctx.reps };
     let gw = Gateway::start(&ctx.bins, |_, _| {})?;
     let f = fanout_over(ctx, &[&gw], subscribers, events, reps).await?;
