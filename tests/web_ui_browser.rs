@@ -155,6 +155,7 @@ async fn cloudcli_end_to_end() {
             "prompt": "Please write the file",
             "answerWords": ANSWER_WORDS,
             "shellFile": SHELL_FILE,
+            "toolFile": TOOL_FILE,
             "other": {"username": "bob", "password": "bobs password 2"},
         }),
         &artifacts,
@@ -194,9 +195,11 @@ async fn cloudcli_end_to_end() {
         asked["text"].as_str().unwrap_or_default().contains("Bash"),
         "{asked}"
     );
-    assert!(
-        !project_path.join(TOOL_FILE).exists(),
-        "the tool ran before it was allowed"
+    // The script goes on to click "Allow once" at once, so it looked for
+    // the file itself while the prompt was up.
+    assert_eq!(
+        asked["toolFileBeforeAllow"], false,
+        "the tool ran before it was allowed: {asked}"
     );
     let partial = script.wait_step("answer_streaming", STEP);
     let shown = partial["words"].as_u64().unwrap_or(0);

@@ -63,7 +63,9 @@ main(async (browser) => {
   await allow.waitFor({ timeout: 60000 });
   const prompt = await bodyText(page);
   await screenshot(page, 'permission-prompt');
-  step('permission_shown', { text: prompt });
+  // Checked here, before the click: the test reads this step only later.
+  const toolFileBeforeAllow = fs.existsSync(path.join(config.projectPath, config.toolFile));
+  step('permission_shown', { text: prompt, toolFileBeforeAllow });
   await allow.click();
 
   const words = await until('part of the answer', async () => {

@@ -1853,7 +1853,18 @@ impl RunRegistry {
                 (None, false, false) => None,
             }
             // A lastSeq from the future means "nothing yet": live from here.
-            .map(|sent| sent.min(state.last_seq));
+            .map(|sent| sent.min(state.last_seq))
+            // E2: what is gone is gone, and the ack says so
+            // (`replayTruncated`, refresh history over REST); the replay goes
+            // on from the oldest event left. Closing it with 4008 instead
+            // would only bring the same resubscription back, for ever.
+            .map(|sent| {
+                if wanted < oldest {
+                    sent.max(oldest - 1)
+                } else {
+                    sent
+                }
+            });
         } else if let Some(state) = state.filter(|_| msg.follow) {
             // No run in memory: a follower waits for the next one.
             cursor = Some(state.last_seq);
