@@ -47,11 +47,7 @@ pub async fn new_conn(server: &TestServer, before: &std::collections::HashSet<u1
 #[actix_rt::test]
 async fn a_chat_client_that_stops_reading_is_cut_off_and_loses_nothing() {
     let server = server();
-    let token = server.token("alice");
-    let project = project_dir();
-    let session = server
-        .create_session(&token, "claude", project.path())
-        .await;
+    let (token, _project, session) = server.alice_session().await;
     let (pid, port) = (server.pid(), server.addr.port());
     let before = gateway_conns(pid, port);
     let mut stuck = server.ws(&format!("/ws?token={token}")).await;
@@ -110,11 +106,7 @@ async fn a_chat_client_that_stops_reading_is_cut_off_and_loses_nothing() {
 #[actix_rt::test]
 async fn a_slow_reader_pauses_the_run_and_gets_everything() {
     let server = server();
-    let token = server.token("alice");
-    let project = project_dir();
-    let session = server
-        .create_session(&token, "claude", project.path())
-        .await;
+    let (token, _project, session) = server.alice_session().await;
     let mut ws = server.ws(&format!("/ws?token={token}")).await;
     // 30,000 deltas of 2 KB (60 MB): more than the replay buffer and every
     // socket budget together, so without pausing something would be lost.
@@ -160,11 +152,7 @@ async fn a_slow_reader_pauses_the_run_and_gets_everything() {
 #[actix_rt::test]
 async fn a_repeated_subscribe_never_sends_a_seq_twice() {
     let server = server();
-    let token = server.token("alice");
-    let project = project_dir();
-    let session = server
-        .create_session(&token, "claude", project.path())
-        .await;
+    let (token, _project, session) = server.alice_session().await;
     let mut ws = server.ws(&format!("/ws?token={token}")).await;
     send(&mut ws, &session, "text:300 delay_ms:5").await;
     let first = next_event(&mut ws).await;
@@ -203,11 +191,7 @@ async fn a_repeated_subscribe_never_sends_a_seq_twice() {
 #[actix_rt::test]
 async fn completed_run_catch_up_only_for_subscribers_that_reached_it() {
     let server = server();
-    let token = server.token("alice");
-    let project = project_dir();
-    let session = server
-        .create_session(&token, "claude", project.path())
-        .await;
+    let (token, project, session) = server.alice_session().await;
     let mut ws = server.ws(&format!("/ws?token={token}")).await;
     send(&mut ws, &session, "text:3").await;
     let run1 = until_complete(&mut ws, &session).await;
@@ -270,11 +254,7 @@ async fn completed_run_catch_up_only_for_subscribers_that_reached_it() {
 #[actix_rt::test]
 async fn a_subscriber_far_behind_a_completed_run_catches_up() {
     let server = server();
-    let token = server.token("alice");
-    let project = project_dir();
-    let session = server
-        .create_session(&token, "claude", project.path())
-        .await;
+    let (token, _project, session) = server.alice_session().await;
     let mut ws = server.ws(&format!("/ws?token={token}")).await;
     send(&mut ws, &session, "text:7000").await;
     let run = seqs(&until_complete(&mut ws, &session).await);
@@ -307,11 +287,7 @@ async fn a_subscriber_far_behind_within_the_buffer_is_not_closed() {
             .arg(example_bin("fake_claude"))
             .args(["--heartbeat-secs", "60"]);
     });
-    let token = server.token("alice");
-    let project = project_dir();
-    let session = server
-        .create_session(&token, "claude", project.path())
-        .await;
+    let (token, _project, session) = server.alice_session().await;
     let mut reader = server.ws(&format!("/ws?token={token}")).await;
     let mut behind = server.ws(&format!("/ws?token={token}")).await;
     send(&mut reader, &session, "text:8000 size:2000").await;
@@ -345,11 +321,7 @@ async fn a_subscriber_far_behind_within_the_buffer_is_not_closed() {
 #[actix_rt::test]
 async fn a_reader_that_stops_for_a_moment_holds_the_run_and_loses_nothing() {
     let server = server();
-    let token = server.token("alice");
-    let project = project_dir();
-    let session = server
-        .create_session(&token, "claude", project.path())
-        .await;
+    let (token, _project, session) = server.alice_session().await;
     let mut reader = server.ws(&format!("/ws?token={token}")).await;
     let mut pausing = server.ws(&format!("/ws?token={token}")).await;
     // 30,000 deltas of 2 KB: the replay buffer keeps 10,000 of them.
@@ -442,11 +414,7 @@ async fn a_stuck_client_behind_tls_is_cut_off() {
             .arg("--heartbeat-secs")
             .arg(HEARTBEAT_SECS.to_string());
     });
-    let token = server.token("alice");
-    let project = project_dir();
-    let session = server
-        .create_session(&token, "claude", project.path())
-        .await;
+    let (token, _project, session) = server.alice_session().await;
     let before = gateway_conns(server.pid(), server.addr.port());
     let mut stuck = server.ws(&format!("/ws?token={token}")).await;
     let conn = new_conn(&server, &before).await;
@@ -569,11 +537,7 @@ async fn a_stopped_cli_ends_in_one_failed_complete_via_the_idle_limit() {
     let server = server_with(|cmd| {
         cmd.arg("--provider-idle-secs").arg("2");
     });
-    let token = server.token("alice");
-    let project = project_dir();
-    let session = server
-        .create_session(&token, "claude", project.path())
-        .await;
+    let (token, project, session) = server.alice_session().await;
     let mut ws = server.ws(&format!("/ws?token={token}")).await;
     send(&mut ws, &session, "text:100000 delay_ms:20").await;
     let _ = next_event(&mut ws).await;
@@ -602,11 +566,7 @@ async fn a_stopped_cli_ends_in_one_failed_complete_via_the_idle_limit() {
 #[actix_rt::test]
 async fn a_send_right_after_an_abort_waits_for_the_aborted_cli() {
     let server = server();
-    let token = server.token("alice");
-    let project = project_dir();
-    let session = server
-        .create_session(&token, "claude", project.path())
-        .await;
+    let (token, project, session) = server.alice_session().await;
     let mut ws = server.ws(&format!("/ws?token={token}")).await;
     // `hang` ignores the interrupt: it only goes with SIGTERM after the grace.
     send(&mut ws, &session, "text:4 hang").await;
@@ -634,11 +594,7 @@ async fn a_send_right_after_an_abort_waits_for_the_aborted_cli() {
 #[actix_rt::test]
 async fn gateway_sigkill_mid_run_then_restart_continues_above_every_seq() {
     let server = server();
-    let token = server.token("alice");
-    let project = project_dir();
-    let session = server
-        .create_session(&token, "claude", project.path())
-        .await;
+    let (token, project, session) = server.alice_session().await;
     let mut ws = server.ws(&format!("/ws?token={token}")).await;
     send(&mut ws, &session, "text:200000 size:16").await;
     // A point between 1 and ~30,000 events, from the clock (printed to replay a failure).
@@ -685,11 +641,7 @@ async fn a_locked_database_mid_run_is_reported_and_the_run_completes() {
     use diesel::connection::SimpleConnection;
     use diesel::Connection;
     let server = server();
-    let token = server.token("alice");
-    let project = project_dir();
-    let session = server
-        .create_session(&token, "claude", project.path())
-        .await;
+    let (token, _project, session) = server.alice_session().await;
     let mut ws = server.ws(&format!("/ws?token={token}")).await;
     // Slow enough to take the lock between the start and the next reservation.
     send(&mut ws, &session, "text:20000 size:8 delay_ms:0").await;
@@ -717,11 +669,7 @@ async fn a_locked_database_mid_run_is_reported_and_the_run_completes() {
 #[actix_rt::test]
 async fn fifty_reconnecting_clients_see_no_gap_and_no_duplicate() {
     let server = server();
-    let token = server.token("alice");
-    let project = project_dir();
-    let session = server
-        .create_session(&token, "claude", project.path())
-        .await;
+    let (token, _project, session) = server.alice_session().await;
     let mut ws = server.ws(&format!("/ws?token={token}")).await;
     send(&mut ws, &session, "text:6000 size:32 delay_ms:1").await;
     let first = next_event(&mut ws).await;
@@ -803,11 +751,7 @@ async fn fifteen_hundred_sockets_dropped_without_a_close_leave_no_descriptor() {
             .arg(example_bin("fake_claude"))
             .args(["--max-sockets-per-user", "2000"]);
     });
-    let token = server.token("alice");
-    let project = project_dir();
-    let session = server
-        .create_session(&token, "claude", project.path())
-        .await;
+    let (token, _project, session) = server.alice_session().await;
     let pid = server.pid();
     let count = || {
         std::fs::read_dir(format!("/proc/{pid}/fd"))

@@ -154,11 +154,7 @@ async fn every_metric_moves_with_its_cause() {
     let server = gateway(data);
     let url = metrics_url(&server).await;
     assert!(url.starts_with("http://127.0.0.1:"), "{url}");
-    let token = server.token("alice");
-    let project = project_dir();
-    let session = server
-        .create_session(&token, "claude", project.path())
-        .await;
+    let (token, project, session) = server.alice_session().await;
     let m0 = scrape(&url).await;
 
     // A run: connection open, run active then ended, events, bytes, latency, db.
@@ -400,11 +396,7 @@ async fn flow_control_and_disconnect_metrics() {
         url.starts_with("http://127.0.0.1:"),
         "a bare port is loopback: {url}"
     );
-    let token = server.token("alice");
-    let project = project_dir();
-    let session = server
-        .create_session(&token, "claude", project.path())
-        .await;
+    let (token, _project, session) = server.alice_session().await;
 
     // One reader that keeps up, one that never reads: the second falls behind.
     let mut reader = server.ws(&format!("/ws?token={token}")).await;
@@ -506,11 +498,7 @@ async fn supervision_events_are_json_with_stable_fields() {
             .args(["--log-format", "json"])
             .env("AGENTGATE_TEST_PANIC_PROMPT", PANIC_PROMPT);
     });
-    let token = server.token("alice");
-    let project = project_dir();
-    let session = server
-        .create_session(&token, "claude", project.path())
-        .await;
+    let (token, project, session) = server.alice_session().await;
 
     // A run: its ProviderRun starts and stops, in the run's span.
     let mut ws = server.ws(&format!("/ws?token={token}")).await;

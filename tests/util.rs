@@ -324,6 +324,14 @@ impl TestServer {
         read_json(req.send_json(&body).await.expect("PUT")).await
     }
 
+    /// Alice's token, a new project dir and a Claude session of hers in it.
+    pub async fn alice_session(&self) -> (String, tempfile::TempDir, String) {
+        let token = self.token("alice");
+        let project = project_dir();
+        let session = self.create_session(&token, "claude", project.path()).await;
+        (token, project, session)
+    }
+
     /// Creates a session over REST and returns its id.
     pub async fn create_session(&self, token: &str, provider: &str, project: &Path) -> String {
         let (status, body) = self

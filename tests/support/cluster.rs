@@ -15,7 +15,7 @@ use std::process::Command;
 
 use super::postgres::TestDatabase;
 use super::redis::TestRedis;
-use crate::util::{example_bin, project_dir, TestServer};
+use crate::util::{example_bin, TestServer};
 
 /// The lease the test clusters run with unless told otherwise: short, so a
 /// lost node is noticed quickly, yet several renewals long on a loaded
@@ -115,13 +115,7 @@ impl TestCluster {
     /// Alice's token, a project dir and a new Claude session of hers, made
     /// on node `i` (the token is valid on every node: one secret).
     pub async fn alice_session(&self, i: usize) -> (String, tempfile::TempDir, String) {
-        let token = self.node(i).token("alice");
-        let project = project_dir();
-        let session = self
-            .node(i)
-            .create_session(&token, "claude", project.path())
-            .await;
-        (token, project, session)
+        self.node(i).alice_session().await
     }
 
     pub fn len(&self) -> usize {
