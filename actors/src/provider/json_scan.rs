@@ -145,20 +145,9 @@ impl<'a> Scanner<'a> {
             return Some(());
         }
         loop {
-            let key = match self.string()? {
-                Cow::Borrowed(key) => key,
-                Cow::Owned(_) => return None,
-            };
-            self.eat(b':')?;
-            each(self, key)?;
-            self.ws();
-            match self.peek()? {
-                b',' => self.at += 1,
-                b'}' => {
-                    self.at += 1;
-                    return Some(());
-                }
-                _ => return None,
+            self.entry(&mut each)?;
+            if self.object_closed()? {
+                return Some(());
             }
         }
     }
@@ -170,23 +159,32 @@ impl<'a> Scanner<'a> {
         &mut self,
         mut each: impl FnMut(&mut Self, &'a str) -> Option<()>,
     ) -> Option<()> {
-        loop {
-            self.ws();
-            match self.peek()? {
-                b',' => self.at += 1,
-                b'}' => {
-                    self.at += 1;
-                    return Some(());
-                }
-                _ => return None,
-            }
-            let key = match self.string()? {
-                Cow::Borrowed(key) => key,
-                Cow::Owned(_) => return None,
-            };
-            self.eat(b':')?;
-            each(self, key)?;
+        while !self.object_closed()? {
+            self.entry(&mut each)?;
         }
+        Some(())
+    }
+
+    /// One `"key": value` entry; `each` consumes the value.
+    fn entry(&mut self, each: &mut impl FnMut(&mut Self, &'a str) -> Option<()>) -> Option<()> {
+        let key = match self.string()? {
+            Cow::Borrowed(key) => key,
+            Cow::Owned(_) => return None,
+        };
+        self.eat(b':')?;
+        each(self, key)
+    }
+
+    /// After an entry: `,` (another follows, false) or the closing `}` (true).
+    fn object_closed(&mut self) -> Option<bool> {
+        self.ws();
+        let closed = match self.peek()? {
+            b',' => false,
+            b'}' => true,
+            _ => return None,
+        };
+        self.at += 1;
+        Some(closed)
     }
 
     /// Skips one value of any kind, checking it.
