@@ -92,7 +92,20 @@ impl UrlDetector {
     /// Adds one chunk of raw output and returns the URLs visible around it,
     /// except one that may still continue.
     pub fn feed(&mut self, chunk: &str) -> Vec<DetectedUrl> {
+        self.feed_checked(chunk, true)
+    }
+
+    /// `feed`; `quick`: a chunk that cannot complete a URL only moves the
+    /// text buffer on (tests compare it with the full scan).
+    fn feed_checked(&mut self, chunk: &str, quick: bool) -> Vec<DetectedUrl> {
         let clean = strip_ansi(chunk);
+        if quick && !self.may_hold_url(&clean) {
+            // What `scan` finds in a region without a scheme: nothing, and
+            // no URL held back any more.
+            self.pending = None;
+            self.keep_tail(&clean);
+            return Vec::new();
+        }
         let mut chunk_start = self.text.len();
         if clean.len() >= URL_TEXT_BUFFER_BYTES {
             // The chunk alone fills the buffer: only its tail stays (what
@@ -117,6 +130,75 @@ impl UrlDetector {
             chunk_start,
         };
         self.scan(Some(cue), clean.len(), true)
+    }
+
+    /// Whether the text with `clean` after it holds an `http(s)://`
+    /// anywhere (the scan region is part of it): in the chunk, in the
+    /// text, or across the two (a scheme is eight bytes at most).
+    fn may_hold_url(&self, clean: &str) -> bool {
+        if contains_http(clean.as_bytes()) || contains_http(self.text.as_bytes()) {
+            return true;
+        }
+        let (old, new) = (self.text.as_bytes(), clean.as_bytes());
+        let mut seam = [0u8; 14];
+        let before = &old[old.len().saturating_sub(7)..];
+        let after = &new[..new.len().min(7)];
+        seam[..before.len()].copy_from_slice(before);
+        seam[before.len()..before.len() + after.len()].copy_from_slice(after);
+        contains_http(&seam[..before.len() + after.len()])
+    }
+
+    /// The text buffer after appending `clean` (the cap cuts its front as
+    /// in [`feed`](Self::feed)), less what no later scan reads: everything
+    /// before the line in which the next lookback window starts. A later
+    /// scan's region then starts at the same byte as with the whole
+    /// buffer (the line start it searches for is this one or a later one),
+    /// and only that line and the last [`URL_LOOKBACK_BYTES`] are copied
+    /// instead of up to [`URL_TEXT_BUFFER_BYTES`] per chunk.
+    fn keep_tail(&mut self, clean: &str) {
+        let old_len = self.text.len();
+        let total = old_len + clean.len();
+        // Positions count in the text followed by `clean`.
+        let floor = |at: usize| {
+            if at >= old_len {
+                old_len + floor_char_boundary(clean, at - old_len)
+            } else {
+                floor_char_boundary(&self.text, at)
+            }
+        };
+        let cut = if clean.len() >= URL_TEXT_BUFFER_BYTES {
+            old_len + ceil_char_boundary(clean, clean.len() - URL_TEXT_BUFFER_BYTES)
+        } else if total > URL_TEXT_BUFFER_BYTES {
+            // Inside the old text: `clean` alone is below the cap.
+            ceil_char_boundary(&self.text, total - URL_TEXT_BUFFER_BYTES)
+        } else {
+            0
+        };
+        let window = floor(cut.max(total.saturating_sub(URL_LOOKBACK_BYTES)));
+        // The last line break in [cut, window), searched in `clean` first.
+        let in_clean = (window > old_len)
+            .then(|| {
+                let from = cut.max(old_len) - old_len;
+                memchr::memrchr(b'\n', &clean.as_bytes()[from..window - old_len])
+                    .map(|i| old_len + from + i)
+            })
+            .flatten();
+        let newline = in_clean.or_else(|| {
+            (cut < old_len)
+                .then(|| {
+                    memchr::memrchr(b'\n', &self.text.as_bytes()[cut..window.min(old_len)])
+                        .map(|i| cut + i)
+                })
+                .flatten()
+        });
+        let keep = newline.map_or(cut, |i| i + 1);
+        if keep >= old_len {
+            self.text.clear();
+            self.text.push_str(&clean[keep - old_len..]);
+        } else {
+            self.text.drain(..keep);
+            self.text.push_str(clean);
+        }
     }
 
     /// Announces a held-back URL as it stands.
@@ -339,8 +421,11 @@ fn is_url_continuation_char(c: char) -> bool {
 fn find_url(text: &str, from: usize) -> Option<(usize, usize)> {
     let bytes = text.as_bytes();
     let mut i = from;
-    while i < bytes.len() {
-        let rest = &bytes[i..];
+    // A URL starts with `h` or `H`: jump from one to the next (SIMD), not
+    // byte by byte; both are ASCII, so every candidate is a char boundary.
+    while let Some(off) = bytes.get(i..).and_then(|b| memchr::memchr2(b'h', b'H', b)) {
+        let at = i + off;
+        let rest = &bytes[at..];
         let scheme_len = if starts_with_ignore_ascii_case(rest, b"https://") {
             8
         } else if starts_with_ignore_ascii_case(rest, b"http://") {
@@ -349,20 +434,16 @@ fn find_url(text: &str, from: usize) -> Option<(usize, usize)> {
             0
         };
         if scheme_len > 0 {
-            let body = i + scheme_len;
+            let body = at + scheme_len;
             let end = text[body..]
                 .char_indices()
                 .find(|&(_, c)| ends_url(c))
                 .map_or(text.len(), |(k, _)| body + k);
             if end > body {
-                return Some((i, end));
+                return Some((at, end));
             }
         }
-        i += 1;
-        // Only ASCII starts a match, so skipping continuation bytes is safe.
-        while i < bytes.len() && !text.is_char_boundary(i) {
-            i += 1;
-        }
+        i = at + 1;
     }
     None
 }
@@ -492,13 +573,15 @@ fn starts_with_ignore_ascii_case(haystack: &[u8], prefix: &[u8]) -> bool {
     haystack.len() >= prefix.len() && haystack[..prefix.len()].eq_ignore_ascii_case(prefix)
 }
 
-/// Whether `haystack` holds `http` in any case (an `h` is looked for with
-/// SIMD, then the three bytes after it).
+/// Whether `haystack` holds `http://` or `https://` in any case, which
+/// every URL [`find_url`] accepts starts with: `://` is looked for with
+/// SIMD, then the scheme before it. (Looking for `h` instead stopped at
+/// nearly every line of ordinary output, `path=` or `the`.)
 fn contains_http(haystack: &[u8]) -> bool {
-    memchr::memchr2_iter(b'h', b'H', haystack).any(|at| {
-        haystack
-            .get(at..at + 4)
-            .is_some_and(|w| w.eq_ignore_ascii_case(b"http"))
+    memchr::memmem::find_iter(haystack, b"://").any(|at| {
+        let before = &haystack[..at];
+        before.len() >= 4 && before[before.len() - 4..].eq_ignore_ascii_case(b"http")
+            || before.len() >= 5 && before[before.len() - 5..].eq_ignore_ascii_case(b"https")
     })
 }
 
@@ -787,6 +870,85 @@ mod tests {
         );
         assert_eq!(rewrite_open_url("OPEN_URL: https://"), "OPEN_URL: https://");
         assert!(matches!(rewrite_open_url("plain text"), Cow::Borrowed(_)));
+    }
+
+    /// The quick path (a chunk without a scheme only moves the buffer on)
+    /// finds exactly what the full scan finds, chunk by chunk, across
+    /// long lines, the 32 KiB cap, schemes split between chunks, escapes
+    /// and multibyte text.
+    #[test]
+    fn the_quick_path_finds_what_the_full_scan_finds() {
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut next = |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        let plain = [
+            "plain text ",
+            "é€𝄞 ",
+            "\r\n",
+            "\n",
+            "continue in your browser ",
+            "\x1b[1m",
+            "\x1b]0;t\x07",
+            "path=/api/items/42 status=200 ",
+        ];
+        let urlish = [
+            "https://example.com/auth?x=1 ",
+            "HTTP://a.b/",
+            "htt",
+            "p",
+            "s:",
+            "//x.y/z\r\n",
+            "OPEN_URL: https://o.p/q\n",
+        ];
+        let mut quick_chunks = 0;
+        for round in 0..40 {
+            let (mut quick, mut full) = (UrlDetector::new(), UrlDetector::new());
+            for _ in 0..60 {
+                let mut chunk = String::new();
+                let long = next(4) == 0;
+                let len = if long { 40_000 } else { next(3_000) as usize };
+                while chunk.len() < len {
+                    if long && next(3) > 0 {
+                        chunk.push_str(&"w".repeat(next(9_000) as usize));
+                    }
+                    chunk.push_str(if next(40) == 0 {
+                        urlish[next(urlish.len() as u64) as usize]
+                    } else {
+                        plain[next(plain.len() as u64) as usize]
+                    });
+                }
+                if !quick.may_hold_url(&strip_ansi(&chunk)) {
+                    quick_chunks += 1;
+                }
+                assert_eq!(
+                    quick.feed_checked(&chunk, true),
+                    full.feed_checked(&chunk, false),
+                    "round {round}"
+                );
+                if next(5) == 0 {
+                    assert_eq!(quick.flush(), full.flush(), "round {round}");
+                }
+            }
+        }
+        assert!(quick_chunks > 300, "quick path taken {quick_chunks} times");
+    }
+
+    #[test]
+    fn only_an_http_scheme_counts_as_a_url_start() {
+        assert!(contains_http(b"see https://a.com"));
+        assert!(contains_http(b"HtTp://a"));
+        assert!(contains_http(b"xHTTPS://"));
+        assert!(!contains_http(b"path=/api/items http status"));
+        assert!(!contains_http(b"ftp://a.com ://x tps://"));
+        assert!(!contains_http(b"://"));
+        assert_eq!(find_url("h hx https://a.b/c d", 0), Some((5, 18)));
+        assert_eq!(find_url("https://a", 1), None);
+        assert_eq!(find_url("é http://x", 0), Some((3, 11)));
+        assert_eq!(find_url("abc", 7), None);
     }
 
     #[test]
