@@ -18,7 +18,8 @@
 //! creations), [`token_watch`] (ends connections whose token expired or was
 //! revoked), [`watchdog`] (cuts off connections whose client stopped
 //! reading), [`lines`] (bounded line reading of child output), [`json_text`]
-//! (JSON string escaping and scanning for the frame writers), [`kill`] (every signal
+//! (JSON string escaping and scanning for the frame writers), [`fine_timer`]
+//! (a microsecond one-shot timer for the stdout reader's batching), [`kill`] (every signal
 //! sent to a child by pid or group, and how far each kind of child is
 //! chased) with [`pidfd`] (signals and exit waits that cannot hit a reused
 //! pid) and [`procfs`] (finding the processes a kill must reach).
@@ -31,6 +32,7 @@
 pub mod chat;
 pub mod cluster;
 pub mod config;
+pub mod fine_timer;
 pub mod heartbeat;
 pub mod json_text;
 pub mod kill;

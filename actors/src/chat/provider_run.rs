@@ -22,7 +22,8 @@
 //! reported once (as failed if its turn had not ended).
 //!
 //! **Sends** [`RunEvents`] to the RunRegistry, awaited, so a busy registry
-//! slows the reading of stdout (backpressure) instead of queueing; and one
+//! slows the reading of stdout (backpressure) instead of queueing, at most
+//! one batch per [`BATCH_INTERVAL`] while lines come faster; and one
 //! [`RunExited`] when the process is gone (or, from `Drop`, when this actor
 //! died without reporting, e.g. a panic).
 //!
@@ -44,6 +45,7 @@ use tokio::sync::mpsc;
 use tracing::Instrument;
 
 use crate::chat::run_registry::{RunEvents, RunExited, RunRegistry};
+use crate::fine_timer::FineTimer;
 use crate::kill::{self, Signal};
 use crate::lines::read_line_bounded;
 use crate::metrics::PanicWatch;
@@ -78,6 +80,14 @@ const STDOUT_BUFFER_BYTES: usize = 64 * 1024;
 /// Most stdout bytes parsed into one batch (keeps every batch, and so every
 /// subscriber's queued batch, small).
 const BATCH_MAX_BYTES: usize = 64 * 1024;
+/// Batches of one run start at most this often: a CLI that writes a line
+/// per syscall faster than the gateway hands a batch on would otherwise get
+/// a batch (a registry turn, a socket write and its drain report, each a
+/// cross-thread wake-up) per line or two. Waiting lets the pipe fill: at a
+/// million lines/s a batch holds about a hundred. A line that comes after a
+/// pause longer than this goes on at once; the wait adds at most this much
+/// latency, and only while lines come faster.
+pub const BATCH_INTERVAL: Duration = Duration::from_micros(100);
 /// Longest stdout line accepted; a longer one is dropped (logged) rather
 /// than buffered without bound.
 pub const MAX_LINE_BYTES: usize = 32 * 1024 * 1024;
@@ -611,6 +621,11 @@ impl StdoutReader {
         let mut events = Vec::new();
         // A permission prompt waits for a person, not for the CLI: no idle limit then.
         let mut awaiting_user = false;
+        // No timer (no descriptor left): batches as the lines come.
+        let timer = FineTimer::new()
+            .inspect_err(|e| tracing::warn!(run_id = %self.run_id, error = %e, "no batching timer"))
+            .ok();
+        let mut last_batch: Option<std::time::Instant> = None;
         let outcome = loop {
             let mut batch_bytes = 0;
             let mut read_at = None;
@@ -627,6 +642,12 @@ impl StdoutReader {
                     // No complete line left: hand over what this batch has.
                     break false;
                 } else {
+                    if let (Some(timer), Some(at)) = (&timer, last_batch) {
+                        let wait = BATCH_INTERVAL.saturating_sub(at.elapsed());
+                        if !wait.is_zero() {
+                            let _ = timer.sleep(wait).await;
+                        }
+                    }
                     line.clear();
                     let read = match self.idle_timeout.filter(|_| !awaiting_user) {
                         Some(limit) => {
@@ -680,6 +701,7 @@ impl StdoutReader {
             awaiting_user = events
                 .iter()
                 .any(|e| matches!(e, ProviderEvent::PermissionRequested { .. }));
+            last_batch = Some(std::time::Instant::now());
             self.flush_read(&mut events, read_at).await;
         };
         outcome
