@@ -41,6 +41,8 @@ mod micro;
 mod node;
 #[path = "loadgen/proxy.rs"]
 mod proxy;
+#[path = "loadgen/raw_ws.rs"]
+mod raw_ws;
 #[path = "loadgen/report.rs"]
 mod report;
 #[path = "loadgen/shell.rs"]

@@ -20,6 +20,7 @@ use agentgate_actors::chat::run_registry::{
 use agentgate_actors::provider::claude::STREAM_ARGS as CLAUDE_ARGS;
 
 use crate::gateway::{Bins, Gateway};
+use crate::raw_ws::{RawIn, RawWs};
 use crate::report::{Row, Target, Unit};
 use crate::stats::{median, Histogram, SeqCheck};
 use crate::ws::{self, recv_text, scan, In, Ws};
@@ -353,8 +354,14 @@ pub async fn chat_one(ctx: &Ctx) -> Result<Vec<Row>, String> {
     let prompt = format!("text:{events} size:{EVENT_BYTES} ts {extra}");
     let gw = Gateway::start(&ctx.bins, |_, _| {})?;
     let (_project, sid) = session(&gw).await?;
-    let mut ws = chat_socket(ctx, &gw).await?;
-    let mut seqc = SeqCheck::starting_after(0);
+    let url = gw.ws_url(&format!("/ws?token={}", gw.token));
+    // The reader is a blocking client on its own thread, as the baseline's
+    // pipe reader is (see raw_ws.rs); it moves to that thread and back per run.
+    let mut reader = Some(RawReader {
+        ws: RawWs::connect(&url)?,
+        url,
+        seqc: SeqCheck::starting_after(0),
+    });
     let (mut rates, mut base_rates, mut p50, mut p99, mut bp50, mut bp99) =
         (vec![], vec![], vec![], vec![], vec![], vec![]);
     let mut max_lat = 0u64;
@@ -366,20 +373,16 @@ pub async fn chat_one(ctx: &Ctx) -> Result<Vec<Row>, String> {
         base_rates.push(base.lines_per_sec);
         bp50.push(ms(base.hist.quantile(0.5)));
         bp99.push(ms(base.hist.quantile(0.99)));
-        send_chat(&mut ws, &sid, &prompt).await?;
-        let rejoin = Rejoin {
-            ctx,
-            gw: &gw,
-            session: &sid,
-        };
-        let seen = read_run_after(
-            &mut ws,
-            &mut seqc,
-            run_deadline(events),
-            0..=0,
-            Some(&rejoin),
-        )
-        .await?;
+        let mut r = reader.take().ok_or("reader lost")?;
+        let (sid, prompt, deadline) = (sid.clone(), prompt.clone(), run_deadline(events));
+        let (r, seen) = actix_rt::task::spawn_blocking(move || {
+            let seen = r.run(&sid, &prompt, deadline);
+            (r, seen)
+        })
+        .await
+        .map_err(|e| format!("reader thread: {e}"))?;
+        let seen = seen?;
+        reader = Some(r);
         rejoins += seen.rejoins;
         complete &= seen.deltas == events;
         rates.push(rate(seen.deltas, seen.span()));
@@ -387,6 +390,7 @@ pub async fn chat_one(ctx: &Ctx) -> Result<Vec<Row>, String> {
         p99.push(ms(seen.hist.quantile(0.99)));
         max_lat = max_lat.max(seen.hist.max());
     }
+    let seqc = reader.map(|r| r.seqc).unwrap_or_default();
     let cpu = gw.cpu_secs() - cpu0;
     let s = "chat-one";
     let per_event_us = cpu * 1e6 / (events * ctx.reps) as f64;
@@ -431,6 +435,64 @@ pub async fn chat_one(ctx: &Ctx) -> Result<Vec<Row>, String> {
         .also(complete)
         .note(if complete { "" } else { "events missing" }),
     ])
+}
+
+/// chat-one's reader: a raw socket and its seq check, with the 4008 recovery
+/// of `read_run_after` (a new socket resubscribing with its last seq).
+struct RawReader {
+    ws: RawWs,
+    url: String,
+    seqc: SeqCheck,
+}
+
+impl RawReader {
+    /// Sends the turn and reads until the run's `complete`.
+    fn run(&mut self, session: &str, prompt: &str, deadline: Instant) -> Result<RunSeen, String> {
+        let send = json!({"type": "chat.send", "sessionId": session, "content": prompt});
+        self.ws.send_text(&send.to_string())?;
+        let deadline = deadline.into_std();
+        let mut seen = RunSeen::default();
+        loop {
+            let frame = match self.ws.next(deadline)? {
+                RawIn::Text(b) => b,
+                RawIn::Binary => continue,
+                RawIn::Close(Some(4008)) if seen.rejoins < MAX_REJOINS => {
+                    seen.rejoins += 1;
+                    self.ws = RawWs::connect(&self.url)?;
+                    let sub = json!({"type": "chat.subscribe", "sessions": [{"sessionId": session, "lastSeq": self.seqc.last()}]});
+                    self.ws.send_text(&sub.to_string())?;
+                    continue;
+                }
+                RawIn::Close(code) => return Err(format!("socket closed with {code:?}")),
+                RawIn::Ended => return Err("socket ended".into()),
+            };
+            let s = scan(frame);
+            let Some(seq) = s.seq else {
+                if s.kind == "protocol_error" {
+                    return Err(format!(
+                        "protocol_error: {}",
+                        String::from_utf8_lossy(frame)
+                    ));
+                }
+                continue;
+            };
+            self.seqc.see(seq);
+            match s.kind {
+                "stream_delta" => {
+                    let now = Instant::now();
+                    seen.first.get_or_insert(now);
+                    seen.last = Some(now);
+                    seen.deltas += 1;
+                    if let Some(ts) = s.ts {
+                        seen.hist.record(ws::unix_nanos().saturating_sub(ts));
+                    }
+                }
+                "complete" => return Ok(seen),
+                "error" => return Err(format!("run error: {}", String::from_utf8_lossy(frame))),
+                _ => {}
+            }
+        }
+    }
 }
 
 // ---------------------------------------------------------------- chat-many
