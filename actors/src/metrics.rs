@@ -365,11 +365,16 @@ pub fn metrics() -> &'static Metrics {
 impl Metrics {
     /// One sequenced event of `kind` ([`EventBody::kind`](crate::protocol::EventBody::kind)).
     pub fn event(&self, kind: &str) {
+        self.events(kind, 1);
+    }
+
+    /// `n` events of one kind (one atomic add for a batch).
+    pub fn events(&self, kind: &str, n: u64) {
         let i = EVENT_KINDS
             .iter()
             .position(|k| *k == kind)
             .unwrap_or(EVENT_KINDS.len() - 1);
-        self.events_by_kind[i].inc();
+        self.events_by_kind[i].inc_by(n);
     }
 
     pub fn sent(&self, endpoint: Endpoint, bytes: usize) {

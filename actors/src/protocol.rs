@@ -754,6 +754,12 @@ pub struct EnvelopeHead {
     provider: String,
     /// `,"runId":"<run id>"`
     run: String,
+    /// `run` and a `stream_delta`'s kind, up to its text's opening quote.
+    delta: String,
+    /// The last timestamp of [`EnvelopeHead::escaped_delta`], and what its
+    /// frames hold from after the first seq to the second: a streamed
+    /// run's timestamps change once per millisecond, not per event.
+    stamped: (String, String),
     /// The raw values, for bodies `frame` hands to [`Envelope::to_frame`].
     raw: (String, &'static str, String),
 }
@@ -772,11 +778,14 @@ impl EnvelopeHead {
         prov.push_str(",\"seq\":");
         let mut run = String::from(",\"runId\":");
         push_json_str(&mut run, run_id);
+        let delta = format!("{run}{}", DeltaFrame::DELTA);
         EnvelopeHead {
             id,
             session,
             provider: prov,
             run,
+            delta,
+            stamped: (String::new(), String::new()),
             raw: (session_id.to_string(), provider, run_id.to_string()),
         }
     }
@@ -830,6 +839,98 @@ impl EnvelopeHead {
         push_json_str(&mut buf, content);
         buf.push('}');
         ByteString::from(buf)
+    }
+}
+
+/// The frame of a `stream_delta` whose text is given escaped (as serde_json
+/// writes it inside the quotes): [`EnvelopeHead::frame`]'s bytes for the
+/// decoded text, copied from the pieces it is made of (tested).
+pub struct DeltaFrame<'a> {
+    head: &'a EnvelopeHead,
+    seq: u64,
+    parent: Option<&'a str>,
+    escaped: &'a str,
+}
+
+impl EnvelopeHead {
+    /// The frame of event `seq`, a `stream_delta` whose text is `escaped`;
+    /// `None` when the timestamp or parent id would need escaping (never
+    /// from the registry's clock or a CLI's tool ids; the caller then
+    /// decodes the text for [`EnvelopeHead::frame`]).
+    pub fn escaped_delta<'a>(
+        &'a mut self,
+        seq: u64,
+        timestamp: &'a str,
+        parent: Option<&'a str>,
+        escaped: &'a str,
+    ) -> Option<DeltaFrame<'a>> {
+        let plain = |s: &str| crate::json_text::find_special(s.as_bytes()).is_none();
+        if !plain(timestamp) || !parent.is_none_or(plain) {
+            return None;
+        }
+        if self.stamped.0 != timestamp {
+            let (stamp, middle) = &mut self.stamped;
+            stamp.clear();
+            stamp.push_str(timestamp);
+            middle.clear();
+            middle.push_str(&self.session);
+            middle.push('"');
+            middle.push_str(timestamp);
+            middle.push('"');
+            middle.push_str(&self.provider);
+        }
+        Some(DeltaFrame {
+            head: self,
+            seq,
+            parent,
+            escaped,
+        })
+    }
+}
+
+impl DeltaFrame<'_> {
+    const PARENT: &'static str = ",\"parentToolUseId\":\"";
+    const DELTA: &'static str = ",\"kind\":\"stream_delta\",\"content\":\"";
+
+    /// Its length in bytes.
+    pub fn len(&self) -> usize {
+        let head = self.head;
+        let digits = decimal_len(self.seq);
+        let mut len = head.id.len() + digits + head.stamped.1.len() + digits;
+        len += match self.parent {
+            Some(parent) => {
+                head.run.len() + Self::PARENT.len() + parent.len() + 1 + Self::DELTA.len()
+            }
+            None => head.delta.len(),
+        };
+        len + self.escaped.len() + 2
+    }
+
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    /// Hands its bytes to `push`, piece by piece.
+    pub fn write(&self, mut push: impl FnMut(&str)) {
+        let head = self.head;
+        let mut digits = itoa::Buffer::new();
+        let seq = digits.format(self.seq);
+        push(&head.id);
+        push(seq);
+        push(&head.stamped.1);
+        push(seq);
+        match self.parent {
+            Some(parent) => {
+                push(&head.run);
+                push(Self::PARENT);
+                push(parent);
+                push("\"");
+                push(Self::DELTA);
+            }
+            None => push(&head.delta),
+        }
+        push(self.escaped);
+        push("\"}");
     }
 }
 
@@ -1060,6 +1161,48 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// A delta written from its escaped text is the frame `frame` writes
+    /// for the decoded text (and so what serde writes), whatever the ids
+    /// hold; a parent that needs escaping is left to `frame`.
+    #[test]
+    fn escaped_delta_frames_are_frame_s() {
+        let ids = [
+            (
+                "6353e92a-3dda-4327-85e4-f02c17e3b567",
+                "6c9fe3f6-75cf-4729-ba8e-3e96b15a1e69",
+            ),
+            ("s\"1\\", "r\\un\n:2"),
+        ];
+        let texts = ["plain", "", "q \" b \\ nl \n tab \t \u{1f} \u{8} é 𝄞"];
+        for (session_id, run_id) in ids {
+            let mut head = EnvelopeHead::new(session_id, "claude", run_id);
+            for text in texts {
+                let literal = serde_json::to_string(text).unwrap();
+                let escaped = &literal[1..literal.len() - 1];
+                for parent in [None, Some("toolu_1"), Some("we\"ird")] {
+                    for seq in [0, 9, 10, 12_345, u64::MAX] {
+                        // The stamp a head keeps changes with the time.
+                        let ts = ["2026-07-08T10:00:05.120Z", "2026-07-08T10:00:05.1211Z"]
+                            [seq as usize % 2];
+                        let body = EventBody::StreamDelta {
+                            content: text.to_string(),
+                        };
+                        let Some(delta) = head.escaped_delta(seq, ts, parent, escaped) else {
+                            assert_eq!(parent, Some("we\"ird"));
+                            continue;
+                        };
+                        let mut written = String::new();
+                        delta.write(|s| written.push_str(s));
+                        assert_eq!(written.len(), delta.len());
+                        assert_eq!(head.frame(seq, ts, parent, &body), written.as_str());
+                    }
+                }
+            }
+        }
+        let mut head = EnvelopeHead::new("s", "claude", "r");
+        assert!(head.escaped_delta(1, "bad\"stamp", None, "x").is_none());
     }
 
     /// A code routed from another node reads back as itself; an unknown

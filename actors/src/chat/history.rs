@@ -56,6 +56,19 @@ struct OpenText {
     cut: usize,
 }
 
+impl OpenText {
+    /// Room for `more` bytes of escaped text; `room`: bytes the text may
+    /// still take.
+    fn reserve(&mut self, more: usize, room: usize) {
+        let json = &mut self.json;
+        if json.capacity() - json.len() < more {
+            // Never more room than the text may still take.
+            let grow = (json.len() / 4).max(1024).min(room);
+            json.reserve_exact(more.max(grow));
+        }
+    }
+}
+
 /// The not-yet-written history of one session.
 #[derive(Default)]
 pub struct HistoryLog {
@@ -106,27 +119,7 @@ impl HistoryLog {
         frame: &Frame,
     ) {
         let (kind, role, tool_id) = match body {
-            EventBody::StreamDelta { content } => {
-                let open = self.open_text.get_or_insert_with(|| OpenText {
-                    id: id(),
-                    timestamp: timestamp.to_string(),
-                    json: String::from(TEXT_ENTRY_HEAD),
-                    len: 0,
-                    cut: 0,
-                });
-                let room = MAX_ENTRY_BYTES.saturating_sub(open.len);
-                let (head, rest) = split_at_char(content, room);
-                let json = &mut open.json;
-                if json.capacity() - json.len() < head.len() {
-                    // Never more room than the text may still take.
-                    let grow = (json.len() / 4).max(1024).min(room);
-                    json.reserve_exact(head.len().max(grow));
-                }
-                push_json_escaped(json, head);
-                open.len += head.len();
-                open.cut += rest.len();
-                return;
-            }
+            EventBody::StreamDelta { content } => return self.delta(id, timestamp, content),
             EventBody::StreamEnd {} => return self.close_text(session_id, provider),
             EventBody::Text { role, .. } => (
                 "text",
@@ -160,6 +153,50 @@ impl HistoryLog {
             body,
             timestamp: timestamp.to_string(),
         });
+    }
+
+    /// A `stream_delta` whose text is `escaped` as serde_json writes it
+    /// (`len` bytes decoded): what [`record`](Self::record) does with it,
+    /// the escaped text copied as it is (unless it is cut).
+    pub fn record_escaped_delta(
+        &mut self,
+        id: impl FnOnce() -> String,
+        timestamp: &str,
+        escaped: &str,
+        len: usize,
+    ) {
+        let kept = self.open_text.as_ref().map_or(0, |open| open.len);
+        let room = MAX_ENTRY_BYTES.saturating_sub(kept);
+        if len > room {
+            // Cut where a char ends in the decoded text, as any delta.
+            return self.delta(id, timestamp, &crate::provider::unescape(escaped, len));
+        }
+        let open = self.open_text(id, timestamp);
+        open.reserve(escaped.len(), room);
+        open.json.push_str(escaped);
+        open.len += len;
+    }
+
+    /// A `stream_delta`'s text joins the streamed text (as far as it fits).
+    fn delta(&mut self, id: impl FnOnce() -> String, timestamp: &str, content: &str) {
+        let open = self.open_text(id, timestamp);
+        let room = MAX_ENTRY_BYTES.saturating_sub(open.len);
+        let (head, rest) = split_at_char(content, room);
+        open.reserve(head.len(), room);
+        push_json_escaped(&mut open.json, head);
+        open.len += head.len();
+        open.cut += rest.len();
+    }
+
+    /// The streamed text being recorded (a new one starts with this delta).
+    fn open_text(&mut self, id: impl FnOnce() -> String, timestamp: &str) -> &mut OpenText {
+        self.open_text.get_or_insert_with(|| OpenText {
+            id: id(),
+            timestamp: timestamp.to_string(),
+            json: String::from(TEXT_ENTRY_HEAD),
+            len: 0,
+            cut: 0,
+        })
     }
 
     /// Ends streamed text: it becomes one assistant `text` entry.
@@ -440,6 +477,39 @@ mod tests {
             (Some("Hello"), Some("r:1"))
         );
         assert_eq!(entries[2].tool_id.as_deref(), Some("toolu_1"));
+    }
+
+    /// Deltas recorded from their escaped text make the entry that the
+    /// decoded deltas make, where the text is cut too.
+    #[test]
+    fn escaped_deltas_are_recorded_as_decoded_ones() {
+        let texts = [
+            "Hel".to_string(),
+            "lo \" \\ \n \u{1f}".to_string(),
+            "é".repeat(MAX_ENTRY_BYTES / 4),
+            "\n".repeat(10),
+            "xé".repeat(MAX_ENTRY_BYTES / 4),
+            "after the cut".to_string(),
+        ];
+        let (mut decoded, mut escaped) = (HistoryLog::default(), HistoryLog::default());
+        for (i, text) in texts.iter().enumerate() {
+            delta(&mut decoded, &format!("r:{i}"), text);
+            let literal = serde_json::to_string(text).unwrap();
+            let inside = &literal[1..literal.len() - 1];
+            escaped.record_escaped_delta(|| format!("r:{i}"), "t", inside, text.len());
+        }
+        let mut entries = Vec::new();
+        for log in [&mut decoded, &mut escaped] {
+            log.close_text("s", "claude");
+            let (got, _) = log.take();
+            let got: Vec<_> = got.into_iter().map(|e| (e.kind, e.role, e.body)).collect();
+            entries.push(got);
+        }
+        assert_eq!(entries[0].len(), 1);
+        assert!(entries[0][0]
+            .2
+            .contains("more bytes not kept in the history]"));
+        assert_eq!(entries[0], entries[1]);
     }
 
     #[test]

@@ -73,7 +73,8 @@ const MAX_TRACKED: usize = 1024;
 /// (a turn, permission answers, an interrupt); a full queue makes the
 /// sender wait.
 const STDIN_QUEUE: usize = 64;
-/// Most events sent to the registry in one batch.
+/// Most events (or lines: text deltas share one grouped event) sent to the
+/// registry in one batch.
 const BATCH_MAX_EVENTS: usize = 256;
 /// The stdout reader's buffer; a line within it is parsed where it is.
 const STDOUT_BUFFER_BYTES: usize = 64 * 1024;
@@ -627,7 +628,7 @@ impl StdoutReader {
             .ok();
         let mut last_batch: Option<std::time::Instant> = None;
         let outcome = loop {
-            let mut batch_bytes = 0;
+            let (mut batch_bytes, mut batch_lines) = (0, 0);
             let mut read_at = None;
             // Parse every complete line already buffered before awaiting the registry.
             let eof = loop {
@@ -636,6 +637,7 @@ impl StdoutReader {
                     let bytes = &reader.buffer()[..=end];
                     read_at.get_or_insert_with(tokio::time::Instant::now);
                     batch_bytes += bytes.len();
+                    batch_lines += 1;
                     parse_stdout_line(parser.as_mut(), bytes, &mut events);
                     reader.consume(end + 1);
                 } else if batch_bytes > 0 {
@@ -677,6 +679,7 @@ impl StdoutReader {
                         LineRead::Line => {
                             read_at.get_or_insert_with(tokio::time::Instant::now);
                             batch_bytes += line.len();
+                            batch_lines += 1;
                             parse_stdout_line(parser.as_mut(), &line, &mut events);
                         }
                     }
@@ -689,7 +692,8 @@ impl StdoutReader {
                         line = Vec::new();
                     }
                 }
-                if events.len() >= BATCH_MAX_EVENTS || batch_bytes >= BATCH_MAX_BYTES {
+                let full = events.len().max(batch_lines) >= BATCH_MAX_EVENTS;
+                if full || batch_bytes >= BATCH_MAX_BYTES {
                     break false;
                 }
             };
@@ -771,19 +775,20 @@ impl StdoutReader {
     }
 }
 
-/// Hands one stdout line (its newline included, if any) to the parser:
-/// blank lines are skipped, bytes that are not UTF-8 are replaced.
+/// Hands one stdout line (its newline included, if any) to the parser
+/// (grouping text deltas): blank lines are skipped, bytes that are not
+/// UTF-8 are replaced.
 fn parse_stdout_line(parser: &mut dyn LineParser, bytes: &[u8], events: &mut Vec<ProviderEvent>) {
     match std::str::from_utf8(bytes) {
         Ok(text) => {
             let text = text.trim_end_matches(['\n', '\r']);
             if !text.trim().is_empty() {
-                parser.parse_line(text, events);
+                parser.parse_line_grouped(text, events);
             }
         }
         Err(_) => {
             let text = String::from_utf8_lossy(bytes);
-            parser.parse_line(text.trim_end_matches(['\n', '\r']), events);
+            parser.parse_line_grouped(text.trim_end_matches(['\n', '\r']), events);
         }
     }
 }

@@ -102,7 +102,7 @@ use crate::protocol::{
     PendingPermission, PermissionDecision, ServerFrame, SubscribedRun, UpsertedProject,
     UpsertedSession,
 };
-use crate::provider::{provider_for, safe_id, Provider, ProviderEvent, ProviderKind, Turn};
+use crate::provider::{provider_for, safe_id, Deltas, Provider, ProviderEvent, ProviderKind, Turn};
 use crate::store::{self, ProjectRef, SessionRow, Store};
 
 mod cluster;
@@ -1183,6 +1183,68 @@ impl RunRegistry {
         }
     }
 
+    /// Sequences text deltas in a row (most of a streamed turn) as
+    /// [`sequence`](Self::sequence) does each, their frames written straight
+    /// into the replay buffer from the escaped texts (no frame of their own,
+    /// no decoding and escaping again), with one session lookup and one
+    /// clock reading for them all.
+    fn sequence_deltas(&mut self, session_id: &str, deltas: &Deltas) {
+        let done = self.sequence_escaped(session_id, deltas);
+        // A parent id that needs escaping: the usual way.
+        for event in deltas.events().skip(done) {
+            self.sequence(session_id, &event);
+        }
+        let ready = self.sessions.get(session_id);
+        if ready.is_some_and(|s| s.history.batch_ready()) {
+            self.flush_history(session_id, None);
+        }
+    }
+
+    /// The deltas [`sequence_deltas`](Self::sequence_deltas) writes from
+    /// their escaped text, from the first on: how many (all of them when
+    /// there is nothing to sequence them into, as `sequence` would drop them).
+    fn sequence_escaped(&mut self, session_id: &str, deltas: &Deltas) -> usize {
+        let Some(state) = self.sessions.get_mut(session_id) else {
+            return deltas.len();
+        };
+        let Some(run) = state.run.as_mut().filter(|r| r.remote.is_none()) else {
+            return deltas.len();
+        };
+        set_now_iso(&mut state.last_activity);
+        let record = self.config.history_max_messages > 0;
+        let mut done = 0;
+        for (escaped, delta) in deltas.iter() {
+            let seq = state.last_seq + 1;
+            let timestamp = state.last_activity.as_str();
+            let parent = delta.parent_tool_use_id.as_deref();
+            let Some(frame) = run.head.escaped_delta(seq, timestamp, parent, escaped) else {
+                break;
+            };
+            state.last_seq = seq;
+            run.last_seq = seq;
+            let write = |w: &mut replay::FrameWriter| frame.write(|s| w.push_str(s));
+            let frame = state
+                .buffer
+                .push_written(seq, frame.len(), self.reading, write);
+            if record {
+                let id = || event_id(&run.id, seq);
+                let history = &mut state.history;
+                history.record_escaped_delta(id, timestamp, escaped, delta.len);
+            }
+            if seq > state.reserved_seq {
+                // Only when the database failed to take reservations (logged there).
+                state.reserved_seq = seq;
+            }
+            if let Some(link) = self.cluster.as_mut() {
+                let id = event_id(&run.id, seq);
+                link.outgoing(session_id, seq, &id, "stream_delta", &frame);
+            }
+            done += 1;
+        }
+        metrics().events("stream_delta", done as u64);
+        done
+    }
+
     /// Hands the session's pending history to the store, after its previous
     /// write; `done` is told when this write (and every earlier one) ended.
     fn flush_history(&mut self, session_id: &str, done: Option<oneshot::Sender<()>>) {
@@ -1667,6 +1729,7 @@ impl RunRegistry {
     ) {
         match event {
             ProviderEvent::Emit(event) => self.sequence(session_id, &event),
+            ProviderEvent::Deltas(deltas) => self.sequence_deltas(session_id, &deltas),
             ProviderEvent::SessionCreated(native) if !safe_id(&native) => {
                 tracing::warn!(
                     session_id,
@@ -2794,7 +2857,8 @@ impl Handler<RunEvents> for RunRegistry {
 
     fn handle(&mut self, msg: RunEvents, ctx: &mut Context<Self>) -> Self::Result {
         self.guarded(ctx, "RunEvents", Box::pin(fut::ready(())), |act, ctx| {
-            match act.reserve_seqs(&msg.session_id, msg.events.len() as u64, ctx) {
+            let seqs = msg.events.iter().map(ProviderEvent::seqs).sum::<usize>();
+            match act.reserve_seqs(&msg.session_id, seqs as u64, ctx) {
                 None => act.run_events(msg, ctx),
                 // The next block of seqs is persisted before any of it is used.
                 Some(reserved) => Box::pin(reserved.then(move |_, act, ctx| {

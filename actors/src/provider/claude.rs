@@ -13,7 +13,9 @@ use std::collections::HashSet;
 use serde_json::{json, Map, Value};
 
 use super::json_scan::{once, Scanner};
-use super::{safe_id, CommandSpec, LineParser, Provider, ProviderEvent, ProviderKind, Turn};
+use super::{
+    safe_id, CommandSpec, Deltas, LineParser, Provider, ProviderEvent, ProviderKind, Turn,
+};
 use crate::protocol::{Event, EventBody, PermissionDecision, Role};
 
 /// Permission modes the CLI accepts from `options.permissionMode`.
@@ -206,7 +208,40 @@ struct DeltaLine<'a> {
     event_kind: &'a str,
     index: Option<u64>,
     delta_kind: &'a str,
-    text: Cow<'a, str>,
+    text: Text<'a>,
+}
+
+/// A delta's text as read from its line.
+enum Text<'a> {
+    /// Written as serde_json writes it (nothing to decode to forward it):
+    /// the inside of the literal and the length of the decoded text.
+    Escaped(&'a str, usize),
+    /// Any other literal, decoded.
+    Decoded(Cow<'a, str>),
+}
+
+impl<'a> Text<'a> {
+    fn read(s: &mut Scanner<'a>) -> Option<Text<'a>> {
+        match s.canonical_string() {
+            Some((escaped, len)) => Some(Text::Escaped(escaped, len)),
+            None => s.string().map(Text::Decoded),
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        match self {
+            Text::Escaped(_, len) => *len == 0,
+            Text::Decoded(text) => text.is_empty(),
+        }
+    }
+
+    fn decoded(&self) -> Cow<'a, str> {
+        match self {
+            Text::Escaped(escaped, len) if escaped.len() == *len => Cow::Borrowed(escaped),
+            Text::Escaped(escaped, len) => Cow::Owned(super::unescape(escaped, *len)),
+            Text::Decoded(text) => text.clone(),
+        }
+    }
 }
 
 /// A string field without escapes (the kinds compared below).
@@ -240,7 +275,7 @@ impl<'a> DeltaLine<'a> {
         s.literal(EXACT_HEAD)?;
         let index = s.opt_u64()?;
         s.literal(EXACT_DELTA)?;
-        let text = s.string()?;
+        let text = Text::read(&mut s)?;
         s.literal(b"}}")?;
         let (mut session_id, mut parent) = (None, None);
         // The keys the CLI writes next, compared rather than read.
@@ -293,7 +328,7 @@ impl<'a> DeltaLine<'a> {
     }
 
     #[allow(clippy::type_complexity)]
-    fn event(s: &mut Scanner<'a>) -> Option<(&'a str, Option<u64>, &'a str, Cow<'a, str>)> {
+    fn event(s: &mut Scanner<'a>) -> Option<(&'a str, Option<u64>, &'a str, Text<'a>)> {
         let (mut kind, mut index, mut delta) = (None, None, None);
         s.object(|s, key| match key {
             "type" => once(&mut kind, plain(s)?),
@@ -302,7 +337,7 @@ impl<'a> DeltaLine<'a> {
                 let (mut kind, mut text) = (None, None);
                 s.object(|s, key| match key {
                     "type" => once(&mut kind, plain(s)?),
-                    "text" => once(&mut text, s.string()?),
+                    "text" => once(&mut text, Text::read(s)?),
                     _ => s.skip(3),
                 })?;
                 once(&mut delta, (kind?, text?))
@@ -647,8 +682,10 @@ impl ClaudeParser {
 
 impl ClaudeParser {
     /// The fast path for text deltas; false when `line` is anything else.
-    /// Same effects, in the same order, as the `Value` path for such a line.
-    fn text_delta(&mut self, line: &str, out: &mut Vec<ProviderEvent>) -> bool {
+    /// Same effects, in the same order, as the `Value` path for such a line
+    /// (`grouped`: a text as serde_json writes it goes into the
+    /// [`Deltas`] that `out` ends with, or a new one).
+    fn text_delta(&mut self, line: &str, out: &mut Vec<ProviderEvent>, grouped: bool) -> bool {
         let Some(l) = DeltaLine::scan(line) else {
             return false;
         };
@@ -664,13 +701,19 @@ impl ClaudeParser {
         }
         self.text_block_streamed(l.index.unwrap_or(0));
         let parent = l.parent_tool_use_id.map(Cow::into_owned);
-        Self::emit(
-            out,
-            EventBody::StreamDelta {
-                content: l.text.into_owned(),
-            },
-            &parent,
-        );
+        if let (Text::Escaped(escaped, len), true) = (&l.text, grouped) {
+            match out.last_mut() {
+                Some(ProviderEvent::Deltas(deltas)) => deltas.push(escaped, *len, parent),
+                _ => {
+                    let mut deltas = Deltas::default();
+                    deltas.push(escaped, *len, parent);
+                    out.push(ProviderEvent::Deltas(deltas));
+                }
+            }
+            return true;
+        }
+        let content = l.text.decoded().into_owned();
+        Self::emit(out, EventBody::StreamDelta { content }, &parent);
         true
     }
 
@@ -744,7 +787,13 @@ impl ClaudeParser {
 
 impl LineParser for ClaudeParser {
     fn parse_line(&mut self, line: &str, out: &mut Vec<ProviderEvent>) {
-        if !self.text_delta(line, out) {
+        if !self.text_delta(line, out, false) {
+            self.parse_value_line(line, out);
+        }
+    }
+
+    fn parse_line_grouped(&mut self, line: &str, out: &mut Vec<ProviderEvent>) {
+        if !self.text_delta(line, out, true) {
             self.parse_value_line(line, out);
         }
     }
@@ -759,6 +808,18 @@ impl LineParser for ClaudeParser {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Grouped deltas as the events they stand for.
+    fn ungrouped(events: Vec<ProviderEvent>) -> Vec<ProviderEvent> {
+        let mut out = Vec::new();
+        for event in events {
+            match event {
+                ProviderEvent::Deltas(d) => out.extend(d.events().map(ProviderEvent::Emit)),
+                other => out.push(other),
+            }
+        }
+        out
+    }
 
     fn parse_all(lines: &str) -> Vec<ProviderEvent> {
         let mut parser = ClaudeParser::default();
@@ -814,12 +875,18 @@ mod tests {
         ];
         let mut fast = ClaudeParser::default();
         let mut slow = ClaudeParser::default();
-        let (mut a, mut b) = (Vec::new(), Vec::new());
+        let mut grouping = ClaudeParser::default();
+        let (mut a, mut b, mut c) = (Vec::new(), Vec::new(), Vec::new());
         for line in lines {
             fast.parse_line(line, &mut a);
             slow.parse_value_line(line, &mut b);
+            grouping.parse_line_grouped(line, &mut c);
         }
         assert_eq!(a, b);
+        assert!(c
+            .iter()
+            .any(|e| matches!(e, ProviderEvent::Deltas(d) if d.len() > 1)));
+        assert_eq!(ungrouped(c), b, "grouped deltas stand for the same events");
         assert!(a.iter().any(|e| matches!(e, ProviderEvent::Emit(ev) if ev.body == EventBody::StreamDelta { content: "esc \"q\" \n é".into() } && ev.parent_tool_use_id.as_deref() == Some("toolu_1"))));
     }
 
@@ -837,6 +904,8 @@ mod tests {
             .map(str::to_string)
             .collect();
         seeds.push(r#"{"type":"stream_event","session_id":"s\u002d3","parent_tool_use_id":"t\"q","event":{"type":"content_block_delta","index":7,"delta":{"type":"text_delta","text":"a\\b \u00e9 \ud83d\ude00"}},"x":[1.5e3,-0,true,null,{}]}"#.to_string());
+        // Escapes as serde_json (and the CLI) writes them: taken as written.
+        seeds.push(r#"{"type":"stream_event","event":{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"q\"\\ \n\t\u001f é"}},"session_id":"s-9","parent_tool_use_id":null}"#.to_string());
         assert!(seeds.len() >= 2, "the text fixture has delta lines");
         let swaps = [
             b'"', b'\\', b'{', b'}', b'[', b']', b',', b':', b' ', b'0', b'-', b'e', b'u', b'n',
@@ -848,10 +917,16 @@ mod tests {
                 return;
             };
             let (mut fast, mut slow) = (ClaudeParser::default(), ClaudeParser::default());
-            let (mut a, mut b) = (Vec::new(), Vec::new());
+            let mut grouping = ClaudeParser::default();
+            let (mut a, mut b, mut c) = (Vec::new(), Vec::new(), Vec::new());
             fast.parse_line(&line, &mut a);
             slow.parse_value_line(&line, &mut b);
+            // Twice: the second delta joins the first one's group.
+            grouping.parse_line_grouped(&line, &mut c);
+            grouping.parse_line_grouped(&line, &mut c);
             assert_eq!(a, b, "paths disagree on {line:?}");
+            slow.parse_value_line(&line, &mut b);
+            assert_eq!(ungrouped(c), b, "grouped deltas disagree on {line:?}");
             checked += 1;
             taken += usize::from(DeltaLine::scan(&line).is_some());
         };
@@ -887,15 +962,34 @@ mod tests {
         let l = DeltaLine::exact(real).expect("read by the exact reader");
         let k = DeltaLine::by_keys(real).expect("scanned");
         assert_eq!(
-            (l.kind, l.event_kind, l.index, l.delta_kind, &*l.text),
-            (k.kind, k.event_kind, k.index, k.delta_kind, &*k.text)
+            (
+                l.kind,
+                l.event_kind,
+                l.index,
+                l.delta_kind,
+                l.text.decoded()
+            ),
+            (
+                k.kind,
+                k.event_kind,
+                k.index,
+                k.delta_kind,
+                k.text.decoded()
+            )
         );
         assert_eq!(
             (&l.session_id, &l.parent_tool_use_id),
             (&k.session_id, &k.parent_tool_use_id)
         );
+        assert!(matches!(l.text, Text::Escaped(..)), "taken as written");
         assert_eq!(
-            (l.kind, l.event_kind, l.index, l.delta_kind, &*l.text),
+            (
+                l.kind,
+                l.event_kind,
+                l.index,
+                l.delta_kind,
+                &*l.text.decoded()
+            ),
             (
                 "stream_event",
                 "content_block_delta",
@@ -929,6 +1023,7 @@ mod tests {
                 ProviderEvent::PermissionWithdrawn { .. } => "permission_withdrawn".into(),
                 ProviderEvent::TurnComplete { exit_code } => format!("turn_complete:{exit_code}"),
                 ProviderEvent::Reply(_) => "reply".into(),
+                ProviderEvent::Deltas(_) => "deltas".into(),
             })
             .collect()
     }

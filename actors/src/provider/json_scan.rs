@@ -90,6 +90,70 @@ impl<'a> Scanner<'a> {
         Some(Cow::Owned(decoded))
     }
 
+    /// A string (after whitespace) as it is written, without its quotes,
+    /// and the length of its decoded text, when every escape in it is one
+    /// serde_json writes itself (`\"`, `\\`, `\b`, `\f`, `\n`, `\r`, `\t`,
+    /// `\u00xx` in lowercase hex for the other control characters): then
+    /// the inside is byte for byte what serde_json writes for the decoded
+    /// text, and a frame can copy it without decoding and escaping again.
+    /// `None` (nothing consumed) for anything else, which [`Scanner::string`]
+    /// then reads.
+    pub fn canonical_string(&mut self) -> Option<(&'a str, usize)> {
+        let at = self.at;
+        let found = self.canonical_inside();
+        if found.is_none() {
+            self.at = at;
+        }
+        found
+    }
+
+    fn canonical_inside(&mut self) -> Option<(&'a str, usize)> {
+        self.eat(b'"')?;
+        let start = self.at;
+        let bytes = self.bytes();
+        let mut i = start;
+        // Bytes the escapes save: decoded length = written length - saved.
+        let mut saved = 0;
+        loop {
+            i += find_special(bytes.get(i..)?)?;
+            match bytes[i] {
+                b'"' => break,
+                b'\\' => match *bytes.get(i + 1)? {
+                    b'"' | b'\\' | b'b' | b'f' | b'n' | b'r' | b't' => {
+                        i += 2;
+                        saved += 1;
+                    }
+                    b'u' => {
+                        let hex = bytes.get(i + 2..i + 6)?;
+                        let digit = |b: u8| match b {
+                            b'0'..=b'9' => Some(b - b'0'),
+                            b'a'..=b'f' => Some(b - b'a' + 10),
+                            _ => None,
+                        };
+                        let (Some(0), Some(0), Some(hi), Some(lo)) =
+                            (digit(hex[0]), digit(hex[1]), digit(hex[2]), digit(hex[3]))
+                        else {
+                            return None;
+                        };
+                        let byte = hi * 16 + lo;
+                        // serde_json writes these as their short escapes.
+                        if byte >= 0x20 || matches!(byte, 0x08 | 0x09 | 0x0a | 0x0c | 0x0d) {
+                            return None;
+                        }
+                        i += 6;
+                        saved += 5;
+                    }
+                    _ => return None,
+                },
+                // JSON strings hold no raw control characters.
+                _ => return None,
+            }
+        }
+        self.at = i + 1;
+        let inside = self.text.get(start..i)?;
+        Some((inside, inside.len() - saved))
+    }
+
     /// A string without escapes, or `null` (after whitespace).
     pub fn opt_string(&mut self) -> Option<Option<Cow<'a, str>>> {
         self.ws();
@@ -301,6 +365,50 @@ mod tests {
         assert!(matches!(s.string(), Some(Cow::Borrowed("plain"))));
         assert_eq!(s.string().as_deref(), Some("a\nb\u{e9}"));
         assert!(s.end().is_some());
+    }
+
+    /// What serde_json writes is taken as it is, with the decoded length;
+    /// anything else is left to `string` (nothing consumed).
+    #[test]
+    fn canonical_strings_are_what_serde_json_writes() {
+        let mut every_byte = String::new();
+        for c in (0u8..0x80).map(char::from) {
+            every_byte.push(c);
+        }
+        for text in [
+            "",
+            "plain",
+            "quote \" backslash \\ newline \n tab \t cr \r bs \u{8} ff \u{c} nul \u{0} us \u{1f} del \u{7f}",
+            "é \u{301} 😀 \u{2028}",
+            every_byte.as_str(),
+        ] {
+            let literal = serde_json::to_string(text).unwrap();
+            let mut s = Scanner::new(&literal);
+            let (inside, len) = s.canonical_string().expect("serde_json's own escapes");
+            assert_eq!(inside, &literal[1..literal.len() - 1]);
+            assert_eq!(len, text.len(), "{literal}");
+            assert!(s.end().is_some());
+        }
+        for literal in [
+            r#""\/""#,
+            r#""\u00E9""#,
+            r#""\u00e9""#,
+            r#""\u0041""#,
+            r#""\u000a""#,
+            r#""\u001F""#,
+            r#""\ud800""#,
+            r#""\ud83d\ude00""#,
+            r#""\x""#,
+            r#""\u00""#,
+            r#""unterminated"#,
+            "\"raw\ttab\"",
+            r#""ends in \"#,
+        ] {
+            let mut s = Scanner::new(literal);
+            assert!(s.canonical_string().is_none(), "{literal}");
+            let slow = serde_json::from_str::<String>(literal).ok();
+            assert_eq!(s.string().map(Cow::into_owned), slow, "{literal}");
+        }
     }
 
     #[test]

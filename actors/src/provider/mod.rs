@@ -302,12 +302,111 @@ pub enum ProviderEvent {
     TurnComplete { exit_code: i32 },
     /// Bytes the run must write to the CLI's stdin (e.g. acknowledging a hook callback).
     Reply(Vec<u8>),
+    /// Text deltas in a row, made only by [`LineParser::parse_line_grouped`]:
+    /// each is forwarded as an `Emit` of a `stream_delta` would be.
+    Deltas(Deltas),
+}
+
+impl ProviderEvent {
+    /// Seqs this event may take (an upper bound: most events take one).
+    pub fn seqs(&self) -> usize {
+        match self {
+            ProviderEvent::Deltas(d) => d.len(),
+            _ => 1,
+        }
+    }
+}
+
+/// Text deltas that followed one another in a batch (the bulk of a streamed
+/// turn), each text kept as serde_json writes it escaped, one after the
+/// other in one string: a delta costs no allocation of its own, and the
+/// registry copies its text into the frame and the history as it is,
+/// without decoding it and escaping it again.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Deltas {
+    /// The texts, escaped as serde_json escapes them, one after the other.
+    escaped: String,
+    deltas: Vec<DeltaText>,
+}
+
+/// One text of [`Deltas`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeltaText {
+    /// Where its escaped text ends (it starts where the previous one ends).
+    end: usize,
+    /// Bytes of the decoded text.
+    pub len: usize,
+    /// Claude subagent grouping, as [`Event::parent_tool_use_id`].
+    pub parent_tool_use_id: Option<String>,
+}
+
+impl Deltas {
+    /// Appends a text; `escaped` must be what serde_json writes inside the
+    /// quotes for a text of `len` bytes (the scanner's
+    /// `canonical_string`), or the frames written from it are wrong.
+    pub fn push(&mut self, escaped: &str, len: usize, parent_tool_use_id: Option<String>) {
+        self.escaped.push_str(escaped);
+        self.deltas.push(DeltaText {
+            end: self.escaped.len(),
+            len,
+            parent_tool_use_id,
+        });
+    }
+
+    pub fn len(&self) -> usize {
+        self.deltas.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.deltas.is_empty()
+    }
+
+    /// Each text, escaped, with its delta.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &DeltaText)> {
+        let mut start = 0;
+        self.deltas.iter().map(move |d| {
+            let escaped = self.escaped.get(start..d.end).unwrap_or_default();
+            start = d.end;
+            (escaped, d)
+        })
+    }
+
+    /// The deltas as the events they stand for.
+    pub fn events(&self) -> impl Iterator<Item = Event> + '_ {
+        self.iter().map(|(escaped, d)| Event {
+            body: crate::protocol::EventBody::StreamDelta {
+                content: unescape(escaped, d.len),
+            },
+            parent_tool_use_id: d.parent_tool_use_id.clone(),
+        })
+    }
+}
+
+/// The text of a string written `escaped` (inside its quotes) by
+/// serde_json, `len` bytes decoded.
+pub fn unescape(escaped: &str, len: usize) -> String {
+    if len == escaped.len() {
+        // Nothing was escaped.
+        return escaped.to_string();
+    }
+    let mut literal = String::with_capacity(escaped.len() + 2);
+    literal.push('"');
+    literal.push_str(escaped);
+    literal.push('"');
+    serde_json::from_str(&literal).unwrap_or_default()
 }
 
 /// Per-run parser state. Parsing never fails: a malformed line is logged and
 /// skipped (or becomes an informational `error` event), never fatal.
 pub trait LineParser: Send {
     fn parse_line(&mut self, line: &str, out: &mut Vec<ProviderEvent>);
+
+    /// [`parse_line`](Self::parse_line) for a run's batches, which may hold
+    /// [`ProviderEvent::Deltas`]: a parser may add a text delta to the last
+    /// event of `out` when that is one. Default: `parse_line`.
+    fn parse_line_grouped(&mut self, line: &str, out: &mut Vec<ProviderEvent>) {
+        self.parse_line(line, out)
+    }
 
     /// Called once at stdout EOF, e.g. to close an open text stream.
     fn finish(&mut self, _out: &mut Vec<ProviderEvent>) {}

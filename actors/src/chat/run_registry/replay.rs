@@ -6,7 +6,8 @@
 //! it; its seq is implied by its place, and the provider read time (for
 //! the delivery-latency metric) is kept once per run of events that share
 //! it (a `RunEvents` batch), not per event. Frames up to
-//! [`ARENA_MAX_FRAME`] bytes are copied into per-session chunks of up to
+//! [`ARENA_MAX_FRAME`] bytes are kept in per-session chunks (copied there,
+//! or a text delta's written there in the first place) of up to
 //! [`ARENA_CHUNK_MAX`] bytes, many frames to one allocation: a 300-byte
 //! delta frame of its own cost a malloc header, its size rounded up, and a
 //! 32-byte refcount block (allocated when the frame is first shared), i.e.
@@ -125,6 +126,31 @@ impl ReplayBuffer {
     /// empty) and drops the oldest beyond the bounds. Returns the frame as
     /// kept (a clone shares its bytes).
     pub fn push(&mut self, seq: u64, frame: Frame, read_at: Option<Instant>) -> Frame {
+        let frame = self.keep(frame);
+        self.append(seq, frame, read_at)
+    }
+
+    /// [`push`](Self::push) of a frame of `len` bytes that `write` writes:
+    /// a small one straight into the current chunk (not built on its own
+    /// to be copied there).
+    pub fn push_written(
+        &mut self,
+        seq: u64,
+        len: usize,
+        read_at: Option<Instant>,
+        write: impl FnOnce(&mut FrameWriter),
+    ) -> Frame {
+        let frame = if len > ARENA_MAX_FRAME || len == 0 {
+            let mut own = FrameWriter(BytesMut::with_capacity(len));
+            write(&mut own);
+            own.finish()
+        } else {
+            self.write_small(len, write)
+        };
+        self.append(seq, frame, read_at)
+    }
+
+    fn append(&mut self, seq: u64, frame: Frame, read_at: Option<Instant>) -> Frame {
         if self.slots.is_empty() {
             self.first_seq = seq;
             self.read_at.clear();
@@ -133,7 +159,6 @@ impl ReplayBuffer {
         if self.read_at.back().is_none_or(|(_, at)| *at != read_at) {
             self.read_at.push_back((seq, read_at));
         }
-        let frame = self.keep(frame);
         self.bytes += frame.len();
         self.total += frame.len() as u64;
         self.slots.push_back(Buffered {
@@ -187,14 +212,41 @@ impl ReplayBuffer {
         if len > ARENA_MAX_FRAME || len == 0 {
             return frame;
         }
-        if self.chunk.capacity() - self.chunk.len() < len {
+        self.write_small(len, |w| w.push_str(&frame))
+    }
+
+    /// A frame of `len` bytes written into the current chunk (a new chunk
+    /// when they do not fit). The chunk's length is 0 between frames: each
+    /// frame's bytes are split off as soon as they are written.
+    fn write_small(&mut self, len: usize, write: impl FnOnce(&mut FrameWriter)) -> Frame {
+        debug_assert!(self.chunk.is_empty());
+        if self.chunk.capacity() < len {
             let size = self.next_chunk.clamp(ARENA_CHUNK_MIN, ARENA_CHUNK_MAX);
             self.next_chunk = (size * 2).min(ARENA_CHUNK_MAX);
             self.chunk = BytesMut::with_capacity(size.max(len));
         }
-        self.chunk.extend_from_slice(frame.as_bytes());
-        // The copy of a `str` is UTF-8; the check only avoids `unsafe`.
-        ByteString::try_from(self.chunk.split().freeze()).unwrap_or(frame)
+        let mut writer = FrameWriter(std::mem::take(&mut self.chunk));
+        write(&mut writer);
+        self.chunk = writer.0;
+        FrameWriter(self.chunk.split()).finish()
+    }
+}
+
+/// Bytes of frames being written: only `str`s go in, so what it holds is
+/// UTF-8 (and becomes a frame without checking that again).
+pub struct FrameWriter(BytesMut);
+
+impl FrameWriter {
+    pub fn push_str(&mut self, s: &str) {
+        self.0.extend_from_slice(s.as_bytes());
+    }
+
+    fn finish(self) -> Frame {
+        // SAFETY: a `FrameWriter` starts empty (a new `BytesMut`, or the
+        // chunk, empty between frames) or is what `split` took of a chunk
+        // holding only what one writer pushed; `push_str` is the only way
+        // bytes get in, and `str`s joined are UTF-8.
+        unsafe { ByteString::from_bytes_unchecked(self.0.freeze()) }
     }
 }
 
