@@ -115,6 +115,18 @@ impl RunSeen {
     fn span(&self) -> Option<(Instant, Instant)> {
         Some((self.first?, self.last?))
     }
+
+    /// Counts a delta read now; its latency (if stamped) goes into `hist`
+    /// and is returned.
+    fn delta(&mut self, ts: Option<u64>) -> Option<u64> {
+        let now = Instant::now();
+        self.first.get_or_insert(now);
+        self.last = Some(now);
+        self.deltas += 1;
+        let latency = ws::unix_nanos().saturating_sub(ts?);
+        self.hist.record(latency);
+        Some(latency)
+    }
 }
 
 /// Reads one socket until the run's `complete`, checking seq continuity.
@@ -174,13 +186,7 @@ async fn read_run_after(
         seqc.see(seq);
         match s.kind {
             "stream_delta" => {
-                let now = Instant::now();
-                seen.first.get_or_insert(now);
-                seen.last = Some(now);
-                seen.deltas += 1;
-                if let Some(ts) = s.ts {
-                    let latency = ws::unix_nanos().saturating_sub(ts);
-                    seen.hist.record(latency);
+                if let Some(latency) = seen.delta(s.ts) {
                     if steady.contains(&seen.deltas) {
                         seen.steady.record(latency);
                     }
@@ -479,13 +485,7 @@ impl RawReader {
             self.seqc.see(seq);
             match s.kind {
                 "stream_delta" => {
-                    let now = Instant::now();
-                    seen.first.get_or_insert(now);
-                    seen.last = Some(now);
-                    seen.deltas += 1;
-                    if let Some(ts) = s.ts {
-                        seen.hist.record(ws::unix_nanos().saturating_sub(ts));
-                    }
+                    seen.delta(s.ts);
                 }
                 "complete" => return Ok(seen),
                 "error" => return Err(format!("run error: {}", String::from_utf8_lossy(frame))),
