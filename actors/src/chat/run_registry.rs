@@ -1190,9 +1190,11 @@ impl RunRegistry {
     /// clock reading for them all.
     fn sequence_deltas(&mut self, session_id: &str, deltas: &Deltas) {
         let done = self.sequence_escaped(session_id, deltas);
-        // A parent id that needs escaping: the usual way.
-        for event in deltas.events().skip(done) {
-            self.sequence(session_id, &event);
+        // A parent id that needs escaping: the usual way. (Skipped before
+        // decoding: `events().skip(done)` would decode and drop every
+        // delta already written.)
+        for (escaped, delta) in deltas.iter().skip(done) {
+            self.sequence(session_id, &delta.event(escaped));
         }
         let ready = self.sessions.get(session_id);
         if ready.is_some_and(|s| s.history.batch_ready()) {

@@ -373,12 +373,19 @@ impl Deltas {
 
     /// The deltas as the events they stand for.
     pub fn events(&self) -> impl Iterator<Item = Event> + '_ {
-        self.iter().map(|(escaped, d)| Event {
+        self.iter().map(|(escaped, d)| d.event(escaped))
+    }
+}
+
+impl DeltaText {
+    /// The event this delta stands for, its text `escaped` (from [`Deltas::iter`]), decoded.
+    pub fn event(&self, escaped: &str) -> Event {
+        Event {
             body: crate::protocol::EventBody::StreamDelta {
-                content: unescape(escaped, d.len),
+                content: unescape(escaped, self.len),
             },
-            parent_tool_use_id: d.parent_tool_use_id.clone(),
-        })
+            parent_tool_use_id: self.parent_tool_use_id.clone(),
+        }
     }
 }
 
