@@ -357,6 +357,14 @@ async fn every_metric_moves_with_its_cause() {
         v == 1.0
     })
     .await;
+    // What the proxy relays to its client is counted as sent.
+    let mut proxied = server.ws(&format!("/plugin-ws/echo?token={token}")).await;
+    let echo = "x".repeat(300);
+    proxied.send_text(&echo).await;
+    assert!(matches!(proxied.recv().await, WsEvent::Text(t) if t == echo));
+    let relayed = scrape(&url).await;
+    assert!(relayed.get("agentgate_sent_bytes_total", &[("endpoint", "plugin")]) >= 300.0);
+    drop(proxied);
 
     // Logins: two wrong passwords, then the per-user limit (2) answers 429.
     let wrong = json!({"username": "alice", "password": "wrong"});
@@ -965,4 +973,45 @@ async fn the_admin_page_in_a_real_browser() {
             shot.display()
         );
     }
+}
+
+/// Remote-session streams count what they send, by endpoint: the
+/// WebSocket follower (`remote_ws`) and the SSE stream (`remote_sse`).
+#[actix_rt::test]
+async fn remote_session_streams_count_their_bytes() {
+    let server = TestServer::start_with(|cmd| {
+        cmd.arg("--claude-bin")
+            .arg(example_bin("fake_claude"))
+            .args(["--metrics-listen", "0"]);
+    });
+    let url = metrics_url(&server).await;
+    let r = crate::remote::remote(&server, "alice", "text:3").await;
+
+    let mut res = crate::remote::open_sse(&server, &r, None).await;
+    let events = crate::remote::read_sse(&mut res, crate::remote::is_result).await;
+    // Each event's data alone is more than its JSON once parsed back.
+    let data: usize = events.iter().map(|e| e.2.to_string().len()).sum();
+    let m = wait_metric(
+        &url,
+        "agentgate_sent_bytes_total",
+        &[("endpoint", "remote_sse")],
+        |v| v >= data as f64,
+    )
+    .await;
+    assert_eq!(
+        m.get("agentgate_sent_bytes_total", &[("endpoint", "remote_ws")]),
+        0.0
+    );
+    drop(res);
+
+    let mut session = crate::remote::follow(&server.url(""), &r);
+    let followed = crate::remote::until_result(&mut session).await;
+    assert!(!followed.is_empty());
+    wait_metric(
+        &url,
+        "agentgate_sent_bytes_total",
+        &[("endpoint", "remote_ws")],
+        |v| v >= 200.0,
+    )
+    .await;
 }

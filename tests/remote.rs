@@ -28,7 +28,7 @@ fn fake_server() -> TestServer {
 
 /// A user with a project (its first session made over `/api`, so it is an
 /// environment) and a remote session created in it by `prompt`.
-struct Remote {
+pub(crate) struct Remote {
     token: String,
     project: tempfile::TempDir,
     /// `session_<app id>`.
@@ -37,7 +37,7 @@ struct Remote {
     app_id: String,
 }
 
-async fn remote(server: &TestServer, user: &str, prompt: &str) -> Remote {
+pub(crate) async fn remote(server: &TestServer, user: &str, prompt: &str) -> Remote {
     let token = server.token(user);
     let project = project_dir();
     server
@@ -75,7 +75,7 @@ async fn ws_follow(server: &TestServer, r: &Remote) -> WsClient {
     ws
 }
 
-fn follow(server_url: &str, r: &Remote) -> RemoteSession {
+pub(crate) fn follow(server_url: &str, r: &Remote) -> RemoteSession {
     let token = r.token.clone();
     RemoteSession::connect(SessionConfig::new(server_url, r.id.clone(), move || {
         token.clone()
@@ -99,7 +99,7 @@ async fn next_permission(session: &mut RemoteSession) -> agentgate_client::Permi
 }
 
 /// Events up to and including the next `result` message.
-async fn until_result(session: &mut RemoteSession) -> Vec<Event> {
+pub(crate) async fn until_result(session: &mut RemoteSession) -> Vec<Event> {
     let mut events = Vec::new();
     loop {
         let event = next(session).await;
@@ -479,10 +479,10 @@ fn jwt_claims(token: &str) -> Value {
 }
 
 /// One SSE event of the stream: (event, id, data).
-type SseEvent = (String, Option<u64>, Value);
+pub(crate) type SseEvent = (String, Option<u64>, Value);
 
 /// Reads SSE events from a streaming response until `done` says so.
-async fn read_sse(
+pub(crate) async fn read_sse(
     res: &mut awc::ClientResponse<
         impl futures_util::Stream<Item = Result<actix_web::web::Bytes, awc::error::PayloadError>>
             + Unpin,
@@ -520,11 +520,11 @@ async fn read_sse(
     }
 }
 
-fn is_result(e: &SseEvent) -> bool {
+pub(crate) fn is_result(e: &SseEvent) -> bool {
     e.0 == "client_event" && e.2["payload"]["type"] == "result"
 }
 
-async fn open_sse(
+pub(crate) async fn open_sse(
     server: &TestServer,
     r: &Remote,
     last_event_id: Option<u64>,

@@ -71,7 +71,7 @@ use super::plugin_registry::{LookupPort, PluginPort, PluginRegistry, ProxyClosed
 static NEXT_PROXY: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 use crate::config::MAX_INBOUND_FRAME;
 use crate::heartbeat::Heartbeat;
-use crate::metrics::{Connection, Endpoint, PanicWatch};
+use crate::metrics::{metrics, Connection, Endpoint, PanicWatch};
 use crate::watchdog::{ReadCloser, Stalled, WatchedConn};
 
 /// Close code for an invalid plugin name (PROTOCOL.md section 7).
@@ -413,9 +413,11 @@ impl ClientTail {
         let _ = tokio::time::timeout(limit, async move {
             if let Some(tx) = tx {
                 for chunk in last {
+                    let len = chunk.len();
                     if tx.send(chunk).await.is_err() {
                         break;
                     }
+                    metrics().sent(Endpoint::Plugin, len);
                 }
             }
             if let Some(reads) = reads {
@@ -566,8 +568,10 @@ impl PluginProxy {
         while let Some(chunk) = self.outbox.pop_front() {
             // While the channel has room, a plain send (no reservation
             // future); when it is full, a reservation registers the waker.
+            let len = chunk.len();
             match tx.try_send(chunk) {
                 Ok(()) => {
+                    metrics().sent(Endpoint::Plugin, len);
                     progress = true;
                     continue;
                 }
@@ -580,7 +584,10 @@ impl PluginProxy {
             match out.poll_reserve(cx) {
                 Poll::Ready(Ok(())) => {
                     if let Some(chunk) = self.outbox.pop_front() {
-                        let _ = out.send_item(chunk);
+                        let len = chunk.len();
+                        if out.send_item(chunk).is_ok() {
+                            metrics().sent(Endpoint::Plugin, len);
+                        }
                     }
                     progress = true;
                 }

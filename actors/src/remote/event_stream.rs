@@ -35,7 +35,7 @@ use super::{guard_token, Follow, RemoteDeps, Target};
 use crate::chat::run_registry::{
     CloseSocket, Connect, Deliver, Disconnect, Drained, SocketId, Subscribe,
 };
-use crate::metrics::{Connection, Endpoint, PanicWatch};
+use crate::metrics::{metrics, Connection, Endpoint, PanicWatch};
 use crate::protocol::now_iso;
 
 /// Chunks of SSE text waiting for the HTTP layer.
@@ -89,6 +89,7 @@ impl EventStream {
             return self.drained(drains);
         }
         let chunk = Bytes::from(chunk);
+        let len = chunk.len();
         let sent = match self.tx.try_send(chunk) {
             Ok(()) => true,
             Err(mpsc::error::TrySendError::Closed(_)) => return ctx.stop(),
@@ -96,7 +97,10 @@ impl EventStream {
                 let tx = self.tx.clone();
                 let wait = async move { tokio::time::timeout(STALL_LIMIT, tx.send(chunk)).await };
                 ctx.wait(wait.into_actor(self).map(move |res, act, ctx| match res {
-                    Ok(Ok(())) => act.drained(drains),
+                    Ok(Ok(())) => {
+                        metrics().sent(Endpoint::RemoteSse, len);
+                        act.drained(drains)
+                    }
                     Ok(Err(_)) => ctx.stop(),
                     Err(_) => {
                         tracing::warn!(actor = "EventStream", socket = ?act.id, reason = "slow consumer", "ending the stream; the client resumes from its Last-Event-ID");
@@ -107,6 +111,7 @@ impl EventStream {
             }
         };
         if sent {
+            metrics().sent(Endpoint::RemoteSse, len);
             self.drained(drains);
         }
     }

@@ -42,7 +42,7 @@ use crate::chat::run_registry::{
     Subscribe,
 };
 use crate::heartbeat::Heartbeat;
-use crate::metrics::{note_close, Connection, Endpoint, PanicWatch};
+use crate::metrics::{metrics, note_close, Connection, Endpoint, PanicWatch};
 use crate::protocol::frame_of;
 use crate::watchdog::{Stalled, WatchedConn};
 use crate::write_pump::{Backlog, WritePump};
@@ -132,6 +132,7 @@ impl RemoteSocket {
         let mut written = 0;
         while written < budget {
             let Some((mark, frame, drains)) = self.backlog.pop_front() else {
+                metrics().sent(Endpoint::Remote, written);
                 return false;
             };
             if let Some(bytes) = drains {
@@ -151,6 +152,7 @@ impl RemoteSocket {
             }
             self.last_write = Instant::now();
         }
+        metrics().sent(Endpoint::Remote, written);
         !self.backlog.is_empty()
     }
 
