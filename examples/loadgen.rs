@@ -25,7 +25,8 @@
 //! and holds two per socket; with less it opens as many sockets as fit).
 //!
 //! Environment: `LOADGEN_GATEWAY_LOG` sets the gateway's `RUST_LOG`
-//! (default `info`), `LOADGEN_ECHO_LOGS=1` copies its log to stderr.
+//! (default `info`), `LOADGEN_ECHO_LOGS=1` copies its log to stderr,
+//! `LOADGEN_FANOUT_THREADS` the threads reading fanout's sockets (2).
 
 #[path = "loadgen/chat.rs"]
 mod chat;
@@ -33,6 +34,8 @@ mod chat;
 mod cluster;
 #[path = "loadgen/conns.rs"]
 mod conns;
+#[path = "loadgen/fan_read.rs"]
+mod fan_read;
 #[path = "loadgen/gateway.rs"]
 mod gateway;
 #[path = "loadgen/micro.rs"]

@@ -19,6 +19,7 @@ use agentgate_actors::chat::run_registry::{
 // The argv the gateway's Claude adapter passes (PROTOCOL.md 4.1); the fake ignores all but `--resume`.
 use agentgate_actors::provider::claude::STREAM_ARGS as CLAUDE_ARGS;
 
+use crate::fan_read::{self, FanSock};
 use crate::gateway::{Bins, Gateway};
 use crate::raw_ws::{RawIn, RawWs};
 use crate::report::{Row, Target, Unit};
@@ -654,29 +655,6 @@ pub(crate) async fn subscribe(ws: &mut Ws, sid: &str, last_seq: u64) -> Result<(
     Ok(())
 }
 
-/// Subscribes from seq 0 to a live run. On another node than the run's
-/// (`remote`), the node may not know of the run yet when the sender has just
-/// seen its first events (its start reaches Redis a moment later): the
-/// subscribe is then repeated, answered each time, for up to 10 s.
-async fn subscribe_live(ws: &mut Ws, sid: &str, remote: bool) -> Result<(), String> {
-    if !remote {
-        return subscribe(ws, sid, 0).await;
-    }
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let ack = send_subscribe(ws, sid, 0).await?;
-        if ack.contains("\"isProcessing\":true") {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            return Err(format!(
-                "the run never showed as processing on this node: {ack}"
-            ));
-        }
-        actix_rt::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 /// Subscribes to the session from `last_seq`; returns the ack. After a 4008
 /// the run may have completed meanwhile (its catch-up then ends with the
 /// `complete` the reader waits for), so the rejoin takes any ack.
@@ -707,76 +685,86 @@ pub struct FanoutStats {
     pub complete: bool,
 }
 
+/// Threads that read fanout's sockets (`LOADGEN_FANOUT_THREADS`, default 2:
+/// one per core of the machines the targets are set for).
+fn fanout_threads() -> usize {
+    std::env::var("LOADGEN_FANOUT_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|n| *n > 0)
+        .unwrap_or(2)
+}
+
+/// Runs `f` on the blocking pool (the raw sockets block), off the runtime's thread.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, String> {
+    actix_rt::task::spawn_blocking(f)
+        .await
+        .map_err(|e| format!("reader thread: {e}"))
+}
+
 /// One run of `events` deltas started on `gws[0]`, followed by
 /// `subscribers` sockets (the sender included) spread round-robin over
 /// `gws` (one node: the single-node `fanout`; several: `cluster-fanout`).
+/// The readers are raw clients on a few threads (`fan_read.rs`).
 pub async fn fanout_over(
-    ctx: &Ctx,
+    _ctx: &Ctx,
     gws: &[&Gateway],
     subscribers: usize,
     events: usize,
     reps: usize,
 ) -> Result<FanoutStats, String> {
     let owner_gw = *gws.first().ok_or("no gateway")?;
-    let mut socks = Vec::with_capacity(subscribers);
+    // Each node's sockets, one block after the other (the owner first).
+    let mut socks: Vec<FanSock> = Vec::with_capacity(subscribers);
+    let mut blocks = Vec::with_capacity(gws.len());
     for (i, gw) in gws.iter().enumerate() {
         let n = subscribers / gws.len() + usize::from(i < subscribers % gws.len());
-        for ws in open_many(ctx, gw, n).await? {
-            socks.push((*gw, ws));
-        }
+        let url = gw.ws_url(&format!("/ws?token={}", gw.token));
+        let opened = blocking(move || fan_read::open(&url, n)).await??;
+        let remote = gw.addr != owner_gw.addr;
+        blocks.push((socks.len()..socks.len() + opened.len(), remote));
+        socks.extend(opened);
     }
+    if socks.is_empty() {
+        return Err("no sockets".into());
+    }
+    let threads = fanout_threads();
     let (mut rates, mut p50, mut p99) = (vec![], vec![], vec![]);
     let (mut gaps, mut complete, mut max_lat, mut rejoins) = (0, true, 0, 0);
     for _ in 0..reps {
         // A fresh session each time: the sockets stay subscribed to the previous one.
         let (_project, sid) = session(owner_gw).await?;
-        let ((_, owner), rest) = socks.split_first_mut().ok_or("no sockets")?;
-        let request =
-            start_gated(owner, &sid, &format!("text:{events} size:{EVENT_BYTES} ts")).await?;
-        let owner_addr = owner_gw.addr;
-        for r in join_all(rest.iter_mut().map(|(gw, ws)| {
-            let remote = gw.addr != owner_addr;
-            subscribe_live(ws, &sid, remote)
-        }))
-        .await
-        {
-            r?;
-        }
-        let t0 = Instant::now();
-        release_gate(owner, &request).await?;
-        let deadline = run_deadline(events * subscribers / 20);
-        let sid = &sid;
-        let results = join_all(socks.iter_mut().map(|(gw, ws)| async move {
-            // A subscriber far behind while others keep up is closed with
-            // 4008 (E4) and resubscribes on its own node with its lastSeq,
-            // as a real client does.
-            let rejoin = Rejoin {
-                ctx,
-                gw,
-                session: sid,
-            };
-            // The replayed permission events come first; continuity is checked from there.
-            let mut seqc = SeqCheck::default();
-            let seen = read_run_after(ws, &mut seqc, deadline, 0..=0, Some(&rejoin)).await;
-            (seen, seqc)
-        }))
-        .await;
-        let mut hist = Histogram::default();
+        let prompt = format!("text:{events} size:{EVENT_BYTES} ts");
+        let deadline = run_deadline(events * subscribers / 20).into_std();
+        let blocks = blocks.clone();
+        let (back, run, t0) = blocking(move || {
+            let request = fan_read::start_gated(&mut socks[0].ws, &sid, &prompt)?;
+            for (range, remote) in blocks {
+                // The owner sent the turn: it follows the run already.
+                let range = range.start.max(1)..range.end;
+                fan_read::subscribe_live(&mut socks[range], &sid, remote)?;
+            }
+            let t0 = std::time::Instant::now();
+            fan_read::release_gate(&mut socks[0].ws, &request)?;
+            let run = fan_read::read_all(&mut socks, &sid, deadline, threads);
+            Ok::<_, String>((socks, run, t0))
+        })
+        .await??;
+        socks = back;
         let mut total = 0;
         let mut end = t0;
-        for (seen, seqc) in results {
+        for seen in run.seen {
             let seen = seen?;
-            gaps += seqc.gaps;
+            gaps += seen.seqc.gaps;
             rejoins += seen.rejoins;
             complete &= seen.deltas == events;
             total += seen.deltas;
             end = end.max(seen.last.unwrap_or(t0));
-            hist.merge(&seen.hist);
         }
         rates.push(total as f64 / secs(end - t0));
-        p50.push(ms(hist.quantile(0.5)));
-        p99.push(ms(hist.quantile(0.99)));
-        max_lat = max_lat.max(hist.max());
+        p50.push(ms(run.hist.quantile(0.5)));
+        p99.push(ms(run.hist.quantile(0.99)));
+        max_lat = max_lat.max(run.hist.max());
     }
     Ok(FanoutStats {
         events,

@@ -107,15 +107,6 @@ impl RawWs {
     /// Reads more bytes into the buffer (compacting or growing it first);
     /// 0 at the end of the stream.
     fn fill(&mut self, deadline: Instant) -> Result<usize, String> {
-        if self.start > 0 && self.end == self.buf.len() {
-            self.buf.copy_within(self.start..self.end, 0);
-            self.end -= self.start;
-            self.start = 0;
-        }
-        if self.end == self.buf.len() {
-            let len = self.buf.len() * 2;
-            self.buf.resize(len, 0);
-        }
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
             return Err("timed out waiting for a frame".into());
@@ -123,11 +114,8 @@ impl RawWs {
         self.stream
             .set_read_timeout(Some(left))
             .map_err(|e| e.to_string())?;
-        match self.stream.read(&mut self.buf[self.end..]) {
-            Ok(n) => {
-                self.end += n;
-                Ok(n)
-            }
+        match self.read_more() {
+            Ok(n) => Ok(n),
             Err(e)
                 if matches!(
                     e.kind(),
@@ -137,6 +125,65 @@ impl RawWs {
                 Err("timed out waiting for a frame".into())
             }
             Err(e) => Err(format!("read: {e}")),
+        }
+    }
+
+    /// One read(2) into the buffer's free end (compacting or growing it first).
+    fn read_more(&mut self) -> std::io::Result<usize> {
+        if self.start > 0 && self.end == self.buf.len() {
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+        }
+        if self.end == self.buf.len() {
+            let len = self.buf.len() * 2;
+            self.buf.resize(len, 0);
+        }
+        let n = self.stream.read(&mut self.buf[self.end..])?;
+        self.end += n;
+        Ok(n)
+    }
+
+    /// For a reader that waits on many sockets itself (epoll): reads never
+    /// block, and [`RawWs::try_next`] says when the socket has nothing more.
+    pub fn set_nonblocking(&self, on: bool) -> Result<(), String> {
+        self.stream.set_nonblocking(on).map_err(|e| e.to_string())
+    }
+
+    pub fn fd(&self) -> std::os::fd::RawFd {
+        std::os::fd::AsRawFd::as_raw_fd(&self.stream)
+    }
+
+    /// [`RawWs::next`] on a nonblocking socket: `None` when a whole message
+    /// has not arrived yet (the socket had nothing more to read).
+    pub fn try_next(&mut self) -> Result<Option<RawIn<'_>>, String> {
+        loop {
+            match self.parse()? {
+                Some((opcode, from, to)) => match opcode {
+                    0x1 => return Ok(Some(RawIn::Text(&self.buf[from..to]))),
+                    0x2 => return Ok(Some(RawIn::Binary)),
+                    0x8 => {
+                        let p = &self.buf[from..to];
+                        let code = (p.len() >= 2).then(|| u16::from_be_bytes([p[0], p[1]]));
+                        return Ok(Some(RawIn::Close(code)));
+                    }
+                    0x9 => {
+                        // Two heartbeats' pongs at most wait in an empty
+                        // send buffer: this write does not find it full.
+                        let payload = self.buf[from..to].to_vec();
+                        self.send(0xA, &payload)?;
+                    }
+                    0xA => {}
+                    op => return Err(format!("unexpected opcode {op:#x}")),
+                },
+                None => match self.read_more() {
+                    Ok(0) => return Ok(Some(RawIn::Ended)),
+                    Ok(_) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(None),
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(format!("read: {e}")),
+                },
+            }
         }
     }
 
