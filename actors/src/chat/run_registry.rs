@@ -54,6 +54,9 @@
 //! buffer. A subscriber that stops reading holds the run no longer than a
 //! heartbeat interval and is the watchdog's (E4's no-progress rule); while
 //! it is one of few, the run goes on without it.
+//! In cluster mode a node applies these rules to another node's run for
+//! its own subscribers too, and asks that node to wait while they hold or
+//! pace it (`cluster.rs`).
 //!
 //! **Invariants**:
 //! - `seq` is assigned only here, +1 per forwarded event, strictly increasing
@@ -529,14 +532,26 @@ impl SessionState {
     /// bytes delivered to its socket and not yet written count as lacking
     /// (a 4008 drops them), so this is about what the client holds.
     fn far_behind(&self, sent: u64, in_flight: usize) -> bool {
-        self.within_margins(sent, in_flight, 1)
+        self.within_margins(sent, in_flight, self.margins())
+    }
+
+    /// Far-behind margins of the session's subscribers: one, or for a run
+    /// of another node two, since what is on its way from the owner
+    /// (a batch, the owner's unpublished frames up to
+    /// `cluster::bus::PUBLISH_WINDOW`, a stream read) still comes in after
+    /// this node asked the run to wait.
+    fn margins(&self) -> usize {
+        match self.run.as_ref() {
+            Some(run) if run.remote.is_some() => 2,
+            _ => 1,
+        }
     }
 
     /// Still at risk, for a subscriber that holds the run: within twice the
     /// far-behind margin (so a hold ends with room to spare, not at once
     /// again).
     fn at_risk(&self, sent: u64, in_flight: usize) -> bool {
-        self.within_margins(sent, in_flight, 2)
+        self.within_margins(sent, in_flight, self.margins() + 1)
     }
 
     /// The oldest event the client may lack is within `margins` times the
@@ -559,14 +574,15 @@ impl SessionState {
         self.buffer.len() - first > max_events
     }
 
-    /// The run may be held for far-behind readers: it is a local run that
-    /// runs, and has been paused for them alone (its quorum was there) less
-    /// than [`HOLD_GRACE`] plus `1/HOLD_SHARE` of its time.
+    /// The run may be held for far-behind readers: it runs (here, or on
+    /// another node, which this node then asks to wait: `cluster.rs`), and
+    /// has been paused for them alone (its quorum was there) less than
+    /// [`HOLD_GRACE`] plus `1/HOLD_SHARE` of its time.
     fn may_hold(&self, now: Instant) -> bool {
         let Some(run) = self.run.as_ref() else {
             return false;
         };
-        if run.status != Status::Running || run.remote.is_some() {
+        if run.status != Status::Running {
             return false;
         }
         let holding = self
@@ -1059,7 +1075,7 @@ impl RunRegistry {
             let n = s.subscribers.len();
             let caught_up = s.subscribers.values().filter(|sent| **sent >= s.last_seq);
             n > 0 && (caught_up.count() < pace_quorum(n) || !s.holding.is_empty())
-        })
+        }) || self.cluster_wait(session_id)
     }
 
     /// Caught up with the session and below the low-water mark.
@@ -1091,7 +1107,14 @@ impl RunRegistry {
             .run
             .as_ref()
             .is_some_and(|r| r.status == Status::Running);
-        if !running || state.subscribers.is_empty() {
+        if !running {
+            return self.resume(session_id);
+        }
+        // Other nodes' subscribers, or the publishing to them, need it to wait.
+        if self.cluster_wait(session_id) {
+            return;
+        }
+        if state.subscribers.is_empty() {
             return self.resume(session_id);
         }
         let ready = match drained {
@@ -1141,6 +1164,35 @@ impl RunRegistry {
             run.held_for += pause.held_since.map_or(Duration::ZERO, |s| s.elapsed());
         }
         let _ = pause.resume.send(());
+        self.cluster_flow_resumed(session_id);
+    }
+
+    /// Pauses the session's run (its subscribers are behind: `should_pause`):
+    /// the receiver is told when it may go on.
+    fn pause(&mut self, session_id: &str) -> Option<oneshot::Receiver<()>> {
+        let state = self.sessions.get(session_id)?;
+        let ready = state.subscribers.keys().copied();
+        let ready: BTreeSet<SocketId> = ready.filter(|s| self.is_ready(state, *s)).collect();
+        let now = Instant::now();
+        // Its quorum is there: it waits for far-behind readers alone.
+        let held = ready.len() >= pace_quorum(state.subscribers.len()) && !state.holding.is_empty();
+        let held_since = held.then_some(now);
+        let state = self.sessions.get_mut(session_id)?;
+        let (tx, rx) = oneshot::channel();
+        if let Some(old) = state.paused.replace(Pause {
+            resume: tx,
+            since: now,
+            ready,
+            held_since,
+        }) {
+            // One batch at a time per run; an older pause cannot exist, but never strand it.
+            let _ = old.resume.send(());
+        }
+        if let Some(run) = state.run.as_mut() {
+            run.pauses += 1;
+        }
+        metrics().flow_control_pauses.inc();
+        Some(rx)
     }
 
     /// Sequences, serializes (once) and buffers one event.
@@ -2197,30 +2249,9 @@ impl RunRegistry {
         if !still_current || !self.should_pause(&msg.session_id) {
             return Box::pin(fut::ready(()));
         }
-        let Some(state) = self.sessions.get(&msg.session_id) else {
+        let Some(rx) = self.pause(&msg.session_id) else {
             return Box::pin(fut::ready(()));
         };
-        let ready = state.subscribers.keys().copied();
-        let ready: BTreeSet<SocketId> = ready.filter(|s| self.is_ready(state, *s)).collect();
-        let now = Instant::now();
-        let held_since = (ready.len() >= pace_quorum(state.subscribers.len())).then_some(now);
-        let Some(state) = self.sessions.get_mut(&msg.session_id) else {
-            return Box::pin(fut::ready(()));
-        };
-        let (tx, rx) = oneshot::channel();
-        if let Some(old) = state.paused.replace(Pause {
-            resume: tx,
-            since: now,
-            ready,
-            held_since,
-        }) {
-            // One batch at a time per run; an older pause cannot exist, but never strand it.
-            let _ = old.resume.send(());
-        }
-        if let Some(run) = state.run.as_mut() {
-            run.pauses += 1;
-        }
-        metrics().flow_control_pauses.inc();
         tracing::debug!(session_id = %msg.session_id, run_id = %msg.run_id, "run paused: too many subscribers are behind");
         Box::pin(
             async move {
@@ -2315,6 +2346,10 @@ impl Actor for RunRegistry {
         if self.cluster.is_some() {
             ctx.run_interval(cluster::UNFOLLOW_EVERY, |act, ctx| {
                 act.guarded(ctx, "cluster unfollow", (), |act, _| act.unfollow_idle())
+            });
+            // Flow waits: renewed to other nodes' runs, expired for ours.
+            ctx.run_interval(crate::cluster::bus::FLOW_RENEW_EVERY, |act, ctx| {
+                act.guarded(ctx, "cluster flow", (), |act, _| act.cluster_flow_tick())
             });
         }
         tracing::info!(

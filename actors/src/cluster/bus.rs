@@ -9,20 +9,25 @@
 //!
 //! **Handles** from the `RunRegistry`: [`AcquireLease`], [`RegisterRun`],
 //! [`ReleaseLease`], [`Publish`], [`RunDone`] (owner side), [`Follow`],
-//! [`Unfollow`] (follower side), [`PublishUpsert`], [`ListClusterRuns`],
-//! [`RouteCommand`]; [`AttachRegistry`] and [`Drain`] from the binary.
+//! [`Unfollow`], [`SendFlow`] (follower side), [`PublishUpsert`],
+//! [`ListClusterRuns`], [`RouteCommand`]; [`AttachRegistry`] and [`Drain`]
+//! from the binary.
 //!
-//! **Sends** [`RemoteEvents`], [`RemoteUpsert`] and [`LeaseLost`] to the
-//! registry, and the registry's own `AbortRun`/`RespondPermission` for a
-//! command another node routed here.
+//! **Sends** [`RemoteEvents`], [`RemoteUpsert`], [`LeaseLost`],
+//! [`PublishBacklog`] and [`RemoteFlow`] (a follower's `Command::Flow`
+//! notice) to the registry, and the registry's own
+//! `AbortRun`/`RespondPermission` for a command another node routed here.
 //!
 //! **Timers**: reconnect every [`RECONNECT_EVERY`] while Redis is down;
 //! lease renewal every third of the lease; the node-loss sweep every half
 //! lease; a PING every second (so a lost Redis is noticed while idle).
 //!
 //! **Bounds**: per held lease at most [`BACKLOG_MAX`] frames are kept
-//! (shared with the registry's replay buffer, so cheap); when Redis is
-//! down that long the oldest unpublished ones are dropped (logged) and
+//! (shared with the registry's replay buffer, so cheap). While Redis is
+//! reachable, more than [`PUBLISH_WINDOW`] of them not yet in the stream
+//! make the run wait ([`PublishBacklog`]: backpressure, so a run faster
+//! than Redis takes its frames never drops one). Only when Redis is down
+//! that long are the oldest unpublished ones dropped (logged) and
 //! followers see a gap (they are closed with 4008 and resubscribe:
 //! `replayTruncated`). One publish pipeline and one stream read are in
 //! flight at a time; a read takes at most [`READ_COUNT`] entries per
@@ -52,6 +57,13 @@ pub const RECONNECT_EVERY: Duration = Duration::from_millis(500);
 pub const BACKLOG_MAX: usize = REPLAY_MAX_EVENTS;
 /// Most frames in one publish script call.
 const PUBLISH_BATCH: usize = 512;
+/// Frames of a session not yet in its stream above which its run waits
+/// (the registry is told [`PublishBacklog`]), while Redis is reachable: the
+/// run goes at the pace Redis takes its frames, so what a follower lacks
+/// is never more than this behind the owner and is never dropped. It goes
+/// on once they are down to [`PUBLISH_BATCH`]. While Redis is down the run
+/// goes on and [`BACKLOG_MAX`] applies.
+pub const PUBLISH_WINDOW: usize = 2 * PUBLISH_BATCH;
 /// Stream entries read per stream per read.
 pub const READ_COUNT: usize = 512;
 /// How long one stream read blocks in Redis (a new follow waits at most this).
@@ -97,6 +109,15 @@ struct Lease {
     /// not in the stream yet; the others are kept for a republish.
     frames: VecDeque<Outgoing>,
     published: u64,
+    /// The registry was told its run must wait for the publishing ([`PUBLISH_WINDOW`]).
+    backlog_full: bool,
+}
+
+impl Lease {
+    /// Frames not in the stream yet (`frames` is in seq order).
+    fn unpublished(&self) -> usize {
+        self.frames.len() - self.frames.partition_point(|o| o.seq <= self.published)
+    }
 }
 
 pub struct ClusterBus {
@@ -231,6 +252,10 @@ impl ClusterBus {
         for lease in self.leases.values_mut() {
             lease.published = 0;
         }
+        let sessions: Vec<String> = self.leases.keys().cloned().collect();
+        for session in sessions {
+            self.backlog_check(&session);
+        }
         self.renew(ctx);
         self.flush(ctx);
         self.read(ctx);
@@ -243,6 +268,11 @@ impl ClusterBus {
         }
         self.cmd = None;
         self.reader = None;
+        // Local sockets keep receiving local runs while Redis is down.
+        let sessions: Vec<String> = self.leases.keys().cloned().collect();
+        for session in sessions {
+            self.backlog_check(&session);
+        }
         tracing::warn!(event = "cluster.disconnected", node_id = %self.node, %err, "cluster: lost Redis; new runs are refused (CLUSTER_UNAVAILABLE) until it is back");
         ctx.run_later(RECONNECT_EVERY, |act, ctx| act.connect(ctx));
     }
@@ -304,7 +334,7 @@ impl ClusterBus {
             return;
         };
         let run_id = lease.run_id.clone();
-        self.leases.remove(session);
+        self.remove_lease(session);
         tracing::warn!(event = "cluster.lease_lost", node_id = %self.node, session_id = session, run_id = %run_id, "cluster: this node lost the session's lease (another node ended or took the run); stopping the run here");
         if let Some(registry) = &self.registry {
             registry.do_send(LeaseLost {
@@ -382,7 +412,7 @@ impl ClusterBus {
                         };
                         if added < 0 && lease.done {
                             tracing::warn!(event = "cluster.lease_lost", node_id = %act.node, session_id = %session, run_id = %lease.run_id, "cluster: the last frames of a completed run were refused (another node holds the session now)");
-                            act.leases.remove(&session);
+                            act.remove_lease(&session);
                             act.drained();
                         } else if added < 0 {
                             // Another node holds the lease or reaped the
@@ -391,13 +421,14 @@ impl ClusterBus {
                         } else if ends {
                             // The complete freed the session in Redis. What
                             // follows in the stream is another run's.
-                            act.leases.remove(&session);
+                            act.remove_lease(&session);
                             if let Some(cursor) = act.follows.get_mut(&session) {
                                 *cursor = (*cursor).max(last);
                             }
                             act.drained();
                         } else {
                             lease.published = lease.published.max(last);
+                            act.backlog_check(&session);
                         }
                     }
                     if refused {
@@ -430,7 +461,7 @@ impl ClusterBus {
         let retention = COMPLETED_RUN_RETENTION.as_millis() as u64;
         let mut pipe = redis::pipe();
         for session in &done {
-            let Some(lease) = self.leases.remove(session) else {
+            let Some(lease) = self.remove_lease(session) else {
                 continue;
             };
             let mut completed = lease.meta.clone();
@@ -464,6 +495,46 @@ impl ClusterBus {
             }
             act.drained();
         }));
+    }
+
+    /// Tells the registry when the session's run must wait for its frames
+    /// to reach the stream ([`PUBLISH_WINDOW`]) and when it may go on.
+    fn backlog_check(&mut self, session: &str) {
+        let connected = self.cmd.is_some();
+        let Some(lease) = self.leases.get_mut(session) else {
+            return;
+        };
+        let unpublished = lease.unpublished();
+        let full = connected
+            && if lease.backlog_full {
+                unpublished > PUBLISH_BATCH
+            } else {
+                unpublished > PUBLISH_WINDOW
+            };
+        if full == lease.backlog_full {
+            return;
+        }
+        lease.backlog_full = full;
+        if let Some(registry) = &self.registry {
+            registry.do_send(PublishBacklog {
+                session_id: session.to_string(),
+                full,
+            });
+        }
+    }
+
+    /// A lease ends here; a run that waited for its publishing no longer does.
+    fn remove_lease(&mut self, session: &str) -> Option<Lease> {
+        let lease = self.leases.remove(session)?;
+        if lease.backlog_full {
+            if let Some(registry) = &self.registry {
+                registry.do_send(PublishBacklog {
+                    session_id: session.to_string(),
+                    full: false,
+                });
+            }
+        }
+        Some(lease)
     }
 
     fn drained(&mut self) {
@@ -545,10 +616,13 @@ impl ClusterBus {
                     self.on_upsert(fields);
                 }
             } else if let Some(session) = key.strip_prefix(&format!("{PREFIX}events:")) {
+                let entries_len = entries.len();
                 let events: Vec<RemoteEvent> = entries
                     .into_iter()
                     .filter_map(|(id, f)| remote_event(&id, f))
                     .collect();
+                // A full answer: the stream has more for it than was read.
+                let more = entries_len >= READ_COUNT;
                 let Some(last) = events.last().map(|e| e.seq) else {
                     continue;
                 };
@@ -560,6 +634,7 @@ impl ClusterBus {
                     handoffs.push(registry.send(RemoteEvents {
                         session_id: session.to_string(),
                         events,
+                        more,
                     }));
                 }
             }
@@ -618,6 +693,25 @@ impl ClusterBus {
                     });
                 }
             }
+            Wire::Notice {
+                from,
+                command:
+                    Command::Flow {
+                        session_id,
+                        run_id,
+                        wait,
+                    },
+            } => {
+                if let Some(registry) = &self.registry {
+                    registry.do_send(RemoteFlow {
+                        session_id,
+                        run_id,
+                        node: from,
+                        wait,
+                    });
+                }
+            }
+            Wire::Notice { .. } => {}
             Wire::Request { id, from, command } => {
                 let Some(registry) = self.registry.clone() else {
                     return;
@@ -650,6 +744,8 @@ impl ClusterBus {
                                 .await;
                             Ok(())
                         }
+                        // Sent as a notice; a request of it is answered.
+                        Command::Flow { .. } => Ok(()),
                     }
                 };
                 ctx.spawn(run.into_actor(self).map(move |result, act, ctx| {
@@ -824,6 +920,7 @@ impl ClusterBus {
                 done: true,
                 frames,
                 published: last,
+                backlog_full: false,
             },
         );
         self.flush(ctx);
@@ -849,6 +946,8 @@ enum Wire {
         /// (code, message) of a refusal.
         error: Option<(String, String)>,
     },
+    /// A command that gets no answer.
+    Notice { from: String, command: Command },
 }
 
 /// A command for the run's owner node.
@@ -864,7 +963,22 @@ pub enum Command {
         request_id: String,
         decision: PermissionDecision,
     },
+    /// Flow control of a run from a node that follows it (a [`Wire::Notice`]):
+    /// `wait` while that node's subscribers need the run to wait (renewed
+    /// every [`FLOW_RENEW_EVERY`]; the owner forgets one not renewed for
+    /// [`FLOW_EXPIRY`]), then `wait: false`.
+    Flow {
+        session_id: String,
+        run_id: String,
+        wait: bool,
+    },
 }
+
+/// How often a follower renews its `Flow` wait while it lasts.
+pub const FLOW_RENEW_EVERY: Duration = Duration::from_millis(500);
+/// A `Flow` wait not renewed this long is forgotten by the owner (the
+/// follower was lost, or its `wait: false` was).
+pub const FLOW_EXPIRY: Duration = Duration::from_secs(3);
 
 use std::future::Future;
 use std::pin::Pin;
@@ -974,11 +1088,13 @@ impl Handler<AcquireLease> for ClusterBus {
             let last = seq_of(&last).unwrap_or(0);
             // An own completed run still flushing keeps its frames (they
             // carry their run id); the lease is the new run's now.
-            let (frames, published) = act
+            // (So is the registry's word on their publishing.)
+            let (frames, published, backlog_full) = act
                 .leases
                 .remove(&msg.session_id)
-                .map(|l| (l.frames, l.published))
+                .map(|l| (l.frames, l.published, l.backlog_full))
                 .unwrap_or_default();
+            let session = msg.session_id.clone();
             act.leases.insert(
                 msg.session_id,
                 Lease {
@@ -989,8 +1105,10 @@ impl Handler<AcquireLease> for ClusterBus {
                     done: false,
                     frames,
                     published,
+                    backlog_full,
                 },
             );
+            act.backlog_check(&session);
             Ok(last)
         }))
     }
@@ -1068,6 +1186,7 @@ impl Handler<Publish> for ClusterBus {
         if dropped > 0 {
             tracing::error!(event = "cluster.backlog_full", node_id = %self.node, session_id = %msg.session_id, dropped, "cluster: Redis is unreachable and the backlog is full; frames dropped (followers on other nodes see a gap)");
         }
+        self.backlog_check(&msg.session_id);
         self.flush(ctx);
     }
 }
@@ -1418,6 +1537,56 @@ impl Handler<Drain> for ClusterBus {
 pub struct RemoteEvents {
     pub session_id: String,
     pub events: Vec<RemoteEvent>,
+    /// The read was full: the stream holds more for this node than it
+    /// read (it is behind the owner by at least [`READ_COUNT`]).
+    pub more: bool,
+}
+
+/// To the registry: the session's run must wait for its frames to reach
+/// the stream (`full`), or may go on ([`PUBLISH_WINDOW`]).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct PublishBacklog {
+    pub session_id: String,
+    pub full: bool,
+}
+
+/// To the registry (owner side): a follower node's subscribers need the
+/// run to wait (`wait`, renewed while they do), or no longer do.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct RemoteFlow {
+    pub session_id: String,
+    pub run_id: String,
+    pub node: String,
+    pub wait: bool,
+}
+
+/// From the registry (follower side): tell the run's node that this
+/// node's subscribers need its run to wait, or no longer do.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct SendFlow {
+    pub node: String,
+    pub session_id: String,
+    pub run_id: String,
+    pub wait: bool,
+}
+
+impl Handler<SendFlow> for ClusterBus {
+    type Result = ();
+    fn handle(&mut self, msg: SendFlow, ctx: &mut Context<Self>) {
+        let wire = Wire::Notice {
+            from: self.node.to_string(),
+            command: Command::Flow {
+                session_id: msg.session_id,
+                run_id: msg.run_id,
+                wait: msg.wait,
+            },
+        };
+        // Redis down: nothing reaches the owner either way; its wait expires.
+        self.send_wire(&msg.node, &wire, ctx);
+    }
 }
 
 /// To the registry: a `session_upserted` from another node, for the user's sockets.

@@ -20,15 +20,30 @@
 //! are routed to the owner ([`RouteCommand`]). A session nobody here
 //! subscribes to any more is unfollowed (every [`UNFOLLOW_EVERY`]).
 //!
-//! **Handles** [`RemoteEvents`], [`RemoteUpsert`], [`LeaseLost`] (from the bus).
+//! **Flow control across nodes**: a remote run is paced and held by this
+//! node's subscribers by the single-node rules (`should_pause`, holds
+//! within the same budgets), and since they cannot withhold the owner's
+//! batches, the owner is asked to wait: [`SendFlow`] (a `Command::Flow`
+//! notice on its command stream) when this node pauses the run, renewed
+//! every `FLOW_RENEW_EVERY`, and `wait: false` when it resumes. This node
+//! also asks it to wait while its stream reads come back full (it is
+//! behind the stream). The owner's run waits while any follower's wait is
+//! fresh ([`FLOW_EXPIRY`]: a lost follower stops holding it), and while
+//! the bus has more than `PUBLISH_WINDOW` of its frames not yet in Redis
+//! ([`PublishBacklog`]). A follower's subscribers are far behind one
+//! margin earlier (`SessionState::margins`): what is on its way from the
+//! owner still comes in after the wait is asked.
+//!
+//! **Handles** [`RemoteEvents`], [`RemoteUpsert`], [`LeaseLost`],
+//! [`RemoteFlow`], [`PublishBacklog`] (from the bus).
 
 use std::collections::{HashMap, HashSet};
 
 use super::*;
 use crate::cluster::bus::{
     AcquireLease, CatchUp, ClusterBus, Command, Follow, Followed, LeaseLost, ListClusterRuns,
-    Publish, RegisterRun, ReleaseLease, RemoteEvents, RemoteUpsert, RouteCommand, RunDone,
-    Unfollow,
+    Publish, PublishBacklog, RegisterRun, ReleaseLease, RemoteEvents, RemoteFlow, RemoteUpsert,
+    RouteCommand, RunDone, SendFlow, Unfollow, FLOW_EXPIRY,
 };
 use crate::cluster::{Outgoing, RemoteEvent, RunMeta};
 
@@ -55,6 +70,16 @@ pub(super) struct ClusterLink {
     /// `Follow`/`CatchUp` answers and the live reads overlap; each entry
     /// is taken once).
     stream_seq: HashMap<String, u64>,
+    /// Owner side, per session of a local run: the nodes whose subscribers
+    /// need it to wait, and when each last said so (forgotten after
+    /// [`FLOW_EXPIRY`]). At most one entry per node following it.
+    waits: HashMap<String, HashMap<String, Instant>>,
+    /// Owner side: sessions whose frames the bus has not got into Redis
+    /// for more than `PUBLISH_WINDOW` (their run waits for the publishing).
+    publish_full: HashSet<String>,
+    /// Follower side: sessions whose last stream read was full (this node
+    /// is behind the stream; the run waits until it has caught up).
+    stream_behind: HashSet<String>,
 }
 
 /// A DB release slower than this lets the held frames go anyway (the next
@@ -111,8 +136,126 @@ impl RunRegistry {
             held: HashMap::new(),
             release_waiters: HashMap::new(),
             stream_seq: HashMap::new(),
+            waits: HashMap::new(),
+            publish_full: HashSet::new(),
+            stream_behind: HashSet::new(),
         });
         self
+    }
+
+    /// Cluster reasons for the session's run to wait: (owner) a follower
+    /// node asked it to, or its frames are not getting into Redis fast
+    /// enough; (follower) this node is behind the session's stream.
+    pub(super) fn cluster_wait(&self, session_id: &str) -> bool {
+        let Some(link) = self.cluster.as_ref() else {
+            return false;
+        };
+        let now = Instant::now();
+        link.publish_full.contains(session_id)
+            || link.stream_behind.contains(session_id)
+            || link
+                .waits
+                .get(session_id)
+                .is_some_and(|w| w.values().any(|at| now - *at < FLOW_EXPIRY))
+    }
+
+    /// The run of another node, when the session's current run is one that
+    /// still runs: (its node, its id).
+    fn live_remote(&self, session_id: &str) -> Option<(String, String)> {
+        let run = self.sessions.get(session_id)?.run.as_ref()?;
+        let node = run.remote.clone()?;
+        (run.status == Status::Running).then(|| (node, run.id.clone()))
+    }
+
+    /// The session's run is another node's and this node asked it to wait.
+    fn paused_remote(&self, session_id: &str) -> bool {
+        self.sessions.get(session_id).is_some_and(|s| {
+            s.paused.is_some() && s.run.as_ref().is_some_and(|r| r.remote.is_some())
+        })
+    }
+
+    fn send_flow(&self, session_id: &str, node: String, run_id: String, wait: bool) {
+        if let Some(link) = &self.cluster {
+            link.bus.do_send(SendFlow {
+                node,
+                session_id: session_id.to_string(),
+                run_id,
+                wait,
+            });
+        }
+    }
+
+    /// Follower side, after frames of a remote run came in: this node's
+    /// subscribers pace and hold it by the single-node rules (`should_pause`,
+    /// holds), and since they cannot withhold the owner's batches, the
+    /// owner is asked to wait (a `Flow` notice, renewed while it lasts)
+    /// and told when it may go on (`resume`).
+    fn remote_pace(&mut self, session_id: &str) {
+        let Some((node, run_id)) = self.live_remote(session_id) else {
+            // A remote run that ended here (its `complete`) waits for nothing.
+            if self.paused_remote(session_id) {
+                self.resume(session_id);
+            }
+            return;
+        };
+        let paused = self
+            .sessions
+            .get(session_id)
+            .is_some_and(|s| s.paused.is_some());
+        if paused {
+            self.maybe_resume(session_id, None);
+        } else if self.should_pause(session_id) && self.pause(session_id).is_some() {
+            tracing::debug!(session_id, run_id = %run_id, node = %node, "remote run paused: this node's subscribers are behind");
+            self.send_flow(session_id, node, run_id, true);
+        }
+    }
+
+    /// A paused run of another node goes on: its node is told.
+    pub(super) fn cluster_flow_resumed(&mut self, session_id: &str) {
+        if self.cluster.is_none() {
+            return;
+        }
+        let Some(run) = self.sessions.get(session_id).and_then(|s| s.run.as_ref()) else {
+            return;
+        };
+        if let Some(node) = run.remote.clone() {
+            self.send_flow(session_id, node, run.id.clone(), false);
+        }
+    }
+
+    /// Every `FLOW_RENEW_EVERY`: this node's waits on other nodes' runs are
+    /// renewed; followers' waits on this node's runs that were not renewed
+    /// for [`FLOW_EXPIRY`] are forgotten (the run may go on).
+    pub(super) fn cluster_flow_tick(&mut self) {
+        let renew: Vec<(String, String, String)> = self
+            .sessions
+            .iter()
+            .filter(|(_, s)| s.paused.is_some())
+            .filter_map(|(id, s)| {
+                let run = s.run.as_ref().filter(|r| r.status == Status::Running)?;
+                Some((id.clone(), run.remote.clone()?, run.id.clone()))
+            })
+            .collect();
+        for (session_id, node, run_id) in renew {
+            self.send_flow(&session_id, node, run_id, true);
+        }
+        let Some(link) = self.cluster.as_mut() else {
+            return;
+        };
+        let now = Instant::now();
+        let mut expired = Vec::new();
+        link.waits.retain(|session_id, nodes| {
+            let before = nodes.len();
+            nodes.retain(|_, at| now - *at < FLOW_EXPIRY);
+            if nodes.len() < before {
+                expired.push(session_id.clone());
+            }
+            !nodes.is_empty()
+        });
+        for session_id in expired {
+            tracing::warn!(session_id = %session_id, "cluster: a follower's wait on this run was not renewed; the run goes on");
+            self.maybe_resume(&session_id, None);
+        }
     }
 
     /// Hands the sequenced frames to the bus, one message per session.
@@ -174,6 +317,7 @@ impl RunRegistry {
             return;
         };
         if let Some(link) = self.cluster.as_mut() {
+            link.waits.remove(session_id);
             // Its own frames need not be read back by a later catch-up.
             let taken = link.stream_seq.entry(session_id.to_string()).or_insert(0);
             *taken = (*taken).max(state.last_seq);
@@ -237,6 +381,9 @@ impl RunRegistry {
             link.held.clear();
             link.release_waiters.clear();
             link.stream_seq.clear();
+            link.waits.clear();
+            link.stream_behind.clear();
+            // (`publish_full` is the bus's word, which outlives a restart.)
         }
     }
 
@@ -425,7 +572,7 @@ impl RunRegistry {
             });
             return Box::pin(catch_up.into_actor(self).map(move |events, act, ctx| {
                 act.guarded(ctx, "Subscribe", (), |act, ctx| {
-                    act.remote_events(&session_id, events.unwrap_or_default(), ctx);
+                    act.remote_events(&session_id, events.unwrap_or_default(), false, ctx);
                     act.subscribe(msg);
                 })
             }));
@@ -453,7 +600,7 @@ impl RunRegistry {
                 if let Some(meta) = meta {
                     act.remote_run_from_meta(&session_id, &meta);
                 }
-                act.remote_events(&session_id, events, ctx);
+                act.remote_events(&session_id, events, false, ctx);
                 act.follow_on(&session_id, cursor);
                 act.subscribe(msg);
             })
@@ -547,6 +694,24 @@ impl RunRegistry {
     /// Frames of a followed session's stream: buffered as the remote run's
     /// (a new run id starts a new remote run), then fanned out.
     fn remote_events(
+        &mut self,
+        session_id: &str,
+        events: Vec<RemoteEvent>,
+        more: bool,
+        ctx: &mut Context<Self>,
+    ) {
+        if let Some(link) = self.cluster.as_mut() {
+            if more {
+                link.stream_behind.insert(session_id.to_string());
+            } else {
+                link.stream_behind.remove(session_id);
+            }
+        }
+        self.remote_events_in(session_id, events, ctx);
+        self.remote_pace(session_id);
+    }
+
+    fn remote_events_in(
         &mut self,
         session_id: &str,
         events: Vec<RemoteEvent>,
@@ -694,11 +859,19 @@ impl RunRegistry {
             .cloned()
             .collect();
         for session_id in idle {
+            let Some(link) = self.cluster.as_mut() else {
+                return;
+            };
             link.followed.remove(&session_id);
             link.stream_seq.remove(&session_id);
+            link.stream_behind.remove(&session_id);
             link.bus.do_send(Unfollow {
                 session_id: session_id.clone(),
             });
+            // A wait this node asked of the run's node ends with it.
+            if self.paused_remote(&session_id) {
+                self.resume(&session_id);
+            }
             if let Some(state) = self.sessions.get_mut(&session_id) {
                 if state.run.as_ref().is_some_and(|r| r.remote.is_some()) {
                     if let Some(run) = state.run.take() {
@@ -842,7 +1015,57 @@ impl Handler<RemoteEvents> for RunRegistry {
 
     fn handle(&mut self, msg: RemoteEvents, ctx: &mut Context<Self>) {
         self.guarded(ctx, "RemoteEvents", (), |act, ctx| {
-            act.remote_events(&msg.session_id, msg.events, ctx)
+            act.remote_events(&msg.session_id, msg.events, msg.more, ctx)
+        })
+    }
+}
+
+impl Handler<RemoteFlow> for RunRegistry {
+    type Result = ();
+
+    fn handle(&mut self, msg: RemoteFlow, ctx: &mut Context<Self>) {
+        self.guarded(ctx, "RemoteFlow", (), |act, _| {
+            let ours = act
+                .sessions
+                .get(&msg.session_id)
+                .and_then(|s| s.run.as_ref())
+                .is_some_and(|r| {
+                    r.id == msg.run_id && r.status == Status::Running && r.remote.is_none()
+                });
+            let Some(link) = act.cluster.as_mut() else {
+                return;
+            };
+            if ours && msg.wait {
+                // Its next batch is withheld (`should_pause`).
+                let nodes = link.waits.entry(msg.session_id).or_default();
+                nodes.insert(msg.node, Instant::now());
+                return;
+            }
+            let Some(nodes) = link.waits.get_mut(&msg.session_id) else {
+                return;
+            };
+            nodes.remove(&msg.node);
+            if nodes.is_empty() {
+                link.waits.remove(&msg.session_id);
+            }
+            act.maybe_resume(&msg.session_id, None);
+        })
+    }
+}
+
+impl Handler<PublishBacklog> for RunRegistry {
+    type Result = ();
+
+    fn handle(&mut self, msg: PublishBacklog, ctx: &mut Context<Self>) {
+        self.guarded(ctx, "PublishBacklog", (), |act, _| {
+            let Some(link) = act.cluster.as_mut() else {
+                return;
+            };
+            if msg.full {
+                link.publish_full.insert(msg.session_id);
+            } else if link.publish_full.remove(&msg.session_id) {
+                act.maybe_resume(&msg.session_id, None);
+            }
         })
     }
 }
