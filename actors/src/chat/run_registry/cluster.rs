@@ -641,6 +641,11 @@ impl RunRegistry {
         first_seq: u64,
         started_at: &str,
     ) {
+        // A wait this node asked of the previous remote run (whose
+        // `complete` it never read) ends: its node is told.
+        if self.paused_remote(session_id) {
+            self.resume(session_id);
+        }
         let Some(state) = self.sessions.get_mut(session_id) else {
             return;
         };
