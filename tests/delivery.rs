@@ -390,6 +390,152 @@ async fn a_reader_that_stops_for_a_moment_holds_the_run_and_loses_nothing() {
     );
 }
 
+/// E4 with a kept place: a reader that stops for good while another keeps
+/// the run going is closed with 4008 (once it no longer counts as reading,
+/// or its hold time is spent). Its client reads what came before the close
+/// and resubscribes with its `lastSeq` only once the run has gone on past
+/// what the replay buffer's bounds keep (32 MiB: about 4,100 events of
+/// 8 KB): its place was kept for it (the events it lacks stayed beyond the
+/// bounds), so the ack says nothing was cut (`replayTruncated` false) and
+/// it gets every event after its `lastSeq`, in order, to the run's
+/// `complete`. The run is paced (1 event per ms), so where it is when the
+/// client resubscribes does not depend on the machine's speed.
+#[actix_rt::test]
+async fn a_reader_closed_with_4008_that_resubscribes_in_time_loses_nothing() {
+    // A 30 s heartbeat: the stopped client is closed with 4008 once its
+    // hold time is spent (2 s plus a quarter of the run's), long before a
+    // missed ping or the watchdog (two intervals without progress) would
+    // drop it, even on a loaded machine.
+    let server = TestServer::start_with(|cmd| {
+        cmd.arg("--claude-bin")
+            .arg(example_bin("fake_claude"))
+            .args(["--heartbeat-secs", "30"]);
+    });
+    let (token, _project, session) = server.alice_session().await;
+    let mut reader = server.ws(&format!("/ws?token={token}")).await;
+    let mut stopping = server.ws(&format!("/ws?token={token}")).await;
+    send(&mut reader, &session, "text:8000 size:8000 delay_ms:1").await;
+    let (first, _) = reader.recv_until_kind("stream_delta").await;
+    let first = first["seq"].as_u64().unwrap();
+    stopping
+        .send_json(json!({"type":"chat.subscribe","sessions":[{"sessionId": session, "lastSeq": first - 1}]}))
+        .await;
+    let (ack, _) = stopping.recv_until_kind("chat_subscribed").await;
+    assert_eq!(ack["isProcessing"], true, "{ack}");
+    let mut stopped_events = vec![stopping.recv_until_kind("stream_delta").await.0];
+    // The reader reads on to the end and says how far it got. It keeps up
+    // with the run (8 MB/s) even in a debug build on a loaded machine: it
+    // looks at each 8 KB delta's head only (`seq_and_kind`).
+    let (newest_tx, mut newest) = tokio::sync::watch::channel(first);
+    let read_all = async {
+        let mut got = vec![first];
+        loop {
+            let t = match reader.recv().await {
+                WsEvent::Text(t) => t,
+                other => panic!("the reader got {other:?}"),
+            };
+            let Some((seq, kind)) = seq_and_kind(&t) else {
+                continue;
+            };
+            got.push(seq);
+            let _ = newest_tx.send(seq);
+            if kind == "complete" {
+                return got;
+            }
+        }
+    };
+    let rejoin = async {
+        let mut stopping = stopping;
+        // `stopping` reads nothing until the gateway has closed it.
+        eventually("the stopped reader is closed with 4008", || {
+            server.logs().contains("closing socket with 4008")
+        })
+        .await;
+        let code = loop {
+            match stopping.recv().await {
+                WsEvent::Text(t) => {
+                    let v: Value = serde_json::from_str(&t).unwrap();
+                    if v["seq"].is_u64() {
+                        stopped_events.push(v);
+                    }
+                }
+                WsEvent::Close(code, _) => break code,
+                other => panic!("the stopped reader got {other:?}"),
+            }
+        };
+        assert_eq!(code, Some(4008));
+        // Gone at once (it never answers the close), not at the server's shutdown.
+        drop(stopping);
+        let last = *seqs(&stopped_events).last().unwrap();
+        // Past the buffer's bounds: without its place, seq last + 1 is gone
+        // (and within the half more a place may keep: about 6,100 events).
+        let reached = *newest.wait_for(|s| *s >= last + 4_300).await.unwrap();
+        assert!(
+            reached < last + 5_800,
+            "the run ran {reached} - {last} past it"
+        );
+        let mut again = server.ws(&format!("/ws?token={token}")).await;
+        again
+            .send_json(json!({"type":"chat.subscribe","sessions":[{"sessionId": session, "lastSeq": last}]}))
+            .await;
+        let (ack, _) = again.recv_until_kind("chat_subscribed").await;
+        assert_eq!(ack["replayTruncated"], false, "{ack}");
+        let mut rest = Vec::new();
+        loop {
+            match again.recv().await {
+                WsEvent::Text(t) => match seq_and_kind(&t) {
+                    Some((seq, kind)) => {
+                        rest.push((seq, kind == "stream_delta"));
+                        if kind == "complete" {
+                            break;
+                        }
+                    }
+                    None => continue,
+                },
+                other => panic!("the resubscriber got {other:?}"),
+            }
+        }
+        (last, rest)
+    };
+    let (got, (last, rest)) = tokio::join!(read_all, rejoin);
+    drop(reader);
+    let end = *got.last().unwrap();
+    assert_eq!(got, (first..=end).collect::<Vec<_>>());
+    let stopped = seqs(&stopped_events);
+    assert_eq!(stopped, (first..=last).collect::<Vec<_>>());
+    let rest_seqs: Vec<u64> = rest.iter().map(|(seq, _)| *seq).collect();
+    assert_eq!(rest_seqs, (last + 1..=end).collect::<Vec<_>>());
+    let rest_deltas = rest.iter().filter(|(_, delta)| *delta).count();
+    assert_eq!(
+        of_kind(&stopped_events, "stream_delta").len() + rest_deltas,
+        8_000
+    );
+    // The log's fields are colored: `place_kept`, then `=true` after its escapes.
+    let logs = server.logs();
+    let close = logs
+        .lines()
+        .find(|l| l.contains("closing socket with 4008"))
+        .unwrap_or_default();
+    let kept = close.split("place_kept").nth(1).unwrap_or_default();
+    assert!(
+        kept.starts_with("\u{1b}[0m\u{1b}[2m=\u{1b}[0mtrue") || kept.starts_with("=true"),
+        "the 4008 kept no place: {close}"
+    );
+}
+
+/// The seq and kind of an event frame, from its head (the envelope's
+/// fields come before the content), without parsing the content.
+fn seq_and_kind(frame: &str) -> Option<(u64, String)> {
+    let head = frame.get(..400).unwrap_or(frame);
+    let head = head.get(..head.find("\"content\"").unwrap_or(head.len()))?;
+    let seq = head.split("\"seq\":").nth(1)?;
+    let seq = seq[..seq.find(|c: char| !c.is_ascii_digit())?]
+        .parse()
+        .ok()?;
+    let kind = head.split("\"kind\":\"").nth(1)?;
+    Some((seq, kind[..kind.find('"')?].to_string()))
+}
+
 /// Waits until the gateway no longer holds the connection with client port
 /// `conn` (the client still holds its end), bounded; returns how long it took.
 pub async fn until_dropped(server: &TestServer, conn: u16) -> Duration {

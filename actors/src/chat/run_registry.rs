@@ -48,7 +48,13 @@
 //! reader slower than the run for good slows it by at most that. A
 //! far-behind subscriber that is not reading, or once the run's hold time
 //! is spent, is closed with 4008 while the buffer still holds what it
-//! missed, so it catches up by resubscribing with its `lastSeq` (E4). A
+//! missed, so it catches up by resubscribing with its `lastSeq` (E4). Its
+//! place is kept for that: for [`REJOIN_GRACE`] the events its client lacks
+//! stay in the buffer beyond its bounds (at most [`REPLAY_STRETCH_EVENTS`] /
+//! [`REPLAY_STRETCH_BYTES`] more, [`REJOIN_PLACES_MAX`] places per session;
+//! past the stretch they leave as any others), and a resubscription of the
+//! same user from there takes the place over while it catches up. A kept
+//! place never pauses or holds the run. A
 //! resubscriber that arrives inside that margin holds the run the same way
 //! while it reads, and is otherwise closed only once its events leave the
 //! buffer. A subscriber that stops reading holds the run no longer than a
@@ -73,7 +79,8 @@
 //!   and to every subscriber.
 //!
 //! **Bounds**: the replay buffer keeps the last [`REPLAY_MAX_EVENTS`] events
-//! and at most [`REPLAY_MAX_BYTES`] (oldest dropped first); per subscriber
+//! and at most [`REPLAY_MAX_BYTES`] (oldest dropped first), and while places
+//! are kept (each for [`REJOIN_GRACE`]) up to half as much again; per subscriber
 //! at most [`SUBSCRIBER_HIGH_WATER`] plus one delivery is in flight; the
 //! `clientRequestId` table holds [`CLIENT_REQUESTS_MAX`] ids per session for
 //! [`CLIENT_REQUEST_TTL`].
@@ -116,6 +123,11 @@ use replay::ReplayBuffer;
 pub const REPLAY_MAX_EVENTS: usize = 10_000;
 /// Bytes kept for replay per session.
 pub const REPLAY_MAX_BYTES: usize = 32 * 1024 * 1024;
+/// Beyond those bounds, a session keeps the events a subscriber closed with
+/// 4008 lacks, for its resubscription ([`REJOIN_GRACE`]), up to this many
+/// events and bytes more.
+pub const REPLAY_STRETCH_EVENTS: usize = REPLAY_MAX_EVENTS / 2;
+pub const REPLAY_STRETCH_BYTES: usize = REPLAY_MAX_BYTES / 2;
 /// A completed run's buffer is kept this long for late subscribers.
 pub const COMPLETED_RUN_RETENTION: Duration = Duration::from_secs(300);
 /// A repeated `clientRequestId` within this window starts nothing (E6).
@@ -164,6 +176,15 @@ pub const FAR_BEHIND_MARGIN_BYTES: usize = REPLAY_MAX_BYTES / 8;
 /// within one heartbeat interval (E4 cuts one that made no progress for two).
 pub const HOLD_GRACE: Duration = Duration::from_secs(2);
 pub const HOLD_SHARE: u32 = 4;
+/// A subscriber closed with 4008 while its run goes on keeps its place: the
+/// events its client lacks stay in the replay buffer this long (beyond its
+/// bounds, up to the stretch) for its resubscription, and from that
+/// resubscription on this long again while it catches up. The seed's client
+/// reconnects 2 s after a close.
+pub const REJOIN_GRACE: Duration = Duration::from_secs(5);
+/// Places kept at once per session; a subscriber closed beyond them keeps
+/// none (as one whose events already left the buffer).
+pub const REJOIN_PLACES_MAX: usize = 64;
 /// How often holds are looked at while nothing else happens (a holder that
 /// stopped reading sends nothing that would end its hold).
 const HOLD_REVIEW_EVERY: Duration = Duration::from_millis(250);
@@ -457,6 +478,9 @@ struct SessionState {
     /// (see [`HOLD_GRACE`]) until they are twice the margin away from
     /// losing events.
     holding: BTreeSet<SocketId>,
+    /// Where subscribers closed with 4008 left off, kept in the buffer for
+    /// their resubscriptions ([`REJOIN_GRACE`]); at most [`REJOIN_PLACES_MAX`].
+    places: Vec<Place>,
     run: Option<Run>,
     paused: Option<Pause>,
     /// The last database write of the native id, so writes land in order.
@@ -470,7 +494,43 @@ struct SessionState {
     project: Option<ProjectRef>,
 }
 
+/// A subscriber's place in the replay buffer after a 4008 close: its
+/// client's user, the oldest seq that client may lack, until when it is
+/// kept, and its resubscription once it came (then kept while that one is
+/// far behind).
+struct Place {
+    user_id: i64,
+    from: u64,
+    until: Instant,
+    socket: Option<SocketId>,
+}
+
 impl SessionState {
+    /// The oldest seq the client of a subscriber at `sent` with `in_flight`
+    /// bytes unwritten may lack (the newest seq + 1: none); `None` when
+    /// some of those events left the buffer.
+    fn lacking_from(&self, sent: u64, in_flight: usize) -> Option<u64> {
+        let lag = self.lag_bytes(sent)?;
+        let Some(front) = self.buffer.front_seq() else {
+            return Some(self.last_seq + 1);
+        };
+        let written = self
+            .buffer
+            .total_bytes()
+            .saturating_sub(lag + in_flight as u64);
+        if written < self.buffer[0].end - self.buffer[0].frame.len() as u64 {
+            return None;
+        }
+        let first = self.buffer.first_ending_after(written);
+        Some(front + first as u64)
+    }
+
+    /// The buffer keeps what the places need (the lowest of them) and no more.
+    fn keep_places(&mut self) {
+        let floor = self.places.iter().map(|p| p.from).min();
+        self.buffer.keep_from(floor);
+    }
+
     /// Continues the session's seqs in the block `start+1..=end` (reserved
     /// above another gateway's). The replay buffer holds contiguous seqs
     /// only, so it starts anew: a subscriber that had every event stays
@@ -851,6 +911,7 @@ impl RunRegistry {
     }
 
     fn drop_slow_consumer(&mut self, socket: SocketId, why: &'static str) {
+        let kept = self.keep_place(socket);
         if let Some(entry) = self.sockets.get(&socket) {
             metrics().slow_consumer_disconnects.inc();
             // How long its client had been silent (None: it never wrote).
@@ -861,6 +922,7 @@ impl RunRegistry {
                 reason = "slow consumer",
                 detail = why,
                 since_write_ms,
+                place_kept = kept,
                 "closing socket with 4008"
             );
             // Once per socket: it is forgotten right after.
@@ -870,6 +932,85 @@ impl RunRegistry {
             });
         }
         self.forget_socket(socket);
+    }
+
+    /// Keeps the place of a subscriber about to be closed with 4008 in each
+    /// session with a live run it follows, if the events its client lacks
+    /// are still buffered and the session has room for one more place.
+    /// True when one was kept.
+    fn keep_place(&mut self, socket: SocketId) -> bool {
+        let Some(entry) = self.sockets.get(&socket) else {
+            return false;
+        };
+        let mut kept = false;
+        for session_id in &entry.sessions {
+            let Some(state) = self.sessions.get_mut(session_id) else {
+                continue;
+            };
+            let live = state.run.as_ref().is_some_and(Run::is_live);
+            let Some(&sent) = state.subscribers.get(&socket) else {
+                continue;
+            };
+            if !live || state.places.len() >= REJOIN_PLACES_MAX {
+                continue;
+            }
+            let Some(from) = state.lacking_from(sent, entry.bytes_in_flight) else {
+                continue;
+            };
+            if from > state.last_seq {
+                // Its client has every event: nothing to keep.
+                continue;
+            }
+            state.places.push(Place {
+                user_id: entry.user_id,
+                from,
+                until: Instant::now() + REJOIN_GRACE,
+                socket: None,
+            });
+            state.keep_places();
+            kept = true;
+        }
+        kept
+    }
+
+    /// Gives up the session's places that are no longer needed: their time
+    /// is over, their events left the buffer anyway (the stretch was full),
+    /// or their resubscriber is gone or out of the far-behind margin (a
+    /// resubscriber's place follows its cursor).
+    fn review_places(
+        state: &mut SessionState,
+        sockets: &FastMap<SocketId, SocketEntry>,
+        now: Instant,
+    ) {
+        if state.places.is_empty() {
+            return;
+        }
+        let mut places = std::mem::take(&mut state.places);
+        let front = state.buffer.front_seq().unwrap_or(state.last_seq + 1);
+        places.retain_mut(|place| {
+            if now >= place.until || place.from < front {
+                return false;
+            }
+            let Some(socket) = place.socket else {
+                return true;
+            };
+            let (Some(entry), Some(&sent)) = (sockets.get(&socket), state.subscribers.get(&socket))
+            else {
+                return false;
+            };
+            if !state.far_behind(sent, entry.bytes_in_flight) {
+                return false;
+            }
+            match state.lacking_from(sent, entry.bytes_in_flight) {
+                Some(from) => {
+                    place.from = from;
+                    true
+                }
+                None => false,
+            }
+        });
+        state.places = places;
+        state.keep_places();
     }
 
     fn forget_socket(&mut self, socket: SocketId) {
@@ -997,6 +1138,8 @@ impl RunRegistry {
             return;
         };
         let sockets = &self.sockets;
+        let now = Instant::now();
+        Self::review_places(state, sockets, now);
         let far: Vec<SocketId> = state
             .subscribers
             .iter()
@@ -1008,7 +1151,6 @@ impl RunRegistry {
             .collect();
         // Out of the margin, a resubscriber is a subscriber like any other.
         state.catching_up.retain(|s| far.binary_search(s).is_ok());
-        let now = Instant::now();
         let may_hold = state.may_hold(now);
         let window = self.config.heartbeat;
         let mut close = Vec::new();
@@ -1660,6 +1802,7 @@ impl RunRegistry {
                 deliveries: VecDeque::new(),
                 subscribers: BTreeMap::new(),
                 catching_up: BTreeSet::new(),
+                places: Vec::new(),
                 holding: BTreeSet::new(),
                 run: None,
                 paused: None,
@@ -2012,13 +2155,27 @@ impl RunRegistry {
             self.pump(msg.socket, &session_id, false);
             // A resubscriber already in the margin (a 4008 closed it there)
             // gets time to catch up: it is closed only once its events leave.
-            let in_flight = self.sockets.get(&msg.socket).map(|e| e.bytes_in_flight);
+            let entry = self.sockets.get(&msg.socket);
+            let (in_flight, user_id) = (entry.map(|e| e.bytes_in_flight), entry.map(|e| e.user_id));
             if let (true, Some(state), Some(in_flight)) =
                 (new, self.sessions.get_mut(&session_id), in_flight)
             {
-                let sent = state.subscribers.get(&msg.socket).copied();
-                if sent.is_some_and(|sent| state.far_behind(sent, in_flight)) {
+                let cursor = state.subscribers.get(&msg.socket).copied();
+                if cursor.is_some_and(|c| state.far_behind(c, in_flight)) {
                     state.catching_up.insert(msg.socket);
+                }
+                // The place its previous socket left (same user, its client
+                // has everything before it) is its own while it catches up.
+                let place = state
+                    .places
+                    .iter_mut()
+                    .filter(|p| {
+                        p.socket.is_none() && Some(p.user_id) == user_id && p.from <= sent + 1
+                    })
+                    .max_by_key(|p| p.from);
+                if let Some(place) = place {
+                    place.socket = Some(msg.socket);
+                    place.until = Instant::now() + REJOIN_GRACE;
                 }
             }
         }
@@ -3556,6 +3713,113 @@ pub(crate) mod tests {
     /// The pace quorum: with one or two subscribers one keeping up keeps the
     /// run going (E4: the other is left behind), with more the run waits
     /// for all but the slowest sixteenth (and at least one).
+    /// A run of `fast` (which drains everything it gets) fed 1 KB events
+    /// until a subscriber from seq 0 that reads nothing (so never holds it)
+    /// is closed with 4008 as far behind; returns the last seq that
+    /// subscriber was sent (what its client has at most) and `fast`'s frames.
+    async fn closed_far_behind() -> (Addr<RunRegistry>, RunStarted, SocketId, Frames, u64) {
+        tokio::time::pause();
+        let (registry, fast, fast_rx) = registry_without_processes().await;
+        let run = registry
+            .send(start_run(fast, "hello"))
+            .await
+            .unwrap()
+            .unwrap();
+        let (slow, mut slow_rx) = connect_sink(&registry).await;
+        registry
+            .send(Subscribe {
+                socket: slow,
+                session: row(),
+                last_seq: Some(0),
+                follow: false,
+            })
+            .await
+            .unwrap();
+        next_of_kind(&mut slow_rx, "chat_subscribed").await;
+        let mut frames = Vec::new();
+        for _ in 0..200 {
+            feed(&registry, &run.run_id, fast, 100).await;
+            frames.extend(held(&registry, &mut slow_rx).await);
+            if frames
+                .iter()
+                .any(|v| v["kind"] == "close" && v["code"] == 4008)
+            {
+                let last = frames.iter().filter_map(|v| v["seq"].as_u64()).max();
+                return (registry, run, fast, fast_rx, last.unwrap());
+            }
+        }
+        panic!("never closed as far behind");
+    }
+
+    /// `n` 1 KB events in batches of 50, each drained by `fast` at once.
+    async fn feed(registry: &Addr<RunRegistry>, run_id: &str, fast: SocketId, n: usize) {
+        for _ in 0..n / 50 {
+            registry.send(texts(run_id, 50, 1_000)).await.unwrap();
+            registry.send(drained_all(fast)).await.unwrap();
+        }
+    }
+
+    /// A new subscriber from `last_seq`: its ack.
+    async fn resubscribe(registry: &Addr<RunRegistry>, last_seq: u64) -> (SocketId, Frames, Value) {
+        let (again, mut again_rx) = connect_sink(registry).await;
+        registry
+            .send(Subscribe {
+                socket: again,
+                session: row(),
+                last_seq: Some(last_seq),
+                follow: false,
+            })
+            .await
+            .unwrap();
+        let ack = next_of_kind(&mut again_rx, "chat_subscribed").await;
+        (again, again_rx, ack)
+    }
+
+    /// A subscriber closed with 4008 keeps its place: its resubscription,
+    /// once the run has gone on 4,000 events (its events would have left
+    /// the buffer's 10,000 by then), is replayed from its `lastSeq` to the
+    /// run's end, nothing cut and nothing twice.
+    #[actix_rt::test]
+    async fn a_closed_subscribers_place_is_kept_for_its_resubscription() {
+        let (registry, run, fast, _fast_rx, last) = closed_far_behind().await;
+        feed(&registry, &run.run_id, fast, 4_000).await;
+        let (again, mut again_rx, ack) = resubscribe(&registry, last).await;
+        assert_eq!(ack["replayTruncated"], false, "{ack}");
+        feed(&registry, &run.run_id, fast, 500).await;
+        registry.send(turn_end(&run.run_id)).await.unwrap();
+        let mut seqs = Vec::new();
+        loop {
+            let mut frames = held(&registry, &mut again_rx).await;
+            if frames.is_empty() {
+                // `complete` waits for the history write.
+                frames.push(next_of_kind(&mut again_rx, "complete").await);
+            }
+            assert!(
+                !frames.iter().any(|v| v["kind"] == "close"),
+                "closed again while catching up"
+            );
+            seqs.extend(frames.iter().filter_map(|v| v["seq"].as_u64()));
+            if frames.iter().any(|v| v["kind"] == "complete") {
+                break;
+            }
+            registry.send(drained_all(again)).await.unwrap();
+        }
+        assert_eq!(seqs, (last + 1..=*seqs.last().unwrap()).collect::<Vec<_>>());
+        assert!(seqs.len() > 4_500, "{} events", seqs.len());
+    }
+
+    /// A kept place is bounded: once [`REJOIN_GRACE`] has passed without a
+    /// resubscription its events leave with the buffer's usual bounds, and
+    /// a late resubscriber is told so (`replayTruncated`).
+    #[actix_rt::test]
+    async fn a_kept_place_ends_with_its_grace() {
+        let (registry, run, fast, _fast_rx, last) = closed_far_behind().await;
+        tokio::time::advance(REJOIN_GRACE).await;
+        feed(&registry, &run.run_id, fast, 4_000).await;
+        let (_, _rx, ack) = resubscribe(&registry, last).await;
+        assert_eq!(ack["replayTruncated"], true, "{ack}");
+    }
+
     #[test]
     fn a_run_waits_for_most_of_its_subscribers() {
         assert_eq!(

@@ -19,7 +19,11 @@
 //!
 //! **Bounds**: at most [`REPLAY_MAX_EVENTS`] events and [`REPLAY_MAX_BYTES`]
 //! frame bytes (oldest dropped first, the newest always kept); the chunk
-//! being filled adds at most [`ARENA_CHUNK_MAX`] bytes per session.
+//! being filled adds at most [`ARENA_CHUNK_MAX`] bytes per session. Events
+//! from a floor on ([`ReplayBuffer::keep_from`]: where a client closed with
+//! 4008 left off, for its resubscription) are kept beyond these bounds, up
+//! to [`REPLAY_STRETCH_EVENTS`] and [`REPLAY_STRETCH_BYTES`] more; past
+//! those they are dropped as any others.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -30,7 +34,7 @@ use tokio::time::Instant;
 
 use crate::protocol::Frame;
 
-use super::{REPLAY_MAX_BYTES, REPLAY_MAX_EVENTS};
+use super::{REPLAY_MAX_BYTES, REPLAY_MAX_EVENTS, REPLAY_STRETCH_BYTES, REPLAY_STRETCH_EVENTS};
 
 /// Frames up to this size are copied into the session's chunks.
 pub const ARENA_MAX_FRAME: usize = 4 * 1024;
@@ -65,6 +69,8 @@ pub struct ReplayBuffer {
     chunk: BytesMut,
     /// Capacity of the next chunk.
     next_chunk: usize,
+    /// Events from this seq on are kept beyond the bounds (up to the stretch).
+    floor: Option<u64>,
 }
 
 impl ReplayBuffer {
@@ -165,12 +171,37 @@ impl ReplayBuffer {
             frame: frame.clone(),
             end: self.total,
         });
-        while self.slots.len() > REPLAY_MAX_EVENTS
-            || (self.bytes > REPLAY_MAX_BYTES && self.slots.len() > 1)
-        {
+        while self.over_bounds() {
             self.pop_front();
         }
         frame
+    }
+
+    /// Keeps the events from seq `floor` on beyond the bounds, up to the
+    /// stretch (`None`: no longer); what a lower floor or none no longer
+    /// keeps is dropped now.
+    pub fn keep_from(&mut self, floor: Option<u64>) {
+        self.floor = floor;
+        while self.over_bounds() {
+            self.pop_front();
+        }
+    }
+
+    /// The oldest event is one too many: over the bounds and before the
+    /// floor, or over the stretched bounds.
+    fn over_bounds(&self) -> bool {
+        let (events, bytes) = (self.slots.len(), self.bytes);
+        let over = |max_events, max_bytes| events > max_events || (bytes > max_bytes && events > 1);
+        if !over(REPLAY_MAX_EVENTS, REPLAY_MAX_BYTES) {
+            return false;
+        }
+        match self.floor {
+            Some(floor) if self.first_seq >= floor => over(
+                REPLAY_MAX_EVENTS + REPLAY_STRETCH_EVENTS,
+                REPLAY_MAX_BYTES + REPLAY_STRETCH_BYTES,
+            ),
+            _ => true,
+        }
     }
 
     /// Drops the events before seq `keep_from`.
@@ -350,6 +381,39 @@ mod tests {
         buf.push(41, frame(REPLAY_MAX_BYTES + 1, 'z'), None);
         assert_eq!(buf.len(), 1);
         assert_eq!(buf.front_seq(), Some(41));
+    }
+
+    #[test]
+    fn a_floor_keeps_its_events_up_to_the_stretch() {
+        let mut buf = ReplayBuffer::default();
+        let max = REPLAY_MAX_EVENTS as u64;
+        for seq in 1..=max {
+            buf.push(seq, frame(10, 'x'), None);
+        }
+        // Kept from 101 on: the 100 before it go, then nothing more while
+        // within the stretch.
+        buf.keep_from(Some(101));
+        let stretch = REPLAY_STRETCH_EVENTS as u64;
+        for seq in max + 1..=max + 100 + stretch {
+            buf.push(seq, frame(10, 'x'), None);
+        }
+        assert_eq!(buf.front_seq(), Some(101));
+        assert_eq!(buf.len(), REPLAY_MAX_EVENTS + REPLAY_STRETCH_EVENTS);
+        // Past the stretch the floor's events are dropped as any others.
+        buf.push(max + 101 + stretch, frame(10, 'x'), None);
+        assert_eq!(buf.front_seq(), Some(102));
+        // A floor lifted: back within the bounds at once.
+        buf.keep_from(None);
+        assert_eq!(buf.len(), REPLAY_MAX_EVENTS);
+        assert_eq!(buf.seq(buf.len() - 1), max + 101 + stretch);
+        // Bytes too: a floor keeps at most the stretch's bytes more.
+        let mut buf = ReplayBuffer::default();
+        let size = 1024 * 1024;
+        buf.keep_from(Some(1));
+        for seq in 1..=80 {
+            buf.push(seq, frame(size, 'y'), None);
+        }
+        assert_eq!(buf.bytes(), REPLAY_MAX_BYTES + REPLAY_STRETCH_BYTES);
     }
 
     #[test]
