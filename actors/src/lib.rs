@@ -19,7 +19,8 @@
 //! revoked), [`watchdog`] (cuts off connections whose client stopped
 //! reading), [`lines`] (bounded line reading of child output), [`json_text`]
 //! (JSON string escaping and scanning for the frame writers), [`fine_timer`]
-//! (a microsecond one-shot timer for the stdout reader's batching), [`kill`] (every signal
+//! (a microsecond one-shot timer for the stdout reader's batching),
+//! [`quiet_pipe`] (a child's pipe that wakes nobody while the reader lets it fill), [`kill`] (every signal
 //! sent to a child by pid or group, and how far each kind of child is
 //! chased) with [`pidfd`] (signals and exit waits that cannot hit a reused
 //! pid) and [`procfs`] (finding the processes a kill must reach).
@@ -44,6 +45,7 @@ pub mod plugin;
 pub mod procfs;
 pub mod protocol;
 pub mod provider;
+pub mod quiet_pipe;
 pub mod remote;
 pub mod shell;
 pub mod store;

@@ -52,6 +52,7 @@ use crate::metrics::PanicWatch;
 use crate::protocol::PermissionDecision;
 use crate::provider::cli_support::{preview, STDERR_LINE_MAX};
 use crate::provider::{LineParser, Provider, ProviderEvent, Turn};
+use crate::quiet_pipe::QuietPipe;
 
 /// After an interrupt, how long the CLI gets to exit by itself before SIGTERM.
 pub const ABORT_GRACE: Duration = Duration::from_secs(2);
@@ -375,7 +376,13 @@ impl Actor for ProviderRun {
             actix::spawn(read_stderr(stderr, run_id))
         });
 
-        let Some(stdout) = child.stdout.take() else {
+        // Out of tokio's registration (which every line the CLI writes would
+        // wake while the reader waits for the pipe to fill): see quiet_pipe.
+        let stdout = child
+            .stdout
+            .take()
+            .map(|out| out.into_owned_fd().and_then(QuietPipe::new));
+        let Some(Ok(stdout)) = stdout else {
             self.report_exit(None, Some("provider stdout unavailable".into()));
             ctx.stop();
             return;
@@ -612,11 +619,7 @@ struct StdoutReader {
 }
 
 impl StdoutReader {
-    async fn run(
-        &self,
-        stdout: impl AsyncRead + Unpin,
-        parser: &mut Box<dyn LineParser>,
-    ) -> ReadOutcome {
+    async fn run(&self, stdout: QuietPipe, parser: &mut Box<dyn LineParser>) -> ReadOutcome {
         let mut reader = BufReader::with_capacity(STDOUT_BUFFER_BYTES, stdout);
         let mut line = Vec::with_capacity(4096);
         let mut events = Vec::new();
@@ -647,6 +650,8 @@ impl StdoutReader {
                     if let (Some(timer), Some(at)) = (&timer, last_batch) {
                         let wait = BATCH_INTERVAL.saturating_sub(at.elapsed());
                         if !wait.is_zero() {
+                            // The CLI's writes must not wake this thread while it waits.
+                            reader.get_mut().quiet();
                             let _ = timer.sleep(wait).await;
                         }
                     }
