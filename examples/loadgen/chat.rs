@@ -14,7 +14,7 @@ use serde_json::json;
 use tokio::time::Instant;
 
 use agentgate_actors::chat::run_registry::{
-    DELIVERY_MAX_BYTES, REPLAY_MAX_BYTES, SUBSCRIBER_HIGH_WATER,
+    DELIVERY_MAX_BYTES, REPLAY_MAX_BYTES, REPLAY_STRETCH_BYTES, SUBSCRIBER_HIGH_WATER,
 };
 // The argv the gateway's Claude adapter passes (PROTOCOL.md 4.1); the fake ignores all but `--resume`.
 use agentgate_actors::provider::claude::STREAM_ARGS as CLAUDE_ARGS;
@@ -1001,14 +1001,25 @@ const SLOW_HEARTBEAT_SECS: u64 = 2;
 /// Gateway RSS cap for `subscribers` subscribers: the idle gateway, the
 /// replay buffer, and per subscriber its delivery budget (high-water mark
 /// plus one delivery) plus the encoder's share, with 8 MB allocator slack.
-fn rss_cap_mb(base_kib: u64, subscribers: usize) -> (f64, String) {
+/// With `kept_place` a subscriber is closed with 4008 while the run goes
+/// on, so the buffer may hold its place's stretch too (the registry's
+/// bound for a session with kept places).
+fn rss_cap_mb(base_kib: u64, subscribers: usize, kept_place: bool) -> (f64, String) {
     let per_socket = (SUBSCRIBER_HIGH_WATER + 2 * DELIVERY_MAX_BYTES) as f64 / 1048576.0;
-    let replay = REPLAY_MAX_BYTES as f64 / 1048576.0;
+    let mut replay = REPLAY_MAX_BYTES as f64 / 1048576.0;
+    if kept_place {
+        replay += REPLAY_STRETCH_BYTES as f64 / 1048576.0;
+    }
     let cap = mb(base_kib) + replay + subscribers as f64 * per_socket + 8.0;
+    let stretch = if kept_place {
+        " (with a kept place's stretch)"
+    } else {
+        ""
+    };
     (
         cap,
         format!(
-            "cap = idle {:.0} MB + replay buffer {replay:.0} MB + {subscribers} x budget {per_socket:.1} MB + 8 MB slack",
+            "cap = idle {:.0} MB + replay buffer {replay:.0} MB{stretch} + {subscribers} x budget {per_socket:.1} MB + 8 MB slack",
             mb(base_kib)
         ),
     )
@@ -1095,7 +1106,7 @@ pub async fn slow_client(ctx: &Ctx) -> Result<Vec<Row>, String> {
     let still_open = gw.client_ports().contains(&stuck_port);
     drop(stuck);
     let hwm = gw.hwm_kib();
-    let (cap_mb, cap_note) = rss_cap_mb(base_kib, 2);
+    let (cap_mb, cap_note) = rss_cap_mb(base_kib, 2, true);
     let fast_ok = seen.deltas == events && seqc.gaps == 0;
     let s = "slow-client";
     Ok(vec![
@@ -1192,7 +1203,7 @@ pub async fn slow_reader(ctx: &Ctx) -> Result<Vec<Row>, String> {
     tokio::time::sleep(Duration::from_millis(100)).await;
     let (pauses, paused_ms) = crate::node::pauses(&gw);
     let hwm = gw.hwm_kib();
-    let (cap_mb, cap_note) = rss_cap_mb(base_kib, 1);
+    let (cap_mb, cap_note) = rss_cap_mb(base_kib, 1, false);
     let s = "slow-reader";
     Ok(vec![
         Row::new(
