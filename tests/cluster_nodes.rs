@@ -4,13 +4,11 @@
 //! node B, the lease refusing a second run anywhere, the running list
 //! naming the node, commands from B reaching A's run.
 
-use std::time::Duration;
-
 use serde_json::{json, Value};
 
 use crate::chat::{of_kind, send, seqs, until_complete};
 use crate::support::cluster::TestCluster;
-use crate::util::{WsClient, WsEvent};
+use crate::util::WsClient;
 
 /// Alice's session made on node A, and a `/ws` client of hers on A and on B.
 async fn alice_on_both(
@@ -379,59 +377,9 @@ async fn a_reader_on_another_node_that_stops_for_a_moment_holds_the_run() {
     let first = first["seq"].as_u64().unwrap();
     let ack = subscribe(&mut pausing, &session, Some(first - 1)).await;
     assert_eq!(ack["isProcessing"], true, "{ack}");
-    let mut paused_events = vec![pausing.recv_until_kind("stream_delta").await.0];
-    let paused_at = paused_events[0]["seq"].as_u64().unwrap();
-    // `pausing` reads nothing while `reader` reads on: until the run stops
-    // (it waits for B), or 20,000 events later (it went on without B; more
-    // than B's buffer reaches: `pausing` was closed or lost events).
-    let mut reader_events = vec![first];
-    let held = loop {
-        match reader.recv_within(Duration::from_millis(500)).await {
-            None => break true,
-            Some(WsEvent::Text(t)) => {
-                let v: Value = serde_json::from_str(&t).unwrap();
-                let Some(seq) = v["seq"].as_u64() else {
-                    continue;
-                };
-                reader_events.push(seq);
-                assert_ne!(v["kind"], "complete", "the run ended without waiting for B");
-                if seq > paused_at + 20_000 {
-                    break false;
-                }
-            }
-            other => panic!("the reader on A got {other:?}"),
-        }
-    };
-    // Both read on: `pausing` gets everything, in order, and no close.
-    let resumed = async {
-        loop {
-            let v = match pausing.recv().await {
-                WsEvent::Text(t) => serde_json::from_str::<Value>(&t).unwrap(),
-                other => panic!(
-                    "the reader on B got {other:?} after seq {:?}",
-                    seqs(&paused_events).last()
-                ),
-            };
-            if v["seq"].is_u64() {
-                let done = v["kind"] == "complete";
-                paused_events.push(v);
-                if done {
-                    break;
-                }
-            }
-        }
-    };
-    let (_, rest) = tokio::join!(resumed, until_complete(&mut reader, &session));
-    assert!(
-        held,
-        "the run on A went on 20,000 events past B's paused reader"
-    );
-    let got = seqs(&paused_events);
-    let last = *got.last().unwrap();
-    assert_eq!(got, (first..=last).collect::<Vec<_>>());
-    assert_eq!(of_kind(&paused_events, "stream_delta").len(), 30_000);
-    reader_events.extend(seqs(&rest));
-    assert_eq!(reader_events, (first..=last).collect::<Vec<_>>());
+    // A run that went on without B's reader fails here.
+    crate::delivery::pause_then_read_everything(&mut reader, &mut pausing, &session, first, 30_000)
+        .await;
     assert!(
         !cluster.logs().contains("closing socket with 4008"),
         "a reader was closed as a slow consumer:\n{}",

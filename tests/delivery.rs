@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use crate::chat::{next_event, of_kind, send, seqs, until_complete};
-use crate::util::{eventually, example_bin, project_dir, rss_kib, TestServer, WsEvent};
+use crate::util::{eventually, example_bin, project_dir, rss_kib, TestServer, WsClient, WsEvent};
 
 /// Heartbeat for these tests: a stuck client is cut off after two of them.
 const HEARTBEAT_SECS: u64 = 2;
@@ -333,11 +333,29 @@ async fn a_reader_that_stops_for_a_moment_holds_the_run_and_loses_nothing() {
         .await;
     let (ack, _) = pausing.recv_until_kind("chat_subscribed").await;
     assert_eq!(ack["isProcessing"], true, "{ack}");
+    pause_then_read_everything(&mut reader, &mut pausing, &session, first, 30_000).await;
+    assert!(
+        !server.logs().contains("closing socket with 4008"),
+        "a reader was closed as a slow consumer"
+    );
+}
+
+/// The rest of a hold test: `pausing`, subscribed from `first`, reads one
+/// delta and then nothing while `reader` reads on, until the run stops
+/// (it waits for `pausing`) or 20,000 events later (it went on without it;
+/// more than a replay buffer reaches: `pausing` was closed or lost events).
+/// Then both read on (a reader that stopped now would hold the run in
+/// turn) to the run's end. Asserts that the run waited and that both got
+/// every seq from `first`, in order, `deltas` deltas among them.
+pub async fn pause_then_read_everything(
+    reader: &mut WsClient,
+    pausing: &mut WsClient,
+    session: &str,
+    first: u64,
+    deltas: usize,
+) {
     let mut paused_events = vec![pausing.recv_until_kind("stream_delta").await.0];
     let paused_at = paused_events[0]["seq"].as_u64().unwrap();
-    // `pausing` reads nothing while `reader` reads on: until the run stops
-    // (it waits for `pausing`), or 20,000 events later (it went on without
-    // it; more than the buffer's reach: `pausing` was closed or lost events).
     let mut reader_events = vec![first];
     let held = loop {
         match reader.recv_within(Duration::from_millis(500)).await {
@@ -356,8 +374,6 @@ async fn a_reader_that_stops_for_a_moment_holds_the_run_and_loses_nothing() {
             other => panic!("the reader got {other:?}"),
         }
     };
-    // Both read on (a reader that stopped now would hold the run in turn):
-    // `pausing` gets everything, in order, and no close.
     let resumed = async {
         loop {
             let v = match pausing.recv().await {
@@ -376,18 +392,14 @@ async fn a_reader_that_stops_for_a_moment_holds_the_run_and_loses_nothing() {
             }
         }
     };
-    let (_, rest) = tokio::join!(resumed, until_complete(&mut reader, &session));
+    let (_, rest) = tokio::join!(resumed, until_complete(reader, session));
     assert!(held, "the run went on 20,000 events past the paused reader");
     let got = seqs(&paused_events);
     let last = *got.last().unwrap();
     assert_eq!(got, (first..=last).collect::<Vec<_>>());
-    assert_eq!(of_kind(&paused_events, "stream_delta").len(), 30_000);
+    assert_eq!(of_kind(&paused_events, "stream_delta").len(), deltas);
     reader_events.extend(seqs(&rest));
     assert_eq!(reader_events, (first..=last).collect::<Vec<_>>());
-    assert!(
-        !server.logs().contains("closing socket with 4008"),
-        "a reader was closed as a slow consumer"
-    );
 }
 
 /// E4 with a kept place: a reader that stops for good while another keeps
