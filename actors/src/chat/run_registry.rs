@@ -3710,14 +3710,16 @@ pub(crate) mod tests {
         assert_eq!(seqs, (1..=*seqs.last().unwrap()).collect::<Vec<_>>());
     }
 
-    /// The pace quorum: with one or two subscribers one keeping up keeps the
-    /// run going (E4: the other is left behind), with more the run waits
-    /// for all but the slowest sixteenth (and at least one).
-    /// A run of `fast` (which drains everything it gets) fed 1 KB events
-    /// until a subscriber from seq 0 that reads nothing (so never holds it)
-    /// is closed with 4008 as far behind; returns the last seq that
-    /// subscriber was sent (what its client has at most) and `fast`'s frames.
-    async fn closed_far_behind() -> (Addr<RunRegistry>, RunStarted, SocketId, Frames, u64) {
+    /// On a paused clock, a registry with a run of `fast` and a second
+    /// socket subscribed to it from seq 0 (its ack read).
+    async fn run_and_subscriber() -> (
+        Addr<RunRegistry>,
+        RunStarted,
+        SocketId,
+        Frames,
+        SocketId,
+        Frames,
+    ) {
         tokio::time::pause();
         let (registry, fast, fast_rx) = registry_without_processes().await;
         let run = registry
@@ -3736,6 +3738,15 @@ pub(crate) mod tests {
             .await
             .unwrap();
         next_of_kind(&mut slow_rx, "chat_subscribed").await;
+        (registry, run, fast, fast_rx, slow, slow_rx)
+    }
+
+    /// A run of `fast` (which drains everything it gets) fed 1 KB events
+    /// until a subscriber from seq 0 that reads nothing (so never holds it)
+    /// is closed with 4008 as far behind; returns the last seq that
+    /// subscriber was sent (what its client has at most) and `fast`'s frames.
+    async fn closed_far_behind() -> (Addr<RunRegistry>, RunStarted, SocketId, Frames, u64) {
+        let (registry, run, fast, fast_rx, _, mut slow_rx) = run_and_subscriber().await;
         let mut frames = Vec::new();
         for _ in 0..200 {
             feed(&registry, &run.run_id, fast, 100).await;
@@ -3820,6 +3831,9 @@ pub(crate) mod tests {
         assert_eq!(ack["replayTruncated"], true, "{ack}");
     }
 
+    /// The pace quorum: with one or two subscribers one keeping up keeps the
+    /// run going (E4: the other is left behind), with more the run waits
+    /// for all but the slowest sixteenth (and at least one).
     #[test]
     fn a_run_waits_for_most_of_its_subscribers() {
         assert_eq!(
@@ -3845,24 +3859,7 @@ pub(crate) mod tests {
     async fn fast_and_slow(
         age: Duration,
     ) -> (Addr<RunRegistry>, RunStarted, SocketId, SocketId, Frames) {
-        tokio::time::pause();
-        let (registry, fast, _fast_rx) = registry_without_processes().await;
-        let run = registry
-            .send(start_run(fast, "hello"))
-            .await
-            .unwrap()
-            .unwrap();
-        let (slow, mut slow_rx) = connect_sink(&registry).await;
-        registry
-            .send(Subscribe {
-                socket: slow,
-                session: row(),
-                last_seq: Some(0),
-                follow: false,
-            })
-            .await
-            .unwrap();
-        next_of_kind(&mut slow_rx, "chat_subscribed").await;
+        let (registry, run, fast, _fast_rx, slow, slow_rx) = run_and_subscriber().await;
         tokio::time::advance(age).await;
         (registry, run, fast, slow, slow_rx)
     }
