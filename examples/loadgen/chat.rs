@@ -24,7 +24,7 @@ use crate::gateway::{Bins, Gateway};
 use crate::raw_ws::{RawIn, RawWs};
 use crate::report::{Row, Target, Unit};
 use crate::stats::{median, Histogram, SeqCheck};
-use crate::ws::{self, recv_text, scan, In, Ws};
+use crate::ws::{self, recv_text, scan, sequenced, In, Ws};
 use crate::Ctx;
 
 /// Payload bytes per chat event (the events are small text deltas).
@@ -473,14 +473,7 @@ impl RawReader {
                 RawIn::Close(code) => return Err(format!("socket closed with {code:?}")),
                 RawIn::Ended => return Err("socket ended".into()),
             };
-            let s = scan(frame);
-            let Some(seq) = s.seq else {
-                if s.kind == "protocol_error" {
-                    return Err(format!(
-                        "protocol_error: {}",
-                        String::from_utf8_lossy(frame)
-                    ));
-                }
+            let Some((seq, s)) = sequenced(frame)? else {
                 continue;
             };
             self.seqc.see(seq);

@@ -22,7 +22,7 @@ use serde_json::json;
 
 use crate::raw_ws::{RawIn, RawWs};
 use crate::stats::{Histogram, SeqCheck};
-use crate::ws::{scan, unix_nanos};
+use crate::ws::{scan, sequenced, unix_nanos};
 
 /// 4008 closes one reader recovers from before its run counts as failed
 /// (as `read_run_after`'s `MAX_REJOINS`).
@@ -265,14 +265,7 @@ fn drain(r: &mut Reader<'_>, hist: &mut Histogram) -> Result<Step, String> {
             Some(RawIn::Close(code)) => return Err(format!("socket closed with {code:?}")),
             Some(RawIn::Ended) => return Err("socket ended".into()),
         };
-        let s = scan(frame);
-        let Some(seq) = s.seq else {
-            if s.kind == "protocol_error" {
-                return Err(format!(
-                    "protocol_error: {}",
-                    String::from_utf8_lossy(frame)
-                ));
-            }
+        let Some((seq, s)) = sequenced(frame)? else {
             continue;
         };
         r.seen.seqc.see(seq);

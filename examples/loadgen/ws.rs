@@ -140,6 +140,21 @@ static SEQ_KEY: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"seq
 static KIND_KEY: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"kind\":\""));
 static STAMP_KEY: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"content\":\"t="));
 
+/// A reader's view of a frame: its seq and [`scan`] when it carries a seq,
+/// `None` for frames without one (acks, notices), an error for
+/// `protocol_error`.
+pub fn sequenced(frame: &[u8]) -> Result<Option<(u64, Scan<'_>)>, String> {
+    let s = scan(frame);
+    match s.seq {
+        Some(seq) => Ok(Some((seq, s))),
+        None if s.kind == "protocol_error" => Err(format!(
+            "protocol_error: {}",
+            String::from_utf8_lossy(frame)
+        )),
+        None => Ok(None),
+    }
+}
+
 /// The seq, kind and stamp of a server frame, from its bytes (keys are
 /// found where they are, in any order; a key's quotes cannot occur inside
 /// a JSON string, where a quote is escaped).
