@@ -112,6 +112,7 @@ impl AsyncRead for QuietPipe {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::future::Future;
     use std::io::Write;
     use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 
@@ -134,16 +135,19 @@ mod tests {
         assert_eq!(line, "first\n");
         assert!(!reader.get_ref().is_registered(), "data was there: no wait");
 
-        let writer = std::thread::spawn(move || {
-            std::thread::sleep(std::time::Duration::from_millis(50));
-            w.write_all(b"second\n").unwrap();
-            w
-        });
+        // One poll of a read with nothing there: it waits, registered.
         line.clear();
+        {
+            let read = reader.read_line(&mut line);
+            tokio::pin!(read);
+            let first = std::future::poll_fn(|cx| Poll::Ready(read.as_mut().poll(cx))).await;
+            assert!(first.is_pending(), "nothing was written yet");
+        }
+        assert!(reader.get_ref().is_registered(), "it waits for a write");
+        w.write_all(b"second\n").unwrap();
         reader.read_line(&mut line).await.unwrap();
         assert_eq!(line, "second\n");
-        assert!(reader.get_ref().is_registered(), "it waited for the write");
-        let mut w = writer.join().unwrap();
+        assert!(reader.get_ref().is_registered());
 
         reader.get_mut().quiet();
         assert!(!reader.get_ref().is_registered());
