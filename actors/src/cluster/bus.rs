@@ -252,10 +252,7 @@ impl ClusterBus {
         for lease in self.leases.values_mut() {
             lease.published = 0;
         }
-        let sessions: Vec<String> = self.leases.keys().cloned().collect();
-        for session in sessions {
-            self.backlog_check(&session);
-        }
+        self.backlog_check_all();
         self.renew(ctx);
         self.flush(ctx);
         self.read(ctx);
@@ -269,10 +266,7 @@ impl ClusterBus {
         self.cmd = None;
         self.reader = None;
         // Local sockets keep receiving local runs while Redis is down.
-        let sessions: Vec<String> = self.leases.keys().cloned().collect();
-        for session in sessions {
-            self.backlog_check(&session);
-        }
+        self.backlog_check_all();
         tracing::warn!(event = "cluster.disconnected", node_id = %self.node, %err, "cluster: lost Redis; new runs are refused (CLUSTER_UNAVAILABLE) until it is back");
         ctx.run_later(RECONNECT_EVERY, |act, ctx| act.connect(ctx));
     }
@@ -520,6 +514,14 @@ impl ClusterBus {
                 session_id: session.to_string(),
                 full,
             });
+        }
+    }
+
+    /// [`Self::backlog_check`] for every lease (Redis came or went).
+    fn backlog_check_all(&mut self) {
+        let sessions: Vec<String> = self.leases.keys().cloned().collect();
+        for session in sessions {
+            self.backlog_check(&session);
         }
     }
 
