@@ -53,8 +53,9 @@
 //! stay in the buffer beyond its bounds (at most [`REPLAY_STRETCH_EVENTS`] /
 //! [`REPLAY_STRETCH_BYTES`] more, [`REJOIN_PLACES_MAX`] places per session;
 //! past the stretch they leave as any others), and a resubscription of the
-//! same user from there takes the place over while it catches up. A kept
-//! place never pauses or holds the run. A
+//! same user from there takes the place over while it catches up (kept
+//! while its client is written more, each time for [`REJOIN_GRACE`] again).
+//! A kept place never pauses or holds the run. A
 //! resubscriber that arrives inside that margin holds the run the same way
 //! while it reads, and is otherwise closed only once its events leave the
 //! buffer. A subscriber that stops reading holds the run no longer than a
@@ -179,8 +180,9 @@ pub const HOLD_SHARE: u32 = 4;
 /// A subscriber closed with 4008 while its run goes on keeps its place: the
 /// events its client lacks stay in the replay buffer this long (beyond its
 /// bounds, up to the stretch) for its resubscription, and from that
-/// resubscription on this long again while it catches up. The seed's client
-/// reconnects 2 s after a close.
+/// resubscription on while it catches up: this long again after each write
+/// to its client (one that reads slower than the run fills the stretch and
+/// loses the place that way). The seed's client reconnects 2 s after a close.
 pub const REJOIN_GRACE: Duration = Duration::from_secs(5);
 /// Places kept at once per session; a subscriber closed beyond them keeps
 /// none (as one whose events already left the buffer).
@@ -1003,6 +1005,11 @@ impl RunRegistry {
             }
             match state.lacking_from(sent, entry.bytes_in_flight) {
                 Some(from) => {
+                    // Its client was written more: it is catching up, so
+                    // the place stays while it does (the stretch bounds it).
+                    if from > place.from {
+                        place.until = now + REJOIN_GRACE;
+                    }
                     place.from = from;
                     true
                 }
@@ -3829,6 +3836,63 @@ pub(crate) mod tests {
         feed(&registry, &run.run_id, fast, 4_000).await;
         let (_, _rx, ack) = resubscribe(&registry, last).await;
         assert_eq!(ack["replayTruncated"], true, "{ack}");
+    }
+
+    /// A resubscriber that takes longer than [`REJOIN_GRACE`] to catch up
+    /// keeps its place while its client is written more: the run goes on
+    /// (a batch a second, each spawned: its answer may wait for a hold), its
+    /// client writes a little more than that each second, and after twice
+    /// the grace it is still beyond the buffer's bounds, not closed, and
+    /// gets every event to the end.
+    #[actix_rt::test]
+    async fn a_resubscriber_that_keeps_reading_keeps_its_place_past_the_grace() {
+        let (registry, run, fast, mut fast_rx, last) = closed_far_behind().await;
+        feed(&registry, &run.run_id, fast, 4_000).await;
+        let (again, mut again_rx, ack) = resubscribe(&registry, last).await;
+        assert_eq!(ack["replayTruncated"], false, "{ack}");
+        let mut seqs = Vec::new();
+        let check = |frames: Vec<Value>, seqs: &mut Vec<u64>| {
+            assert!(
+                !frames.iter().any(|v| v["kind"] == "close"),
+                "closed while catching up: {:?}",
+                frames.iter().find(|v| v["kind"] == "close")
+            );
+            seqs.extend(frames.iter().filter_map(|v| v["seq"].as_u64()));
+            frames.iter().any(|v| v["kind"] == "complete")
+        };
+        for _ in 0..2 * REJOIN_GRACE.as_secs() {
+            tokio::time::advance(Duration::from_secs(1)).await;
+            let _ = feed_batch(&registry, &run.run_id);
+            registry.send(drained_all(fast)).await.unwrap();
+            check(held(&registry, &mut again_rx).await, &mut seqs);
+            // About 150 of its 1 KB events: three times the batch.
+            let some = Drained {
+                socket: again,
+                bytes: 165_000,
+                batches: 3,
+            };
+            registry.send(some).await.unwrap();
+        }
+        let newest = held(&registry, &mut fast_rx).await;
+        let newest = newest.iter().filter_map(|v| v["seq"].as_u64()).max();
+        let lacking = newest.unwrap() - seqs.last().unwrap();
+        assert!(
+            lacking > REPLAY_MAX_EVENTS as u64,
+            "within the buffer's bounds already: {lacking} events behind"
+        );
+        let end = registry.send(turn_end(&run.run_id));
+        tokio::spawn(async move { end.await.unwrap() });
+        loop {
+            let mut frames = held(&registry, &mut again_rx).await;
+            if frames.is_empty() {
+                frames.push(next_of_kind(&mut again_rx, "complete").await);
+            }
+            if check(frames, &mut seqs) {
+                break;
+            }
+            registry.send(drained_all(again)).await.unwrap();
+        }
+        assert_eq!(seqs, (last + 1..=*seqs.last().unwrap()).collect::<Vec<_>>());
     }
 
     /// The pace quorum: with one or two subscribers one keeping up keeps the
