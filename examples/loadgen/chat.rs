@@ -270,7 +270,12 @@ pub fn spawn_fake(
     Ok((child, stdin))
 }
 
-fn pipe_one(bins: &Bins, prompt: &str) -> Result<(usize, PipeSpan, Histogram), String> {
+/// `steady`: the deltas (1-based) whose latency is recorded; all when `None`.
+fn pipe_one(
+    bins: &Bins,
+    prompt: &str,
+    steady: Option<std::ops::RangeInclusive<usize>>,
+) -> Result<(usize, PipeSpan, Histogram), String> {
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
     let (mut child, stdin) = spawn_fake(bins, dir.path(), prompt)?;
     let stdout = child.stdout.take().ok_or("stdout")?;
@@ -290,7 +295,8 @@ fn pipe_one(bins: &Bins, prompt: &str) -> Result<(usize, PipeSpan, Histogram), S
             first.get_or_insert(now);
             last = Some(now);
             count += 1;
-            if let Some(i) = text.find("\"text\":\"t=") {
+            let recorded = steady.as_ref().is_none_or(|r| r.contains(&count));
+            if let Some(i) = text.find("\"text\":\"t=").filter(|_| recorded) {
                 if let Some(ts) = text.get(i + 10..).and_then(|r| {
                     let end = r
                         .bytes()
@@ -311,15 +317,21 @@ fn pipe_one(bins: &Bins, prompt: &str) -> Result<(usize, PipeSpan, Histogram), S
     Ok((count, first.zip(last), hist))
 }
 
-/// `runs` fake providers at once, each read by its own thread.
-pub async fn pipe_baseline(bins: &Bins, prompt: &str, runs: usize) -> Result<PipeResult, String> {
+/// `runs` fake providers at once, each read by its own thread; latencies
+/// of the `steady` deltas (all when `None`).
+pub async fn pipe_baseline(
+    bins: &Bins,
+    prompt: &str,
+    runs: usize,
+    steady: Option<std::ops::RangeInclusive<usize>>,
+) -> Result<PipeResult, String> {
     let bins = bins.clone();
     let prompt = prompt.to_string();
     actix_rt::task::spawn_blocking(move || {
         let handles: Vec<_> = (0..runs)
             .map(|_| {
-                let (b, p) = (bins.clone(), prompt.clone());
-                std::thread::spawn(move || pipe_one(&b, &p))
+                let (b, p, st) = (bins.clone(), prompt.clone(), steady.clone());
+                std::thread::spawn(move || pipe_one(&b, &p, st))
             })
             .collect();
         let mut total = 0;
@@ -376,7 +388,7 @@ pub async fn chat_one(ctx: &Ctx) -> Result<Vec<Row>, String> {
     let mut rejoins = 0;
     let cpu0 = gw.cpu_secs();
     for _ in 0..ctx.reps {
-        let base = pipe_baseline(&ctx.bins, &prompt, 1).await?;
+        let base = pipe_baseline(&ctx.bins, &prompt, 1, None).await?;
         base_rates.push(base.lines_per_sec);
         bp50.push(ms(base.hist.quantile(0.5)));
         bp99.push(ms(base.hist.quantile(0.99)));
@@ -546,6 +558,64 @@ async fn many_runs(
     Ok(all)
 }
 
+/// The gateway's own delivery latency (`agentgate_delivery_latency_seconds`:
+/// from reading a CLI's line to writing its frame to the socket) as
+/// cumulative counts by upper bound, from its `/metrics` on `port`.
+async fn gateway_latency(port: u16) -> Result<Vec<(f64, u64)>, String> {
+    let mut res = ws::client()
+        .get(format!("http://127.0.0.1:{port}/metrics"))
+        .send()
+        .await
+        .map_err(|e| format!("GET /metrics: {e}"))?;
+    let body = res
+        .body()
+        .limit(4 << 20)
+        .await
+        .map_err(|e| format!("GET /metrics body: {e}"))?;
+    let text = String::from_utf8_lossy(&body);
+    let buckets: Vec<(f64, u64)> = text
+        .lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix("agentgate_delivery_latency_seconds_bucket{le=\"")?;
+            let (le, count) = rest.split_once("\"} ")?;
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().ok()?
+            };
+            Some((le, count.trim().parse().ok()?))
+        })
+        .collect();
+    if buckets.is_empty() {
+        return Err("no agentgate_delivery_latency_seconds in /metrics".into());
+    }
+    Ok(buckets)
+}
+
+/// Of the observations between two scrapes, the share above `secs` (an
+/// upper bound of the gateway's buckets).
+fn share_above(before: &[(f64, u64)], after: &[(f64, u64)], secs: f64) -> f64 {
+    let count = |b: &[(f64, u64)], le: f64| {
+        b.iter()
+            .find(|(l, _)| (*l - le).abs() < 1e-9 || (l.is_infinite() && le.is_infinite()))
+            .map_or(0, |(_, c)| *c)
+    };
+    let total = count(after, f64::INFINITY) - count(before, f64::INFINITY);
+    let below = count(after, secs) - count(before, secs);
+    if total == 0 {
+        return 0.0;
+    }
+    (total - below) as f64 / total as f64
+}
+
+/// A free port on 127.0.0.1 for the gateway's metrics listener.
+fn free_port() -> Result<u16, String> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| format!("bind: {e}"))?;
+    l.local_addr()
+        .map(|a| a.port())
+        .map_err(|e| format!("bind: {e}"))
+}
+
 pub async fn chat_many(ctx: &Ctx) -> Result<Vec<Row>, String> {
     let runs = 100;
     let events = if ctx.quick { 1_000 } else { 2_000 };
@@ -556,7 +626,12 @@ pub async fn chat_many(ctx: &Ctx) -> Result<Vec<Row>, String> {
     let steady = 51..=paced_events - 50;
     let prompt = format!("text:{events} size:{EVENT_BYTES} ts");
     let paced = format!("text:{paced_events} size:{EVENT_BYTES} ts delay_ms:{delay_ms}");
-    let gw = Gateway::start(&ctx.bins, |_, _| {})?;
+    // Its metrics tell which part of the latency is the gateway's own.
+    let metrics = free_port()?;
+    let gw = Gateway::start(&ctx.bins, |_, cmd| {
+        cmd.arg("--metrics-listen")
+            .arg(format!("127.0.0.1:{metrics}"));
+    })?;
     let mut projects = Vec::new();
     let mut socks = Vec::new();
     let sockets = open_many(ctx, &gw, runs).await?;
@@ -568,11 +643,15 @@ pub async fn chat_many(ctx: &Ctx) -> Result<Vec<Row>, String> {
     let (mut rates, mut base_rates, mut p50, mut p99) = (vec![], vec![], vec![], vec![]);
     let (mut paced_p50, mut paced_p99, mut offered) = (vec![], vec![], vec![]);
     let mut paced_all_p99 = vec![];
+    let (mut paced_base_p99, mut paced_base_late_25) = (vec![], vec![]);
+    // Shares of the paced events later than 1 ms and 2.5 ms (the gateway's
+    // bucket bounds): end to end, and inside the gateway.
+    let (mut late_1, mut late_25, mut gw_late_1, mut gw_late_25) = (vec![], vec![], vec![], vec![]);
     let mut max_lat = 0;
     let mut complete = true;
     let mut rejoins = 0;
     for _ in 0..ctx.reps {
-        let base = pipe_baseline(&ctx.bins, &prompt, runs).await?;
+        let base = pipe_baseline(&ctx.bins, &prompt, runs, None).await?;
         base_rates.push(base.lines_per_sec);
         let m = many_runs(ctx, &gw, &mut socks, &prompt, events, 0..=0).await?;
         complete &= m.complete;
@@ -581,7 +660,18 @@ pub async fn chat_many(ctx: &Ctx) -> Result<Vec<Row>, String> {
         p50.push(ms(m.hist.quantile(0.5)));
         p99.push(ms(m.hist.quantile(0.99)));
         max_lat = max_lat.max(m.hist.max());
+        // The same paced CLIs piped into a thread each: the machine's own
+        // latency at this load, with no gateway and no socket.
+        let pbase = pipe_baseline(&ctx.bins, &paced, runs, Some(steady.clone())).await?;
+        paced_base_p99.push(ms(pbase.hist.quantile(0.99)));
+        paced_base_late_25.push(100.0 * pbase.hist.share_above(2_500_000));
+        let before = gateway_latency(metrics).await?;
         let m = many_runs(ctx, &gw, &mut socks, &paced, paced_events, steady.clone()).await?;
+        let after = gateway_latency(metrics).await?;
+        late_1.push(100.0 * m.hist.share_above(1_000_000));
+        late_25.push(100.0 * m.hist.share_above(2_500_000));
+        gw_late_1.push(100.0 * share_above(&before, &after, 0.001));
+        gw_late_25.push(100.0 * share_above(&before, &after, 0.0025));
         complete &= m.complete;
         rejoins += m.rejoins;
         offered.push(rate(m.total, m.span));
@@ -600,9 +690,14 @@ pub async fn chat_many(ctx: &Ctx) -> Result<Vec<Row>, String> {
         Row::new(s, "max latency at full speed", ms(max_lat), Unit::Millis, Target::None),
         Row::new(s, "p50 latency at 10k events/s", median(&paced_p50), Unit::Millis, Target::None),
         Row::new(s, "p99 latency at 10k events/s", median(&paced_p99), Unit::Millis, Target::Below(2.0))
-            .note(format!("offered {:.0} events/s ({runs} runs, one event every {delay_ms} ms each); steady state: each run's first and last 50 events are left out", median(&offered))),
+            .baseline(median(&paced_base_p99))
+            .note(format!("offered {:.0} events/s ({runs} runs, one event every {delay_ms} ms each); steady state: each run's first and last 50 events are left out; baseline: the same paced CLIs piped into a thread each", median(&offered))),
         Row::new(s, "p99 at 10k events/s incl. run start/end", median(&paced_all_p99), Unit::Millis, Target::None)
             .note("100 CLI processes start and exit at the same moment on 2 cores"),
+        Row::new(s, "% of them later than 1 ms", median(&late_1), Unit::Percent, Target::None)
+            .note(format!("{:.2}% inside the gateway (from reading the CLI's line to writing the frame: its agentgate_delivery_latency_seconds)", median(&gw_late_1))),
+        Row::new(s, "% of them later than 2.5 ms", median(&late_25), Unit::Percent, Target::None)
+            .note(format!("{:.2}% inside the gateway; the rest is the CLI's pipe, the kernel and the reader; {:.2}% of the piped baseline's", median(&gw_late_25), median(&paced_base_late_25))),
         Row::new(s, "peak RSS", mb(gw.hwm_kib()), Unit::MB, Target::Below(RSS_TARGET_MB)),
         Row::new(s, "RSS after the runs", mb(gw.rss_kib()), Unit::MB, Target::None)
             .note(format!("the {runs} completed runs' replay buffers are kept for 5 minutes")),
@@ -1147,7 +1242,9 @@ pub async fn slow_reader(ctx: &Ctx) -> Result<Vec<Row>, String> {
     let event_bytes = 1024;
     let events = if ctx.quick { 50_000 } else { 200_000 };
     let prompt = format!("text:{events} size:{event_bytes}");
-    let producer = pipe_baseline(&ctx.bins, &prompt, 1).await?.lines_per_sec;
+    let producer = pipe_baseline(&ctx.bins, &prompt, 1, None)
+        .await?
+        .lines_per_sec;
     let target_rate = producer / 10.0;
     let gw = Gateway::start(&ctx.bins, |_, _| {})?;
     let base_kib = gw.rss_kib();

@@ -30,6 +30,7 @@ pub enum Unit {
     MB,
     KiB,
     Count,
+    Percent,
 }
 
 #[derive(Clone, Debug)]
@@ -151,6 +152,7 @@ fn unit_name(u: Unit) -> &'static str {
         Unit::MB => "MB",
         Unit::KiB => "KiB",
         Unit::Count => "count",
+        Unit::Percent => "%",
     }
 }
 
@@ -187,6 +189,7 @@ pub fn fmt(v: f64, unit: Unit) -> String {
         Unit::MB => format!("{v:.1} MB"),
         Unit::KiB => format!("{v:.1} KiB"),
         Unit::Count => thousands(v),
+        Unit::Percent => format!("{v:.2}%"),
     }
 }
 

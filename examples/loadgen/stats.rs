@@ -70,6 +70,15 @@ impl Histogram {
         self.max
     }
 
+    /// The share of values above `nanos` (within a bucket's 3%); 0 when empty.
+    pub fn share_above(&self, nanos: u64) -> f64 {
+        if self.count == 0 {
+            return 0.0;
+        }
+        let above: u64 = self.counts[index(nanos) + 1..].iter().sum();
+        above as f64 / self.count as f64
+    }
+
     /// The value at quantile `q` (0..=1), in nanoseconds; 0 when empty.
     pub fn quantile(&self, q: f64) -> u64 {
         if self.count == 0 {
