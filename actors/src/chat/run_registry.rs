@@ -3862,7 +3862,7 @@ pub(crate) mod tests {
         };
         for _ in 0..2 * REJOIN_GRACE.as_secs() {
             tokio::time::advance(Duration::from_secs(1)).await;
-            let _ = feed_batch(&registry, &run.run_id);
+            drop(feed_batch(&registry, &run.run_id)); // runs detached
             registry.send(drained_all(fast)).await.unwrap();
             check(held(&registry, &mut again_rx).await, &mut seqs);
             // About 150 of its 1 KB events: three times the batch.
