@@ -161,6 +161,18 @@ mod tests {
     }
 
     #[test]
+    fn share_above_counts_the_values_past_a_bound() {
+        let mut h = Histogram::default();
+        assert_eq!(h.share_above(1_000_000), 0.0);
+        for v in 1..=1_000u64 {
+            h.record(v * 10_000);
+        }
+        // 10 us .. 10 ms: a quarter of the values are above 7.5 ms.
+        let share = h.share_above(7_500_000);
+        assert!((share - 0.25).abs() < 0.03, "{share}");
+    }
+
+    #[test]
     fn seq_gaps() {
         let mut s = SeqCheck::starting_after(0);
         for q in [1, 2, 3, 5, 6, 6, 7] {
