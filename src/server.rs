@@ -103,16 +103,12 @@ pub async fn serve(common: Common, args: ServeArgs) -> std::io::Result<()> {
 
     let cluster = cluster_node(&common, &args)?;
     let store: Store = Arc::new(DbStore(db.clone()));
-    // Provider runs parse stdout on the registry's own thread: a batch goes
-    // to the registry without a wake-up of another thread, which on two
-    // shared cores was the run's largest delay (README, Performance).
     // Supervised: a panic inside the registry restarts it behind the same address
     // (its runs fail, its sockets are closed; see `Supervised for RunRegistry`).
     let (registry_config, registry_store) = (config.clone(), store.clone());
-    let runs = Arbiter::current();
     let registry_cluster = cluster.as_ref().map(|c| (c.bus.clone(), c.node_id.clone()));
     let registry = Supervisor::start(move |_| {
-        let registry = RunRegistry::new(registry_config, registry_store, runs);
+        let registry = RunRegistry::new(registry_config, registry_store);
         match registry_cluster {
             Some((bus, node)) => registry.with_cluster(bus, &node),
             None => registry,

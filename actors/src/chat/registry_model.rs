@@ -453,7 +453,7 @@ impl Case {
 async fn run_case(seed: u64) {
     let config = Arc::new(GatewayConfig::for_tests(std::env::temp_dir()));
     let store: Store = Arc::new(MemStore::default());
-    let registry = RunRegistry::with_providers(config, store, Arbiter::current(), no_process)
+    let registry = RunRegistry::with_providers(config, store, no_process)
         .without_processes()
         .start();
     let mut case = Case {

@@ -705,8 +705,6 @@ struct Chunk {
 pub struct RunRegistry {
     config: Arc<GatewayConfig>,
     store: Store,
-    /// Where `ProviderRun`s live, off the registry's thread.
-    runs_arbiter: ArbiterHandle,
     sockets: FastMap<SocketId, SocketEntry>,
     next_socket: SocketId,
     sessions: FastMap<String, SessionState>,
@@ -738,20 +736,18 @@ type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 pub type ProviderLookup = fn(ProviderKind) -> Option<&'static dyn Provider>;
 
 impl RunRegistry {
-    pub fn new(config: Arc<GatewayConfig>, store: Store, runs_arbiter: ArbiterHandle) -> Self {
-        RunRegistry::with_providers(config, store, runs_arbiter, provider_for)
+    pub fn new(config: Arc<GatewayConfig>, store: Store) -> Self {
+        RunRegistry::with_providers(config, store, provider_for)
     }
 
     pub fn with_providers(
         config: Arc<GatewayConfig>,
         store: Store,
-        runs_arbiter: ArbiterHandle,
         providers: ProviderLookup,
     ) -> Self {
         RunRegistry {
             config,
             store,
-            runs_arbiter,
             sockets: FastMap::default(),
             next_socket: 1,
             sessions: FastMap::default(),
@@ -2356,9 +2352,11 @@ impl RunRegistry {
             let child_env = self.config.child_env.clone();
             let idle = self.config.provider_idle;
             let (sid, rid) = (session_id.clone(), run_id.clone());
-            let addr = ProviderRun::start_in_arbiter(&self.runs_arbiter, move |_| {
-                ProviderRun::new(sid, rid, provider, turn, registry, child_env).idle_limit(idle)
-            });
+            // On the registry's own thread: a batch reaches the registry
+            // without waking another thread (README, Performance).
+            let addr = ProviderRun::new(sid, rid, provider, turn, registry, child_env)
+                .idle_limit(idle)
+                .start();
             if let Some(run) = self
                 .sessions
                 .get_mut(&session_id)
@@ -3310,8 +3308,7 @@ pub(crate) mod tests {
     async fn registry_and_sink() -> (Addr<RunRegistry>, SocketId, Frames) {
         let config = Arc::new(GatewayConfig::for_tests(std::env::temp_dir()));
         let store: Store = Arc::new(MemStore::default());
-        let registry =
-            RunRegistry::with_providers(config, store, Arbiter::current(), buggy).start();
+        let registry = RunRegistry::with_providers(config, store, buggy).start();
         let (socket, rx) = connect_sink(&registry).await;
         (registry, socket, rx)
     }
@@ -3320,7 +3317,7 @@ pub(crate) mod tests {
     async fn registry_without_processes() -> (Addr<RunRegistry>, SocketId, Frames) {
         let config = Arc::new(GatewayConfig::for_tests(std::env::temp_dir()));
         let store: Store = Arc::new(MemStore::default());
-        let registry = RunRegistry::with_providers(config, store, Arbiter::current(), buggy)
+        let registry = RunRegistry::with_providers(config, store, buggy)
             .without_processes()
             .start();
         let (socket, rx) = connect_sink(&registry).await;
@@ -4198,8 +4195,7 @@ pub(crate) mod tests {
         let mem = Arc::new(MemStore::default());
         let store: Store = mem.clone();
         let registry = Supervisor::start(move |_| {
-            RunRegistry::with_providers(config, store, Arbiter::current(), buggy)
-                .without_processes()
+            RunRegistry::with_providers(config, store, buggy).without_processes()
         });
         let (socket, mut rx) = connect_sink(&registry).await;
         let first = registry
