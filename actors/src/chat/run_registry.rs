@@ -3619,43 +3619,17 @@ pub(crate) mod tests {
     /// event: it arrives inside the margin, so it is given time to catch up.
     #[actix_rt::test]
     async fn far_behind_is_closed_before_its_events_leave_and_catches_up() {
-        let (registry, fast, mut fast_rx) = registry_without_processes().await;
-        let run = registry
-            .send(start_run(fast, "hello"))
-            .await
-            .unwrap()
-            .unwrap();
-        let (slow, mut slow_rx) = connect_sink(&registry).await;
-        registry
-            .send(Subscribe {
-                socket: slow,
-                session: row(),
-                last_seq: Some(0),
-                follow: false,
-            })
-            .await
-            .unwrap();
-        assert_eq!(
-            next_of_kind(&mut slow_rx, "chat_subscribed").await["isProcessing"],
-            true
-        );
+        let ((registry, run, fast, mut fast_rx, _, mut slow_rx), ack) =
+            run_and_subscriber_acked().await;
+        assert_eq!(ack["isProcessing"], true);
         // 1 KB events: the slow socket's budget (1 MiB) holds about 1,000 of
         // them, so its cursor is far ahead of what its client was written.
         // Batches of 50 (55 KB): the fast sink takes each whole, so the run
         // never waits for it (a batch answer is withheld while it would).
-        let feed = |n: usize| {
-            let (registry, run_id) = (registry.clone(), run.run_id.clone());
-            async move {
-                for _ in 0..n / 50 {
-                    registry.send(texts(&run_id, 50, 1_000)).await.unwrap();
-                    registry.send(drained_all(fast)).await.unwrap();
-                }
-            }
-        };
         let mut sent = 0;
         let mut closed_at = None;
         while sent < 9_000 && closed_at.is_none() {
-            feed(100).await;
+            feed(&registry, &run.run_id, fast, 100).await;
             sent += 100;
             let frames = held(&registry, &mut slow_rx).await;
             if frames
@@ -3672,24 +3646,14 @@ pub(crate) mod tests {
             "closed after {closed_at} events (margin at {margin})"
         );
         // The run goes on while the client reconnects, up to the margin.
-        feed(1_000).await;
+        feed(&registry, &run.run_id, fast, 1_000).await;
         let last = held(&registry, &mut fast_rx).await;
         let last = last.iter().filter_map(|v| v["seq"].as_u64()).max().unwrap();
 
-        let (again, mut again_rx) = connect_sink(&registry).await;
-        registry
-            .send(Subscribe {
-                socket: again,
-                session: row(),
-                last_seq: Some(0),
-                follow: false,
-            })
-            .await
-            .unwrap();
-        let ack = next_of_kind(&mut again_rx, "chat_subscribed").await;
+        let (again, mut again_rx, ack) = new_subscriber(&registry, 0).await;
         assert_eq!(ack["replayTruncated"], false, "{ack}");
         // Still catching up (inside the margin) while the run moves on: not closed.
-        feed(50).await;
+        feed(&registry, &run.run_id, fast, 50).await;
         registry.send(turn_end(&run.run_id)).await.unwrap();
         let mut seqs = Vec::new();
         loop {
@@ -3714,35 +3678,33 @@ pub(crate) mod tests {
         assert_eq!(seqs, (1..=*seqs.last().unwrap()).collect::<Vec<_>>());
     }
 
-    /// On a paused clock, a registry with a run of `fast` and a second
-    /// socket subscribed to it from seq 0 (its ack read).
-    async fn run_and_subscriber() -> (
+    /// A registry, a run of `fast` (its frames) and a second socket (its frames).
+    type RunAndSubscriber = (
         Addr<RunRegistry>,
         RunStarted,
         SocketId,
         Frames,
         SocketId,
         Frames,
-    ) {
-        tokio::time::pause();
+    );
+
+    /// A registry with a run of `fast` and a second socket subscribed to it
+    /// from seq 0, and that subscription's ack.
+    async fn run_and_subscriber_acked() -> (RunAndSubscriber, Value) {
         let (registry, fast, fast_rx) = registry_without_processes().await;
         let run = registry
             .send(start_run(fast, "hello"))
             .await
             .unwrap()
             .unwrap();
-        let (slow, mut slow_rx) = connect_sink(&registry).await;
-        registry
-            .send(Subscribe {
-                socket: slow,
-                session: row(),
-                last_seq: Some(0),
-                follow: false,
-            })
-            .await
-            .unwrap();
-        next_of_kind(&mut slow_rx, "chat_subscribed").await;
-        (registry, run, fast, fast_rx, slow, slow_rx)
+        let (slow, slow_rx, ack) = new_subscriber(&registry, 0).await;
+        ((registry, run, fast, fast_rx, slow, slow_rx), ack)
+    }
+
+    /// The same on a paused clock (its ack read).
+    async fn run_and_subscriber() -> RunAndSubscriber {
+        tokio::time::pause();
+        run_and_subscriber_acked().await.0
     }
 
     /// A run of `fast` (which drains everything it gets) fed 1 KB events
@@ -3775,7 +3737,10 @@ pub(crate) mod tests {
     }
 
     /// A new subscriber from `last_seq`: its ack.
-    async fn resubscribe(registry: &Addr<RunRegistry>, last_seq: u64) -> (SocketId, Frames, Value) {
+    async fn new_subscriber(
+        registry: &Addr<RunRegistry>,
+        last_seq: u64,
+    ) -> (SocketId, Frames, Value) {
         let (again, mut again_rx) = connect_sink(registry).await;
         registry
             .send(Subscribe {
@@ -3798,29 +3763,47 @@ pub(crate) mod tests {
     async fn a_closed_subscribers_place_is_kept_for_its_resubscription() {
         let (registry, run, fast, _fast_rx, last) = closed_far_behind().await;
         feed(&registry, &run.run_id, fast, 4_000).await;
-        let (again, mut again_rx, ack) = resubscribe(&registry, last).await;
+        let (again, mut again_rx, ack) = new_subscriber(&registry, last).await;
         assert_eq!(ack["replayTruncated"], false, "{ack}");
         feed(&registry, &run.run_id, fast, 500).await;
         registry.send(turn_end(&run.run_id)).await.unwrap();
         let mut seqs = Vec::new();
+        read_to_complete(&registry, again, &mut again_rx, &mut seqs).await;
+        assert_eq!(seqs, (last + 1..=*seqs.last().unwrap()).collect::<Vec<_>>());
+        assert!(seqs.len() > 4_500, "{} events", seqs.len());
+    }
+
+    /// Adds the seqs of a resubscriber's `frames` to `seqs`, asserting that
+    /// none is a close; true once the run's `complete` is among them.
+    fn caught_up(frames: &[Value], seqs: &mut Vec<u64>) -> bool {
+        assert!(
+            !frames.iter().any(|v| v["kind"] == "close"),
+            "closed while catching up: {:?}",
+            frames.iter().find(|v| v["kind"] == "close")
+        );
+        seqs.extend(frames.iter().filter_map(|v| v["seq"].as_u64()));
+        frames.iter().any(|v| v["kind"] == "complete")
+    }
+
+    /// Reads the resubscriber `again` (writing everything it gets) to the
+    /// run's `complete`, through [`caught_up`].
+    async fn read_to_complete(
+        registry: &Addr<RunRegistry>,
+        again: SocketId,
+        again_rx: &mut Frames,
+        seqs: &mut Vec<u64>,
+    ) {
         loop {
-            let mut frames = held(&registry, &mut again_rx).await;
+            let mut frames = held(registry, again_rx).await;
             if frames.is_empty() {
                 // `complete` waits for the history write.
-                frames.push(next_of_kind(&mut again_rx, "complete").await);
+                frames.push(next_of_kind(again_rx, "complete").await);
             }
-            assert!(
-                !frames.iter().any(|v| v["kind"] == "close"),
-                "closed again while catching up"
-            );
-            seqs.extend(frames.iter().filter_map(|v| v["seq"].as_u64()));
-            if frames.iter().any(|v| v["kind"] == "complete") {
+            if caught_up(&frames, seqs) {
                 break;
             }
             registry.send(drained_all(again)).await.unwrap();
         }
-        assert_eq!(seqs, (last + 1..=*seqs.last().unwrap()).collect::<Vec<_>>());
-        assert!(seqs.len() > 4_500, "{} events", seqs.len());
     }
 
     /// A kept place is bounded: once [`REJOIN_GRACE`] has passed without a
@@ -3831,7 +3814,7 @@ pub(crate) mod tests {
         let (registry, run, fast, _fast_rx, last) = closed_far_behind().await;
         tokio::time::advance(REJOIN_GRACE).await;
         feed(&registry, &run.run_id, fast, 4_000).await;
-        let (_, _rx, ack) = resubscribe(&registry, last).await;
+        let (_, _rx, ack) = new_subscriber(&registry, last).await;
         assert_eq!(ack["replayTruncated"], true, "{ack}");
     }
 
@@ -3845,23 +3828,14 @@ pub(crate) mod tests {
     async fn a_resubscriber_that_keeps_reading_keeps_its_place_past_the_grace() {
         let (registry, run, fast, mut fast_rx, last) = closed_far_behind().await;
         feed(&registry, &run.run_id, fast, 4_000).await;
-        let (again, mut again_rx, ack) = resubscribe(&registry, last).await;
+        let (again, mut again_rx, ack) = new_subscriber(&registry, last).await;
         assert_eq!(ack["replayTruncated"], false, "{ack}");
         let mut seqs = Vec::new();
-        let check = |frames: Vec<Value>, seqs: &mut Vec<u64>| {
-            assert!(
-                !frames.iter().any(|v| v["kind"] == "close"),
-                "closed while catching up: {:?}",
-                frames.iter().find(|v| v["kind"] == "close")
-            );
-            seqs.extend(frames.iter().filter_map(|v| v["seq"].as_u64()));
-            frames.iter().any(|v| v["kind"] == "complete")
-        };
         for _ in 0..2 * REJOIN_GRACE.as_secs() {
             tokio::time::advance(Duration::from_secs(1)).await;
             drop(feed_batch(&registry, &run.run_id)); // runs detached
             registry.send(drained_all(fast)).await.unwrap();
-            check(held(&registry, &mut again_rx).await, &mut seqs);
+            caught_up(&held(&registry, &mut again_rx).await, &mut seqs);
             // About 150 of its 1 KB events: three times the batch.
             let some = Drained {
                 socket: again,
@@ -3879,16 +3853,7 @@ pub(crate) mod tests {
         );
         let end = registry.send(turn_end(&run.run_id));
         tokio::spawn(async move { end.await.unwrap() });
-        loop {
-            let mut frames = held(&registry, &mut again_rx).await;
-            if frames.is_empty() {
-                frames.push(next_of_kind(&mut again_rx, "complete").await);
-            }
-            if check(frames, &mut seqs) {
-                break;
-            }
-            registry.send(drained_all(again)).await.unwrap();
-        }
+        read_to_complete(&registry, again, &mut again_rx, &mut seqs).await;
         assert_eq!(seqs, (last + 1..=*seqs.last().unwrap()).collect::<Vec<_>>());
     }
 
