@@ -573,18 +573,19 @@ async fn gateway_latency(port: u16) -> Result<Vec<(f64, u64)>, String> {
         .await
         .map_err(|e| format!("GET /metrics body: {e}"))?;
     let text = String::from_utf8_lossy(&body);
-    let buckets: Vec<(f64, u64)> = text
-        .lines()
-        .filter_map(|l| {
-            let rest = l.strip_prefix("agentgate_delivery_latency_seconds_bucket{le=\"")?;
-            let (le, count) = rest.split_once("\"} ")?;
-            let le = if le == "+Inf" {
-                f64::INFINITY
-            } else {
-                le.parse().ok()?
-            };
-            Some((le, count.trim().parse().ok()?))
+    let lines = text.lines().map(|l| Ok(l.to_string()));
+    let scrape = prometheus_parse::Scrape::parse(lines).map_err(|e| format!("/metrics: {e}"))?;
+    let buckets: Vec<(f64, u64)> = scrape
+        .samples
+        .into_iter()
+        .filter(|s| s.metric == "agentgate_delivery_latency_seconds")
+        .find_map(|s| match s.value {
+            prometheus_parse::Value::Histogram(b) => Some(b),
+            _ => None,
         })
+        .unwrap_or_default()
+        .iter()
+        .map(|b| (b.less_than, b.count as u64))
         .collect();
     if buckets.is_empty() {
         return Err("no agentgate_delivery_latency_seconds in /metrics".into());
