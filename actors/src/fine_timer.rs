@@ -1,6 +1,6 @@
 //! A one-shot timer with microsecond resolution (a timerfd under tokio's
 //! reactor). tokio's timers tick in whole milliseconds, too coarse for the
-//! stdout reader's batching wait (100 us; see `provider_run`), and a thread
+//! stdout reader's batching wait (50 us; see `provider_run`), and a thread
 //! sleep would stop the registry that shares the reader's thread.
 
 use std::io;

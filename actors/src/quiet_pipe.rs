@@ -5,7 +5,7 @@
 //! Why: tokio registers a pipe edge-triggered for as long as it lives, and
 //! Linux wakes an epoll waiter on every write to a pipe, readable or not.
 //! The stdout reader of a provider run sleeps up to `BATCH_INTERVAL`
-//! (100 us) between batches so that the pipe fills, and a CLI that writes a
+//! (50 us) between batches so that the pipe fills, and a CLI that writes a
 //! line per `write(2)` then woke the reader's thread once per line while it
 //! slept: in `chat-one`, about 10 `epoll_wait` returns per batch of 15
 //! lines and 0.65 voluntary context switches per event on that thread, 4
