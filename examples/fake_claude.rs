@@ -27,6 +27,7 @@
 //! | `double_result` | print the result line twice |
 //! | `error_result` | end with an error result |
 //! | `args` | first delta is the argv (to check `--resume`) |
+//! | `sched` | first delta is `sched_policy=N`, this process's scheduling policy (`sched_getscheduler`) |
 //! | `session:ID` | announce ID as the session id (default: the resumed id or a new one) |
 //! | `stderr:TEXT` | write TEXT to stderr first |
 //! | `stderr_flood:M` | write to stderr first: a line of M MiB (its newline after the last byte), a line that is not UTF-8 (`bad \xff\xfe bytes`), then `flood over` |
@@ -54,6 +55,7 @@ struct Script {
     double_result: bool,
     error_result: bool,
     args: bool,
+    sched: bool,
     session: Option<String>,
     stderr: Option<String>,
     stderr_flood: usize,
@@ -80,6 +82,7 @@ impl Script {
             double_result: false,
             error_result: false,
             args: false,
+            sched: false,
             session: None,
             stderr: None,
             stderr_flood: 0,
@@ -103,6 +106,7 @@ impl Script {
                 "double_result" => s.double_result = true,
                 "error_result" => s.error_result = true,
                 "args" => s.args = true,
+                "sched" => s.sched = true,
                 "session" => s.session = Some(value.to_string()),
                 "stderr" => s.stderr = Some(value.to_string()),
                 "stderr_flood" => s.stderr_flood = value.parse().unwrap_or(0),
@@ -383,8 +387,13 @@ fn main() {
             if script.garbage && i % 2 == 0 {
                 out.raw_line(&format!("this is not json {i}"));
             }
-            if script.args && i == 0 {
-                let text = argv[1..].join(" ");
+            if (script.args || script.sched) && i == 0 {
+                let text = if script.args {
+                    argv[1..].join(" ")
+                } else {
+                    // SAFETY: no arguments, no memory touched.
+                    format!("sched_policy={}", unsafe { libc::sched_getscheduler(0) })
+                };
                 if keep_full {
                     full.push_str(&text);
                 }

@@ -159,6 +159,21 @@ async fn events_are_sequenced_under_the_app_id_and_resume_uses_the_native_id() {
     assert_eq!(persisted, last);
 }
 
+/// Agent CLIs run as batch tasks (README, "Agent CLIs and the scheduler"):
+/// the CLI, asked for its own scheduling policy, reports SCHED_BATCH.
+#[actix_rt::test]
+async fn agent_clis_run_under_sched_batch() {
+    let server = fake_server();
+    let mut c = chat(&server, "alice").await;
+    send(&mut c.ws, &c.session, "sched text:1").await;
+    let events = until_complete(&mut c.ws, &c.session).await;
+    assert_eq!(
+        streamed_text(&events),
+        format!("sched_policy={}", libc::SCHED_BATCH),
+        "{events:?}"
+    );
+}
+
 /// A duplicate `result` yields one `complete`; a second send while running is
 /// refused, and allowed again after completion.
 #[actix_rt::test]

@@ -318,6 +318,13 @@ impl Actor for ProviderRun {
                 // whatever group a tool moved to, and the CLI gets no
                 // controlling terminal of the gateway's.
                 rustix::process::setsid()?;
+                // SCHED_BATCH: the same CPU share, but a CLI (and what it
+                // runs) waking up does not preempt the gateway relaying its
+                // output. Each CLI's session is its own autogroup, as heavy
+                // as the whole gateway; a hundred CLIs waking together held
+                // the relay back (chat-many's paced p99). Not fatal if refused.
+                let param = libc::sched_param { sched_priority: 0 };
+                libc::sched_setscheduler(0, libc::SCHED_BATCH, &param);
                 if rustix::process::getppid() != Pid::from_raw(gateway) {
                     // The gateway died before the line above: do not run.
                     return Err(std::io::Error::other("gateway gone"));
