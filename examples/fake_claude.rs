@@ -28,6 +28,7 @@
 //! | `error_result` | end with an error result |
 //! | `args` | first delta is the argv (to check `--resume`) |
 //! | `sched` | first delta is `sched_policy=N`, this process's scheduling policy (`sched_getscheduler`) |
+//! | `pipe` | first delta is `stdout_pipe=N`, the capacity of the pipe on its stdout in bytes (`F_GETPIPE_SZ`) |
 //! | `session:ID` | announce ID as the session id (default: the resumed id or a new one) |
 //! | `stderr:TEXT` | write TEXT to stderr first |
 //! | `stderr_flood:M` | write to stderr first: a line of M MiB (its newline after the last byte), a line that is not UTF-8 (`bad \xff\xfe bytes`), then `flood over` |
@@ -56,6 +57,7 @@ struct Script {
     error_result: bool,
     args: bool,
     sched: bool,
+    pipe: bool,
     session: Option<String>,
     stderr: Option<String>,
     stderr_flood: usize,
@@ -83,6 +85,7 @@ impl Script {
             error_result: false,
             args: false,
             sched: false,
+            pipe: false,
             session: None,
             stderr: None,
             stderr_flood: 0,
@@ -107,6 +110,7 @@ impl Script {
                 "error_result" => s.error_result = true,
                 "args" => s.args = true,
                 "sched" => s.sched = true,
+                "pipe" => s.pipe = true,
                 "session" => s.session = Some(value.to_string()),
                 "stderr" => s.stderr = Some(value.to_string()),
                 "stderr_flood" => s.stderr_flood = value.parse().unwrap_or(0),
@@ -387,12 +391,17 @@ fn main() {
             if script.garbage && i % 2 == 0 {
                 out.raw_line(&format!("this is not json {i}"));
             }
-            if (script.args || script.sched) && i == 0 {
+            if (script.args || script.sched || script.pipe) && i == 0 {
                 let text = if script.args {
                     argv[1..].join(" ")
-                } else {
+                } else if script.sched {
                     // SAFETY: no arguments, no memory touched.
                     format!("sched_policy={}", unsafe { libc::sched_getscheduler(0) })
+                } else {
+                    // SAFETY: a query of descriptor 1, no memory touched.
+                    format!("stdout_pipe={}", unsafe {
+                        libc::fcntl(1, libc::F_GETPIPE_SZ)
+                    })
                 };
                 if keep_full {
                     full.push_str(&text);

@@ -174,6 +174,17 @@ async fn agent_clis_run_under_sched_batch() {
     );
 }
 
+/// The CLI's stdout pipe holds 256 KiB (README, "Every queue is bounded"),
+/// not Linux's default 64 KiB: the CLI measures it on its own stdout.
+#[actix_rt::test]
+async fn agent_cli_stdout_is_a_256_kib_pipe() {
+    let server = fake_server();
+    let mut c = chat(&server, "alice").await;
+    send(&mut c.ws, &c.session, "pipe text:1").await;
+    let events = until_complete(&mut c.ws, &c.session).await;
+    assert_eq!(streamed_text(&events), "stdout_pipe=262144", "{events:?}");
+}
+
 /// A duplicate `result` yields one `complete`; a second send while running is
 /// refused, and allowed again after completion.
 #[actix_rt::test]

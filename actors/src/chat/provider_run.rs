@@ -79,6 +79,13 @@ const STDIN_QUEUE: usize = 64;
 const BATCH_MAX_EVENTS: usize = 256;
 /// The stdout reader's buffer; a line within it is parsed where it is.
 const STDOUT_BUFFER_BYTES: usize = 64 * 1024;
+/// The CLI's stdout pipe (Linux's default is 64 KiB): room for the CLI to
+/// write on while the gateway parses and hands on the batch it read, so a
+/// fast CLI does not block and wait to be woken after every read. In
+/// `chat-one` (A/B, eight pairs) 72-88% of the pipe baseline became 81-87%.
+/// When it is full the CLI's writes block, as with any pipe. Refused (a user
+/// over `pipe-user-pages-soft`), it keeps the default.
+const STDOUT_PIPE_BYTES: usize = 256 * 1024;
 /// Most stdout bytes parsed into one batch (keeps every batch, and so every
 /// subscriber's queued batch, small).
 const BATCH_MAX_BYTES: usize = 64 * 1024;
@@ -393,7 +400,14 @@ impl Actor for ProviderRun {
         let stdout = child
             .stdout
             .take()
-            .map(|out| out.into_owned_fd().and_then(QuietPipe::new));
+            .map(|out| {
+                out.into_owned_fd().and_then(|fd| {
+                    if let Err(e) = rustix::pipe::fcntl_setpipe_size(&fd, STDOUT_PIPE_BYTES) {
+                        tracing::debug!(run_id = %self.run_id, error = %e, "stdout pipe keeps its size");
+                    }
+                    QuietPipe::new(fd)
+                })
+            });
         let Some(Ok(stdout)) = stdout else {
             self.report_exit(None, Some("provider stdout unavailable".into()));
             ctx.stop();
