@@ -98,7 +98,7 @@ const BATCH_MAX_BYTES: usize = 64 * 1024;
 /// longer than this to parse and hand on is followed at once: a CLI ahead
 /// of the gateway keeps the pipe full, and a wait then only stalls both
 /// (with the wait counted from the end of each batch, `chat-one` ran at
-/// 56-64% of the pipe instead of 74-79%). A line that comes after a pause
+/// 55-64% of the pipe instead of 67-79%). A line that comes after a pause
 /// longer than this goes on at once; the wait adds at most this much
 /// latency, and only while lines come faster.
 pub const BATCH_INTERVAL: Duration = Duration::from_micros(50);
