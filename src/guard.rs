@@ -2,6 +2,8 @@
 //! section 3). In this order, before any handler runs (so before anything is
 //! upgraded or spawned):
 //!
+//! 0. Shutdown: once the gateway is shutting down, an upgrade gets 503
+//!    `SHUTTING_DOWN` (requests still answer while runs finish).
 //! 1. Host (DNS rebinding): while the gateway listens on a loopback address,
 //!    a `Host` that is neither a loopback name or address nor listed in
 //!    `--allowed-hosts` gets 403 `HOST_NOT_ALLOWED`.
@@ -252,6 +254,20 @@ pub async fn guard(
             .into_response(err.error_response())
             .map_into_right_body());
     };
+    if req.headers().contains_key(UPGRADE)
+        && state
+            .shutting_down
+            .load(std::sync::atomic::Ordering::SeqCst)
+    {
+        let err = ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "SHUTTING_DOWN",
+            "the gateway is shutting down",
+        );
+        return Ok(req
+            .into_response(err.error_response())
+            .map_into_right_body());
+    }
     let checked = match state
         .policy
         .check_host(req.headers())

@@ -176,6 +176,7 @@ pub async fn serve(common: Common, args: ServeArgs) -> std::io::Result<()> {
         limits,
         supervision,
         cluster,
+        shutting_down: Arc::default(),
     });
 
     let (app_state, app_web_ui) = (state.clone(), web_ui.clone());
@@ -230,7 +231,11 @@ pub async fn serve(common: Common, args: ServeArgs) -> std::io::Result<()> {
         wait_for_signal().await;
         tracing::info!("shutdown requested: finishing runs and closing sockets");
         // Stop accepting first: no new socket or request starts while the
-        // actors finish (the registry also refuses new runs: SHUTTING_DOWN).
+        // actors finish (the registry also refuses new runs: SHUTTING_DOWN),
+        // and no upgrade on a connection the accept loop still takes.
+        shutdown_state
+            .shutting_down
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         handle.pause().await;
         shutdown_actors(&shutdown_state).await;
         handle.stop(true).await;

@@ -63,6 +63,11 @@ pub struct AppState {
     pub supervision: Addr<agentgate_actors::metrics::SupervisionLog>,
     /// Cluster mode: this node's id and its bus; `None` on a single node.
     pub cluster: Option<ClusterNode>,
+    /// Set once, when the shutdown begins: the guard refuses upgrades from
+    /// then on (503 `SHUTTING_DOWN`). Pausing the HTTP server is not enough:
+    /// its accept loop takes the pause in its own time, and on a loaded
+    /// machine a socket opened after the 1001 closes was still upgraded.
+    pub shutting_down: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl AppState {
