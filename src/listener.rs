@@ -208,6 +208,21 @@ where
         return;
     }
     let _ = tokio::time::timeout(CLIENT_DISCONNECT_TIMEOUT, conn.io.shutdown()).await;
+    if upgraded {
+        // A lingering close: what the client still sends (its close frame)
+        // is read and dropped until it closes too. Closed with unread bytes,
+        // the socket would answer with a reset, and a client whose reset
+        // came before it read our close frame took the close for a dropped
+        // connection and dialled again (a 4003 that must end its retries).
+        let _ = tokio::time::timeout(CLIENT_DISCONNECT_TIMEOUT, drain(&mut conn.io)).await;
+    }
+}
+
+/// Reads `io` to its end (or an error), dropping what comes.
+async fn drain<T: AsyncRead + Unpin>(io: &mut T) {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 1024];
+    while matches!(io.read(&mut buf).await, Ok(n) if n > 0) {}
 }
 
 /// One upgraded connection: the socket, the response body (the socket
