@@ -26,6 +26,7 @@ use actix_web::http::header::{HeaderMap, HOST, ORIGIN, UPGRADE};
 use actix_web::http::{Method, StatusCode};
 use actix_web::middleware::Next;
 use actix_web::{web, FromRequest, HttpMessage, HttpRequest, HttpResponse, ResponseError};
+use agentgate_actors::protocol::ErrorCode;
 use agentgate_actors::AuthUser;
 
 use crate::api::{ApiError, AuthError};
@@ -254,23 +255,8 @@ pub async fn guard(
             .into_response(err.error_response())
             .map_into_right_body());
     };
-    if req.headers().contains_key(UPGRADE)
-        && state
-            .shutting_down
-            .load(std::sync::atomic::Ordering::SeqCst)
-    {
-        let err = ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "SHUTTING_DOWN",
-            "the gateway is shutting down",
-        );
-        return Ok(req
-            .into_response(err.error_response())
-            .map_into_right_body());
-    }
-    let checked = match state
-        .policy
-        .check_host(req.headers())
+    let checked = match check_shutdown(&state, req.headers())
+        .and_then(|()| state.policy.check_host(req.headers()))
         .and_then(|()| state.policy.check_origin(req.method(), req.headers()))
     {
         Err(err) => Err(err),
@@ -294,6 +280,22 @@ pub async fn guard(
             Ok(req.into_response(response).map_into_right_body())
         }
     }
+}
+
+/// An upgrade once the shutdown began: 503 `SHUTTING_DOWN` (see
+/// `AppState::shutting_down`).
+fn check_shutdown(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
+    let shutting_down = state
+        .shutting_down
+        .load(std::sync::atomic::Ordering::SeqCst);
+    if shutting_down && headers.contains_key(UPGRADE) {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            ErrorCode::ShuttingDown.as_str(),
+            "the gateway is shutting down",
+        ));
+    }
+    Ok(())
 }
 
 /// Who made a request, as the guard established it.
