@@ -159,16 +159,23 @@ async fn events_are_sequenced_under_the_app_id_and_resume_uses_the_native_id() {
     assert_eq!(persisted, last);
 }
 
+/// The text a run of `prompt` streams, and its events: the fake CLI's
+/// reports on its own process (`sched`, `pipe`).
+async fn streamed_by(prompt: &str) -> (String, Vec<Value>) {
+    let server = fake_server();
+    let mut c = chat(&server, "alice").await;
+    send(&mut c.ws, &c.session, prompt).await;
+    let events = until_complete(&mut c.ws, &c.session).await;
+    (streamed_text(&events), events)
+}
+
 /// Agent CLIs run as batch tasks (README, "Agent CLIs and the scheduler"):
 /// the CLI, asked for its own scheduling policy, reports SCHED_BATCH.
 #[actix_rt::test]
 async fn agent_clis_run_under_sched_batch() {
-    let server = fake_server();
-    let mut c = chat(&server, "alice").await;
-    send(&mut c.ws, &c.session, "sched text:1").await;
-    let events = until_complete(&mut c.ws, &c.session).await;
+    let (text, events) = streamed_by("sched text:1").await;
     assert_eq!(
-        streamed_text(&events),
+        text,
         format!("sched_policy={}", libc::SCHED_BATCH),
         "{events:?}"
     );
@@ -178,11 +185,8 @@ async fn agent_clis_run_under_sched_batch() {
 /// not Linux's default 64 KiB: the CLI measures it on its own stdout.
 #[actix_rt::test]
 async fn agent_cli_stdout_is_a_256_kib_pipe() {
-    let server = fake_server();
-    let mut c = chat(&server, "alice").await;
-    send(&mut c.ws, &c.session, "pipe text:1").await;
-    let events = until_complete(&mut c.ws, &c.session).await;
-    assert_eq!(streamed_text(&events), "stdout_pipe=262144", "{events:?}");
+    let (text, events) = streamed_by("pipe text:1").await;
+    assert_eq!(text, "stdout_pipe=262144", "{events:?}");
 }
 
 /// A duplicate `result` yields one `complete`; a second send while running is
