@@ -1028,8 +1028,7 @@ impl RunRegistry {
             state.catching_up.remove(&socket);
             state.holding.remove(&socket);
             // A history write still under way keeps it until the periodic flush.
-            let idle = !state.history.has_pending() && !state.history.writing();
-            if state.subscribers.is_empty() && state.run.is_none() && idle {
+            if self.disposable(&session_id) {
                 self.sessions.remove(&session_id);
             } else {
                 self.maybe_resume(&session_id, None);
@@ -1492,12 +1491,34 @@ impl RunRegistry {
         for id in pending {
             self.flush_history(&id, None);
         }
-        self.sessions.retain(|_, s| {
-            !(s.subscribers.is_empty()
+        let idle: Vec<String> = self
+            .sessions
+            .keys()
+            .filter(|id| self.disposable(id))
+            .cloned()
+            .collect();
+        for id in idle {
+            self.sessions.remove(&id);
+        }
+    }
+
+    /// The session's state may be forgotten (it is loaded again from the
+    /// database when needed): no subscriber, no run, no pause, no history
+    /// write and no seq reservation under way, and (cluster mode) not
+    /// followed. A reservation answered into a state loaded anew is lost,
+    /// and that state's counters, from a row read before it, take the next
+    /// block for another gateway's: the run's seqs jump and its readers are
+    /// closed with 4008. A followed session's stream is read on past frames
+    /// a state loaded anew would never get.
+    fn disposable(&self, session_id: &str) -> bool {
+        self.sessions.get(session_id).is_some_and(|s| {
+            s.subscribers.is_empty()
                 && s.run.is_none()
                 && s.paused.is_none()
-                && !s.history.writing())
-        });
+                && !s.reserving
+                && !s.history.has_pending()
+                && !s.history.writing()
+        }) && !self.followed_here(session_id)
     }
 
     /// The turn ended: its history is made durable first, then `complete`
@@ -1777,8 +1798,7 @@ impl RunRegistry {
         state.buffer.clear();
         state.deliveries.clear();
         // A history write still under way keeps it until the periodic flush.
-        let idle = !state.history.has_pending() && !state.history.writing();
-        if state.subscribers.is_empty() && idle {
+        if self.disposable(session_id) {
             self.sessions.remove(session_id);
         }
     }
@@ -4242,5 +4262,85 @@ pub(crate) mod tests {
         assert_eq!(resolve_cwd(p, &json!({"cwd": "../.."})), PathBuf::from(p));
         assert_eq!(resolve_cwd(p, &json!({})), PathBuf::from(p));
         let _ = std::fs::remove_dir_all(dir);
+    }
+
+    /// Answers reservations as the database does (each block above every
+    /// earlier one and above `after`), holding the first answer until the
+    /// test lets it go; says when a reservation has reached it.
+    struct GatedStore {
+        reserved: Mutex<u64>,
+        entered: tokio::sync::mpsc::UnboundedSender<()>,
+        release: Mutex<Option<std::sync::mpsc::Receiver<()>>>,
+    }
+
+    impl SessionStore for GatedStore {
+        fn session(&self, _: &str) -> Result<Option<SessionRow>, StoreError> {
+            Ok(None)
+        }
+        fn set_provider_session_id(&self, _: &str, _: Option<&str>) -> Result<(), StoreError> {
+            Ok(())
+        }
+        fn set_last_seq(&self, _: &str, _: u64) -> Result<(), StoreError> {
+            Ok(())
+        }
+        fn reserve_seq(&self, _: &str, after: u64, count: u64) -> Result<u64, StoreError> {
+            let _ = self.entered.send(());
+            let first = self.release.lock().ok().and_then(|mut r| r.take());
+            if let Some(release) = first {
+                let _ = release.recv();
+            }
+            let mut reserved = self.reserved.lock().unwrap();
+            *reserved = (*reserved).max(after) + count;
+            Ok(*reserved)
+        }
+        fn release_seq(&self, _: &str, _: u64, _: u64) -> Result<(), StoreError> {
+            Ok(())
+        }
+        fn append_history(
+            &self,
+            _: &str,
+            _: &[crate::store::HistoryEntry],
+            _: usize,
+        ) -> Result<(), StoreError> {
+            Ok(())
+        }
+    }
+
+    /// The periodic history flush forgets idle session states. One whose
+    /// first seq reservation is still being written is not idle: forgotten,
+    /// the answer was lost and the run started on a state loaded anew,
+    /// whose next reservation read its own block as another gateway's, so
+    /// the run's seqs jumped by a block (readers saw a gap, cluster
+    /// followers closed theirs with 4008). The run's seqs stay 1, 2, 3, ...
+    #[actix_rt::test]
+    async fn a_flush_during_the_first_reservation_keeps_the_seqs_contiguous() {
+        let (entered, mut entered_rx) = tokio::sync::mpsc::unbounded_channel();
+        let (release, release_rx) = std::sync::mpsc::channel();
+        let store: Store = Arc::new(GatedStore {
+            reserved: Mutex::new(0),
+            entered,
+            release: Mutex::new(Some(release_rx)),
+        });
+        let config = Arc::new(GatewayConfig::for_tests(std::env::temp_dir()));
+        let registry = RunRegistry::with_providers(config, store, buggy)
+            .without_processes()
+            .start();
+        let (socket, mut rx) = connect_sink(&registry).await;
+        let started = actix_rt::spawn(registry.send(start_run(socket, "x")));
+        entered_rx.recv().await.expect("the run reserves its seqs");
+        // The flush comes while the reservation is being written.
+        tokio::time::pause();
+        tokio::time::advance(HISTORY_FLUSH_EVERY * 2).await;
+        registry.send(Inspect).await.unwrap();
+        release.send(()).unwrap();
+        let run = started.await.unwrap().unwrap().unwrap();
+        assert_eq!(run.first_seq, 1);
+        for _ in 0..3 {
+            registry.send(texts(&run.run_id, 3, 10)).await.unwrap();
+            registry.send(drained_all(socket)).await.unwrap();
+        }
+        let frames = held(&registry, &mut rx).await;
+        let seqs: Vec<u64> = frames.iter().filter_map(|v| v["seq"].as_u64()).collect();
+        assert_eq!(seqs, (1..=9).collect::<Vec<_>>(), "{frames:?}");
     }
 }

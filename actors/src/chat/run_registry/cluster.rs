@@ -159,6 +159,14 @@ impl RunRegistry {
                 .is_some_and(|w| w.values().any(|at| now - *at < FLOW_EXPIRY))
     }
 
+    /// This node follows the session's stream (its state must stay, see
+    /// [`RunRegistry::disposable`]).
+    pub(super) fn followed_here(&self, session_id: &str) -> bool {
+        self.cluster
+            .as_ref()
+            .is_some_and(|c| c.followed.contains(session_id))
+    }
+
     /// The run of another node, when the session's current run is one that
     /// still runs: (its node, its id).
     fn live_remote(&self, session_id: &str) -> Option<(String, String)> {
@@ -728,6 +736,11 @@ impl RunRegistry {
             let Some(link) = self.cluster.as_mut() else {
                 return;
             };
+            // Without a state nothing here takes the frames: the stream's
+            // cursor stays, so a later subscribe's catch-up still reads them.
+            if !self.sessions.contains_key(session_id) {
+                return;
+            }
             let taken = link.stream_seq.entry(session_id.to_string()).or_insert(0);
             if ev.seq <= *taken {
                 continue;
