@@ -351,6 +351,19 @@ impl TestServer {
 
 impl Drop for TestServer {
     fn drop(&mut self) {
+        // A failing test shows what the gateway warned about (a 4008's
+        // reason, say): CI keeps nothing else of it.
+        if std::thread::panicking() {
+            let logs = self.logs();
+            let warned: Vec<&str> = logs
+                .lines()
+                .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+                .collect();
+            let from = warned.len().saturating_sub(40);
+            for line in &warned[from..] {
+                eprintln!("[gateway {}] {line}", self.addr);
+            }
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
