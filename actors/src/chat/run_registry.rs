@@ -3207,9 +3207,18 @@ pub(crate) mod tests {
     use std::sync::Mutex;
 
     /// The database seam in memory (the registry's only dependency besides
-    /// its children): last seqs by session id, reservations by `<id>:reserved`.
+    /// its children): last seqs by session id, reservations by `<id>:reserved`,
+    /// each block above every earlier one and above `after`, as the
+    /// database makes them. With a [`Gate`], the first reservation waits.
     #[derive(Default)]
-    pub(crate) struct MemStore(pub(crate) Mutex<HashMap<String, u64>>);
+    pub(crate) struct MemStore(pub(crate) Mutex<HashMap<String, u64>>, Option<Gate>);
+
+    /// Holds the first reservation until the test lets it go, and says
+    /// when it has arrived.
+    struct Gate {
+        entered: tokio::sync::mpsc::UnboundedSender<()>,
+        release: Mutex<Option<std::sync::mpsc::Receiver<()>>>,
+    }
 
     impl SessionStore for MemStore {
         fn session(&self, _: &str) -> Result<Option<SessionRow>, StoreError> {
@@ -3225,10 +3234,19 @@ pub(crate) mod tests {
             Ok(())
         }
         fn reserve_seq(&self, id: &str, after: u64, count: u64) -> Result<u64, StoreError> {
-            let end = after + count;
-            if let Ok(mut m) = self.0.lock() {
-                m.insert(format!("{id}:reserved"), end);
+            if let Some(gate) = &self.1 {
+                let _ = gate.entered.send(());
+                let first = gate.release.lock().ok().and_then(|mut r| r.take());
+                if let Some(release) = first {
+                    let _ = release.recv();
+                }
             }
+            let key = format!("{id}:reserved");
+            let Ok(mut m) = self.0.lock() else {
+                return Ok(after + count);
+            };
+            let end = m.get(&key).copied().unwrap_or(0).max(after) + count;
+            m.insert(key, end);
             Ok(end)
         }
         fn release_seq(&self, id: &str, seq: u64, _: u64) -> Result<(), StoreError> {
@@ -4264,48 +4282,6 @@ pub(crate) mod tests {
         let _ = std::fs::remove_dir_all(dir);
     }
 
-    /// Answers reservations as the database does (each block above every
-    /// earlier one and above `after`), holding the first answer until the
-    /// test lets it go; says when a reservation has reached it.
-    struct GatedStore {
-        reserved: Mutex<u64>,
-        entered: tokio::sync::mpsc::UnboundedSender<()>,
-        release: Mutex<Option<std::sync::mpsc::Receiver<()>>>,
-    }
-
-    impl SessionStore for GatedStore {
-        fn session(&self, _: &str) -> Result<Option<SessionRow>, StoreError> {
-            Ok(None)
-        }
-        fn set_provider_session_id(&self, _: &str, _: Option<&str>) -> Result<(), StoreError> {
-            Ok(())
-        }
-        fn set_last_seq(&self, _: &str, _: u64) -> Result<(), StoreError> {
-            Ok(())
-        }
-        fn reserve_seq(&self, _: &str, after: u64, count: u64) -> Result<u64, StoreError> {
-            let _ = self.entered.send(());
-            let first = self.release.lock().ok().and_then(|mut r| r.take());
-            if let Some(release) = first {
-                let _ = release.recv();
-            }
-            let mut reserved = self.reserved.lock().unwrap();
-            *reserved = (*reserved).max(after) + count;
-            Ok(*reserved)
-        }
-        fn release_seq(&self, _: &str, _: u64, _: u64) -> Result<(), StoreError> {
-            Ok(())
-        }
-        fn append_history(
-            &self,
-            _: &str,
-            _: &[crate::store::HistoryEntry],
-            _: usize,
-        ) -> Result<(), StoreError> {
-            Ok(())
-        }
-    }
-
     /// The periodic history flush forgets idle session states. One whose
     /// first seq reservation is still being written is not idle: forgotten,
     /// the answer was lost and the run started on a state loaded anew,
@@ -4316,11 +4292,11 @@ pub(crate) mod tests {
     async fn a_flush_during_the_first_reservation_keeps_the_seqs_contiguous() {
         let (entered, mut entered_rx) = tokio::sync::mpsc::unbounded_channel();
         let (release, release_rx) = std::sync::mpsc::channel();
-        let store: Store = Arc::new(GatedStore {
-            reserved: Mutex::new(0),
+        let gate = Gate {
             entered,
             release: Mutex::new(Some(release_rx)),
-        });
+        };
+        let store: Store = Arc::new(MemStore(Mutex::default(), Some(gate)));
         let config = Arc::new(GatewayConfig::for_tests(std::env::temp_dir()));
         let registry = RunRegistry::with_providers(config, store, buggy)
             .without_processes()
