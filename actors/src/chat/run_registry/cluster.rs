@@ -730,17 +730,17 @@ impl RunRegistry {
         events: Vec<RemoteEvent>,
         ctx: &mut Context<Self>,
     ) {
+        // Without a state nothing here takes the frames: the stream's
+        // cursor stays, so a later subscribe's catch-up still reads them.
+        if !self.sessions.contains_key(session_id) {
+            return;
+        }
         let me = self.cluster.as_ref().map(|c| c.node.clone());
         let mut any = false;
         for ev in events {
             let Some(link) = self.cluster.as_mut() else {
                 return;
             };
-            // Without a state nothing here takes the frames: the stream's
-            // cursor stays, so a later subscribe's catch-up still reads them.
-            if !self.sessions.contains_key(session_id) {
-                return;
-            }
             let taken = link.stream_seq.entry(session_id.to_string()).or_insert(0);
             if ev.seq <= *taken {
                 continue;
