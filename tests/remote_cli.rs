@@ -130,10 +130,46 @@ impl Rig {
         let node = which("node");
         Terminal::spawn(Spec {
             program: node,
-            args: vec![claude_js().into(), "--remote".into(), prompt.into()],
+            args: vec![
+                claude_js().into(),
+                "--remote".into(),
+                prompt.into(),
+                // Its own account of each dial and close, for a failure's message.
+                "--debug-file".into(),
+                self.client_debug_file().into(),
+            ],
             env: self.client_env(),
             cwd: self.client_cwd.path().to_path_buf(),
         })
+    }
+
+    fn client_debug_file(&self) -> std::path::PathBuf {
+        self.client_home.path().join("debug.txt")
+    }
+
+    /// What a failed dial count needs to be understood: the gateway's
+    /// dials and closes, and the client's own lines on its socket.
+    fn dial_story(&self) -> String {
+        let logs = self.server.logs();
+        let gateway = logs
+            .lines()
+            .filter(|l| {
+                l.contains("/subscribe")
+                    || l.contains("RemoteSocket")
+                    || l.contains("dropping socket")
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        let client = std::fs::read_to_string(self.client_debug_file()).unwrap_or_default();
+        let client = client
+            .lines()
+            .filter(|l| {
+                l.contains("[SessionsWebSocket]")
+                    || (l.contains("[useRemoteSession]") && !l.contains("type=stream_event"))
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        format!("gateway:\n{gateway}\nclient:\n{client}")
     }
 
     /// Claude Code 2.1.330 `--cloud "<prompt>"` in a terminal.
@@ -309,7 +345,8 @@ async fn claude_code_2_1_100_remote_follows_and_steers_a_session() {
     assert_eq!(
         subscribes(&rig.server.logs()),
         dialled + 1,
-        "the client dialled the socket again, once"
+        "the client dialled the socket again, once\n{}",
+        rig.dial_story()
     );
     assert!(term.running());
 
@@ -323,7 +360,12 @@ async fn claude_code_2_1_100_remote_follows_and_steers_a_session() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     tokio::time::sleep(Duration::from_secs(6)).await;
-    assert_eq!(subscribes(&rig.server.logs()), dialled, "it dialled again");
+    assert_eq!(
+        subscribes(&rig.server.logs()),
+        dialled,
+        "it dialled again\n{}",
+        rig.dial_story()
+    );
     term.kill().await;
 }
 
