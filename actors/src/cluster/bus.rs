@@ -540,6 +540,10 @@ impl ClusterBus {
     /// A lease ends here; a run that waited for its publishing no longer does.
     fn remove_lease(&mut self, session: &str) -> Option<Lease> {
         let lease = self.leases.remove(session)?;
+        if self.follows.contains_key(session) {
+            // Its stream is read from now on (another node's next run).
+            self.unblock_reader();
+        }
         if lease.backlog_full {
             if let Some(registry) = &self.registry {
                 registry.do_send(PublishBacklog {
@@ -612,8 +616,12 @@ impl ClusterBus {
     }
 
     /// Ends the reader's blocking `XREAD` now, as if it had timed out (a
-    /// no-op if it is not blocked); the read loop then reads again.
-    fn unblock_reader(&mut self, ctx: &mut Context<Self>) {
+    /// no-op if it is not blocked); the read loop then reads again, with
+    /// the streams as they are by then.
+    fn unblock_reader(&self) {
+        if !self.reading {
+            return;
+        }
         let (Some(id), Some(mut con)) = (self.reader_id, self.cmd.clone()) else {
             return;
         };
@@ -624,7 +632,7 @@ impl ClusterBus {
                 .query_async(&mut con)
                 .await;
         };
-        ctx.spawn(unblock.into_actor(self));
+        actix::spawn(unblock);
     }
 
     fn on_read(
@@ -1283,11 +1291,11 @@ impl Handler<Follow> for ClusterBus {
         if let Some(from) = msg.from {
             let new = !self.follows.contains_key(&msg.session_id);
             self.follows.entry(msg.session_id).or_insert(from);
-            if new && self.reading {
+            if new {
                 // The read under way does not name this stream: end its
                 // block so the next one does. Else the run's first events
                 // waited up to READ_BLOCK_MS (a cross-node p99 of 45 ms).
-                self.unblock_reader(ctx);
+                self.unblock_reader();
             }
             self.read(ctx);
             return Box::pin(fut::ready(Followed::default()));
