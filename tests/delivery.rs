@@ -810,7 +810,10 @@ async fn a_locked_database_mid_run_is_reported_and_the_run_completes() {
     assert_eq!(first["seq"], 1);
     let db = server.data_dir().join("agentgate.db");
     let mut lock = diesel::SqliteConnection::establish(db.to_str().unwrap()).unwrap();
-    lock.batch_execute("BEGIN EXCLUSIVE").unwrap();
+    // The gateway may be writing right now (a seq reservation, the history
+    // flush): wait for that write instead of failing with SQLITE_BUSY.
+    lock.batch_execute("PRAGMA busy_timeout = 10000; BEGIN EXCLUSIVE")
+        .unwrap();
     let events = until_complete(&mut ws, &session).await;
     lock.batch_execute("ROLLBACK").unwrap();
     assert_eq!(events.last().unwrap()["success"], true);
